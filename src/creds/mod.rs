@@ -1,0 +1,5 @@
+//! Credentials: QEMU's tls-creds-x509 directory layout, rustls configs, DN strings.
+
+pub mod dn;
+pub mod pki;
+pub mod tls;

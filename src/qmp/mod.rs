@@ -1,0 +1,1 @@
+//! QMP client.

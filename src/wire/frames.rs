@@ -1,0 +1,1 @@
+//! miggate hello/verdict frames.

@@ -1,0 +1,4 @@
+//! What crosses the network: miggate hello/verdict frames and QEMU stream facts.
+
+pub mod frames;
+pub mod qemu;
