@@ -1,1 +1,305 @@
-fn main() {}
+//! The `miggate` command line. Everything of substance lives in the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use rustls_pki_types::ServerName;
+
+use miggate::admit::Expectation;
+use miggate::authz::AuthzConfig;
+use miggate::creds::{pki, tls};
+use miggate::gate::{source, target, Endpoint};
+
+#[derive(Parser)]
+#[command(
+    name = "miggate",
+    version,
+    about = "Secure gateway for VM live migration"
+)]
+struct Cli {
+    /// Log format: human-readable text, or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Certificates in QEMU's tls-creds-x509 directory layout.
+    #[command(subcommand)]
+    Pki(PkiCmd),
+    /// Target gateway: TLS in (client certificate required), plain out to the target QEMU.
+    Target(TargetArgs),
+    /// Source gateway: plain in from the source QEMU, TLS out to the target.
+    Source(SourceArgs),
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create a CA, a server and a client certificate and keys in DIR.
+    Init {
+        dir: PathBuf,
+        /// Name (DNS or IP) the server certificate is valid for; repeat for more.
+        /// Default: localhost, 127.0.0.1, ::1.
+        #[arg(long = "hostname")]
+        hostnames: Vec<String>,
+        /// Subject of the client certificate, e.g. "O=Example Org,CN=src.example.com".
+        #[arg(long, default_value = pki::DEFAULT_CLIENT_DN)]
+        client_dn: String,
+        /// Validity in days.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+    /// Issue another client certificate from the CA in CA_DIR into a new directory OUT.
+    Issue {
+        #[arg(long)]
+        ca_dir: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        client_dn: String,
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("authz").required(true).args(["authz_identity", "authz_list_file", "allow_any_verified_peer"])))]
+struct TargetArgs {
+    /// Address to listen on for TLS connections, HOST:PORT (port 0 picks one).
+    #[arg(long)]
+    listen: String,
+    /// PKI directory in QEMU's layout (uses server-cert/key, ca-cert, ca-crl).
+    #[arg(long)]
+    x509_dir: PathBuf,
+    /// Where the target QEMU listens: tcp:HOST:PORT or unix:PATH.
+    #[arg(long)]
+    forward: Endpoint,
+    /// Allow exactly this client certificate DN (QEMU authz-simple).
+    #[arg(long)]
+    authz_identity: Option<String>,
+    /// QEMU authz-list JSON file, reloaded when it changes (QEMU authz-list-file).
+    #[arg(long)]
+    authz_list_file: Option<PathBuf>,
+    /// Do not reload --authz-list-file when it changes.
+    #[arg(long, requires = "authz_list_file")]
+    no_refresh: bool,
+    /// Allow any peer whose certificate chains to the CA (no DN check).
+    #[arg(long)]
+    allow_any_verified_peer: bool,
+    /// Refuse streams that do not carry this VM UUID (main channel's
+    /// configuration/uuid with QEMU's validate-uuid; multifd init packets).
+    #[arg(long)]
+    expect_uuid: Option<uuid::Uuid>,
+    /// Seconds a peer may stay silent before it is cut off.
+    #[arg(long, default_value_t = miggate::timeouts::DEFAULT_STALL.as_secs())]
+    stall_timeout: u64,
+}
+
+#[derive(Args)]
+struct SourceArgs {
+    /// Where the source QEMU migrates to: tcp:HOST:PORT or unix:PATH.
+    #[arg(long)]
+    listen: Endpoint,
+    /// The target gateway (or a target QEMU with native TLS), HOST:PORT.
+    #[arg(long)]
+    connect: String,
+    /// PKI directory in QEMU's layout (uses client-cert/key, ca-cert, ca-crl).
+    #[arg(long)]
+    x509_dir: PathBuf,
+    /// Name the target's certificate must carry; default: the host in --connect.
+    #[arg(long)]
+    tls_hostname: Option<String>,
+    /// Seconds a peer may stay silent before it is cut off.
+    #[arg(long, default_value_t = miggate::timeouts::DEFAULT_STALL.as_secs())]
+    stall_timeout: u64,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn stall(secs: u64) -> Result<Duration> {
+    if secs == 0 {
+        bail!("--stall-timeout must be at least 1 second");
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match cli.cmd {
+        Cmd::Pki(cmd) => run_pki(cmd),
+        Cmd::Target(args) => runtime()?.block_on(run_target(args)),
+        Cmd::Source(args) => runtime()?.block_on(run_source(args)),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn run_pki(cmd: PkiCmd) -> Result<()> {
+    match cmd {
+        PkiCmd::Init {
+            dir,
+            hostnames,
+            client_dn,
+            days,
+        } => {
+            let mut opts = pki::InitOptions {
+                client_dn,
+                days,
+                ..Default::default()
+            };
+            if !hostnames.is_empty() {
+                opts.hostnames = hostnames;
+            }
+            pki::init(&dir, &opts)?;
+            println!(
+                "created CA, server ({}) and client ({}) certificates in {}",
+                opts.hostnames.join(", "),
+                opts.client_dn,
+                dir.display()
+            );
+            println!(
+                "note: {} is the CA's private key; keep it off the migration hosts",
+                dir.join(pki::CA_KEY).display()
+            );
+        }
+        PkiCmd::Issue {
+            ca_dir,
+            out,
+            client_dn,
+            days,
+        } => {
+            pki::issue_client(&ca_dir, &out, &client_dn, days)?;
+            println!("issued client certificate {client_dn} in {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+async fn run_target(a: TargetArgs) -> Result<()> {
+    let stall = stall(a.stall_timeout)?;
+    let choice = AuthzConfig::from_cli(
+        a.authz_identity,
+        a.authz_list_file,
+        a.no_refresh,
+        a.allow_any_verified_peer,
+    )?;
+    let authz = choice.build()?;
+    let tls = tls::server_config(&a.x509_dir, &[tls::ALPN_MIGGATE])?;
+    let listener = tokio::net::TcpListener::bind(&a.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", a.listen))?;
+    tracing::info!(
+        role = "target",
+        listen = %listener.local_addr()?,
+        forward = %a.forward,
+        authz = ?choice,
+        expect_uuid = a.expect_uuid.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
+        "listening"
+    );
+    let cfg = target::TargetConfig {
+        tls,
+        forward: a.forward,
+        authz,
+        expect: Expectation {
+            uuid: a.expect_uuid,
+        },
+        stall,
+    };
+    tokio::select! {
+        r = target::serve(listener, cfg) => r?,
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+    }
+    Ok(())
+}
+
+async fn run_source(a: SourceArgs) -> Result<()> {
+    let stall = stall(a.stall_timeout)?;
+    let host = match &a.tls_hostname {
+        Some(h) => h.clone(),
+        None => match a.connect.rsplit_once(':') {
+            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
+            None => bail!("--connect {:?} is not HOST:PORT", a.connect),
+        },
+    };
+    let server_name = ServerName::try_from(host.clone())
+        .with_context(|| format!("{host:?} is not a valid TLS hostname"))?;
+    let tls = tls::client_config(&a.x509_dir, &[tls::ALPN_MIGGATE])?;
+    let listener = match &a.listen {
+        Endpoint::Tcp(addr) => {
+            let sockaddr = tokio::net::lookup_host(addr)
+                .await
+                .with_context(|| format!("cannot resolve {addr}"))?
+                .next()
+                .with_context(|| format!("{addr} resolves to no address"))?;
+            source::LocalListener::Tcp(
+                miggate::timeouts::bind_local_listener(sockaddr)
+                    .with_context(|| format!("cannot listen on {addr}"))?,
+            )
+        }
+        Endpoint::Unix(path) => {
+            // A stale socket from a previous run would make bind fail.
+            if std::fs::metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt;
+                m.file_type().is_socket()
+            }) {
+                let _ = std::fs::remove_file(path);
+            }
+            source::LocalListener::Unix(
+                tokio::net::UnixListener::bind(path)
+                    .with_context(|| format!("cannot listen on {}", path.display()))?,
+                path.clone(),
+            )
+        }
+    };
+    let shown = match &listener {
+        source::LocalListener::Tcp(l) => format!("tcp:{}", l.local_addr()?),
+        source::LocalListener::Unix(_, p) => format!("unix:{}", p.display()),
+    };
+    tracing::info!(role = "source", listen = %shown, connect = %a.connect, tls_hostname = %host, "listening");
+    let cfg = source::SourceConfig {
+        tls,
+        connect: a.connect,
+        server_name,
+        stall,
+    };
+    tokio::select! {
+        r = source::serve(listener, cfg) => r?,
+        _ = shutdown_signal() => tracing::info!("shutting down"),
+    }
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}

@@ -1,1 +1,55 @@
-//! Timeouts.
+//! Named timeouts and socket options, in one place.
+
+use std::time::Duration;
+
+/// Default for `--stall-timeout`: how long a peer may send nothing (during
+/// the TLS handshake, the hello, the first bytes of the stream, or the
+/// relay as a whole) before both sides are cut. A healthy QEMU migration
+/// writes to its main channel at least every iteration (tens of ms), so
+/// 30 s of silence means a wedged or hostile peer, not a slow one.
+pub const DEFAULT_STALL: Duration = Duration::from_secs(30);
+
+/// Connecting to the next hop (the target gateway, or the target QEMU).
+/// Loopback or a LAN: ten seconds is already generous.
+pub const CONNECT: Duration = Duration::from_secs(10);
+
+/// Flushing a refusal verdict to a peer that may not be reading.
+pub const VERDICT_WRITE: Duration = Duration::from_secs(5);
+
+/// Applies the socket options every migration connection gets: no Nagle
+/// (QEMU's return path sends small, latency-sensitive messages).
+pub fn tune(stream: &tokio::net::TcpStream) {
+    let _ = stream.set_nodelay(true);
+}
+
+/// Receive buffer of the source gateway's local (QEMU-facing) TCP socket
+/// until the target's verdict arrives. QEMU without the return-path
+/// capability calls a migration "completed" once it has written the whole
+/// stream into its socket; if the kernel let it push megabytes into our
+/// buffers while the target is still deciding, a refusal would come too
+/// late to make the source's migration fail. A small window keeps QEMU
+/// blocked on us until the verdict. (The kernel doubles the value.)
+pub const LOCAL_RCVBUF_BEFORE_VERDICT: usize = 16 * 1024;
+
+/// ... and after an admission: plenty for a local hop (the kernel caps it
+/// at net.core.rmem_max).
+pub const LOCAL_RCVBUF_AFTER_VERDICT: usize = 4 * 1024 * 1024;
+
+/// Binds the source gateway's local TCP listener with the small receive
+/// buffer, so that accepted sockets start with it.
+pub fn bind_local_listener(addr: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    sock.set_reuseaddr(true)?;
+    sock.set_recv_buffer_size(LOCAL_RCVBUF_BEFORE_VERDICT as u32)?;
+    sock.bind(addr)?;
+    sock.listen(128)
+}
+
+/// Opens the local socket's window once the target admitted the channel.
+pub fn open_window(stream: &tokio::net::TcpStream) {
+    let _ = socket2::SockRef::from(stream).set_recv_buffer_size(LOCAL_RCVBUF_AFTER_VERDICT);
+}

@@ -1,1 +1,306 @@
-//! PKI.
+//! `miggate pki`: a CA, a server and a client certificate in the layout of
+//! QEMU's `tls-creds-x509 dir=` (so QEMU's native TLS can use the same
+//! directory), with the extensions QEMU's `qcrypto_tls_creds_check_cert`
+//! insists on: CA certs carry basicConstraints CA:TRUE and keyCertSign;
+//! leaf certs CA:FALSE, digitalSignature + keyEncipherment and the right
+//! extendedKeyUsage (serverAuth / clientAuth).
+
+use std::fs;
+use std::io::Write;
+use std::net::IpAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+use super::tls::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
+
+/// The CA's private key. QEMU's layout has no place for it; it is kept
+/// beside the CA cert so that `pki issue` can mint more client identities.
+/// Production hosts should not carry it (see README).
+pub const CA_KEY: &str = "ca-key.pem";
+
+/// Default subject of the client (source host) certificate.
+pub const DEFAULT_CLIENT_DN: &str = "O=miggate,CN=migration-source";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    #[error("{path} already exists: refusing to overwrite an existing CA")]
+    CaExists { path: PathBuf },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid distinguished name {dn:?}: {why}")]
+    BadDn { dn: String, why: String },
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// What `pki init` should create.
+#[derive(Debug, Clone)]
+pub struct InitOptions {
+    /// Names (DNS or IP) the server certificate is valid for; the first is its CN.
+    pub hostnames: Vec<String>,
+    /// Subject of the client certificate, in QEMU's DN string form
+    /// (`O=Example Org,CN=host.example.com`, attributes in encoding order).
+    pub client_dn: String,
+    pub days: u32,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        InitOptions {
+            hostnames: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            client_dn: DEFAULT_CLIENT_DN.into(),
+            days: 365,
+        }
+    }
+}
+
+/// Creates ca-cert.pem, ca-key.pem, server-cert.pem, server-key.pem,
+/// client-cert.pem and client-key.pem in `dir`.
+pub fn init(dir: &Path, opts: &InitOptions) -> Result<(), PkiError> {
+    let ca_path = dir.join(CA_CERT);
+    if ca_path.exists() {
+        return Err(PkiError::CaExists { path: ca_path });
+    }
+    fs::create_dir_all(dir).map_err(|source| PkiError::Write {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    let (ca, ca_key) = make_ca(opts.days)?;
+    write_file(&dir.join(CA_KEY), &ca_key.serialize_pem(), true)?;
+    write_file(&ca_path, &ca.pem(), false)?;
+
+    let server_key = KeyPair::generate()?;
+    let server = server_params(&opts.hostnames, opts.days)?.signed_by(&server_key, &ca, &ca_key)?;
+    write_file(&dir.join(SERVER_KEY), &server_key.serialize_pem(), true)?;
+    write_file(&dir.join(SERVER_CERT), &server.pem(), false)?;
+
+    issue_client_into(dir, &ca, &ca_key, &opts.client_dn, opts.days)
+}
+
+/// Mints another client certificate from the CA in `ca_dir` into `out`
+/// (a new directory that also receives a copy of ca-cert.pem), so that one
+/// CA can give each source host its own DN.
+pub fn issue_client(ca_dir: &Path, out: &Path, dn: &str, days: u32) -> Result<(), PkiError> {
+    let (ca, ca_key) = load_ca(ca_dir)?;
+    fs::create_dir_all(out).map_err(|source| PkiError::Write {
+        path: out.to_path_buf(),
+        source,
+    })?;
+    write_file(&out.join(CA_CERT), &ca.pem(), false)?;
+    issue_client_into(out, &ca, &ca_key, dn, days)
+}
+
+fn issue_client_into(
+    dir: &Path,
+    ca: &Certificate,
+    ca_key: &KeyPair,
+    dn: &str,
+    days: u32,
+) -> Result<(), PkiError> {
+    let key = KeyPair::generate()?;
+    let cert = client_params(dn, days)?.signed_by(&key, ca, ca_key)?;
+    write_file(&dir.join(CLIENT_KEY), &key.serialize_pem(), true)?;
+    write_file(&dir.join(CLIENT_CERT), &cert.pem(), false)
+}
+
+fn load_ca(dir: &Path) -> Result<(Certificate, KeyPair), PkiError> {
+    let read = |name: &str| {
+        let path = dir.join(name);
+        fs::read_to_string(&path).map_err(|source| PkiError::Read { path, source })
+    };
+    let key = KeyPair::from_pem(&read(CA_KEY)?)?;
+    // Re-creating the CA certificate object from its own params and key
+    // yields the same subject and key, which is all signing needs.
+    let params = CertificateParams::from_ca_cert_pem(&read(CA_CERT)?)?;
+    let ca = params.self_signed(&key)?;
+    Ok((ca, key))
+}
+
+fn validity(params: &mut CertificateParams, days: u32) {
+    let now = OffsetDateTime::now_utc();
+    // Backdate a little: hosts' clocks are rarely in perfect agreement.
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(i64::from(days));
+}
+
+fn make_ca(days: u32) -> Result<(Certificate, KeyPair), PkiError> {
+    let mut params = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "miggate");
+    dn.push(DnType::CommonName, "miggate migration CA");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    validity(&mut params, days);
+    let key = KeyPair::generate()?;
+    let cert = params.self_signed(&key)?;
+    Ok((cert, key))
+}
+
+fn leaf_params(dn: DistinguishedName, days: u32) -> CertificateParams {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+    ];
+    params.use_authority_key_identifier_extension = true;
+    validity(&mut params, days);
+    params
+}
+
+fn server_params(hostnames: &[String], days: u32) -> Result<CertificateParams, PkiError> {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::OrganizationName, "miggate");
+    dn.push(
+        DnType::CommonName,
+        hostnames.first().map(String::as_str).unwrap_or("localhost"),
+    );
+    let mut params = leaf_params(dn, days);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    for name in hostnames {
+        let san = match name.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(name.clone().try_into()?),
+        };
+        params.subject_alt_names.push(san);
+    }
+    Ok(params)
+}
+
+fn client_params(dn: &str, days: u32) -> Result<CertificateParams, PkiError> {
+    let mut params = leaf_params(parse_dn(dn)?, days);
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    Ok(params)
+}
+
+/// Parses `ATTR=value,ATTR=value` (QEMU's order: as encoded) into an rcgen
+/// DN. `\,` escapes a comma inside a value. Only the attributes rcgen can
+/// encode are accepted; one value per attribute type.
+pub fn parse_dn(dn: &str) -> Result<DistinguishedName, PkiError> {
+    let bad = |why: &str| PkiError::BadDn {
+        dn: dn.to_string(),
+        why: why.to_string(),
+    };
+    let mut out = DistinguishedName::new();
+    let mut seen = Vec::new();
+    for part in split_unescaped(dn, ',') {
+        let (key, value) = part
+            .split_once('=')
+            .ok_or_else(|| bad("each part must be ATTR=value"))?;
+        let ty = match key.trim() {
+            "C" => DnType::CountryName,
+            "ST" => DnType::StateOrProvinceName,
+            "L" => DnType::LocalityName,
+            "O" => DnType::OrganizationName,
+            "OU" => DnType::OrganizationalUnitName,
+            "CN" => DnType::CommonName,
+            other => {
+                return Err(bad(&format!(
+                    "unsupported attribute {other:?} (use C, ST, L, O, OU, CN)"
+                )))
+            }
+        };
+        if seen.contains(&ty) {
+            return Err(bad("an attribute appears twice"));
+        }
+        if value.is_empty() {
+            return Err(bad("empty value"));
+        }
+        seen.push(ty.clone());
+        out.push(ty, value.to_string());
+    }
+    if seen.is_empty() {
+        return Err(bad("empty DN"));
+    }
+    Ok(out)
+}
+
+fn split_unescaped(s: &str, sep: char) -> Vec<String> {
+    let mut parts = Vec::new();
+    let mut cur = String::new();
+    let mut chars = s.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(next) = chars.next() {
+                    cur.push(next);
+                }
+            }
+            c if c == sep => parts.push(std::mem::take(&mut cur)),
+            c => cur.push(c),
+        }
+    }
+    parts.push(cur);
+    parts
+}
+
+fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError> {
+    let err = |source| PkiError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut opts = fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    // Private keys are readable by their owner only, like QEMU expects of them.
+    opts.mode(if secret { 0o600 } else { 0o644 });
+    let mut f = opts.open(path).map_err(err)?;
+    f.write_all(contents.as_bytes()).map_err(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn init_writes_qemu_layout_and_refuses_overwrite() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &InitOptions::default()).unwrap();
+        for f in [
+            CA_CERT,
+            CA_KEY,
+            SERVER_CERT,
+            SERVER_KEY,
+            CLIENT_CERT,
+            CLIENT_KEY,
+        ] {
+            assert!(dir.path().join(f).is_file(), "{f} missing");
+        }
+        let err = init(dir.path(), &InitOptions::default()).unwrap_err();
+        assert!(matches!(err, PkiError::CaExists { .. }), "{err}");
+    }
+
+    #[test]
+    fn dn_parser_keeps_order_and_rejects_junk() {
+        let dn = parse_dn("C=GB,O=Example\\, Org,CN=x").unwrap();
+        let order: Vec<_> = dn.iter().map(|(t, _)| t.clone()).collect();
+        assert_eq!(
+            order,
+            vec![
+                DnType::CountryName,
+                DnType::OrganizationName,
+                DnType::CommonName
+            ]
+        );
+        assert!(parse_dn("CN").is_err());
+        assert!(parse_dn("XX=1").is_err());
+        assert!(parse_dn("CN=a,CN=b").is_err());
+    }
+}

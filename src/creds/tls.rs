@@ -1,1 +1,231 @@
-//! TLS.
+//! QEMU's tls-creds-x509 directory -> rustls configurations, and TLS errors
+//! turned into sentences an operator can act on.
+//!
+//! Layout (QEMU `-object tls-creds-x509,dir=DIR`): `ca-cert.pem`,
+//! `ca-crl.pem` (optional), `server-cert.pem`, `server-key.pem`,
+//! `client-cert.pem`, `client-key.pem`. The target gateway is the TLS
+//! server and always verifies the client (QEMU's verify-peer=yes).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
+
+pub const CA_CERT: &str = "ca-cert.pem";
+pub const CA_CRL: &str = "ca-crl.pem";
+pub const SERVER_CERT: &str = "server-cert.pem";
+pub const SERVER_KEY: &str = "server-key.pem";
+pub const CLIENT_CERT: &str = "client-cert.pem";
+pub const CLIENT_KEY: &str = "client-key.pem";
+
+/// ALPN protocol by which a miggate source and target recognise each other.
+/// QEMU's GnuTLS sessions negotiate no ALPN, so its absence means "QEMU".
+pub const ALPN_MIGGATE: &[u8] = b"miggate/1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CredsError {
+    #[error("{path}: cannot read")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: rustls_pki_types::pem::Error,
+    },
+    #[error("{path}: no certificate in it")]
+    NoCert { path: PathBuf },
+    #[error("{path}: no usable CA certificate ({why})")]
+    BadCa { path: PathBuf, why: String },
+    #[error("{dir}: invalid TLS credentials: {source}")]
+    Config {
+        dir: PathBuf,
+        #[source]
+        source: rustls::Error,
+    },
+    #[error("{dir}: cannot build the certificate verifier: {why}")]
+    Verifier { dir: PathBuf, why: String },
+}
+
+/// The crypto provider: aws-lc-rs, AES-128-GCM preferred (fastest here,
+/// and as strong as the migration stream needs).
+pub fn provider() -> Arc<CryptoProvider> {
+    let mut p = rustls::crypto::aws_lc_rs::default_provider();
+    p.cipher_suites.sort_by_key(|s| {
+        use rustls::CipherSuite::*;
+        match s.suite() {
+            TLS13_AES_128_GCM_SHA256 => 0,
+            TLS13_AES_256_GCM_SHA384 => 1,
+            TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 | TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 2,
+            _ => 3,
+        }
+    });
+    Arc::new(p)
+}
+
+fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CredsError> {
+    let read_err = |source| CredsError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(read_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read_err)?;
+    if certs.is_empty() {
+        return Err(CredsError::NoCert {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+fn key(path: &Path) -> Result<PrivateKeyDer<'static>, CredsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|source| CredsError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn roots(dir: &Path) -> Result<Arc<RootCertStore>, CredsError> {
+    let path = dir.join(CA_CERT);
+    let mut store = RootCertStore::empty();
+    for cert in certs(&path)? {
+        store.add(cert).map_err(|e| CredsError::BadCa {
+            path: path.clone(),
+            why: e.to_string(),
+        })?;
+    }
+    Ok(Arc::new(store))
+}
+
+fn crls(dir: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, CredsError> {
+    let path = dir.join(CA_CRL);
+    if !path.exists() {
+        return Ok(Vec::new());
+    }
+    let read_err = |source| CredsError::Read {
+        path: path.clone(),
+        source,
+    };
+    CertificateRevocationListDer::pem_file_iter(&path)
+        .map_err(read_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(read_err)
+}
+
+/// Server (target gateway) config: server-cert/key, clients must present a
+/// certificate issued by ca-cert.pem and not revoked by ca-crl.pem.
+pub fn server_config(dir: &Path, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, CredsError> {
+    let provider = provider();
+    let verifier = WebPkiClientVerifier::builder_with_provider(roots(dir)?, provider.clone())
+        .with_crls(crls(dir)?)
+        .build()
+        .map_err(|e| CredsError::Verifier {
+            dir: dir.to_path_buf(),
+            why: e.to_string(),
+        })?;
+    let config_err = |source| CredsError::Config {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(config_err)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs(&dir.join(SERVER_CERT))?, key(&dir.join(SERVER_KEY))?)
+        .map_err(config_err)?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // One migration, one connection: resumption would only add state.
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// Client (source gateway) config: client-cert/key, the server must present
+/// a certificate issued by ca-cert.pem for the expected hostname.
+pub fn client_config(dir: &Path, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, CredsError> {
+    let provider = provider();
+    let verifier = WebPkiServerVerifier::builder_with_provider(roots(dir)?, provider.clone())
+        .with_crls(crls(dir)?)
+        .build()
+        .map_err(|e| CredsError::Verifier {
+            dir: dir.to_path_buf(),
+            why: e.to_string(),
+        })?;
+    let config_err = |source| CredsError::Config {
+        dir: dir.to_path_buf(),
+        source,
+    };
+    let mut config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(config_err)?
+        .with_webpki_verifier(verifier)
+        .with_client_auth_cert(certs(&dir.join(CLIENT_CERT))?, key(&dir.join(CLIENT_KEY))?)
+        .map_err(config_err)?;
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(config))
+}
+
+/// Turns a TLS failure (as tokio-rustls reports it, inside an io::Error)
+/// into a sentence. `hostname` is the name the client checked, if any.
+pub fn describe_tls_error(err: &std::io::Error, hostname: Option<&str>) -> String {
+    let Some(tls) = err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return match err.kind() {
+            std::io::ErrorKind::UnexpectedEof => {
+                "peer closed the connection during the TLS handshake".into()
+            }
+            _ => format!("TLS handshake failed: {err}"),
+        };
+    };
+    describe_rustls_error(tls, hostname)
+}
+
+fn describe_rustls_error(err: &rustls::Error, hostname: Option<&str>) -> String {
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+    match err {
+        E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
+            format!(
+                "certificate does not match the hostname {}",
+                hostname.unwrap_or("(unknown)")
+            )
+        }
+        E::InvalidCertificate(C::UnknownIssuer) => {
+            "peer certificate is not issued by our CA (ca-cert.pem)".into()
+        }
+        E::InvalidCertificate(C::Revoked) => "peer certificate is revoked (ca-crl.pem)".into(),
+        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
+            "peer certificate has expired".into()
+        }
+        E::InvalidCertificate(C::NotValidYet | C::NotValidYetContext { .. }) => {
+            "peer certificate is not valid yet".into()
+        }
+        E::InvalidCertificate(other) => format!("peer certificate rejected: {other:?}"),
+        E::NoCertificatesPresented => "peer presented no client certificate".into(),
+        E::AlertReceived(A::UnknownCA) => {
+            "peer rejected our certificate: it does not trust our CA".into()
+        }
+        E::AlertReceived(A::CertificateRequired) => {
+            "peer requires a client certificate and we sent none".into()
+        }
+        E::AlertReceived(A::BadCertificate | A::CertificateUnknown) => {
+            "peer rejected our certificate".into()
+        }
+        E::AlertReceived(A::CertificateRevoked) => "peer says our certificate is revoked".into(),
+        E::AlertReceived(A::CertificateExpired) => "peer says our certificate has expired".into(),
+        E::AlertReceived(other) => format!("peer aborted the TLS handshake (alert {other:?})"),
+        E::InvalidMessage(_) => "peer does not speak TLS (garbage on the port?)".into(),
+        E::NoApplicationProtocol => "peer offered no common ALPN protocol".into(),
+        other => format!("TLS failure: {other}"),
+    }
+}
+
+/// The peer's leaf certificate, once the handshake is done.
+pub fn peer_leaf<'a>(certs: Option<&'a [CertificateDer<'static>]>) -> Option<&'a [u8]> {
+    certs.and_then(|c| c.first()).map(|c| c.as_ref())
+}

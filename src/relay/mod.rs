@@ -1,1 +1,191 @@
-//! Relay.
+//! The byte pump between the two sockets of one migration channel.
+//!
+//! Both directions run at once (QEMU's return path and postcopy talk back
+//! from target to source). EOF on one side half-closes the other side's
+//! write half (a TLS side sends close_notify) and the other direction goes
+//! on; an error in either direction cuts both. A channel on which no byte
+//! moved in either direction for the stall timeout is cut.
+
+use std::pin::pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+/// Per-direction buffer. Big enough that one read fills many TLS records.
+const BUF: usize = 256 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("{direction}: {source}")]
+    Io {
+        direction: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("peer sent nothing for {} s: channel cut", .0.as_secs())]
+    Stalled(Duration),
+}
+
+/// Byte counters, shared so that an outcome record can read them even when
+/// the relay is cut.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Bytes from the first stream (the peer that connected to us) to the second.
+    pub forward: AtomicU64,
+    /// Bytes back from the second stream to the first.
+    pub back: AtomicU64,
+}
+
+impl Counters {
+    pub fn forward(&self) -> u64 {
+        self.forward.load(Ordering::Relaxed)
+    }
+    pub fn back(&self) -> u64 {
+        self.back.load(Ordering::Relaxed)
+    }
+}
+
+/// Milliseconds since the relay started at which a byte last moved.
+struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Activity {
+    fn touch(&self) {
+        let ms = self.start.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+    fn last(&self) -> Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+async fn pump<R, W>(mut r: R, mut w: W, count: &AtomicU64, act: &Activity) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; BUF];
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            // A TLS peer that closes without close_notify (QEMU's native TLS
+            // does exactly that at the end of a migration): an ending, not a
+            // failure. QEMU's own stream framing detects truncation.
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e),
+        };
+        act.touch();
+        w.write_all(&buf[..n]).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        act.touch();
+    }
+    w.flush().await?;
+    w.shutdown().await
+}
+
+/// Relays between `a` (the side that connected to us) and `b` until both
+/// directions ended, one failed, or nothing moved for `stall`.
+/// `names` label the directions a->b and b->a in errors.
+pub async fn relay<A, B>(
+    a: A,
+    b: B,
+    names: (&'static str, &'static str),
+    stall: Duration,
+    counters: Arc<Counters>,
+) -> Result<(), RelayError>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let act = Activity {
+        start: Instant::now(),
+        last_ms: AtomicU64::new(0),
+    };
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    let mut fwd = pin!(pump(ar, bw, &counters.forward, &act));
+    let mut back = pin!(pump(br, aw, &counters.back, &act));
+    let (mut fwd_done, mut back_done) = (false, false);
+    while !(fwd_done && back_done) {
+        let deadline = act.last() + stall;
+        tokio::select! {
+            r = &mut fwd, if !fwd_done => {
+                fwd_done = true;
+                r.map_err(|source| RelayError::Io { direction: names.0, source })?;
+            }
+            r = &mut back, if !back_done => {
+                back_done = true;
+                r.map_err(|source| RelayError::Io { direction: names.1, source })?;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                if act.last() + stall <= Instant::now() {
+                    return Err(RelayError::Stalled(stall));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    #[tokio::test]
+    async fn relays_both_ways_and_half_closes() {
+        let (client, a) = duplex(1024);
+        let (b, server) = duplex(1024);
+        let counters = Arc::new(Counters::default());
+        let task = tokio::spawn(relay(
+            a,
+            b,
+            ("a->b", "b->a"),
+            Duration::from_secs(5),
+            counters.clone(),
+        ));
+        let (mut cr, mut cw) = tokio::io::split(client);
+        let (mut sr, mut sw) = tokio::io::split(server);
+        let payload: Vec<u8> = (0..100_000u32).map(|i| i as u8).collect();
+        let send = payload.clone();
+        let writer = tokio::spawn(async move {
+            cw.write_all(&send).await.unwrap();
+            cw.shutdown().await.unwrap();
+        });
+        let mut got = Vec::new();
+        sr.read_to_end(&mut got).await.unwrap();
+        writer.await.unwrap();
+        assert_eq!(got, payload);
+        // The forward direction is closed; the back direction still works.
+        sw.write_all(b"reply").await.unwrap();
+        sw.shutdown().await.unwrap();
+        let mut back = Vec::new();
+        cr.read_to_end(&mut back).await.unwrap();
+        assert_eq!(back, b"reply");
+        task.await.unwrap().unwrap();
+        assert_eq!(counters.forward(), 100_000);
+        assert_eq!(counters.back(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn silent_channel_is_cut() {
+        let (_client, a) = duplex(64);
+        let (b, _server) = duplex(64);
+        let err = relay(
+            a,
+            b,
+            ("a->b", "b->a"),
+            Duration::from_secs(3),
+            Arc::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, RelayError::Stalled(_)), "{err}");
+    }
+}

@@ -1,1 +1,217 @@
-//! miggate hello/verdict frames.
+//! miggate's own frames, exchanged only when both ends negotiated the ALPN
+//! protocol `miggate/1` (a QEMU with native TLS negotiates none and gets the
+//! raw QEMU stream).
+//!
+//! ```text
+//! source gateway                                  target gateway
+//!   |-- TLS handshake, ALPN "miggate/1" --------------->|
+//!   |-- hello:   "MGH1" | be16 len | JSON {version,..} ->|  identity -> authz
+//!   |-- QEMU stream bytes (QEVM... / multifd init) ---->|  sniff -> uuid check
+//!   |<- verdict: "MGV1" | u8 0=admitted 1=refused | be16 len | reason (UTF-8)
+//!   |<========== QEMU stream, both directions =========>|
+//! ```
+//! The source starts sending the stream right after its hello, because the
+//! target can only check the VM UUID in the stream itself; on refusal the
+//! target discards what it read, so nothing reaches the target QEMU.
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+pub const HELLO_MAGIC: &[u8; 4] = b"MGH1";
+pub const VERDICT_MAGIC: &[u8; 4] = b"MGV1";
+/// Frames are tiny; a bigger length is a broken or hostile peer.
+pub const MAX_FRAME: usize = 16 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    /// Free-form name of the sending gateway, for logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+}
+
+impl Default for Hello {
+    fn default() -> Self {
+        Hello {
+            version: 1,
+            agent: Some(format!("miggate/{}", env!("CARGO_PKG_VERSION"))),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Admitted,
+    Refused { reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("peer sent {got:02x?} where a miggate {what} frame was expected")]
+    BadMagic { what: &'static str, got: [u8; 4] },
+    #[error("miggate {what} frame too large ({len} bytes)")]
+    TooLarge { what: &'static str, len: usize },
+    #[error("malformed miggate hello: {0}")]
+    BadHello(#[from] serde_json::Error),
+    #[error("unknown verdict code {0}")]
+    BadVerdict(u8),
+    #[error("connection closed before the {what} frame was complete")]
+    Closed { what: &'static str },
+    #[error("i/o error on the {what} frame: {source}")]
+    Io {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> FrameError {
+    move |source| {
+        if source.kind() == std::io::ErrorKind::UnexpectedEof {
+            FrameError::Closed { what }
+        } else {
+            FrameError::Io { what, source }
+        }
+    }
+}
+
+pub fn encode_hello(hello: &Hello) -> Vec<u8> {
+    let body = serde_json::to_vec(hello).expect("hello serializes");
+    let mut out = Vec::with_capacity(6 + body.len());
+    out.extend_from_slice(HELLO_MAGIC);
+    out.extend_from_slice(&(body.len() as u16).to_be_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+/// Parses a hello from the start of `buf`. `Ok(None)`: need more bytes.
+/// On success returns the hello and how many bytes it used.
+pub fn parse_hello(buf: &[u8]) -> Result<Option<(Hello, usize)>, FrameError> {
+    if buf.len() < 4 {
+        return Ok(None);
+    }
+    if &buf[..4] != HELLO_MAGIC {
+        let mut got = [0u8; 4];
+        got.copy_from_slice(&buf[..4]);
+        return Err(FrameError::BadMagic { what: "hello", got });
+    }
+    if buf.len() < 6 {
+        return Ok(None);
+    }
+    let len = u16::from_be_bytes([buf[4], buf[5]]) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge { what: "hello", len });
+    }
+    if buf.len() < 6 + len {
+        return Ok(None);
+    }
+    let hello = serde_json::from_slice(&buf[6..6 + len])?;
+    Ok(Some((hello, 6 + len)))
+}
+
+pub fn encode_verdict(v: &Verdict) -> Vec<u8> {
+    let (code, reason) = match v {
+        Verdict::Admitted => (0u8, ""),
+        Verdict::Refused { reason } => (1u8, reason.as_str()),
+    };
+    // Truncate on a char boundary so a long reason still fits the frame.
+    let mut end = reason.len().min(MAX_FRAME);
+    while !reason.is_char_boundary(end) {
+        end -= 1;
+    }
+    let reason = &reason.as_bytes()[..end];
+    let mut out = Vec::with_capacity(7 + reason.len());
+    out.extend_from_slice(VERDICT_MAGIC);
+    out.push(code);
+    out.extend_from_slice(&(reason.len() as u16).to_be_bytes());
+    out.extend_from_slice(reason);
+    out
+}
+
+pub async fn write_verdict<W: AsyncWrite + Unpin>(w: &mut W, v: &Verdict) -> std::io::Result<()> {
+    w.write_all(&encode_verdict(v)).await?;
+    w.flush().await
+}
+
+/// Reads exactly one verdict frame (and nothing after it).
+pub async fn read_verdict<R: AsyncRead + Unpin>(r: &mut R) -> Result<Verdict, FrameError> {
+    let mut head = [0u8; 7];
+    r.read_exact(&mut head).await.map_err(io_err("verdict"))?;
+    if &head[..4] != VERDICT_MAGIC {
+        let mut got = [0u8; 4];
+        got.copy_from_slice(&head[..4]);
+        return Err(FrameError::BadMagic {
+            what: "verdict",
+            got,
+        });
+    }
+    let len = u16::from_be_bytes([head[5], head[6]]) as usize;
+    if len > MAX_FRAME {
+        return Err(FrameError::TooLarge {
+            what: "verdict",
+            len,
+        });
+    }
+    let mut reason = vec![0u8; len];
+    r.read_exact(&mut reason).await.map_err(io_err("verdict"))?;
+    match head[4] {
+        0 => Ok(Verdict::Admitted),
+        1 => Ok(Verdict::Refused {
+            reason: String::from_utf8_lossy(&reason).into_owned(),
+        }),
+        c => Err(FrameError::BadVerdict(c)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hello_roundtrip_and_every_prefix_is_incomplete() {
+        let bytes = encode_hello(&Hello::default());
+        for n in 0..bytes.len() {
+            assert!(parse_hello(&bytes[..n]).unwrap().is_none(), "prefix {n}");
+        }
+        let mut with_tail = bytes.clone();
+        with_tail.extend_from_slice(b"QEVM");
+        let (hello, used) = parse_hello(&with_tail).unwrap().unwrap();
+        assert_eq!(hello, Hello::default());
+        assert_eq!(used, bytes.len());
+    }
+
+    #[test]
+    fn hello_rejects_qemu_stream_and_oversize() {
+        assert!(matches!(
+            parse_hello(b"QEVM\0\0\0\x03"),
+            Err(FrameError::BadMagic { .. })
+        ));
+        assert!(matches!(
+            parse_hello(b"MGH1\xff\xff"),
+            Err(FrameError::TooLarge { .. })
+        ));
+        assert!(matches!(
+            parse_hello(b"MGH1\0\x02{x"),
+            Err(FrameError::BadHello(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn verdict_roundtrip_reads_nothing_more() {
+        let v = Verdict::Refused {
+            reason: "VM UUID mismatch".into(),
+        };
+        let mut bytes = encode_verdict(&v);
+        bytes.extend_from_slice(b"rest");
+        let mut r = &bytes[..];
+        assert_eq!(read_verdict(&mut r).await.unwrap(), v);
+        assert_eq!(r, b"rest");
+        let mut r = &encode_verdict(&Verdict::Admitted)[..];
+        assert_eq!(read_verdict(&mut r).await.unwrap(), Verdict::Admitted);
+        let mut short = &encode_verdict(&v)[..5];
+        assert!(matches!(
+            read_verdict(&mut short).await,
+            Err(FrameError::Closed { .. })
+        ));
+    }
+}
