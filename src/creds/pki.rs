@@ -143,7 +143,12 @@ fn make_ca(days: u32) -> Result<(Certificate, KeyPair), PkiError> {
     let mut params = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "miggate");
-    dn.push(DnType::CommonName, "miggate migration CA");
+    // A random suffix tells two CAs apart in logs and in certtool output.
+    let tag: u32 = rand::random();
+    dn.push(
+        DnType::CommonName,
+        format!("miggate migration CA {tag:08x}"),
+    );
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];

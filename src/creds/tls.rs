@@ -198,6 +198,11 @@ fn describe_rustls_error(err: &rustls::Error, hostname: Option<&str>) -> String 
         E::InvalidCertificate(C::UnknownIssuer) => {
             "peer certificate is not issued by our CA (ca-cert.pem)".into()
         }
+        // A CA with the same name as ours but another key signed it.
+        E::InvalidCertificate(C::BadSignature) => {
+            "peer certificate is not issued by our CA (ca-cert.pem): its signature does not verify"
+                .into()
+        }
         E::InvalidCertificate(C::Revoked) => "peer certificate is revoked (ca-crl.pem)".into(),
         E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
             "peer certificate has expired".into()
@@ -213,7 +218,7 @@ fn describe_rustls_error(err: &rustls::Error, hostname: Option<&str>) -> String 
         E::AlertReceived(A::CertificateRequired) => {
             "peer requires a client certificate and we sent none".into()
         }
-        E::AlertReceived(A::BadCertificate | A::CertificateUnknown) => {
+        E::AlertReceived(A::BadCertificate | A::CertificateUnknown | A::DecryptError) => {
             "peer rejected our certificate".into()
         }
         E::AlertReceived(A::CertificateRevoked) => "peer says our certificate is revoked".into(),
