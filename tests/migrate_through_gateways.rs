@@ -26,7 +26,7 @@ async fn paused_guest_ram_arrives_intact() {
     let src_hash = src.ram_sha256().await;
     assert_ne!(
         src_hash,
-        common::qemu::zero_sha256(src.ram_bytes()),
+        common::qemu::zero_sha256(src.ram_bytes()).await,
         "the source guest's RAM should hold random bytes"
     );
     let gated =
