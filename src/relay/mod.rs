@@ -89,6 +89,17 @@ where
     w.shutdown().await
 }
 
+/// A reset once the other direction has ended is how QEMU's native TLS
+/// says goodbye (it closes its socket with our close_notify unread): an
+/// ending. Before that, it is a failure.
+fn ending(r: std::io::Result<()>, other_done: bool) -> std::io::Result<()> {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
+    match r {
+        Err(e) if other_done && matches!(e.kind(), ConnectionReset | BrokenPipe) => Ok(()),
+        r => r,
+    }
+}
+
 /// Relays between `a` (the side that connected to us) and `b` until both
 /// directions ended, one failed, or nothing moved for `stall`.
 /// `names` label the directions a->b and b->a in errors.
@@ -117,11 +128,11 @@ where
         tokio::select! {
             r = &mut fwd, if !fwd_done => {
                 fwd_done = true;
-                r.map_err(|source| RelayError::Io { direction: names.0, source })?;
+                ending(r, back_done).map_err(|source| RelayError::Io { direction: names.0, source })?;
             }
             r = &mut back, if !back_done => {
                 back_done = true;
-                r.map_err(|source| RelayError::Io { direction: names.1, source })?;
+                ending(r, fwd_done).map_err(|source| RelayError::Io { direction: names.1, source })?;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 if act.last() + stall <= Instant::now() {

@@ -1,0 +1,92 @@
+//! Wire compatibility with QEMU's own TLS migration, both directions.
+
+mod common;
+
+use common::qemu::{Guest, NativeTls, Qemu, QemuOpts, TlsEndpoint, UNLIMITED_BANDWIDTH};
+use common::scenario::*;
+use serde_json::json;
+
+/// QEMU native TLS source -> miggate target gateway -> plain target QEMU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_native_tls_source_to_miggate_target() {
+    let pki = pki();
+    let pki = pki_dir(&pki);
+    let mut src_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 41 }, 128);
+    src_opts.tls = Some(NativeTls {
+        dir: pki.clone(),
+        endpoint: TlsEndpoint::Client,
+        authz_identity: None,
+    });
+    let (mut src, mut dst) = tokio::join!(
+        Qemu::spawn(src_opts.clone()),
+        Qemu::spawn(QemuOpts::new(Guest::PausedRandomRam { seed: 41 }, 128).as_incoming())
+    );
+    src.set_parameters(json!({ "max-bandwidth": UNLIMITED_BANDWIDTH }))
+        .await;
+    src.set_native_tls_parameters(Some("127.0.0.1")).await;
+    let port = dst.migrate_incoming_any_port().await;
+    let mut tgw = target_gateway(&pki, port, &["--authz-identity", SOURCE_DN]).await;
+    let hash = src.ram_sha256().await;
+    migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", tgw.addr)).await;
+    assert_eq!(dst.ram_sha256().await, hash);
+    let rec = tgw.wait_outcome(EVENT_TIMEOUT).await;
+    assert_eq!(rec["outcome"], "completed", "{rec}");
+    // QEMU's GnuTLS renders the same DN miggate authorized.
+    assert_eq!(rec["peer.dn"], SOURCE_DN);
+    assert_eq!(rec["channel"], "main");
+}
+
+/// miggate source gateway -> target QEMU with native TLS and tls-authz
+/// (authz-simple on the client DN): the allowed DN completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miggate_source_to_qemu_native_tls_target_allowed() {
+    let pki = pki();
+    let pki = pki_dir(&pki);
+    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN).await;
+    let mut sgw = source_gateway(&pki, &format!("127.0.0.1:{tls_port}"), &[]).await;
+    let hash = src.ram_sha256().await;
+    migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
+    assert_eq!(dst.ram_sha256().await, hash);
+    let rec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+    assert_eq!(rec["outcome"], "completed", "{rec}");
+}
+
+/// ... and a DN the target QEMU's tls-authz does not allow fails on the source.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miggate_source_to_qemu_native_tls_target_denied() {
+    let pki = pki();
+    let pki = pki_dir(&pki);
+    let (mut src, mut dst, tls_port) = native_target(&pki, "O=miggate tests,CN=someone-else").await;
+    let mut sgw = source_gateway(&pki, &format!("127.0.0.1:{tls_port}"), &[]).await;
+    let err = migrate_and_expect_failure(&mut src, &format!("tcp:{}", sgw.addr)).await;
+    assert!(!err.is_empty(), "QEMU should describe the failure");
+    let rec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+    assert_ne!(rec["outcome"], "completed", "{rec}");
+    // The target QEMU's own log names the refused DN.
+    let dst_log = dst.stderr_text();
+    assert!(
+        dst_log.contains("authz") && dst_log.contains(SOURCE_DN),
+        "target QEMU should log its authz denial of {SOURCE_DN}: {dst_log}"
+    );
+    let _ = &mut dst;
+}
+
+/// A paused source with random RAM and a target QEMU with native TLS that
+/// allows `allowed_dn`; returns the target's TLS port.
+async fn native_target(pki: &std::path::Path, allowed_dn: &str) -> (Qemu, Qemu, u16) {
+    let opts = QemuOpts::new(Guest::PausedRandomRam { seed: 42 }, 128);
+    let mut dst_opts = opts.as_incoming();
+    dst_opts.tls = Some(NativeTls {
+        dir: pki.to_path_buf(),
+        endpoint: TlsEndpoint::Server,
+        authz_identity: Some(allowed_dn.to_string()),
+    });
+    let (mut src, mut dst) = tokio::join!(Qemu::spawn(opts), Qemu::spawn(dst_opts));
+    // return-path: the source only reports success once the target loaded it.
+    capabilities(&mut src, &mut dst, &[("return-path", true)]).await;
+    src.set_parameters(json!({ "max-bandwidth": UNLIMITED_BANDWIDTH }))
+        .await;
+    dst.set_native_tls_parameters(None).await;
+    let port = dst.migrate_incoming_any_port().await;
+    (src, dst, port)
+}
