@@ -12,7 +12,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
-    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType,
+    BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType, DnValue,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
 use time::{Duration, OffsetDateTime};
@@ -230,7 +230,20 @@ pub fn parse_dn(dn: &str) -> Result<DistinguishedName, PkiError> {
             return Err(bad("empty value"));
         }
         seen.push(ty.clone());
-        out.push(ty, value.to_string());
+        // GnuTLS renders a UTF8String country as hex (`C=#0c024742`), so an
+        // ACL naming `C=GB` would not match: countries are PrintableString.
+        let value = if ty == DnType::CountryName {
+            let printable = value
+                .to_string()
+                .try_into()
+                .ok()
+                .filter(|_| value.len() == 2)
+                .ok_or_else(|| bad("C must be a two-letter country code"))?;
+            DnValue::PrintableString(printable)
+        } else {
+            DnValue::Utf8String(value.to_string())
+        };
+        out.push(ty, value);
     }
     if seen.is_empty() {
         return Err(bad("empty DN"));
@@ -273,6 +286,7 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rustls_pki_types::pem::PemObject;
 
     #[test]
     fn init_writes_qemu_layout_and_refuses_overwrite() {
@@ -290,6 +304,22 @@ mod tests {
         }
         let err = init(dir.path(), &InitOptions::default()).unwrap_err();
         assert!(matches!(err, PkiError::CaExists { .. }), "{err}");
+    }
+
+    /// The DN given to `pki` is the DN QEMU's tls-authz (and miggate) will see.
+    #[test]
+    fn issued_client_dn_renders_as_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let dn = "C=GB,ST=London,L=London,O=Example Org,CN=laptop.example.com";
+        let opts = InitOptions {
+            client_dn: dn.into(),
+            ..Default::default()
+        };
+        init(dir.path(), &opts).unwrap();
+        let pem = fs::read(dir.path().join(CLIENT_CERT)).unwrap();
+        let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
+        assert_eq!(crate::creds::dn::subject_dn(&der).unwrap(), dn);
+        assert!(parse_dn("C=GBR,CN=x").is_err());
     }
 
     #[test]

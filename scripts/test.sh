@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The whole test suite: unit tests, and integration tests that migrate real
+# QEMU guests through real gateways. Installs what it needs first.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+cargo build --locked --all-targets
+cargo clippy --locked --all-targets -- -D warnings
+cargo fmt --check
+# Two test threads: QEMUs, gateways and tests share two cores.
+cargo test --locked -- --test-threads=2
