@@ -17,7 +17,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
-const VM: Uuid = Uuid::from_u128(0x0c0ffee0_0000_4000_8000_0000_0000_0001);
+const VM: Uuid = Uuid::from_u128(0x0c0f_fee0_0000_4000_8000_0000_0000_0001);
 const STALL: &str = "3";
 
 /// A target QEMU behind a target gateway that allows [`SOURCE_DN`] and

@@ -1,1 +1,469 @@
-//! QMP client.
+//! QMP client: drives QEMU over its JSON monitor socket.
+//!
+//! Small and typed on purpose: one connection, one command in flight at a
+//! time, responses matched by `id`, asynchronous events queued in arrival
+//! order so that a caller waiting for `MIGRATION` never loses one that came
+//! in while it was executing a command.
+//!
+//! Reads go through our own line buffer (not `BufReader::read_line`) so every
+//! method is cancel safe: a caller may wrap any call in `tokio::time::timeout`
+//! and keep using the connection; a late response to a timed-out command is
+//! recognised by its stale id and dropped.
+
+use std::collections::VecDeque;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+
+/// How long `execute` waits for a response unless told otherwise. QMP
+/// commands answer promptly (migration runs in the background), so a long
+/// silence means QEMU is wedged.
+pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One QMP line larger than this is a broken peer, not a real reply.
+const MAX_LINE: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum QmpError {
+    #[error("QMP I/O error while {context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("QMP protocol error: {detail}")]
+    Protocol { detail: String },
+    #[error("QMP connection closed by QEMU")]
+    Closed,
+    #[error("QEMU refused {command}: {desc}")]
+    Command {
+        command: String,
+        class: String,
+        desc: String,
+    },
+    #[error("QMP timed out after {after:?} waiting for {what}")]
+    Timeout { what: String, after: Duration },
+}
+
+impl QmpError {
+    /// A peer that went away is `Closed` however the kernel words it: QEMU
+    /// exiting with unread input resets the socket instead of a clean EOF.
+    fn io(context: impl Into<String>, source: io::Error) -> Self {
+        use io::ErrorKind::*;
+        match source.kind() {
+            ConnectionReset | BrokenPipe | UnexpectedEof => QmpError::Closed,
+            _ => QmpError::Io {
+                context: context.into(),
+                source,
+            },
+        }
+    }
+
+    fn protocol(detail: impl Into<String>) -> Self {
+        QmpError::Protocol {
+            detail: detail.into(),
+        }
+    }
+}
+
+/// Event timestamp as QEMU sends it (host wall clock).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Timestamp {
+    pub seconds: i64,
+    pub microseconds: i64,
+}
+
+impl Timestamp {
+    pub fn to_system_time(self) -> std::time::SystemTime {
+        std::time::UNIX_EPOCH
+            + Duration::from_secs(self.seconds.max(0) as u64)
+            + Duration::from_micros(self.microseconds.max(0) as u64)
+    }
+}
+
+/// An asynchronous QMP event, e.g. `MIGRATION` with `{"status": "completed"}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub name: String,
+    pub data: Value,
+    pub timestamp: Timestamp,
+}
+
+/// The `ram` member of `query-migrate` (QAPI `MigrationStats`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RamStats {
+    pub transferred: u64,
+    pub remaining: u64,
+    pub total: u64,
+    #[serde(default)]
+    pub duplicate: u64,
+    #[serde(default)]
+    pub skipped: u64,
+    #[serde(default)]
+    pub normal: u64,
+    #[serde(default)]
+    pub normal_bytes: u64,
+    #[serde(default)]
+    pub dirty_pages_rate: u64,
+    #[serde(default)]
+    pub mbps: f64,
+    #[serde(default)]
+    pub dirty_sync_count: u64,
+    #[serde(default)]
+    pub postcopy_requests: u64,
+    #[serde(default)]
+    pub page_size: u64,
+    #[serde(default)]
+    pub multifd_bytes: u64,
+    #[serde(default)]
+    pub pages_per_second: u64,
+    #[serde(default)]
+    pub precopy_bytes: Option<u64>,
+    #[serde(default)]
+    pub downtime_bytes: Option<u64>,
+    #[serde(default)]
+    pub postcopy_bytes: Option<u64>,
+}
+
+/// `query-migrate` result (QAPI `MigrationInfo`). Every member is optional:
+/// QEMU omits what does not apply to the current state, and `status` is
+/// absent before any migration was started.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MigrationInfo {
+    pub status: Option<String>,
+    pub error_desc: Option<String>,
+    pub ram: Option<RamStats>,
+    /// Milliseconds.
+    pub total_time: Option<u64>,
+    /// Milliseconds.
+    pub setup_time: Option<u64>,
+    /// Milliseconds; only once completed.
+    pub downtime: Option<u64>,
+    /// Milliseconds; only while active.
+    pub expected_downtime: Option<u64>,
+    #[serde(default)]
+    pub blocked_reasons: Option<Vec<String>>,
+    #[serde(default)]
+    pub cpu_throttle_percentage: Option<u64>,
+    /// Everything as QEMU sent it, for members not modelled above.
+    #[serde(skip)]
+    pub raw: Value,
+}
+
+impl MigrationInfo {
+    /// `completed`, `failed` and `cancelled` end a migration; nothing moves
+    /// the state machine out of them.
+    pub fn is_terminal(&self) -> bool {
+        matches!(
+            self.status.as_deref(),
+            Some("completed" | "failed" | "cancelled")
+        )
+    }
+}
+
+/// A QMP connection with capabilities negotiated (command mode).
+pub struct Qmp {
+    stream: UnixStream,
+    path: PathBuf,
+    /// Bytes read but not yet split into lines.
+    buf: Vec<u8>,
+    events: VecDeque<Event>,
+    next_id: u64,
+    greeting: Value,
+    command_timeout: Duration,
+}
+
+impl std::fmt::Debug for Qmp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Qmp")
+            .field("path", &self.path)
+            .field("queued_events", &self.events.len())
+            .finish()
+    }
+}
+
+impl Qmp {
+    /// Connects to a QMP unix socket, reads the greeting and leaves
+    /// capabilities negotiation mode.
+    pub async fn connect_unix(path: impl AsRef<Path>) -> Result<Qmp, QmpError> {
+        let path = path.as_ref().to_path_buf();
+        let stream = UnixStream::connect(&path)
+            .await
+            .map_err(|e| QmpError::io(format!("connecting to {}", path.display()), e))?;
+        let mut qmp = Qmp {
+            stream,
+            path,
+            buf: Vec::with_capacity(4096),
+            events: VecDeque::new(),
+            next_id: 1,
+            greeting: Value::Null,
+            command_timeout: DEFAULT_COMMAND_TIMEOUT,
+        };
+        let timeout = qmp.command_timeout;
+        let greeting = tokio::time::timeout(timeout, qmp.read_message())
+            .await
+            .map_err(|_| QmpError::Timeout {
+                what: "the QMP greeting".into(),
+                after: timeout,
+            })??;
+        if greeting.get("QMP").is_none() {
+            return Err(QmpError::protocol(format!(
+                "expected the QMP greeting, got {greeting}"
+            )));
+        }
+        qmp.greeting = greeting;
+        qmp.execute("qmp_capabilities", None).await?;
+        Ok(qmp)
+    }
+
+    /// The greeting QEMU sent (`{"QMP": {"version": .., "capabilities": ..}}`).
+    pub fn greeting(&self) -> &Value {
+        &self.greeting
+    }
+
+    /// QEMU's (major, minor, micro) from the greeting.
+    pub fn qemu_version(&self) -> Option<(u64, u64, u64)> {
+        let q = &self.greeting["QMP"]["version"]["qemu"];
+        Some((
+            q["major"].as_u64()?,
+            q["minor"].as_u64()?,
+            q["micro"].as_u64()?,
+        ))
+    }
+
+    /// Changes how long `execute` waits for a response.
+    pub fn set_command_timeout(&mut self, timeout: Duration) {
+        self.command_timeout = timeout;
+    }
+
+    /// Runs one command and returns its `return` value. Events that arrive
+    /// before the response are queued for `next_event`.
+    pub async fn execute(
+        &mut self,
+        command: &str,
+        arguments: Option<Value>,
+    ) -> Result<Value, QmpError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        let mut request = json!({ "execute": command, "id": id });
+        if let Some(args) = arguments {
+            request["arguments"] = args;
+        }
+        let mut line = serde_json::to_vec(&request).expect("a JSON value serialises");
+        line.push(b'\n');
+        tracing::trace!(target: "miggate::qmp", %request, "->");
+
+        let timeout = self.command_timeout;
+        let exchange = async {
+            self.stream
+                .write_all(&line)
+                .await
+                .map_err(|e| QmpError::io(format!("sending {command}"), e))?;
+            loop {
+                let msg = self.read_message().await?;
+                if self.queue_if_event(&msg)? {
+                    continue;
+                }
+                match msg.get("id").and_then(Value::as_u64) {
+                    Some(got) if got == id => return response_value(command, msg),
+                    // A late answer to a command whose caller gave up.
+                    Some(got) if got < id => continue,
+                    _ => {
+                        return Err(QmpError::protocol(format!(
+                            "response to {command} (id {id}) expected, got {msg}"
+                        )))
+                    }
+                }
+            }
+        };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| QmpError::Timeout {
+                what: format!("the response to {command}"),
+                after: timeout,
+            })?
+    }
+
+    /// The next event: queued ones first, then from the socket. Waits
+    /// forever; wrap in `tokio::time::timeout` or use `next_event_within`.
+    pub async fn next_event(&mut self) -> Result<Event, QmpError> {
+        loop {
+            if let Some(ev) = self.events.pop_front() {
+                return Ok(ev);
+            }
+            let msg = self.read_message().await?;
+            if !self.queue_if_event(&msg)? {
+                // Only stale responses can arrive with no command in flight.
+                if msg.get("id").and_then(Value::as_u64).is_none() {
+                    return Err(QmpError::protocol(format!(
+                        "unexpected message while waiting for an event: {msg}"
+                    )));
+                }
+            }
+        }
+    }
+
+    /// `next_event` with a deadline; `Ok(None)` when it passed.
+    pub async fn next_event_within(&mut self, wait: Duration) -> Result<Option<Event>, QmpError> {
+        match tokio::time::timeout(wait, self.next_event()).await {
+            Ok(ev) => ev.map(Some),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// The events queued so far, oldest first, left in the queue.
+    pub fn queued_events(&self) -> impl Iterator<Item = &Event> {
+        self.events.iter()
+    }
+
+    /// Drains and returns the events queued so far without reading more.
+    pub fn take_queued_events(&mut self) -> Vec<Event> {
+        self.events.drain(..).collect()
+    }
+
+    pub async fn query_migrate(&mut self) -> Result<MigrationInfo, QmpError> {
+        let raw = self.execute("query-migrate", None).await?;
+        let mut info: MigrationInfo = serde_json::from_value(raw.clone())
+            .map_err(|e| QmpError::protocol(format!("query-migrate returned {raw}: {e}")))?;
+        info.raw = raw;
+        Ok(info)
+    }
+
+    /// The run state: "running", "paused", "inmigrate", "postmigrate", ...
+    pub async fn query_status(&mut self) -> Result<String, QmpError> {
+        let v = self.execute("query-status", None).await?;
+        v.get("status")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| QmpError::protocol(format!("query-status returned {v}")))
+    }
+
+    /// Runs an HMP command through `human-monitor-command`, for what QMP
+    /// lacks (e.g. `xp` to read guest memory).
+    pub async fn hmp(&mut self, command_line: &str) -> Result<String, QmpError> {
+        let v = self
+            .execute(
+                "human-monitor-command",
+                Some(json!({ "command-line": command_line })),
+            )
+            .await?;
+        v.as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| QmpError::protocol(format!("human-monitor-command returned {v}")))
+    }
+
+    fn queue_if_event(&mut self, msg: &Value) -> Result<bool, QmpError> {
+        let Some(name) = msg.get("event") else {
+            return Ok(false);
+        };
+        let name = name
+            .as_str()
+            .ok_or_else(|| QmpError::protocol(format!("event name is not a string: {msg}")))?;
+        let timestamp = msg
+            .get("timestamp")
+            .and_then(|t| serde_json::from_value(t.clone()).ok())
+            .unwrap_or_default();
+        self.events.push_back(Event {
+            name: name.to_owned(),
+            data: msg.get("data").cloned().unwrap_or(Value::Null),
+            timestamp,
+        });
+        Ok(true)
+    }
+
+    /// Reads one JSON message (QMP sends one per line). Cancel safe: bytes
+    /// already read stay in `self.buf`.
+    async fn read_message(&mut self) -> Result<Value, QmpError> {
+        loop {
+            if let Some(nl) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=nl).collect();
+                let text = line.trim_ascii();
+                if text.is_empty() {
+                    continue;
+                }
+                let msg: Value = serde_json::from_slice(text).map_err(|e| {
+                    QmpError::protocol(format!(
+                        "invalid JSON from QEMU ({e}): {}",
+                        String::from_utf8_lossy(text)
+                    ))
+                })?;
+                tracing::trace!(target: "miggate::qmp", %msg, "<-");
+                return Ok(msg);
+            }
+            if self.buf.len() > MAX_LINE {
+                return Err(QmpError::protocol("QMP line longer than 16 MiB"));
+            }
+            let mut chunk = [0u8; 8192];
+            let n = self
+                .stream
+                .read(&mut chunk)
+                .await
+                .map_err(|e| QmpError::io("reading from QEMU", e))?;
+            if n == 0 {
+                return Err(QmpError::Closed);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn response_value(command: &str, msg: Value) -> Result<Value, QmpError> {
+    if let Some(ret) = msg.get("return") {
+        return Ok(ret.clone());
+    }
+    if let Some(err) = msg.get("error") {
+        let field = |k: &str| err.get(k).and_then(Value::as_str).unwrap_or("").to_owned();
+        return Err(QmpError::Command {
+            command: command.to_owned(),
+            class: field("class"),
+            desc: field("desc"),
+        });
+    }
+    Err(QmpError::protocol(format!(
+        "response to {command} has neither return nor error: {msg}"
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migration_info_parses_qemu_7_2_output() {
+        let raw = json!({
+            "expected-downtime": 300, "status": "active", "setup-time": 3,
+            "total-time": 1042,
+            "ram": {"total": 134750208u64, "postcopy-requests": 0, "dirty-sync-count": 1,
+                    "multifd-bytes": 0, "pages-per-second": 32710, "downtime-bytes": 0,
+                    "page-size": 4096, "remaining": 1200, "postcopy-bytes": 0,
+                    "mbps": 268.4, "transferred": 1000, "dirty-sync-missed-zero-copy": 0,
+                    "precopy-bytes": 1000, "duplicate": 3, "dirty-pages-rate": 0,
+                    "skipped": 0, "normal-bytes": 4096, "normal": 1}
+        });
+        let info: MigrationInfo = serde_json::from_value(raw).unwrap();
+        assert_eq!(info.status.as_deref(), Some("active"));
+        assert!(!info.is_terminal());
+        let ram = info.ram.unwrap();
+        assert_eq!(ram.total, 134750208);
+        assert_eq!(ram.mbps, 268.4);
+        assert_eq!(info.expected_downtime, Some(300));
+    }
+
+    #[test]
+    fn error_response_becomes_command_error() {
+        let msg = json!({"id": 3, "error": {"class": "CommandNotFound",
+                         "desc": "The command nope has not been found"}});
+        let err = response_value("nope", msg).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "QEMU refused nope: The command nope has not been found"
+        );
+    }
+}
