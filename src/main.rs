@@ -122,6 +122,23 @@ struct SourceArgs {
     /// Seconds a peer may stay silent before it is cut off.
     #[arg(long, default_value_t = miggate::timeouts::DEFAULT_STALL.as_secs())]
     stall_timeout: u64,
+    /// File holding the one-shot ticket of a registered migration (from
+    /// the target daemon). Also read from $MIGGATE_TICKET_FILE; the ticket
+    /// itself from $MIGGATE_TICKET. Never on the command line, where ps shows it.
+    #[arg(long, env = "MIGGATE_TICKET_FILE")]
+    ticket_file: Option<PathBuf>,
+}
+
+/// The ticket for `miggate source`, from a file or the environment.
+fn source_ticket(file: Option<&std::path::Path>) -> Result<Option<miggate::admit::ticket::Ticket>> {
+    use miggate::admit::ticket::Ticket;
+    let text = match (file, std::env::var("MIGGATE_TICKET")) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the ticket file {}", path.display()))?,
+        (None, Ok(t)) => t,
+        (None, Err(_)) => return Ok(None),
+    };
+    Ok(Some(Ticket::parse(&text).context("invalid ticket")?))
 }
 
 fn init_logging(format: LogFormat) {
@@ -222,17 +239,16 @@ async fn run_target(a: TargetArgs) -> Result<()> {
         expect_uuid = a.expect_uuid.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
         "listening"
     );
-    let cfg = target::TargetConfig {
-        tls,
+    let route = target::StaticRoute {
         forward: a.forward,
         authz,
         expect: Expectation {
             uuid: a.expect_uuid,
         },
-        stall,
     };
+    let gate = target::Target::new(tls, Some(route), None, stall, None);
     tokio::select! {
-        r = target::serve(listener, cfg) => r?,
+        r = target::serve(listener, gate) => r?,
         _ = shutdown_signal() => tracing::info!("shutting down"),
     }
     Ok(())
@@ -287,6 +303,8 @@ async fn run_source(a: SourceArgs) -> Result<()> {
         connect: a.connect,
         server_name,
         stall,
+        ticket: source_ticket(a.ticket_file.as_deref())?,
+        sink: None,
     };
     tokio::select! {
         r = source::serve(listener, cfg) => r?,

@@ -1,11 +1,12 @@
 //! One outcome record per connection: created at accept, emitted exactly
 //! once as a structured log event (target `miggate::outcome`) with fixed
-//! field names. A record dropped without `finish` (a panic, a cancelled
-//! task) still reports itself, as "dropped".
+//! field names, and handed to an optional [`Sink`] (metrics, the migrate
+//! command's error reporting). A record dropped without `finish` (a panic,
+//! a cancelled task) still reports itself, as "dropped".
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::relay::Counters;
 
@@ -14,9 +15,10 @@ use crate::relay::Counters;
 pub enum Ending {
     /// The relay ran and both directions ended cleanly.
     Completed,
-    /// Admission said no (TLS, authz, UUID, not a QEMU stream...).
+    /// Admission said no (TLS, authz, ticket, UUID, not a QEMU stream...).
     Refused,
-    /// Admitted, then something broke (next hop unreachable, reset, stall).
+    /// Admitted, then something broke (next hop unreachable, reset, stall,
+    /// cancellation).
     Failed,
     Dropped,
 }
@@ -32,15 +34,41 @@ impl Ending {
     }
 }
 
-#[derive(Debug)]
+/// The finished record, as sinks see it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub role: &'static str,
+    pub peer_addr: String,
+    pub peer_dn: Option<String>,
+    pub channel: Option<String>,
+    pub vm: Option<String>,
+    pub migration: Option<String>,
+    pub bytes_sent: u64,
+    pub bytes_recv: u64,
+    pub duration: Duration,
+    /// TLS handshake + admission time, when admission completed.
+    pub admission: Option<Duration>,
+    pub ending: Ending,
+    pub reason: Option<String>,
+}
+
+/// Receives every finished record.
+pub trait Sink: Send + Sync {
+    fn record(&self, record: &Record);
+}
+
 pub struct Outcome {
     role: &'static str,
     peer_addr: String,
     pub peer_dn: Option<String>,
     pub channel: Option<String>,
     pub vm: Option<String>,
+    /// The registered migration this connection belongs to (managed mode).
+    pub migration: Option<String>,
     pub counters: Arc<Counters>,
+    pub sink: Option<Arc<dyn Sink>>,
     started: Instant,
+    admitted_after: Option<Duration>,
     emitted: bool,
 }
 
@@ -52,10 +80,18 @@ impl Outcome {
             peer_dn: None,
             channel: None,
             vm: None,
+            migration: None,
             counters: Arc::default(),
+            sink: None,
             started: Instant::now(),
+            admitted_after: None,
             emitted: false,
         }
+    }
+
+    /// Marks the end of the handshake and admission (for latency metrics).
+    pub fn admitted(&mut self) {
+        self.admitted_after = Some(self.started.elapsed());
     }
 
     pub fn finish(mut self, ending: Ending, reason: Option<&str>) {
@@ -67,40 +103,64 @@ impl Outcome {
             return;
         }
         self.emitted = true;
-        let duration_ms = self.started.elapsed().as_millis() as u64;
-        let fields = (
-            self.peer_dn.as_deref().unwrap_or("-"),
-            self.channel.as_deref().unwrap_or("-"),
-            self.vm.as_deref().unwrap_or("-"),
-            reason.unwrap_or("-"),
-        );
-        let msg = match ending {
-            Ending::Completed => "connection completed",
-            Ending::Refused => "connection refused",
-            Ending::Failed | Ending::Dropped => "connection failed",
+        let record = Record {
+            role: self.role,
+            peer_addr: self.peer_addr.clone(),
+            peer_dn: self.peer_dn.clone(),
+            channel: self.channel.clone(),
+            vm: self.vm.clone(),
+            migration: self.migration.clone(),
+            bytes_sent: self.counters.forward(),
+            bytes_recv: self.counters.back(),
+            duration: self.started.elapsed(),
+            admission: self.admitted_after,
+            ending,
+            reason: reason.map(str::to_string),
         };
-        macro_rules! record {
-            ($level:ident) => {
-                tracing::$level!(
-                    target: "miggate::outcome",
-                    role = self.role,
-                    peer.addr = %self.peer_addr,
-                    peer.dn = fields.0,
-                    channel = fields.1,
-                    vm = fields.2,
-                    bytes_sent = self.counters.forward(),
-                    bytes_recv = self.counters.back(),
-                    duration_ms,
-                    outcome = ending.as_str(),
-                    reason = fields.3,
-                    "{msg}"
-                )
-            };
+        log(&record);
+        if let Some(sink) = &self.sink {
+            sink.record(&record);
         }
-        match ending {
-            Ending::Completed => record!(info),
-            _ => record!(warn),
-        }
+    }
+}
+
+fn log(r: &Record) {
+    let dash = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
+    let (dn, channel, vm, mig, reason) = (
+        dash(&r.peer_dn),
+        dash(&r.channel),
+        dash(&r.vm),
+        dash(&r.migration),
+        dash(&r.reason),
+    );
+    let duration_ms = r.duration.as_millis() as u64;
+    let msg = match r.ending {
+        Ending::Completed => "connection completed",
+        Ending::Refused => "connection refused",
+        Ending::Failed | Ending::Dropped => "connection failed",
+    };
+    macro_rules! record {
+        ($level:ident) => {
+            tracing::$level!(
+                target: "miggate::outcome",
+                role = r.role,
+                peer.addr = %r.peer_addr,
+                peer.dn = dn,
+                channel,
+                vm,
+                migration = mig,
+                bytes_sent = r.bytes_sent,
+                bytes_recv = r.bytes_recv,
+                duration_ms,
+                outcome = r.ending.as_str(),
+                reason,
+                "{msg}"
+            )
+        };
+    }
+    match r.ending {
+        Ending::Completed => record!(info),
+        _ => record!(warn),
     }
 }
 

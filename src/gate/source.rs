@@ -22,9 +22,10 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::{read_until, sniff_decider, Plain};
+use crate::admit::ticket::Ticket;
 use crate::admit::{self, Refusal};
 use crate::creds::{dn, tls};
-use crate::outcome::{Ending, Outcome};
+use crate::outcome::{Ending, Outcome, Sink};
 use crate::wire::frames::{self, FrameError, Hello, Verdict};
 use crate::wire::qemu::SNIFF_MAX;
 
@@ -35,6 +36,9 @@ pub struct SourceConfig {
     /// The name the target's certificate must carry (`--tls-hostname`).
     pub server_name: ServerName<'static>,
     pub stall: Duration,
+    /// Presented in the hello to a target daemon (managed mode).
+    pub ticket: Option<Ticket>,
+    pub sink: Option<Arc<dyn Sink>>,
 }
 
 pub enum LocalListener {
@@ -77,6 +81,7 @@ pub async fn serve(listener: LocalListener, cfg: SourceConfig) -> std::io::Resul
         let cfg = cfg.clone();
         tokio::spawn(async move {
             let mut out = Outcome::new("source", addr);
+            out.sink = cfg.sink.clone();
             match handle(local, &cfg, &mut out).await {
                 Ok(()) => out.finish(Ending::Completed, None),
                 Err((ending, reason)) => out.finish(ending, Some(&reason)),
@@ -158,7 +163,11 @@ async fn handle(
 
     let mut first = Vec::with_capacity(prefix.len() + 64);
     if miggate_peer {
-        first.extend_from_slice(&frames::encode_hello(&Hello::default()));
+        let hello = Hello {
+            ticket: cfg.ticket.as_ref().map(|t| t.expose().to_string()),
+            ..Hello::default()
+        };
+        first.extend_from_slice(&frames::encode_hello(&hello));
     }
     first.extend_from_slice(&prefix);
     tls.write_all(&first).await.map_err(|e| {
@@ -184,7 +193,7 @@ async fn handle(
                     cfg.stall.as_secs()
                 )))
             }
-            Ok(Ok(Verdict::Admitted)) => {}
+            Ok(Ok(Verdict::Admitted)) => out.admitted(),
             Ok(Ok(Verdict::Refused { reason })) => {
                 return Err((Ending::Refused, format!("target refused: {reason}")))
             }

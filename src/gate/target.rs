@@ -1,19 +1,26 @@
 //! The target gateway: TLS in, plain out to the target QEMU.
 //!
 //! Per connection: TLS handshake (client certificate required) -> subject
-//! DN -> authz -> (miggate source: hello frame) -> sniff the QEMU stream
-//! (main channel or multifd init packet, VM UUID) -> connect the target
-//! QEMU -> verdict -> relay. Nothing reaches the target QEMU before every
+//! DN -> route:
+//! - a miggate source presenting a ticket in its hello: the registered
+//!   migration decides (its allowed peers, VM UUID, channels, forward);
+//! - otherwise the static route (`miggate target` flags; also the only
+//!   route for a QEMU with native TLS, which sends no hello): authz on the
+//!   DN, expected UUID, forward.
+//!
+//! Then the QEMU stream's first bytes are sniffed (main channel or multifd
+//! init packet, VM UUID), checked, the target QEMU is connected, the verdict
+//! sent, and the relay runs. Nothing reaches the target QEMU before every
 //! check has passed, so a refused connection leaves it ready for the right
 //! migration.
 //!
 //! QEMU up to 7.2 takes the *first* connection it accepts as the main
 //! channel, while TLS handshakes can finish in any order; multifd channels
-//! therefore wait until a main channel is being forwarded before their own
-//! connection to the target QEMU is opened.
+//! therefore wait until a main channel of their migration is being
+//! forwarded before their own connection to the target QEMU is opened.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use rustls::ServerConfig;
@@ -25,34 +32,72 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::{read_until, sniff_decider, Endpoint};
+use crate::admit::registry::{ChannelGuard, Migration, Registry};
+use crate::admit::ticket::Ticket;
 use crate::admit::{self, Expectation, Refusal};
 use crate::authz::Authz;
 use crate::creds::{dn, tls};
-use crate::outcome::{Ending, Outcome};
-use crate::wire::frames::{self, Verdict};
+use crate::outcome::{Ending, Outcome, Sink};
+use crate::wire::frames::{self, Hello, Verdict};
 use crate::wire::qemu::{StreamKind, SNIFF_MAX};
 
-pub struct TargetConfig {
-    pub tls: Arc<ServerConfig>,
+/// Where connections without a ticket go, and who may send them.
+pub struct StaticRoute {
     pub forward: Endpoint,
     pub authz: Arc<dyn Authz>,
     pub expect: Expectation,
-    pub stall: Duration,
 }
 
-/// Shared state of one target gateway.
-struct State {
-    cfg: TargetConfig,
-    /// Main channels currently being forwarded to the target QEMU.
+/// One target gateway listener's configuration and shared state.
+pub struct Target {
+    tls: RwLock<Arc<ServerConfig>>,
+    route: RwLock<Option<Arc<StaticRoute>>>,
+    registry: Option<Arc<Registry>>,
+    stall: Duration,
+    sink: Option<Arc<dyn Sink>>,
+    /// Main channels being forwarded on the static route.
     mains: watch::Sender<usize>,
 }
 
+impl Target {
+    pub fn new(
+        tls: Arc<ServerConfig>,
+        route: Option<StaticRoute>,
+        registry: Option<Arc<Registry>>,
+        stall: Duration,
+        sink: Option<Arc<dyn Sink>>,
+    ) -> Arc<Target> {
+        Arc::new(Target {
+            tls: RwLock::new(tls),
+            route: RwLock::new(route.map(Arc::new)),
+            registry,
+            stall,
+            sink,
+            mains: watch::Sender::new(0),
+        })
+    }
+
+    /// Replaces the TLS configuration (reloaded certificates) for new connections.
+    pub fn set_tls(&self, tls: Arc<ServerConfig>) {
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
+    }
+
+    /// Replaces the static route for new connections.
+    pub fn set_route(&self, route: Option<StaticRoute>) {
+        *self.route.write().unwrap_or_else(|p| p.into_inner()) = route.map(Arc::new);
+    }
+
+    fn current_tls(&self) -> Arc<ServerConfig> {
+        self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn current_route(&self) -> Option<Arc<StaticRoute>> {
+        self.route.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
 /// Accepts connections forever.
-pub async fn serve(listener: TcpListener, cfg: TargetConfig) -> std::io::Result<()> {
-    let state = Arc::new(State {
-        cfg,
-        mains: watch::Sender::new(0),
-    });
+pub async fn serve(listener: TcpListener, target: Arc<Target>) -> std::io::Result<()> {
     loop {
         let (sock, addr) = match listener.accept().await {
             Ok(x) => x,
@@ -64,10 +109,11 @@ pub async fn serve(listener: TcpListener, cfg: TargetConfig) -> std::io::Result<
             }
         };
         crate::timeouts::tune(&sock);
-        let state = state.clone();
+        let target = target.clone();
         tokio::spawn(async move {
             let mut out = Outcome::new("target", Some(addr));
-            match handle(sock, addr, &state, &mut out).await {
+            out.sink = target.sink.clone();
+            match handle(sock, addr, &target, &mut out).await {
                 Ok(()) => out.finish(Ending::Completed, None),
                 Err(End::Refused(r)) => out.finish(Ending::Refused, Some(&r.to_string())),
                 Err(End::Failed(msg)) => out.finish(Ending::Failed, Some(&msg)),
@@ -88,35 +134,50 @@ impl From<Refusal> for End {
 }
 
 /// Keeps the count of forwarded main channels while it lives.
-struct MainGuard<'a>(&'a watch::Sender<usize>);
+struct MainGuard(watch::Sender<usize>);
 
-impl<'a> MainGuard<'a> {
-    fn new(tx: &'a watch::Sender<usize>) -> Self {
+impl MainGuard {
+    fn new(tx: &watch::Sender<usize>) -> Self {
         tx.send_modify(|n| *n += 1);
-        MainGuard(tx)
+        MainGuard(tx.clone())
     }
 }
 
-impl Drop for MainGuard<'_> {
+impl Drop for MainGuard {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// Where an admitted channel goes.
+enum Admitted {
+    Static(Arc<StaticRoute>),
+    Ticket(ChannelGuard),
+}
+
+impl Admitted {
+    fn forward(&self) -> &Endpoint {
+        match self {
+            Admitted::Static(r) => &r.forward,
+            Admitted::Ticket(g) => g.migration().forward(),
+        }
     }
 }
 
 async fn handle(
     sock: TcpStream,
     _addr: SocketAddr,
-    state: &State,
+    target: &Target,
     out: &mut Outcome,
 ) -> Result<(), End> {
-    let cfg = &state.cfg;
-    let deadline = Instant::now() + cfg.stall;
-    let acceptor = TlsAcceptor::from(cfg.tls.clone());
+    let stall = target.stall;
+    let deadline = Instant::now() + stall;
+    let acceptor = TlsAcceptor::from(target.current_tls());
     let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(sock)).await {
         Err(_) => {
             return Err(Refusal::Tls(format!(
                 "TLS handshake did not complete within {} s",
-                cfg.stall.as_secs()
+                stall.as_secs()
             ))
             .into())
         }
@@ -132,26 +193,30 @@ async fn handle(
         // The verifier requires a certificate; this is a defence in depth.
         return Err(Refusal::Tls("peer presented no client certificate".into()).into());
     };
-    let result = admit(&mut tls, &leaf, miggate_peer, state, deadline, out).await;
-    let (prefix, kind) = match result {
-        Ok(x) => x,
-        Err(refusal) => {
-            refuse(&mut tls, miggate_peer, &refusal).await;
-            return Err(refusal.into());
-        }
-    };
+    let (prefix, kind, admitted) =
+        match admit(&mut tls, &leaf, miggate_peer, target, deadline, out).await {
+            Ok(x) => x,
+            Err(refusal) => {
+                refuse(&mut tls, miggate_peer, &refusal).await;
+                return Err(refusal.into());
+            }
+        };
 
     // Main first: see the module comment.
+    let mains = match &admitted {
+        Admitted::Static(_) => target.mains.clone(),
+        Admitted::Ticket(g) => g.migration().mains.clone(),
+    };
     let _main_guard;
     match kind {
-        StreamKind::Main { .. } => _main_guard = MainGuard::new(&state.mains),
+        StreamKind::Main { .. } => _main_guard = MainGuard::new(&mains),
         StreamKind::Multifd { .. } => {
-            let mut rx = state.mains.subscribe();
+            let mut rx = mains.subscribe();
             let wait = rx.wait_for(|n| *n > 0);
             if tokio::time::timeout_at(deadline, wait).await.is_err() {
                 let r = Refusal::Stream(format!(
-                    "multifd channel arrived but no main channel of a migration was admitted within {} s",
-                    cfg.stall.as_secs()
+                    "multifd channel arrived but no main channel of its migration was admitted within {} s",
+                    stall.as_secs()
                 ));
                 refuse(&mut tls, miggate_peer, &r).await;
                 return Err(r.into());
@@ -159,86 +224,154 @@ async fn handle(
         }
     }
 
-    let mut backend = match cfg.forward.connect().await {
+    let forward = admitted.forward().clone();
+    let mut backend = match forward.connect().await {
         Ok(b) => b,
         Err(e) => {
-            let msg = format!("cannot reach the target QEMU at {}: {e}", cfg.forward);
+            let msg = format!("cannot reach the target QEMU at {forward}: {e}");
             refuse(&mut tls, miggate_peer, &Refusal::Stream(msg.clone())).await;
-            return Err(End::Failed(msg));
+            return Err(finish_channel(admitted, Err(msg)));
         }
     };
     if miggate_peer {
-        frames::write_verdict(&mut tls, &Verdict::Admitted)
-            .await
-            .map_err(|e| End::Failed(format!("cannot send the verdict to the source: {e}")))?;
+        if let Err(e) = frames::write_verdict(&mut tls, &Verdict::Admitted).await {
+            let msg = format!("cannot send the verdict to the source: {e}");
+            return Err(finish_channel(admitted, Err(msg)));
+        }
     }
+    out.admitted();
     tracing::info!(
         peer.dn = out.peer_dn.as_deref().unwrap_or("-"),
         channel = out.channel.as_deref().unwrap_or("-"),
-        forward = %cfg.forward,
+        migration = out.migration.as_deref().unwrap_or("-"),
+        forward = %forward,
         "admitted"
     );
-    backend.write_all(&prefix).await.map_err(|e| {
-        End::Failed(format!(
-            "cannot write to the target QEMU at {}: {e}",
-            cfg.forward
-        ))
-    })?;
+    if let Err(e) = backend.write_all(&prefix).await {
+        let msg = format!("cannot write to the target QEMU at {forward}: {e}");
+        return Err(finish_channel(admitted, Err(msg)));
+    }
     out.counters
         .forward
         .fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    crate::relay::relay(
+    let relay = crate::relay::relay(
         tls,
         backend,
         ("source->target", "target->source"),
-        cfg.stall,
+        stall,
         out.counters.clone(),
-    )
-    .await
-    .map_err(|e| End::Failed(e.to_string()))
+    );
+    let result = match &admitted {
+        Admitted::Static(_) => relay.await.map_err(|e| e.to_string()),
+        Admitted::Ticket(g) => {
+            let mig = g.migration().clone();
+            tokio::select! {
+                r = relay => r.map_err(|e| e.to_string()),
+                // Dropping the relay closes both sockets: both QEMUs see
+                // the migration fail; the source VM keeps running.
+                _ = mig.cancelled() => Err("migration cancelled by the operator".to_string()),
+            }
+        }
+    };
+    match result {
+        Ok(()) => {
+            if let Admitted::Ticket(g) = admitted {
+                g.finish(Ok(()));
+            }
+            Ok(())
+        }
+        Err(e) => Err(finish_channel(admitted, Err(e))),
+    }
 }
 
-/// Identity, authz, hello and stream checks. Returns the bytes read from
-/// the QEMU stream so far (to replay) and what the stream is.
+/// Records a channel's failure on its migration (managed mode).
+fn finish_channel(admitted: Admitted, result: Result<(), String>) -> End {
+    let msg = match &result {
+        Err(e) => e.clone(),
+        Ok(()) => String::new(),
+    };
+    if let Admitted::Ticket(g) = admitted {
+        g.finish(result);
+    }
+    End::Failed(msg)
+}
+
+/// Identity, route, hello and stream checks. Returns the bytes read from
+/// the QEMU stream so far (to replay), what the stream is, and its route.
 async fn admit(
     tls: &mut TlsStream<TcpStream>,
     leaf: &[u8],
     miggate_peer: bool,
-    state: &State,
+    target: &Target,
     deadline: Instant,
     out: &mut Outcome,
-) -> Result<(Vec<u8>, StreamKind), Refusal> {
-    let cfg = &state.cfg;
+) -> Result<(Vec<u8>, StreamKind, Admitted), Refusal> {
+    let stall = target.stall;
     let peer_dn = dn::subject_dn(leaf)
         .map_err(|e| Refusal::Tls(format!("peer certificate subject unreadable: {e}")))?;
     out.peer_dn = Some(peer_dn.clone());
-    admit::check_identity(cfg.authz.as_ref(), &peer_dn)?;
 
     let mut buf = Vec::with_capacity(SNIFF_MAX);
-    let mut skip = 0;
+    let mut hello = None;
     if miggate_peer {
         let max = frames::MAX_FRAME + 6;
-        let hello = read_until(tls, &mut buf, deadline, cfg.stall, max, |b| {
+        let (h, used) = read_until(tls, &mut buf, deadline, stall, max, |b| {
             frames::parse_hello(b).transpose()
         })
         .await?
         .map_err(|e| Refusal::Stream(e.to_string()))?;
-        skip = hello.1;
+        buf.drain(..used);
+        hello = Some(h);
     }
-    let kind = read_until(
-        tls,
-        &mut buf,
-        deadline,
-        cfg.stall,
-        skip + SNIFF_MAX,
-        sniff_decider(skip),
-    )
-    .await??;
+    let migration = match hello.as_ref().and_then(|h: &Hello| h.ticket.as_deref()) {
+        Some(t) => Some(find_migration(target, t)?),
+        None => None,
+    };
+    let route = match &migration {
+        Some(m) => {
+            out.migration = Some(m.id.clone());
+            None
+        }
+        None => {
+            let route = target.current_route().ok_or_else(|| {
+                Refusal::Ticket(
+                    "this gateway admits registered migrations only: the source must present a ticket"
+                        .into(),
+                )
+            })?;
+            // Before reading the stream: an unauthorized peer gets nothing in.
+            admit::check_identity(route.authz.as_ref(), &peer_dn)?;
+            Some(route)
+        }
+    };
+
+    let kind = read_until(tls, &mut buf, deadline, stall, SNIFF_MAX, sniff_decider(0)).await??;
     out.channel = Some(admit::channel_label(&kind));
     out.vm = admit::stream_uuid(&kind).map(|u| u.to_string());
-    admit::check_stream(&cfg.expect, &kind)?;
-    buf.drain(..skip);
-    Ok((buf, kind))
+    let admitted = match (route, migration) {
+        (Some(route), _) => {
+            admit::check_stream(&route.expect, &kind)?;
+            Admitted::Static(route)
+        }
+        (None, Some(m)) => {
+            let guard = m.admit_channel(&peer_dn, &kind)?;
+            out.counters = guard.counters();
+            Admitted::Ticket(guard)
+        }
+        (None, None) => unreachable!("a connection has a route or a migration"),
+    };
+    Ok((buf, kind, admitted))
+}
+
+fn find_migration(target: &Target, ticket: &str) -> Result<Arc<Migration>, Refusal> {
+    let registry = target.registry.as_ref().ok_or_else(|| {
+        Refusal::Ticket(
+            "this gateway has no registered migrations (tickets are for miggate daemon)".into(),
+        )
+    })?;
+    let ticket =
+        Ticket::parse(ticket).map_err(|e| Refusal::Ticket(format!("malformed ticket: {e}")))?;
+    registry.find_by_ticket(&ticket)
 }
 
 /// Tells the peer why (a miggate source gets a verdict frame; QEMU's own

@@ -22,12 +22,25 @@ pub const VERDICT_MAGIC: &[u8; 4] = b"MGV1";
 /// Frames are tiny; a bigger length is a broken or hostile peer.
 pub const MAX_FRAME: usize = 16 * 1024;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub version: u32,
     /// Free-form name of the sending gateway, for logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// The one-shot ticket of a registered migration (managed mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ticket: Option<String>,
+}
+
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hello")
+            .field("version", &self.version)
+            .field("agent", &self.agent)
+            .field("ticket", &self.ticket.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 impl Default for Hello {
@@ -35,6 +48,7 @@ impl Default for Hello {
         Hello {
             version: 1,
             agent: Some(format!("miggate/{}", env!("CARGO_PKG_VERSION"))),
+            ticket: None,
         }
     }
 }

@@ -1,6 +1,9 @@
 //! The admission decision for one connection: peer identity -> authz ->
 //! the stream's own VM identity. Pure functions: no I/O here.
 
+pub mod registry;
+pub mod ticket;
+
 use uuid::Uuid;
 
 use crate::authz::{Authz, Decision};
@@ -23,6 +26,8 @@ pub enum Refusal {
     },
     #[error("{0}")]
     Stream(String),
+    #[error("{0}")]
+    Ticket(String),
     #[error("peer sent nothing for {0} s")]
     Silent(u64),
     #[error("peer stalled for {secs} s after sending {bytes} bytes")]
