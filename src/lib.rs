@@ -8,8 +8,10 @@
 
 pub mod admit;
 pub mod authz;
+pub mod control;
 pub mod creds;
 pub mod gate;
+pub mod lab;
 pub mod outcome;
 pub mod qmp;
 pub mod relay;

@@ -1,0 +1,121 @@
+//! What the control API exchanges (see `docs/api.yaml`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+pub use crate::admit::registry::{MigrationView, Phase};
+
+/// Default lifetime of an unused registration.
+pub const DEFAULT_EXPIRES_IN_SECS: u64 = 300;
+
+/// `POST /v1/incoming`: an expected incoming migration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncomingRequest {
+    /// The VM that must arrive (checked in the QEMU stream of every channel).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm_uuid: Option<Uuid>,
+    /// Who may send it.
+    pub allow: Allow,
+    /// Where it goes.
+    pub forward: Forward,
+    /// Channels the migration opens: 1 + the number of multifd channels.
+    #[serde(default = "one")]
+    pub channels: u32,
+    /// Seconds until an unused ticket expires.
+    #[serde(default = "default_expiry")]
+    pub expires_in: u64,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn default_expiry() -> u64 {
+    DEFAULT_EXPIRES_IN_SECS
+}
+
+/// Who may send a registered migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum Allow {
+    /// Exactly this client certificate DN (QEMU authz-simple).
+    Identity(String),
+    /// A QEMU authz-list JSON file on the daemon's host.
+    AclFile(PathBuf),
+    /// Any peer whose certificate chains to the CA.
+    AnyVerifiedPeer(bool),
+}
+
+/// Where a registered migration goes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Forward {
+    /// `tcp:HOST:PORT` or `unix:PATH` where the target QEMU already listens.
+    Endpoint(String),
+    /// A target QEMU's QMP socket: the daemon itself sets the migration
+    /// capabilities and parameters and issues `migrate-incoming`.
+    Qmp(QmpForward),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QmpForward {
+    /// `unix:PATH` of the target QEMU's QMP socket.
+    pub qmp: String,
+    /// `migrate-set-capabilities` before `migrate-incoming`, e.g. {"multifd": true}.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub capabilities: BTreeMap<String, bool>,
+    /// `migrate-set-parameters` arguments, e.g. {"multifd-channels": 4}.
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub parameters: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `201` answer to `POST /v1/incoming`. The ticket is shown this once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IncomingResponse {
+    pub id: String,
+    pub ticket: String,
+    pub expires_at: String,
+    /// The daemon's migration listeners (HOST:PORT), for the source gateway.
+    pub listen: Vec<String>,
+}
+
+/// Every 4xx/5xx answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiErrorBody {
+    pub error: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_json_forms() {
+        let r: IncomingRequest = serde_json::from_str(
+            r#"{"vm_uuid":"6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b",
+                "allow":{"identity":"O=x,CN=y"},
+                "forward":{"qmp":"unix:/run/q.sock","capabilities":{"multifd":true},
+                           "parameters":{"multifd-channels":4}},
+                "channels":5}"#,
+        )
+        .unwrap();
+        assert_eq!(r.allow, Allow::Identity("O=x,CN=y".into()));
+        assert_eq!(r.expires_in, DEFAULT_EXPIRES_IN_SECS);
+        assert!(matches!(r.forward, Forward::Qmp(_)));
+        let r: IncomingRequest = serde_json::from_str(
+            r#"{"allow":{"any_verified_peer":true},"forward":"tcp:127.0.0.1:4444"}"#,
+        )
+        .unwrap();
+        assert_eq!(r.channels, 1);
+        assert_eq!(r.forward, Forward::Endpoint("tcp:127.0.0.1:4444".into()));
+        assert!(serde_json::from_str::<IncomingRequest>(
+            r#"{"allow":{"identity":"x"},"forward":"tcp:a:1","bogus":1}"#
+        )
+        .is_err());
+    }
+}
