@@ -116,6 +116,20 @@ fn crls(dir: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, CredsE
         .map_err(read_err)
 }
 
+fn verifier_err(dir: &Path) -> impl Fn(rustls::server::VerifierBuilderError) -> CredsError + '_ {
+    move |e| CredsError::Verifier {
+        dir: dir.to_path_buf(),
+        why: e.to_string(),
+    }
+}
+
+fn config_err(dir: &Path) -> impl Fn(rustls::Error) -> CredsError + '_ {
+    move |source| CredsError::Config {
+        dir: dir.to_path_buf(),
+        source,
+    }
+}
+
 /// Server (target gateway) config: server-cert/key, clients must present a
 /// certificate issued by ca-cert.pem and not revoked by ca-crl.pem.
 pub fn server_config(dir: &Path, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, CredsError> {
@@ -123,20 +137,13 @@ pub fn server_config(dir: &Path, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, Cr
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(dir)?, provider.clone())
         .with_crls(crls(dir)?)
         .build()
-        .map_err(|e| CredsError::Verifier {
-            dir: dir.to_path_buf(),
-            why: e.to_string(),
-        })?;
-    let config_err = |source| CredsError::Config {
-        dir: dir.to_path_buf(),
-        source,
-    };
+        .map_err(verifier_err(dir))?;
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(config_err)?
+        .map_err(config_err(dir))?
         .with_client_cert_verifier(verifier)
         .with_single_cert(certs(&dir.join(SERVER_CERT))?, key(&dir.join(SERVER_KEY))?)
-        .map_err(config_err)?;
+        .map_err(config_err(dir))?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     // One migration, one connection: resumption would only add state.
     config.send_tls13_tickets = 0;
@@ -150,20 +157,13 @@ pub fn client_config(dir: &Path, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, Cr
     let verifier = WebPkiServerVerifier::builder_with_provider(roots(dir)?, provider.clone())
         .with_crls(crls(dir)?)
         .build()
-        .map_err(|e| CredsError::Verifier {
-            dir: dir.to_path_buf(),
-            why: e.to_string(),
-        })?;
-    let config_err = |source| CredsError::Config {
-        dir: dir.to_path_buf(),
-        source,
-    };
+        .map_err(verifier_err(dir))?;
     let mut config = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(config_err)?
+        .map_err(config_err(dir))?
         .with_webpki_verifier(verifier)
         .with_client_auth_cert(certs(&dir.join(CLIENT_CERT))?, key(&dir.join(CLIENT_KEY))?)
-        .map_err(config_err)?;
+        .map_err(config_err(dir))?;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))

@@ -148,6 +148,19 @@ impl Gateway {
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+impl Drop for Gateway {
+    /// A failing test shows what the gateway saw.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- miggate {} log ---\n{}", self.addr, self.log_text());
+        }
+    }
 }
 
 /// `miggate pki init DIR [ARGS...]`, panicking with its output on failure.
