@@ -186,6 +186,32 @@ async fn target_refuses_client_without_certificate() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_refuses_revoked_certificate() {
+    // Revoked before the target starts: it loads ca-crl.pem at start.
+    let pki_tmp = pki();
+    let revoked = pki_issue(
+        &pki_dir(&pki_tmp),
+        &pki_tmp.path().join("revoked"),
+        SOURCE_DN,
+    );
+    common::gateway::run_ok(&[
+        "pki",
+        "revoke",
+        "--ca-dir",
+        pki_dir(&pki_tmp).to_str().unwrap(),
+        revoked.join("client-cert.pem").to_str().unwrap(),
+    ]);
+    let mut b = Bench::with_pki(pki_tmp, running_source(Some(VM))).await;
+    let mut sgw = source_gateway(&revoked, &b.tgw.addr, &[]).await;
+    migrate_and_expect_failure(&mut b.src, &format!("tcp:{}", sgw.addr)).await;
+    let rec = b.refused().await;
+    assert!(reason(&rec).contains("revoked"), "{rec}");
+    let srec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+    assert!(reason(&srec).contains("revoked"), "{srec}");
+    b.then_the_right_migration_completes().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn source_refuses_target_with_wrong_hostname() {
     let mut b = Bench::new(running_source(Some(VM))).await;
     let mut sgw = source_gateway(

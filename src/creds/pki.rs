@@ -15,9 +15,10 @@ use rcgen::{
     BasicConstraints, Certificate, CertificateParams, DistinguishedName, DnType, DnValue,
     ExtendedKeyUsagePurpose, IsCa, KeyPair, KeyUsagePurpose, SanType,
 };
+use rustls_pki_types::pem::PemObject;
 use time::{Duration, OffsetDateTime};
 
-use super::tls::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
+use super::tls::{CA_CERT, CA_CRL, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
 
 /// The CA's private key. QEMU's layout has no place for it; it is kept
 /// beside the CA cert so that `pki issue` can mint more client identities.
@@ -47,6 +48,10 @@ pub enum PkiError {
     BadDn { dn: String, why: String },
     #[error("certificate generation failed: {0}")]
     Generate(#[from] rcgen::Error),
+    #[error("{path}: not a certificate or CRL in PEM form ({why})")]
+    Parse { path: PathBuf, why: String },
+    #[error("{path} was not issued by the CA in {ca_dir}")]
+    NotOurs { path: PathBuf, ca_dir: PathBuf },
 }
 
 /// What `pki init` should create.
@@ -104,6 +109,101 @@ pub fn issue_client(ca_dir: &Path, out: &Path, dn: &str, days: u32) -> Result<()
     })?;
     write_file(&out.join(CA_CERT), &ca.pem(), false)?;
     issue_client_into(out, &ca, &ca_key, dn, days)
+}
+
+/// Adds the certificate in `cert_path` to the CA's revocation list
+/// (`ca-crl.pem` in `ca_dir`, created if absent, replaced atomically), valid
+/// for `days`. Returns how many certificates the list now revokes. Copy the
+/// new ca-crl.pem to the target hosts' directories and reload them.
+pub fn revoke(ca_dir: &Path, cert_path: &Path, days: u32) -> Result<usize, PkiError> {
+    use rcgen::{CertificateRevocationListParams, RevokedCertParams, SerialNumber};
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    let (ca, ca_key) = load_ca(ca_dir)?;
+    let parse_err = |path: &Path, why: String| PkiError::Parse {
+        path: path.to_path_buf(),
+        why,
+    };
+    let pem = fs::read(cert_path).map_err(|source| PkiError::Read {
+        path: cert_path.to_path_buf(),
+        source,
+    })?;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem)
+        .map_err(|e| parse_err(cert_path, e.to_string()))?;
+    let (_, cert) =
+        X509Certificate::from_der(&der).map_err(|e| parse_err(cert_path, e.to_string()))?;
+    let ca_pem = fs::read(ca_dir.join(CA_CERT)).map_err(|source| PkiError::Read {
+        path: ca_dir.join(CA_CERT),
+        source,
+    })?;
+    let ca_der = rustls_pki_types::CertificateDer::from_pem_slice(&ca_pem)
+        .map_err(|e| parse_err(&ca_dir.join(CA_CERT), e.to_string()))?;
+    let (_, ca_parsed) = X509Certificate::from_der(&ca_der)
+        .map_err(|e| parse_err(&ca_dir.join(CA_CERT), e.to_string()))?;
+    if cert.issuer().as_raw() != ca_parsed.subject().as_raw()
+        || cert.verify_signature(Some(ca_parsed.public_key())).is_err()
+    {
+        return Err(PkiError::NotOurs {
+            path: cert_path.to_path_buf(),
+            ca_dir: ca_dir.to_path_buf(),
+        });
+    }
+
+    // Keep what the current list revokes, and count its number up.
+    let crl_path = ca_dir.join(CA_CRL);
+    let now = OffsetDateTime::now_utc();
+    let mut revoked = Vec::new();
+    let mut number: u64 = 1;
+    if crl_path.exists() {
+        let pem = fs::read(&crl_path).map_err(|source| PkiError::Read {
+            path: crl_path.clone(),
+            source,
+        })?;
+        let der = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(&pem)
+            .map_err(|e| parse_err(&crl_path, e.to_string()))?;
+        let (_, crl) = x509_parser::revocation_list::CertificateRevocationList::from_der(&der)
+            .map_err(|e| parse_err(&crl_path, e.to_string()))?;
+        number = crl
+            .crl_number()
+            .and_then(|n| u64::try_from(n).ok())
+            .unwrap_or(0)
+            + 1;
+        for r in crl.iter_revoked_certificates() {
+            revoked.push(RevokedCertParams {
+                serial_number: SerialNumber::from_slice(r.raw_serial()),
+                revocation_time: r.revocation_date.to_datetime(),
+                reason_code: None,
+                invalidity_date: None,
+            });
+        }
+    }
+    let serial = cert.raw_serial();
+    if !revoked.iter().any(|r| r.serial_number.to_bytes() == serial) {
+        revoked.push(RevokedCertParams {
+            serial_number: SerialNumber::from_slice(serial),
+            revocation_time: now,
+            reason_code: None,
+            invalidity_date: None,
+        });
+    }
+    let count = revoked.len();
+    let crl = CertificateRevocationListParams {
+        this_update: now - Duration::hours(1),
+        next_update: now + Duration::days(i64::from(days)),
+        crl_number: SerialNumber::from(number),
+        issuing_distribution_point: None,
+        revoked_certs: revoked,
+        key_identifier_method: rcgen::KeyIdMethod::Sha256,
+    }
+    .signed_by(&ca, &ca_key)?;
+    let tmp = ca_dir.join(format!(".{CA_CRL}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    write_file(&tmp, &crl.pem()?, false)?;
+    fs::rename(&tmp, &crl_path).map_err(|source| PkiError::Write {
+        path: crl_path.clone(),
+        source,
+    })?;
+    Ok(count)
 }
 
 fn issue_client_into(
@@ -286,7 +386,6 @@ fn write_file(path: &Path, contents: &str, secret: bool) -> Result<(), PkiError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls_pki_types::pem::PemObject;
 
     #[test]
     fn init_writes_qemu_layout_and_refuses_overwrite() {
@@ -320,6 +419,61 @@ mod tests {
         let der = rustls_pki_types::CertificateDer::from_pem_slice(&pem).unwrap();
         assert_eq!(crate::creds::dn::subject_dn(&der).unwrap(), dn);
         assert!(parse_dn("C=GBR,CN=x").is_err());
+    }
+
+    #[test]
+    fn revoked_client_is_refused_by_the_verifier() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &InitOptions::default()).unwrap();
+        let other = dir.path().join("other");
+        issue_client(dir.path(), &other, "O=t,CN=other", 30).unwrap();
+        assert_eq!(
+            revoke(dir.path(), &dir.path().join(CLIENT_CERT), 30).unwrap(),
+            1
+        );
+        // Revoking again keeps the list; a second cert adds to it.
+        assert_eq!(
+            revoke(dir.path(), &dir.path().join(CLIENT_CERT), 30).unwrap(),
+            1
+        );
+        let cert = |d: &Path| {
+            let pem = fs::read(d.join(CLIENT_CERT)).unwrap();
+            rustls_pki_types::CertificateDer::from_pem_slice(&pem).unwrap()
+        };
+        let roots = {
+            let mut r = rustls::RootCertStore::empty();
+            let pem = fs::read(dir.path().join(CA_CERT)).unwrap();
+            r.add(rustls_pki_types::CertificateDer::from_pem_slice(&pem).unwrap())
+                .unwrap();
+            std::sync::Arc::new(r)
+        };
+        let crl_pem = fs::read(dir.path().join(CA_CRL)).unwrap();
+        let crl = rustls_pki_types::CertificateRevocationListDer::from_pem_slice(&crl_pem).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            roots,
+            crate::creds::tls::provider(),
+        )
+        .with_crls(vec![crl])
+        .build()
+        .unwrap();
+        let now = rustls_pki_types::UnixTime::now();
+        let err = verifier
+            .verify_client_cert(&cert(dir.path()), &[], now)
+            .unwrap_err();
+        assert_eq!(
+            err,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)
+        );
+        verifier
+            .verify_client_cert(&cert(&other), &[], now)
+            .unwrap();
+        // A certificate of another CA is not ours to revoke.
+        let foreign = tempfile::tempdir().unwrap();
+        init(foreign.path(), &InitOptions::default()).unwrap();
+        assert!(matches!(
+            revoke(dir.path(), &foreign.path().join(CLIENT_CERT), 30),
+            Err(PkiError::NotOurs { .. })
+        ));
     }
 
     #[test]
