@@ -55,6 +55,14 @@ pub struct Record {
 /// Receives every finished record.
 pub trait Sink: Send + Sync {
     fn record(&self, record: &Record);
+
+    /// A refused connection's record with the refusal's class
+    /// ([`Refusal::class`](crate::admit::Refusal::class)), for sinks that
+    /// count refusals by kind. By default, just the record.
+    fn refused(&self, record: &Record, class: &'static str) {
+        let _ = class;
+        self.record(record);
+    }
 }
 
 pub struct Outcome {
@@ -95,10 +103,19 @@ impl Outcome {
     }
 
     pub fn finish(mut self, ending: Ending, reason: Option<&str>) {
-        self.emit(ending, reason);
+        self.emit(ending, reason, None);
     }
 
-    fn emit(&mut self, ending: Ending, reason: Option<&str>) {
+    /// Ends a refused connection, with the refusal's class for sinks.
+    pub fn refuse(mut self, refusal: &crate::admit::Refusal) {
+        self.emit(
+            Ending::Refused,
+            Some(&refusal.to_string()),
+            Some(refusal.class()),
+        );
+    }
+
+    fn emit(&mut self, ending: Ending, reason: Option<&str>, class: Option<&'static str>) {
         if self.emitted {
             return;
         }
@@ -118,8 +135,10 @@ impl Outcome {
             reason: reason.map(str::to_string),
         };
         log(&record);
-        if let Some(sink) = &self.sink {
-            sink.record(&record);
+        match (&self.sink, class) {
+            (Some(sink), Some(class)) => sink.refused(&record, class),
+            (Some(sink), None) => sink.record(&record),
+            (None, _) => {}
         }
     }
 }
@@ -169,6 +188,7 @@ impl Drop for Outcome {
         self.emit(
             Ending::Dropped,
             Some("connection task ended without a result"),
+            None,
         );
     }
 }

@@ -36,6 +36,21 @@ pub enum Refusal {
     ClosedEarly(usize),
 }
 
+impl Refusal {
+    /// A bounded class of the refusal, for metrics labels: `tls`, `authz`,
+    /// `ticket`, `uuid`, `stream` or `stalled`.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Refusal::Tls(_) => "tls",
+            Refusal::NotAuthorized(_) => "authz",
+            Refusal::Ticket(_) => "ticket",
+            Refusal::UuidMismatch { .. } | Refusal::UuidMissing { .. } => "uuid",
+            Refusal::Stream(_) | Refusal::ClosedEarly(_) => "stream",
+            Refusal::Silent(_) | Refusal::Stalled { .. } => "stalled",
+        }
+    }
+}
+
 /// What the target expects of an incoming migration.
 #[derive(Debug, Clone, Default)]
 pub struct Expectation {

@@ -176,39 +176,36 @@ impl Migration {
     ) -> Result<ChannelGuard, Refusal> {
         let mut inner = self.lock();
         let now = SystemTime::now();
-        match inner.phase {
+        let spent = match inner.phase {
             Phase::Registered if now >= self.expires => {
                 inner.phase = Phase::Expired;
                 inner.ended = Some(now);
                 inner.reason = Some("ticket expired before the migration started".into());
-                self.changed.send_modify(|g| *g += 1);
-                return Err(Refusal::Ticket(format!(
-                    "ticket of migration {} expired at {}",
-                    self.id,
-                    rfc3339(self.expires)
-                )));
-            }
-            Phase::Registered | Phase::Active => {}
-            Phase::Expired => {
-                return Err(Refusal::Ticket(format!(
+                Some(Refusal::Ticket(format!(
                     "ticket of migration {} expired at {}",
                     self.id,
                     rfc3339(self.expires)
                 )))
             }
-            Phase::Cancelled => {
-                return Err(Refusal::Ticket(format!(
-                    "migration {} was cancelled",
-                    self.id
-                )))
-            }
-            Phase::Completed | Phase::Failed => {
-                return Err(Refusal::Ticket(format!(
-                    "ticket already used: migration {} has ended ({})",
-                    self.id,
-                    inner.phase.as_str()
-                )))
-            }
+            Phase::Registered | Phase::Active => None,
+            Phase::Expired => Some(Refusal::Ticket(format!(
+                "ticket of migration {} expired at {}",
+                self.id,
+                rfc3339(self.expires)
+            ))),
+            Phase::Cancelled => Some(Refusal::Ticket(format!(
+                "migration {} was cancelled",
+                self.id
+            ))),
+            Phase::Completed | Phase::Failed => Some(Refusal::Ticket(format!(
+                "ticket already used: migration {} has ended ({})",
+                self.id,
+                inner.phase.as_str()
+            ))),
+        };
+        // Replays and late channels are kept too: the API shows who tried.
+        if let Some(r) = spent {
+            return Err(self.refuse(&mut inner, r));
         }
         if let Decision::Deny { reason } = self.spec.allow.check(peer_dn) {
             return Err(self.refuse(&mut inner, Refusal::NotAuthorized(reason)));

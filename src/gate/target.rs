@@ -115,7 +115,7 @@ pub async fn serve(listener: TcpListener, target: Arc<Target>) -> std::io::Resul
             out.sink = target.sink.clone();
             match handle(sock, addr, &target, &mut out).await {
                 Ok(()) => out.finish(Ending::Completed, None),
-                Err(End::Refused(r)) => out.finish(Ending::Refused, Some(&r.to_string())),
+                Err(End::Refused(r)) => out.refuse(&r),
                 Err(End::Failed(msg)) => out.finish(Ending::Failed, Some(&msg)),
             }
         });

@@ -1,0 +1,579 @@
+//! The daemon's control API: HTTP/1.1 + JSON (see `docs/api.yaml`).
+//!
+//! Served on a local unix socket, whose file mode is the access control,
+//! and optionally on TCP with mutual TLS, where the client certificate's DN
+//! goes through the admin authz (separate from the migration ACLs). Every
+//! error is `{"error": "<sentence>"}` with a 4xx/5xx status.
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Extension, Json, Router};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use rustls::ServerConfig;
+use serde_json::json;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use uuid::Uuid;
+
+use super::types::{Allow, ApiErrorBody, Forward, IncomingRequest, IncomingResponse, QmpForward};
+use crate::admit::registry::{IncomingSpec, Migration, Registry};
+use crate::authz::{AnyVerified, Authz, Decision, ListFile, Simple};
+use crate::creds::{dn, tls};
+use crate::gate::Endpoint;
+use crate::qmp::Qmp;
+
+/// Most channels one migration may register: 1 main + QEMU's multifd maximum
+/// would be 256, but more than 64 parallel TLS streams buys nothing.
+pub const MAX_CHANNELS: u32 = 64;
+/// Longest lifetime of an unused ticket: a day. Tickets are for a migration
+/// about to start, not standing credentials.
+pub const MAX_EXPIRES_IN_SECS: u64 = 86_400;
+/// A client that does not finish sending its request headers in this time
+/// is cut (it would otherwise hold a connection forever).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The admin TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connecting to the target QEMU's QMP and preparing it. Each command is
+/// bounded by the QMP client itself; this bounds the whole.
+const QMP_SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot create the directory {} for the API socket", path.display())]
+    SocketDir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} exists and is not a socket; refusing to replace it", path.display())]
+    NotASocket { path: PathBuf },
+    #[error("another process is already serving {}", path.display())]
+    InUse { path: PathBuf },
+    #[error("cannot create the API socket {}", path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What the API needs from the daemon beyond the registry.
+pub trait Control: Send + Sync {
+    /// Re-reads the configuration and the files it names; applies it or
+    /// says why not (the previous configuration then stays in force).
+    fn reload(&self) -> Result<(), String>;
+}
+
+pub struct ApiState {
+    pub registry: Arc<Registry>,
+    /// The migration listeners (HOST:PORT), told to whoever registers.
+    pub listen: Vec<String>,
+    /// Where QMP-forward sockets are created.
+    pub runtime_dir: PathBuf,
+    pub control: Arc<dyn Control>,
+}
+
+/// Who is calling, for the audit log lines.
+#[derive(Debug, Clone)]
+struct Caller(Arc<str>);
+
+/// An error answer: status + sentence.
+#[derive(Debug)]
+pub struct ApiFailure(StatusCode, String);
+
+impl ApiFailure {
+    fn bad(msg: impl Into<String>) -> Self {
+        ApiFailure(StatusCode::BAD_REQUEST, msg.into())
+    }
+}
+
+impl IntoResponse for ApiFailure {
+    fn into_response(self) -> Response {
+        (self.0, Json(ApiErrorBody { error: self.1 })).into_response()
+    }
+}
+
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/incoming", post(incoming))
+        .route("/v1/migrations", get(list))
+        .route("/v1/migrations/{id}", get(one).delete(cancel))
+        .route("/v1/reload", post(reload))
+        .fallback(|| async {
+            ApiFailure(
+                StatusCode::NOT_FOUND,
+                "no such endpoint (see docs/api.yaml: /v1/incoming, /v1/migrations, /v1/reload)"
+                    .into(),
+            )
+        })
+        .method_not_allowed_fallback(|| async {
+            ApiFailure(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "this endpoint does not take that method".into(),
+            )
+        })
+        .with_state(state)
+}
+
+async fn incoming(
+    State(st): State<Arc<ApiState>>,
+    caller: Option<Extension<Caller>>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<IncomingResponse>), ApiFailure> {
+    let body = body.map_err(|e| ApiFailure(e.status(), e.body_text()))?;
+    let req: IncomingRequest = serde_json::from_slice(&body)
+        .map_err(|e| ApiFailure::bad(format!("invalid request body: {e}")))?;
+    if !(1..=MAX_CHANNELS).contains(&req.channels) {
+        return Err(ApiFailure::bad(format!(
+            "channels must be from 1 to {MAX_CHANNELS} (1 + the number of multifd channels), not {}",
+            req.channels
+        )));
+    }
+    if !(1..=MAX_EXPIRES_IN_SECS).contains(&req.expires_in) {
+        return Err(ApiFailure::bad(format!(
+            "expires_in must be from 1 to {MAX_EXPIRES_IN_SECS} seconds, not {}",
+            req.expires_in
+        )));
+    }
+    let (allow, allow_desc) = build_allow(&req.allow)?;
+    let (forward, qmp_socket) = match &req.forward {
+        Forward::Endpoint(s) => (parse_forward(s)?, None),
+        Forward::Qmp(q) => {
+            let sock = st
+                .runtime_dir
+                .join(format!("incoming-{}.sock", Uuid::new_v4()));
+            prepare_target_qemu(q, &sock).await?;
+            (Endpoint::Unix(sock.clone()), Some(sock))
+        }
+    };
+    let (mig, ticket) = st.registry.register(IncomingSpec {
+        vm_uuid: req.vm_uuid,
+        allow,
+        allow_desc,
+        forward,
+        channels: req.channels,
+        ttl: Duration::from_secs(req.expires_in),
+    });
+    if let Some(sock) = qmp_socket {
+        tokio::spawn(remove_when_ended(st.registry.clone(), mig.clone(), sock));
+    }
+    let view = mig.view();
+    tracing::info!(
+        caller = caller_name(&caller),
+        migration = %mig.id,
+        vm = view.vm_uuid.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
+        allow = %view.allow,
+        forward = %view.forward,
+        channels = view.channels_expected,
+        expires_at = %view.expires_at,
+        "migration registered"
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(IncomingResponse {
+            id: mig.id.clone(),
+            ticket: ticket.expose().to_string(),
+            expires_at: view.expires_at,
+            listen: st.listen.clone(),
+        }),
+    ))
+}
+
+/// `tcp:HOST:PORT` or `unix:PATH`, the prefix required: a bare HOST:PORT
+/// in a registration is more likely a mistake than a shorthand.
+fn parse_forward(s: &str) -> Result<Endpoint, ApiFailure> {
+    let bad = |why: String| {
+        ApiFailure::bad(format!(
+            "forward {s:?} is not tcp:HOST:PORT, unix:PATH or {{\"qmp\": \"unix:PATH\"}}: {why}"
+        ))
+    };
+    if !s.starts_with("tcp:") && !s.starts_with("unix:") {
+        return Err(bad("it needs the tcp: or unix: prefix".into()));
+    }
+    s.parse::<Endpoint>().map_err(bad)
+}
+
+fn build_allow(allow: &Allow) -> Result<(Arc<dyn Authz>, String), ApiFailure> {
+    Ok(match allow {
+        Allow::Identity(dn) if dn.trim().is_empty() => {
+            return Err(ApiFailure::bad("allow.identity is empty"))
+        }
+        Allow::Identity(dn) => (Arc::new(Simple::new(dn.clone())), format!("identity {dn}")),
+        Allow::AclFile(path) => {
+            if !path.is_absolute() {
+                return Err(ApiFailure::bad(format!(
+                    "allow.acl_file {} must be an absolute path on the daemon's host",
+                    path.display()
+                )));
+            }
+            // Watched like authz-list-file with refresh: edits apply to
+            // this registration while it lives.
+            let list = ListFile::open(path, true)
+                .map_err(|e| ApiFailure::bad(format!("allow.acl_file: {}", chain(&e))))?;
+            (list, format!("ACL file {}", path.display()))
+        }
+        Allow::AnyVerifiedPeer(true) => (Arc::new(AnyVerified), "any verified peer".into()),
+        Allow::AnyVerifiedPeer(false) => {
+            return Err(ApiFailure::bad(
+                "allow.any_verified_peer must be true (or give identity or acl_file)",
+            ))
+        }
+    })
+}
+
+/// Sets the target QEMU's migration capabilities and parameters, then
+/// `migrate-incoming unix:SOCK`, where the gateway will forward.
+async fn prepare_target_qemu(q: &QmpForward, sock: &Path) -> Result<(), ApiFailure> {
+    let path = q
+        .qmp
+        .strip_prefix("unix:")
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| {
+            ApiFailure::bad(format!(
+                "forward.qmp {:?} is not unix:PATH (the target QEMU's QMP socket)",
+                q.qmp
+            ))
+        })?;
+    let gateway = |msg: String| ApiFailure(StatusCode::BAD_GATEWAY, msg);
+    let work = async {
+        let mut qmp = Qmp::connect_unix(path)
+            .await
+            .map_err(|e| gateway(format!("cannot use the target QEMU's QMP at {path}: {e}")))?;
+        if !q.capabilities.is_empty() {
+            let caps: Vec<_> = q
+                .capabilities
+                .iter()
+                .map(|(k, v)| json!({ "capability": k, "state": v }))
+                .collect();
+            qmp.execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": caps })),
+            )
+            .await
+            .map_err(|e| gateway(format!("target {e}")))?;
+        }
+        if !q.parameters.is_empty() {
+            qmp.execute(
+                "migrate-set-parameters",
+                Some(serde_json::Value::Object(q.parameters.clone())),
+            )
+            .await
+            .map_err(|e| gateway(format!("target {e}")))?;
+        }
+        // A socket left by an earlier migration would make QEMU's bind fail.
+        let _ = std::fs::remove_file(sock);
+        qmp.execute(
+            "migrate-incoming",
+            Some(json!({ "uri": format!("unix:{}", sock.display()) })),
+        )
+        .await
+        .map_err(|e| gateway(format!("target {e}")))?;
+        Ok(())
+    };
+    tokio::time::timeout(QMP_SETUP_TIMEOUT, work)
+        .await
+        .map_err(|_| {
+            gateway(format!(
+                "the target QEMU's QMP at {path} did not finish the set-up within {} s",
+                QMP_SETUP_TIMEOUT.as_secs()
+            ))
+        })?
+}
+
+/// QEMU leaves its listening socket file behind; remove it once the
+/// migration it was made for has ended.
+async fn remove_when_ended(registry: Arc<Registry>, mig: Arc<Migration>, sock: PathBuf) {
+    let mut changes = registry.subscribe();
+    while !mig.view().state.is_final() {
+        if changes.changed().await.is_err() {
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(&sock);
+}
+
+async fn list(State(st): State<Arc<ApiState>>) -> Json<Vec<super::types::MigrationView>> {
+    Json(st.registry.list())
+}
+
+fn find(st: &ApiState, id: &str) -> Result<Arc<Migration>, ApiFailure> {
+    let uuid = Uuid::parse_str(id)
+        .map_err(|e| ApiFailure::bad(format!("{id:?} is not a migration id (a UUID): {e}")))?;
+    st.registry.get(&uuid.to_string()).ok_or_else(|| {
+        ApiFailure(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no migration {uuid}: it was never registered with this daemon, or it ended and has been forgotten"
+            ),
+        )
+    })
+}
+
+async fn one(
+    State(st): State<Arc<ApiState>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<super::types::MigrationView>, ApiFailure> {
+    Ok(Json(find(&st, &id)?.view()))
+}
+
+async fn cancel(
+    State(st): State<Arc<ApiState>>,
+    caller: Option<Extension<Caller>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<super::types::MigrationView>, ApiFailure> {
+    let mig = find(&st, &id)?;
+    let before = mig.view().state;
+    if before.is_final() {
+        return Err(ApiFailure(
+            StatusCode::CONFLICT,
+            format!(
+                "migration {} has already ended ({}); there is nothing to cancel",
+                mig.id,
+                before.as_str()
+            ),
+        ));
+    }
+    let view = st
+        .registry
+        .cancel(&mig.id)
+        .expect("the migration was just found");
+    tracing::warn!(caller = caller_name(&caller), migration = %mig.id, was = before.as_str(), "migration cancelled");
+    Ok(Json(view))
+}
+
+async fn reload(
+    State(st): State<Arc<ApiState>>,
+    caller: Option<Extension<Caller>>,
+) -> Result<Json<serde_json::Value>, ApiFailure> {
+    let control = st.control.clone();
+    let who = caller_name(&caller).to_string();
+    let result = tokio::task::spawn_blocking(move || control.reload())
+        .await
+        .map_err(|e| {
+            ApiFailure(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reload task failed: {e}"),
+            )
+        })?;
+    match result {
+        Ok(()) => {
+            tracing::info!(caller = who, "configuration reloaded through the API");
+            Ok(Json(json!({ "reloaded": true })))
+        }
+        Err(why) => Err(ApiFailure(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("reload refused, the previous configuration stays in force: {why}"),
+        )),
+    }
+}
+
+fn caller_name(c: &Option<Extension<Caller>>) -> &str {
+    c.as_ref().map_or("local socket", |Extension(c)| &c.0)
+}
+
+/// An error and its sources on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(x) = src {
+        s.push_str(": ");
+        s.push_str(&x.to_string());
+        src = x.source();
+    }
+    s
+}
+
+/// Creates the API socket with `mode`, atomically: it is bound under a
+/// temporary name, given its mode, then renamed over the final path, so
+/// there is no moment when it exists with the umask's permissions. A stale
+/// socket (no one accepting) is replaced; a live one is an error.
+pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|source| ServerError::SocketDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_socket() => {
+            return Err(ServerError::NotASocket {
+                path: path.to_path_buf(),
+            })
+        }
+        Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => {
+            return Err(ServerError::InUse {
+                path: path.to_path_buf(),
+            })
+        }
+        _ => {}
+    }
+    let bind_err = |source| ServerError::Bind {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let _ = std::fs::remove_file(&tmp);
+    let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
+    let done = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = done {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(bind_err(e));
+    }
+    Ok(listener)
+}
+
+/// Serves the API on the local socket forever.
+pub async fn serve_unix(listener: UnixListener, app: Router) {
+    let caller = Caller("local socket".into());
+    loop {
+        match listener.accept().await {
+            Ok((sock, _)) => {
+                serve_connection(sock, app.clone().layer(Extension(caller.clone())));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "API accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// The admin TLS configuration and ACL, swapped on reload.
+pub struct AdminTls {
+    current: RwLock<(Arc<ServerConfig>, Arc<dyn Authz>)>,
+}
+
+impl AdminTls {
+    pub fn new(tls: Arc<ServerConfig>, authz: Arc<dyn Authz>) -> Arc<AdminTls> {
+        Arc::new(AdminTls {
+            current: RwLock::new((tls, authz)),
+        })
+    }
+
+    pub fn set(&self, tls: Arc<ServerConfig>, authz: Arc<dyn Authz>) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (tls, authz);
+    }
+
+    fn get(&self) -> (Arc<ServerConfig>, Arc<dyn Authz>) {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Serves the API on TCP with mutual TLS forever. A verified client whose
+/// DN the admin authz denies gets 403 with the reason on every request.
+pub async fn serve_tls(listener: TcpListener, admin: Arc<AdminTls>, app: Router) {
+    loop {
+        let (sock, addr) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %e, "API accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (config, authz) = admin.get();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let accept = tokio_rustls::TlsAcceptor::from(config).accept(sock);
+            let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    let why = tls::describe_tls_error(&e, None);
+                    tracing::warn!(peer.addr = %addr, reason = why, "API connection refused");
+                    return;
+                }
+                Err(_) => {
+                    tracing::warn!(peer.addr = %addr, "API connection refused: TLS handshake timed out");
+                    return;
+                }
+            };
+            let leaf = tls::peer_leaf(stream.get_ref().1.peer_certificates()).map(<[u8]>::to_vec);
+            let peer = match leaf.as_deref().map(dn::subject_dn) {
+                Some(Ok(dn)) => dn,
+                _ => {
+                    tracing::warn!(peer.addr = %addr, "API connection refused: no readable client certificate");
+                    return;
+                }
+            };
+            match authz.check(&peer) {
+                Decision::Allow => {
+                    serve_connection(stream, app.layer(Extension(Caller(peer.into()))));
+                }
+                Decision::Deny { reason } => {
+                    tracing::warn!(peer.addr = %addr, peer.dn = peer, reason, "API caller refused");
+                    let deny = Router::new().fallback(move || async move {
+                        ApiFailure(
+                            StatusCode::FORBIDDEN,
+                            format!("not allowed to use this API: {reason}"),
+                        )
+                    });
+                    serve_connection(stream, deny);
+                }
+            }
+        });
+    }
+}
+
+fn serve_connection<S>(stream: S, app: Router)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    tokio::spawn(async move {
+        let service = TowerToHyperService::new(app);
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .serve_connection(TokioIo::new(stream), service);
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "API connection ended with an error");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn api_socket_mode_stale_live_and_foreign_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub/api.sock");
+        let l = bind_unix(&path, 0o600).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Someone is accepting on it: not ours to replace.
+        assert!(matches!(
+            bind_unix(&path, 0o600),
+            Err(ServerError::InUse { .. })
+        ));
+        // A crashed daemon's socket file is replaced.
+        drop(l);
+        let l = bind_unix(&path, 0o660).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o660);
+        drop(l);
+        let file = dir.path().join("not-a-socket");
+        std::fs::write(&file, "x").unwrap();
+        assert!(matches!(
+            bind_unix(&file, 0o600),
+            Err(ServerError::NotASocket { .. })
+        ));
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
+    }
+}

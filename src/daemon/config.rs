@@ -1,0 +1,669 @@
+//! The daemon's configuration: one TOML file, one serde struct, validated
+//! (certificates parse, ACL files load, paths usable) before anything binds.
+//!
+//! ```toml
+//! [daemon]
+//! runtime_dir = "/run/miggate"      # QMP-forward sockets live here
+//! retention = 3600                  # seconds ended migrations stay visible
+//!
+//! [api]
+//! socket = "/run/miggate/api.sock"
+//! socket_mode = "0600"
+//! [api.tls]                         # optional: remote management, mTLS
+//! listen = "0.0.0.0:9443"
+//! x509_dir = "/etc/pki/miggate-admin"
+//! authz_identity = "O=Example Org,CN=mgmt.example.org"
+//!
+//! [metrics]                         # optional, loopback only
+//! listen = "127.0.0.1:9464"
+//!
+//! [[target]]                        # one per migration listener
+//! listen = "0.0.0.0:49152"
+//! x509_dir = "/etc/pki/miggate"
+//! # optional static route (what `miggate target` does), for sources
+//! # without a ticket, e.g. QEMU with native TLS:
+//! # forward = "tcp:127.0.0.1:4444"
+//! # authz_identity = "..."  | authz_list_file = "..." (no_refresh) | allow_any_verified_peer = true
+//! # expect_uuid = "..."
+//! stall_timeout = 30
+//! ```
+//!
+//! Every flag of `miggate target` has a key of the same name in `[[target]]`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::admit::Expectation;
+use crate::authz::{Authz, AuthzConfig};
+use crate::control::client::ALPN_HTTP1;
+use crate::creds::tls;
+use crate::gate::target::StaticRoute;
+use crate::gate::Endpoint;
+
+/// Where QMP-forward sockets go unless configured (systemd's RuntimeDirectory).
+pub const DEFAULT_RUNTIME_DIR: &str = "/run/miggate";
+pub const DEFAULT_API_SOCKET: &str = "/run/miggate/api.sock";
+/// Owner only: whoever can talk to the API can let migrations in.
+pub const DEFAULT_SOCKET_MODE: &str = "0600";
+/// How long ended migrations stay visible in the API.
+pub const DEFAULT_RETENTION_SECS: u64 = 3600;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the configuration file {}", file.display())]
+    Read {
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", file.display())]
+    Parse {
+        file: PathBuf,
+        #[source]
+        source: toml::de::Error,
+    },
+    #[error("{}: {field}: {why}", file.display())]
+    Field {
+        file: PathBuf,
+        field: String,
+        why: String,
+    },
+    #[error("{}: {field}", file.display())]
+    Creds {
+        file: PathBuf,
+        field: String,
+        #[source]
+        source: Box<tls::CredsError>,
+    },
+    #[error("{}: {field}", file.display())]
+    Authz {
+        file: PathBuf,
+        field: String,
+        #[source]
+        source: Box<crate::authz::AuthzError>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub daemon: DaemonSection,
+    #[serde(default)]
+    pub api: ApiSection,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<MetricsSection>,
+    #[serde(rename = "target", default)]
+    pub targets: Vec<TargetSection>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonSection {
+    /// Sockets the daemon creates for QMP forwards (QEMU must be able to
+    /// create a socket there: it listens on it).
+    #[serde(default = "default_runtime_dir")]
+    pub runtime_dir: PathBuf,
+    /// Seconds an ended migration stays visible in the API.
+    #[serde(default = "default_retention")]
+    pub retention: u64,
+}
+
+impl Default for DaemonSection {
+    fn default() -> Self {
+        DaemonSection {
+            runtime_dir: default_runtime_dir(),
+            retention: DEFAULT_RETENTION_SECS,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiSection {
+    /// The local control socket (HTTP + JSON).
+    #[serde(default = "default_api_socket")]
+    pub socket: PathBuf,
+    /// Its file mode, octal.
+    #[serde(default = "default_socket_mode")]
+    pub socket_mode: String,
+    /// The API on TCP with mutual TLS, for a remote management host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ApiTlsSection>,
+}
+
+impl Default for ApiSection {
+    fn default() -> Self {
+        ApiSection {
+            socket: default_api_socket(),
+            socket_mode: DEFAULT_SOCKET_MODE.into(),
+            tls: None,
+        }
+    }
+}
+
+/// The admin PKI and ACL: separate from the migration ones, so that a
+/// migration source's certificate cannot drive the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiTlsSection {
+    pub listen: String,
+    /// QEMU-layout PKI directory: server-cert/key, ca-cert, ca-crl.
+    pub x509_dir: PathBuf,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authz_identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authz_list_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_refresh: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_any_verified_peer: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Loopback HOST:PORT for Prometheus' text format at /metrics.
+    pub listen: SocketAddr,
+}
+
+/// One migration listener: `miggate target`'s flags, same names.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetSection {
+    pub listen: String,
+    pub x509_dir: PathBuf,
+    /// Static route for connections without a ticket. Without it, only
+    /// registered migrations are admitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authz_identity: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authz_list_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub no_refresh: bool,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_any_verified_peer: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_uuid: Option<Uuid>,
+    #[serde(default = "default_stall")]
+    pub stall_timeout: u64,
+}
+
+fn default_runtime_dir() -> PathBuf {
+    DEFAULT_RUNTIME_DIR.into()
+}
+fn default_api_socket() -> PathBuf {
+    DEFAULT_API_SOCKET.into()
+}
+fn default_socket_mode() -> String {
+    DEFAULT_SOCKET_MODE.into()
+}
+fn default_retention() -> u64 {
+    DEFAULT_RETENTION_SECS
+}
+fn default_stall() -> u64 {
+    crate::timeouts::DEFAULT_STALL.as_secs()
+}
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+
+/// One listener, ready to serve (or to be swapped in on reload).
+pub struct BuiltTarget {
+    pub tls: Arc<ServerConfig>,
+    pub route: Option<StaticRoute>,
+    pub stall: Duration,
+    /// The route in words, for the "listening" log line.
+    pub route_desc: String,
+}
+
+pub struct BuiltApiTls {
+    pub tls: Arc<ServerConfig>,
+    pub authz: Arc<dyn Authz>,
+}
+
+/// Everything a configuration file yields once validated.
+pub struct Built {
+    pub targets: Vec<BuiltTarget>,
+    pub api_tls: Option<BuiltApiTls>,
+    pub socket_mode: u32,
+}
+
+impl Config {
+    pub fn load(file: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|source| ConfigError::Read {
+            file: file.to_path_buf(),
+            source,
+        })?;
+        Config::parse(file, &text)
+    }
+
+    pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|source| ConfigError::Parse {
+            file: file.to_path_buf(),
+            source,
+        })
+    }
+
+    /// The configuration in force, defaults filled in, for support.
+    pub fn dump(&self) -> String {
+        toml::to_string_pretty(self).expect("the configuration serialises")
+    }
+
+    /// Validates everything and loads certificates and ACLs. `file` names
+    /// the configuration in errors.
+    pub fn build(&self, file: &Path) -> Result<Built, ConfigError> {
+        let field_err = |field: String, why: String| ConfigError::Field {
+            file: file.to_path_buf(),
+            field,
+            why,
+        };
+        if self.targets.is_empty() {
+            return Err(field_err(
+                "[[target]]".into(),
+                "at least one migration listener is needed".into(),
+            ));
+        }
+        if self.daemon.retention == 0 {
+            return Err(field_err(
+                "daemon.retention".into(),
+                "must be at least 1 second".into(),
+            ));
+        }
+        if !self.daemon.runtime_dir.is_absolute() {
+            return Err(field_err(
+                "daemon.runtime_dir".into(),
+                "must be an absolute path".into(),
+            ));
+        }
+        let socket_mode = parse_mode(&self.api.socket_mode).ok_or_else(|| {
+            field_err(
+                "api.socket_mode".into(),
+                format!(
+                    "{:?} is not an octal file mode such as \"0600\"",
+                    self.api.socket_mode
+                ),
+            )
+        })?;
+        if !self.api.socket.is_absolute() {
+            return Err(field_err(
+                "api.socket".into(),
+                "must be an absolute path".into(),
+            ));
+        }
+        if let Some(m) = &self.metrics {
+            if !m.listen.ip().is_loopback() {
+                return Err(field_err(
+                    "metrics.listen".into(),
+                    format!(
+                        "{} is not a loopback address: metrics are served unauthenticated, on this host only",
+                        m.listen
+                    ),
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        let mut targets = Vec::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            let at = |key: &str| format!("target[{i}].{key}");
+            if !seen.insert(t.listen.clone()) {
+                return Err(field_err(
+                    at("listen"),
+                    format!("{} is used twice", t.listen),
+                ));
+            }
+            check_hostport(&t.listen).map_err(|why| field_err(at("listen"), why))?;
+            if t.stall_timeout == 0 {
+                return Err(field_err(
+                    at("stall_timeout"),
+                    "must be at least 1 second".into(),
+                ));
+            }
+            check_dir(&t.x509_dir).map_err(|why| field_err(at("x509_dir"), why))?;
+            let tls = tls::server_config(&t.x509_dir, &[tls::ALPN_MIGGATE]).map_err(|source| {
+                ConfigError::Creds {
+                    file: file.to_path_buf(),
+                    field: at("x509_dir"),
+                    source: Box::new(source),
+                }
+            })?;
+            let choice = authz_choice(
+                &t.authz_identity,
+                &t.authz_list_file,
+                t.no_refresh,
+                t.allow_any_verified_peer,
+            )
+            .map_err(|why| field_err(at("authz_*"), why))?;
+            let (route, route_desc) = match (&t.forward, choice) {
+                (None, None) => {
+                    if t.expect_uuid.is_some() {
+                        return Err(field_err(
+                            at("expect_uuid"),
+                            "applies to the static route: give forward and an authz_* key too (a registration carries its own vm_uuid)".into(),
+                        ));
+                    }
+                    (None, "registered migrations only".to_string())
+                }
+                (Some(_), None) => {
+                    return Err(field_err(
+                        at("forward"),
+                        "a static route needs one of authz_identity, authz_list_file or allow_any_verified_peer = true".into(),
+                    ))
+                }
+                (None, Some(_)) => {
+                    return Err(field_err(
+                        at("authz_*"),
+                        "authorizes the static route, which needs forward = \"tcp:HOST:PORT\" or \"unix:PATH\"".into(),
+                    ))
+                }
+                (Some(fwd), Some(choice)) => {
+                    let forward: Endpoint =
+                        fwd.parse().map_err(|why| field_err(at("forward"), why))?;
+                    let authz = choice.build().map_err(|source| ConfigError::Authz {
+                        file: file.to_path_buf(),
+                        field: at(if t.authz_list_file.is_some() {
+                            "authz_list_file"
+                        } else {
+                            "authz_identity"
+                        }),
+                        source: Box::new(source),
+                    })?;
+                    let desc = format!("static route to {forward} ({choice:?}) and registered migrations");
+                    (
+                        Some(StaticRoute {
+                            forward,
+                            authz,
+                            expect: Expectation {
+                                uuid: t.expect_uuid,
+                            },
+                        }),
+                        desc,
+                    )
+                }
+            };
+            targets.push(BuiltTarget {
+                tls,
+                route,
+                stall: Duration::from_secs(t.stall_timeout),
+                route_desc,
+            });
+        }
+        let api_tls = match &self.api.tls {
+            None => None,
+            Some(a) => {
+                check_hostport(&a.listen).map_err(|why| field_err("api.tls.listen".into(), why))?;
+                check_dir(&a.x509_dir).map_err(|why| field_err("api.tls.x509_dir".into(), why))?;
+                let tls = tls::server_config(&a.x509_dir, &[ALPN_HTTP1]).map_err(|source| {
+                    ConfigError::Creds {
+                        file: file.to_path_buf(),
+                        field: "api.tls.x509_dir".into(),
+                        source: Box::new(source),
+                    }
+                })?;
+                let choice = authz_choice(
+                    &a.authz_identity,
+                    &a.authz_list_file,
+                    a.no_refresh,
+                    a.allow_any_verified_peer,
+                )
+                .map_err(|why| field_err("api.tls.authz_*".into(), why))?
+                .ok_or_else(|| {
+                    field_err(
+                        "api.tls".into(),
+                        "needs one of authz_identity, authz_list_file or allow_any_verified_peer = true (the admin ACL)".into(),
+                    )
+                })?;
+                let authz = choice.build().map_err(|source| ConfigError::Authz {
+                    file: file.to_path_buf(),
+                    field: "api.tls.authz_list_file".into(),
+                    source: Box::new(source),
+                })?;
+                Some(BuiltApiTls { tls, authz })
+            }
+        };
+        Ok(Built {
+            targets,
+            api_tls,
+            socket_mode,
+        })
+    }
+
+    /// What a reload cannot change (bound sockets, fixed per-listener
+    /// state), as (key, value) pairs.
+    fn fixed(&self) -> Vec<(String, String)> {
+        let mut v = vec![
+            (
+                "daemon.runtime_dir".into(),
+                self.daemon.runtime_dir.display().to_string(),
+            ),
+            ("daemon.retention".into(), self.daemon.retention.to_string()),
+            ("api.socket".into(), self.api.socket.display().to_string()),
+            ("api.socket_mode".into(), self.api.socket_mode.clone()),
+            (
+                "api.tls.listen".into(),
+                self.api
+                    .tls
+                    .as_ref()
+                    .map_or("(none)".into(), |t| t.listen.clone()),
+            ),
+            (
+                "metrics.listen".into(),
+                self.metrics
+                    .as_ref()
+                    .map_or("(none)".into(), |m| m.listen.to_string()),
+            ),
+            (
+                "number of [[target]]".into(),
+                self.targets.len().to_string(),
+            ),
+        ];
+        for (i, t) in self.targets.iter().enumerate() {
+            v.push((format!("target[{i}].listen"), t.listen.clone()));
+            v.push((
+                format!("target[{i}].stall_timeout"),
+                t.stall_timeout.to_string(),
+            ));
+        }
+        v
+    }
+
+    /// Refuses a new configuration that changes what only a restart can.
+    pub fn check_reloadable(&self, new: &Config, file: &Path) -> Result<(), ConfigError> {
+        for ((key, old), (_, now)) in self.fixed().into_iter().zip(new.fixed()) {
+            if old != now {
+                return Err(ConfigError::Field {
+                    file: file.to_path_buf(),
+                    field: key,
+                    why: format!(
+                        "changed from {old} to {now}, but listener addresses and sockets cannot change on reload: restart the daemon to apply it"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+fn authz_choice(
+    identity: &Option<String>,
+    list_file: &Option<PathBuf>,
+    no_refresh: bool,
+    any: bool,
+) -> Result<Option<AuthzConfig>, String> {
+    if identity.is_none() && list_file.is_none() && !any {
+        if no_refresh {
+            return Err("no_refresh applies to authz_list_file, which is not given".into());
+        }
+        return Ok(None);
+    }
+    if let Some(p) = list_file {
+        if !p.is_absolute() {
+            return Err(format!(
+                "authz_list_file {} must be an absolute path",
+                p.display()
+            ));
+        }
+    }
+    if matches!(identity.as_deref(), Some("")) {
+        return Err("authz_identity is empty".into());
+    }
+    AuthzConfig::from_cli(identity.clone(), list_file.clone(), no_refresh, any)
+        .map(Some)
+        .map_err(|e| e.to_string())
+}
+
+fn check_dir(dir: &Path) -> Result<(), String> {
+    match std::fs::metadata(dir) {
+        Ok(m) if m.is_dir() => Ok(()),
+        Ok(_) => Err(format!("{} is not a directory", dir.display())),
+        Err(e) => Err(format!("{}: {e}", dir.display())),
+    }
+}
+
+fn check_hostport(s: &str) -> Result<(), String> {
+    match s.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!("{s:?} is not HOST:PORT")),
+    }
+}
+
+/// "0600", "600" or "0o600" -> 0o600; only permission bits.
+fn parse_mode(s: &str) -> Option<u32> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    let mode = u32::from_str_radix(digits, 8).ok()?;
+    (mode <= 0o777).then_some(mode)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pki() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        crate::creds::pki::init(dir.path(), &Default::default()).unwrap();
+        dir
+    }
+
+    fn text(pki: &Path, extra: &str) -> String {
+        format!(
+            "[daemon]\nruntime_dir = \"/tmp\"\n[api]\nsocket = \"/tmp/x.sock\"\n\
+             [[target]]\nlisten = \"127.0.0.1:0\"\nx509_dir = \"{}\"\n{extra}",
+            pki.display()
+        )
+    }
+
+    fn build(t: &str) -> Result<Built, ConfigError> {
+        Config::parse(Path::new("/etc/miggate/daemon.toml"), t)?
+            .build(Path::new("/etc/miggate/daemon.toml"))
+    }
+
+    #[test]
+    fn minimal_and_static_route() {
+        let p = pki();
+        let b = build(&text(p.path(), "")).unwrap();
+        assert!(b.targets[0].route.is_none());
+        assert_eq!(b.socket_mode, 0o600);
+        let b = build(&text(
+            p.path(),
+            "forward = \"tcp:127.0.0.1:4444\"\nauthz_identity = \"CN=a\"\nexpect_uuid = \"6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b\"\n",
+        ))
+        .unwrap();
+        assert!(b.targets[0].route.is_some());
+    }
+
+    #[test]
+    fn errors_name_file_and_field() {
+        let p = pki();
+        let err = |extra: &str| match build(&text(p.path(), extra)) {
+            Err(e) => {
+                let mut s = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(x) = src {
+                    s += &format!(": {x}");
+                    src = x.source();
+                }
+                s
+            }
+            Ok(_) => panic!("{extra} accepted"),
+        };
+        let e = err("bogus = 1\n");
+        assert!(
+            e.starts_with("/etc/miggate/daemon.toml: ") && e.contains("bogus"),
+            "{e}"
+        );
+        let e = err("forward = \"tcp:127.0.0.1:4444\"\n");
+        assert!(e.contains("target[0].forward: a static route needs"), "{e}");
+        let e = err("authz_identity = \"CN=a\"\n");
+        assert!(e.contains("target[0].authz_*"), "{e}");
+        let e = err("forward = \"ftp:x\"\nallow_any_verified_peer = true\n");
+        assert!(e.contains("target[0].forward: \"ftp:x\" is not"), "{e}");
+        let missing = p.path().join("missing-acl.json");
+        let e = err(&format!(
+            "forward = \"tcp:a:1\"\nauthz_list_file = \"{}\"\n",
+            missing.display()
+        ));
+        assert!(
+            e.contains("target[0].authz_list_file: cannot read ACL file"),
+            "{e}"
+        );
+        let e = err("stall_timeout = 0\n");
+        assert!(e.contains("target[0].stall_timeout"), "{e}");
+        let e = err("[metrics]\nlisten = \"0.0.0.0:9464\"\n");
+        assert!(
+            e.contains("metrics.listen: 0.0.0.0:9464 is not a loopback"),
+            "{e}"
+        );
+        let t = text(Path::new("/nonexistent/pki"), "");
+        let e = build(&t).err().unwrap().to_string();
+        assert!(e.contains("target[0].x509_dir: /nonexistent/pki:"), "{e}");
+        let empty = tempfile::tempdir().unwrap();
+        let e = build(&text(empty.path(), "")).err().unwrap().to_string();
+        assert_eq!(e, "/etc/miggate/daemon.toml: target[0].x509_dir");
+    }
+
+    #[test]
+    fn dump_round_trips_and_reload_guards_listeners() {
+        let p = pki();
+        let file = Path::new("/etc/miggate/daemon.toml");
+        let c = Config::parse(file, &text(p.path(), "")).unwrap();
+        let again = Config::parse(file, &c.dump()).unwrap();
+        assert_eq!(c, again);
+        assert!(c.dump().contains("socket_mode = \"0600\""));
+        let mut moved = c.clone();
+        moved.targets[0].listen = "127.0.0.1:5555".into();
+        let e = c.check_reloadable(&moved, file).unwrap_err().to_string();
+        assert!(
+            e.contains("target[0].listen: changed from 127.0.0.1:0 to 127.0.0.1:5555"),
+            "{e}"
+        );
+        assert!(e.contains("cannot change on reload"), "{e}");
+        let mut acl = c.clone();
+        acl.targets[0].forward = Some("tcp:127.0.0.1:1".into());
+        c.check_reloadable(&acl, file).unwrap();
+    }
+
+    #[test]
+    fn the_documented_example_parses() {
+        let file = Path::new("docs/daemon.example.toml");
+        let c = Config::parse(file, include_str!("../../docs/daemon.example.toml")).unwrap();
+        assert_eq!(c.targets.len(), 1);
+        assert_eq!(c.api.socket, Path::new(DEFAULT_API_SOCKET));
+    }
+
+    #[test]
+    fn modes() {
+        assert_eq!(parse_mode("0600"), Some(0o600));
+        assert_eq!(parse_mode("660"), Some(0o660));
+        assert_eq!(parse_mode("0o640"), Some(0o640));
+        assert_eq!(parse_mode("rw"), None);
+        assert_eq!(parse_mode("7777"), None);
+    }
+}

@@ -1,0 +1,9 @@
+//! `miggate daemon`: target gateway listeners sharing one registry of
+//! incoming migrations, the control API, metrics, reload.
+
+pub mod config;
+pub mod metrics;
+pub mod run;
+
+pub use config::Config;
+pub use run::{run, DaemonError};

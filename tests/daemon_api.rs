@@ -1,0 +1,833 @@
+//! `miggate daemon`: the real binary with a config in a tempdir, its
+//! control API on a unix socket, its metrics, and real QEMU migrations
+//! through `miggate source --ticket-file`.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::gateway::Gateway;
+use common::qemu::{Guest, Qemu, QemuOpts};
+use common::scenario::*;
+use miggate::admit::ticket::Ticket;
+use miggate::control::types::{
+    Allow, Forward, IncomingRequest, IncomingResponse, MigrationView, Phase, QmpForward,
+};
+use miggate::control::{ApiAddr, ApiClient, ApiError};
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use uuid::Uuid;
+
+const VM_A: Uuid = Uuid::from_u128(0xda3e_0000_0000_4000_8000_0000_0000_000a);
+const VM_B: Uuid = Uuid::from_u128(0xda3e_0000_0000_4000_8000_0000_0000_000b);
+/// A registration whose stream must never reach a QEMU: nothing listens
+/// on the discard port.
+const NOWHERE: &str = "tcp:127.0.0.1:9";
+/// How long a test polls the API for a state before giving up.
+const STATE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Low enough that a running guest dirtying 576 KiB continuously never
+/// converges: the migration stays active until it is cancelled.
+const CRAWL_BANDWIDTH: u64 = 1 << 20;
+
+/// A running `miggate daemon` with its config, API socket and metrics.
+struct Daemon {
+    _dir: tempfile::TempDir,
+    dir: PathBuf,
+    config: PathBuf,
+    socket: PathBuf,
+    gw: Gateway,
+    metrics: String,
+    api: ApiClient,
+}
+
+impl Daemon {
+    async fn start(pki: &Path) -> Daemon {
+        Self::start_with(pki, "").await
+    }
+
+    /// With `extra` appended to the configuration file.
+    async fn start_with(pki: &Path, extra: &str) -> Daemon {
+        let tmp = tempfile::Builder::new()
+            .prefix("miggate-daemon-")
+            .tempdir()
+            .unwrap();
+        let dir = tmp.path().to_path_buf();
+        let socket = dir.join("run/api.sock");
+        let config = dir.join("daemon.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[daemon]\nruntime_dir = \"{run}\"\n\n[api]\nsocket = \"{sock}\"\n\n\
+                 [metrics]\nlisten = \"127.0.0.1:0\"\n\n\
+                 [[target]]\nlisten = \"127.0.0.1:0\"\nx509_dir = \"{pki}\"\nstall_timeout = 10\n{extra}",
+                run = dir.join("run").display(),
+                sock = socket.display(),
+                pki = pki.display()
+            ),
+        )
+        .unwrap();
+        let mut gw = Gateway::spawn(&["daemon", "--config", config.to_str().unwrap()]).await;
+        let m = gw
+            .wait_event(|v| v["message"] == "metrics listening", EVENT_TIMEOUT)
+            .await;
+        let metrics = m["listen"].as_str().unwrap().to_string();
+        let api_ev = gw
+            .wait_event(|v| v["message"] == "API listening", EVENT_TIMEOUT)
+            .await;
+        assert_eq!(api_ev["socket"], socket.to_str().unwrap(), "{api_ev}");
+        let api = ApiClient::new(ApiAddr::Unix(socket.clone())).unwrap();
+        Daemon {
+            _dir: tmp,
+            dir,
+            config,
+            socket,
+            gw,
+            metrics,
+            api,
+        }
+    }
+
+    async fn register(&self, req: &IncomingRequest) -> IncomingResponse {
+        let r = self
+            .api
+            .register(req)
+            .await
+            .unwrap_or_else(|e| panic!("register: {e}\nlog:\n{}", self.gw.log_text()));
+        assert_eq!(r.listen, vec![self.gw.addr.clone()]);
+        r
+    }
+
+    /// A file holding the ticket, as `miggate source --ticket-file` reads it.
+    fn ticket_file(&self, name: &str, ticket: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        std::fs::write(&p, format!("{ticket}\n")).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        p
+    }
+
+    /// A source gateway presenting `ticket` to this daemon.
+    async fn source(&self, pki: &Path, name: &str, ticket: &str) -> Gateway {
+        let f = self.ticket_file(name, ticket);
+        source_gateway(pki, &self.gw.addr, &["--ticket-file", f.to_str().unwrap()]).await
+    }
+
+    /// Polls the API until the migration satisfies `pred` (the API has no
+    /// long-poll; the registry changes state as channels end).
+    async fn wait_view(
+        &self,
+        id: &str,
+        what: &str,
+        pred: impl Fn(&MigrationView) -> bool,
+    ) -> MigrationView {
+        let deadline = tokio::time::Instant::now() + STATE_TIMEOUT;
+        loop {
+            let v = self.api.migration(id).await.unwrap();
+            if pred(&v) {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "migration {id} never became {what}: {v:?}\nlog:\n{}",
+                self.gw.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_state(&self, id: &str, state: Phase) -> MigrationView {
+        self.wait_view(id, state.as_str(), |v| v.state == state)
+            .await
+    }
+
+    /// The value of one metrics sample line, e.g. `miggate_x{a="b"}`.
+    async fn metric(&self, series: &str) -> f64 {
+        let (status, body) = http(
+            tokio::net::TcpStream::connect(&self.metrics).await.unwrap(),
+            "GET",
+            "/metrics",
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{body}"))
+    }
+}
+
+/// One raw HTTP/1.1 exchange (for requests the typed client cannot send).
+async fn http<S: AsyncRead + AsyncWrite + Unpin>(
+    mut s: S,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+) -> (u16, String) {
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    let status = resp[9..12].parse().unwrap();
+    let body = resp.split_once("\r\n\r\n").unwrap().1.to_string();
+    (status, body)
+}
+
+fn request(vm: Option<Uuid>, forward: Forward) -> IncomingRequest {
+    IncomingRequest {
+        vm_uuid: vm,
+        allow: Allow::Identity(SOURCE_DN.into()),
+        forward,
+        channels: 1,
+        expires_in: 300,
+    }
+}
+
+fn endpoint(port: u16) -> Forward {
+    Forward::Endpoint(format!("tcp:127.0.0.1:{port}"))
+}
+
+/// A source VM with `uuid`, return-path (a refusal makes its migration
+/// fail) and validate-uuid (the stream carries its UUID).
+async fn source_vm(guest: Guest, uuid: Uuid) -> Qemu {
+    let mut opts = QemuOpts::new(guest, 64);
+    opts.uuid = Some(uuid);
+    let mut q = Qemu::spawn(opts).await;
+    q.set_capabilities(&[("return-path", true), ("validate-uuid", true)])
+        .await;
+    q.set_parameters(json!({ "max-bandwidth": common::qemu::UNLIMITED_BANDWIDTH }))
+        .await;
+    q
+}
+
+async fn query_uuid(q: &mut Qemu) -> String {
+    q.cmd("query-uuid", Value::Null).await["UUID"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
+fn uid() -> String {
+    let out = std::process::Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test]
+async fn api_refuses_bad_requests_with_reasons_and_other_users() {
+    let pki_tmp = pki();
+    let d = Daemon::start(&pki_dir(&pki_tmp)).await;
+
+    let raw = |method: &'static str, path: &'static str, body: Option<&'static str>| {
+        let sock = d.socket.clone();
+        async move {
+            let s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+            http(s, method, path, body).await
+        }
+    };
+    let cases: &[(&str, &str, Option<&str>, u16, &str)] = &[
+        (
+            "POST",
+            "/v1/incoming",
+            Some("{\"allow\":"),
+            400,
+            "invalid request body: EOF",
+        ),
+        (
+            "POST",
+            "/v1/incoming",
+            Some(r#"{"allow":{"identity":"CN=a"},"forward":"tcp:127.0.0.1:1","bogus":1}"#),
+            400,
+            "unknown field `bogus`",
+        ),
+        (
+            "POST",
+            "/v1/incoming",
+            Some(
+                r#"{"vm_uuid":"not-a-uuid","allow":{"identity":"CN=a"},"forward":"tcp:127.0.0.1:1"}"#,
+            ),
+            400,
+            "UUID parsing failed",
+        ),
+        (
+            "POST",
+            "/v1/incoming",
+            Some(r#"{"allow":{"identity":"CN=a"},"forward":"127.0.0.1:1"}"#),
+            400,
+            "needs the tcp: or unix: prefix",
+        ),
+        (
+            "POST",
+            "/v1/incoming",
+            Some(r#"{"allow":{"identity":"CN=a"},"forward":{"qmp":"tcp:127.0.0.1:1"}}"#),
+            400,
+            "is not unix:PATH",
+        ),
+        (
+            "POST",
+            "/v1/incoming",
+            Some(
+                r#"{"allow":{"acl_file":"/nonexistent-miggate/acl.json"},"forward":"tcp:127.0.0.1:1"}"#,
+            ),
+            400,
+            "allow.acl_file: ",
+        ),
+        (
+            "POST",
+            "/v1/incoming",
+            Some(r#"{"allow":{"identity":"CN=a"},"forward":"tcp:127.0.0.1:1","channels":65}"#),
+            400,
+            "channels must be from 1 to 64",
+        ),
+        (
+            "POST",
+            "/v1/incoming",
+            Some(r#"{"allow":{"identity":"CN=a"},"forward":"tcp:127.0.0.1:1","expires_in":0}"#),
+            400,
+            "expires_in must be from 1",
+        ),
+        (
+            "GET",
+            "/v1/migrations/42",
+            None,
+            400,
+            "is not a migration id",
+        ),
+        (
+            "GET",
+            "/v1/migrations/6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b",
+            None,
+            404,
+            "no migration 6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b",
+        ),
+        (
+            "DELETE",
+            "/v1/migrations/6f1c2a3b-4d5e-4f60-8a7b-9c0d1e2f3a4b",
+            None,
+            404,
+            "no migration",
+        ),
+        (
+            "PUT",
+            "/v1/migrations",
+            None,
+            405,
+            "does not take that method",
+        ),
+        ("GET", "/v2/nothing", None, 404, "no such endpoint"),
+    ];
+    for (method, path, body, status, reason) in cases {
+        let (got, text) = raw(method, path, *body).await;
+        let v: Value = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {text}"));
+        let error = v["error"].as_str().unwrap_or_default();
+        assert_eq!(got, *status, "{method} {path} {body:?}: {text}");
+        assert!(
+            error.contains(reason),
+            "{method} {path} {body:?}: {error:?} lacks {reason:?}"
+        );
+    }
+
+    // The typed client carries the daemon's sentence and status.
+    let e = d
+        .api
+        .migration(&Uuid::new_v4().to_string())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(e, ApiError::Http { status: 404, ref message } if message.starts_with("no migration")),
+        "{e}"
+    );
+
+    // A registration that is fine is listed; its ticket is not.
+    let r = d
+        .register(&request(Some(VM_A), Forward::Endpoint(NOWHERE.into())))
+        .await;
+    assert_eq!(r.ticket.len(), 64);
+    Ticket::parse(&r.ticket).unwrap();
+    let (status, list) = raw("GET", "/v1/migrations", None).await;
+    assert_eq!(status, 200);
+    assert!(list.contains(&r.id) && !list.contains(&r.ticket), "{list}");
+    let v = d.api.migration(&r.id).await.unwrap();
+    assert_eq!((v.state, v.vm_uuid), (Phase::Registered, Some(VM_A)));
+    assert_eq!(v.allow, format!("identity {SOURCE_DN}"));
+
+    // A reload may not move a listener; the sentence says so.
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        text.replace("127.0.0.1:0\"\nx509", "127.0.0.1:1\"\nx509"),
+    )
+    .unwrap();
+    let e = d.api.reload().await.unwrap_err();
+    assert!(
+        matches!(e, ApiError::Http { status: 422, ref message } if message.contains("target[0].listen") && message.contains("cannot change on reload")),
+        "{e}"
+    );
+    std::fs::write(&d.config, &text).unwrap();
+    d.api.reload().await.unwrap();
+
+    // The socket is the owner's alone: mode 0600, and another user cannot
+    // connect even where the directory lets them reach it.
+    let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    if uid() == "0" {
+        for dir in [d.dir.as_path(), d.socket.parent().unwrap()] {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let out = std::process::Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "socat",
+                "-u",
+                "OPEN:/dev/null",
+            ])
+            .arg(format!("UNIX-CONNECT:{}", d.socket.display()))
+            .output()
+            .expect("setpriv and socat (scripts/setup.sh installs socat)");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "user nobody connected to the API socket"
+        );
+        assert!(err.contains("Permission denied"), "{err}");
+    } else {
+        eprintln!("not root: the connect attempt as another user is skipped (mode checked)");
+    }
+}
+
+#[tokio::test]
+async fn daemon_config_errors_name_the_file_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(
+        &config,
+        "[[target]]\nlisten = \"127.0.0.1:0\"\nx509_dir = \"/nonexistent-miggate-pki\"\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::gateway::BIN)
+        .args(["daemon", "--check", "--config", config.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "{}: target[0].x509_dir: /nonexistent-miggate-pki",
+            config.display()
+        )),
+        "{err}"
+    );
+}
+
+/// Register with a QMP forward (the daemon issues migrate-incoming), migrate
+/// a running guest with the ticket, and see the ticket spent.
+#[tokio::test]
+async fn registered_migration_completes_and_its_ticket_is_spent() {
+    let pki_tmp = pki();
+    let pki = pki_dir(&pki_tmp);
+    let mut d = Daemon::start(&pki).await;
+    let mut src = source_vm(Guest::RunningCounter, VM_A).await;
+    let qmp2 = d.dir.join("dst-qmp.sock");
+    let mut dst_opts = QemuOpts::new(Guest::RunningCounter, 64).as_incoming();
+    dst_opts.uuid = Some(VM_A);
+    dst_opts.extra_args = vec![
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp2.display()),
+    ];
+    let mut dst = Qemu::spawn(dst_opts).await;
+    src.assert_running_and_counting().await;
+
+    let forward = Forward::Qmp(QmpForward {
+        qmp: format!("unix:{}", qmp2.display()),
+        capabilities: BTreeMap::from([("return-path".to_string(), true)]),
+        parameters: serde_json::Map::new(),
+    });
+    let r = d.register(&request(Some(VM_A), forward)).await;
+    // The daemon's migrate-incoming: the target QEMU listens where the
+    // registration forwards.
+    let info = dst.query_migrate().await;
+    let forward = d.api.migration(&r.id).await.unwrap().forward;
+    assert_eq!(
+        Some(forward.as_str()),
+        info.raw["socket-address"][0]["path"]
+            .as_str()
+            .map(|p| format!("unix:{p}"))
+            .as_deref(),
+        "{:?}",
+        info.raw
+    );
+
+    let sgw = d.source(&pki, "ticket", &r.ticket).await;
+    let uri = format!("tcp:{}", sgw.addr);
+    migrate_and_expect_completed(&mut src, &mut dst, &uri).await;
+    dst.assert_running_and_counting().await;
+    assert_eq!(query_uuid(&mut dst).await, VM_A.to_string());
+
+    let v = d.wait_state(&r.id, Phase::Completed).await;
+    assert_eq!(v.peer_dn.as_deref(), Some(SOURCE_DN), "{v:?}");
+    assert_eq!((v.channels_seen, v.channels_open), (1, 0), "{v:?}");
+    assert!(v.bytes_sent > 1 << 20 && v.bytes_recv > 0, "{v:?}");
+    assert!(v.started_at.is_some() && v.ended_at.is_some(), "{v:?}");
+    assert!(v.forward.starts_with("unix:"), "{v:?}");
+
+    // The same ticket again (a copy of the VM, as a replaying attacker
+    // would bring): refused, and the API shows who tried.
+    drop(src);
+    let mut copy = source_vm(Guest::RunningCounter, VM_A).await;
+    let desc = migrate_and_expect_failure(&mut copy, &uri).await;
+    let rec =
+        d.gw.wait_event(
+            |v| v["target"] == "miggate::outcome" && v["outcome"] == "refused",
+            EVENT_TIMEOUT,
+        )
+        .await;
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap()
+            .contains("ticket already used"),
+        "{rec} / {desc}"
+    );
+    let v = d.api.migration(&r.id).await.unwrap();
+    assert_eq!(v.state, Phase::Completed);
+    assert!(
+        v.refusals.iter().any(|r| r.contains("ticket already used")),
+        "{v:?}"
+    );
+
+    assert_eq!(
+        d.metric("miggate_connections_total{outcome=\"completed\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        d.metric("miggate_refusals_total{reason=\"ticket\"}").await,
+        1.0
+    );
+    assert!(
+        d.metric("miggate_bytes_total{direction=\"source_to_target\"}")
+            .await
+            > 1e6
+    );
+    assert_eq!(d.metric("miggate_admission_seconds_count").await, 1.0);
+    assert_eq!(d.metric("miggate_active_migrations").await, 0.0);
+    assert_eq!(
+        d.metric("miggate_migrations{state=\"completed\"}").await,
+        1.0
+    );
+}
+
+/// An expired ticket, a ticket for another VM, and an unknown ticket are
+/// refused with their reason; nothing reaches a QEMU.
+#[tokio::test]
+async fn expired_wrong_vm_and_unknown_tickets_are_refused() {
+    let pki_tmp = pki();
+    let pki = pki_dir(&pki_tmp);
+    let mut d = Daemon::start(&pki).await;
+    let mut src = source_vm(Guest::RunningCounter, VM_A).await;
+    src.assert_running_and_counting().await;
+
+    let mut expiring = request(Some(VM_A), Forward::Endpoint(NOWHERE.into()));
+    expiring.expires_in = 1;
+    let expired = d.register(&expiring).await;
+    let other_vm = d
+        .register(&request(Some(VM_B), Forward::Endpoint(NOWHERE.into())))
+        .await;
+    d.wait_state(&expired.id, Phase::Expired).await;
+
+    let cases = [
+        ("expired", expired.ticket.clone(), "expired at"),
+        ("other-vm", other_vm.ticket.clone(), "VM UUID mismatch"),
+        (
+            "unknown",
+            Ticket::generate().expose().to_string(),
+            "unknown ticket",
+        ),
+    ];
+    for (name, ticket, reason) in cases {
+        let sgw = d.source(&pki, name, &ticket).await;
+        migrate_and_expect_failure(&mut src, &format!("tcp:{}", sgw.addr)).await;
+        let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await;
+        assert_eq!(rec["outcome"], "refused", "{name}: {rec}");
+        assert_eq!(rec["bytes_sent"], 0, "{name}: {rec}");
+        assert!(
+            rec["reason"].as_str().unwrap().contains(reason),
+            "{name}: {rec}"
+        );
+        sgw.stop().await;
+    }
+    let v = d.api.migration(&expired.id).await.unwrap();
+    assert_eq!(v.state, Phase::Expired);
+    assert!(v.refusals.iter().any(|r| r.contains("expired at")), "{v:?}");
+    let v = d.api.migration(&other_vm.id).await.unwrap();
+    assert_eq!(
+        v.state,
+        Phase::Failed,
+        "a ticket shown with the wrong VM is burnt: {v:?}"
+    );
+    assert!(
+        v.reason
+            .as_deref()
+            .unwrap_or_default()
+            .contains("VM UUID mismatch"),
+        "{v:?}"
+    );
+
+    assert_eq!(
+        d.metric("miggate_connections_total{outcome=\"refused\"}")
+            .await,
+        3.0
+    );
+    assert_eq!(
+        d.metric("miggate_refusals_total{reason=\"ticket\"}").await,
+        2.0
+    );
+    assert_eq!(
+        d.metric("miggate_refusals_total{reason=\"uuid\"}").await,
+        1.0
+    );
+    assert_eq!(
+        d.metric("miggate_connections_total{outcome=\"completed\"}")
+            .await,
+        0.0
+    );
+}
+
+/// Seed 003's race: two migrations for one daemon listener, started at
+/// once. Each lands in its own VM (UUID and RAM checked), never crossed.
+#[tokio::test]
+async fn two_migrations_racing_for_one_listener_land_in_their_own_vms() {
+    let pki_tmp = pki();
+    let pki = pki_dir(&pki_tmp);
+    let d = Daemon::start(&pki).await;
+    let spawn_dst = |uuid| {
+        let mut o = QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming();
+        o.uuid = Some(uuid);
+        Qemu::spawn(o)
+    };
+    let (src_a, src_b, dst_a, dst_b) = tokio::join!(
+        source_vm(Guest::PausedRandomRam { seed: 0xa }, VM_A),
+        source_vm(Guest::PausedRandomRam { seed: 0xb }, VM_B),
+        spawn_dst(VM_A),
+        spawn_dst(VM_B),
+    );
+    let (mut src_a, mut src_b, mut dst_a, mut dst_b) = (src_a, src_b, dst_a, dst_b);
+    let (port_a, port_b) = (
+        dst_a.migrate_incoming_any_port().await,
+        dst_b.migrate_incoming_any_port().await,
+    );
+    let (hash_a, hash_b) = (src_a.ram_sha256().await, src_b.ram_sha256().await);
+    assert_ne!(hash_a, hash_b);
+
+    let reg_a = d.register(&request(Some(VM_A), endpoint(port_a))).await;
+    let reg_b = d.register(&request(Some(VM_B), endpoint(port_b))).await;
+    let sgw_a = d.source(&pki, "ticket-a", &reg_a.ticket).await;
+    let sgw_b = d.source(&pki, "ticket-b", &reg_b.ticket).await;
+    let (uri_a, uri_b) = (format!("tcp:{}", sgw_a.addr), format!("tcp:{}", sgw_b.addr));
+    tokio::join!(
+        migrate_and_expect_completed(&mut src_a, &mut dst_a, &uri_a),
+        migrate_and_expect_completed(&mut src_b, &mut dst_b, &uri_b),
+    );
+
+    assert_eq!(query_uuid(&mut dst_a).await, VM_A.to_string());
+    assert_eq!(query_uuid(&mut dst_b).await, VM_B.to_string());
+    assert_eq!(
+        dst_a.ram_sha256().await,
+        hash_a,
+        "VM A's RAM did not arrive in VM A"
+    );
+    assert_eq!(
+        dst_b.ram_sha256().await,
+        hash_b,
+        "VM B's RAM did not arrive in VM B"
+    );
+    for (reg, vm) in [(&reg_a, VM_A), (&reg_b, VM_B)] {
+        let v = d.wait_state(&reg.id, Phase::Completed).await;
+        assert_eq!(v.vm_uuid, Some(vm));
+        assert!(v.refusals.is_empty(), "{v:?}");
+    }
+}
+
+/// DELETE while the migration runs: every channel is cut, both QEMUs see
+/// the migration fail, the source VM keeps running.
+#[tokio::test]
+async fn cancel_mid_migration_fails_both_ends_and_the_source_keeps_running() {
+    let pki_tmp = pki();
+    let pki = pki_dir(&pki_tmp);
+    let d = Daemon::start(&pki).await;
+    let mut src = source_vm(Guest::RunningCounter, VM_A).await;
+    src.set_parameters(json!({ "max-bandwidth": CRAWL_BANDWIDTH }))
+        .await;
+    let mut dst_opts = QemuOpts::new(Guest::RunningCounter, 64).as_incoming();
+    dst_opts.uuid = Some(VM_A);
+    let mut dst = Qemu::spawn(dst_opts).await;
+    let port = dst.migrate_incoming_any_port().await;
+    src.assert_running_and_counting().await;
+
+    let r = d.register(&request(Some(VM_A), endpoint(port))).await;
+    let sgw = d.source(&pki, "ticket", &r.ticket).await;
+    src.migrate(&format!("tcp:{}", sgw.addr)).await;
+    d.wait_view(&r.id, "active with bytes flowing", |v| {
+        v.state == Phase::Active && v.bytes_sent > 0
+    })
+    .await;
+    assert_eq!(d.metric("miggate_active_migrations").await, 1.0);
+
+    let v = d.api.cancel(&r.id).await.unwrap();
+    assert_eq!(v.state, Phase::Cancelled, "{v:?}");
+    let (s, t) = tokio::join!(
+        src.wait_migration_end(MIGRATION_TIMEOUT),
+        dst.wait_migration_end(MIGRATION_TIMEOUT)
+    );
+    assert_eq!(s.status.as_deref(), Some("failed"), "source: {:?}", s.raw);
+    assert_eq!(
+        t.status.as_deref(),
+        Some("failed"),
+        "destination: {:?}",
+        t.error_desc
+    );
+    src.assert_running_and_counting().await;
+
+    let v = d
+        .wait_view(&r.id, "cancelled with no channel open", |v| {
+            v.channels_open == 0
+        })
+        .await;
+    assert_eq!(v.state, Phase::Cancelled);
+    assert_eq!(v.reason.as_deref(), Some("cancelled by the operator"));
+    let again = d.api.cancel(&r.id).await.unwrap_err();
+    assert_eq!(again.status(), Some(409), "{again}");
+    assert_eq!(
+        d.metric("miggate_connections_total{outcome=\"failed\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        d.metric("miggate_migrations{state=\"cancelled\"}").await,
+        1.0
+    );
+}
+
+/// The API over TCP with mutual TLS: its own PKI and admin ACL, separate
+/// from the migration ones.
+#[tokio::test]
+async fn remote_api_needs_an_admin_certificate_the_admin_acl_allows() {
+    const ADMIN_DN: &str = "O=miggate tests,CN=admin.test";
+    let pki_tmp = pki();
+    let admin = pki_tmp.path().join("admin-pki");
+    common::gateway::pki_init(&admin, &["--client-dn", ADMIN_DN]);
+    let other = common::gateway::pki_issue(
+        &admin,
+        &pki_tmp.path().join("other"),
+        "O=miggate tests,CN=intern.test",
+    );
+    let extra = format!(
+        "\n[api.tls]\nlisten = \"127.0.0.1:0\"\nx509_dir = \"{}\"\nauthz_identity = \"{ADMIN_DN}\"\n",
+        admin.display()
+    );
+    let mut d = Daemon::start_with(&pki_dir(&pki_tmp), &extra).await;
+    let ev =
+        d.gw.wait_event(
+            |v| v["message"] == "API listening with mutual TLS",
+            EVENT_TIMEOUT,
+        )
+        .await;
+    let url = format!(
+        "https://localhost:{}",
+        ev["listen"].as_str().unwrap().rsplit_once(':').unwrap().1
+    );
+    let client = |dir: &Path| {
+        let addr: ApiAddr = url.parse().unwrap();
+        let addr = match addr.with_x509_dir(dir) {
+            ApiAddr::Tls {
+                addr,
+                server_name,
+                x509_dir,
+            } => ApiAddr::Tls {
+                addr: addr.replace("localhost", "127.0.0.1"),
+                server_name,
+                x509_dir,
+            },
+            unix => unix,
+        };
+        ApiClient::new(addr).unwrap()
+    };
+
+    let r = client(&admin)
+        .register(&request(Some(VM_A), Forward::Endpoint(NOWHERE.into())))
+        .await
+        .unwrap();
+    let listed = client(&admin).migrations().await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, r.id);
+
+    // Same CA, another DN: the admin ACL says no, with the reason.
+    let e = client(&other).migrations().await.unwrap_err();
+    assert!(
+        matches!(e, ApiError::Http { status: 403, ref message } if message.contains("intern.test")),
+        "{e}"
+    );
+    // The migration PKI is another CA: neither end trusts the other.
+    let e = client(&pki_dir(&pki_tmp)).migrations().await.unwrap_err();
+    assert!(
+        matches!(e, ApiError::Tls { .. } | ApiError::Protocol { .. }),
+        "{e}"
+    );
+    let log =
+        d.gw.wait_event(|v| v["message"] == "API connection refused", EVENT_TIMEOUT)
+            .await;
+    assert!(log["reason"].as_str().unwrap().contains("CA"), "{log}");
+}
+
+/// SIGHUP re-reads the file: a broken one is refused with its reason and
+/// changes nothing; a fixed one is applied.
+#[tokio::test]
+async fn sighup_reload_keeps_the_previous_configuration_on_error() {
+    let pki_tmp = pki();
+    let mut d = Daemon::start(&pki_dir(&pki_tmp)).await;
+    let pid = d.gw.pid().unwrap().to_string();
+    let hup = || {
+        let status = std::process::Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    };
+    let good = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(
+        &d.config,
+        format!("{good}forward = \"tcp:127.0.0.1:4444\"\n"),
+    )
+    .unwrap();
+    hup();
+    let ev =
+        d.gw.wait_event(
+            |v| v["level"] == "ERROR" || v["message"] == "configuration reloaded",
+            EVENT_TIMEOUT,
+        )
+        .await;
+    let reason = ev["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("target[0].forward: a static route needs"),
+        "{ev}"
+    );
+
+    // Still serving, with the old configuration.
+    d.api.migrations().await.unwrap();
+    std::fs::write(
+        &d.config,
+        format!("{good}forward = \"tcp:127.0.0.1:4444\"\nallow_any_verified_peer = true\n"),
+    )
+    .unwrap();
+    hup();
+    d.gw.wait_event(|v| v["message"] == "configuration reloaded", EVENT_TIMEOUT)
+        .await;
+}
