@@ -6,12 +6,13 @@
 //! on; an error in either direction cuts both. A channel on which no byte
 //! moved in either direction for the stall timeout is cut.
 
-use std::pin::pin;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 /// Per-direction buffer. Big enough that one read fills many TLS records.
@@ -64,14 +65,65 @@ impl Activity {
     }
 }
 
+/// What `read_available` saw after the bytes it returned: the next call
+/// reports it, so that bytes read before an error or EOF are never lost
+/// and a reset is never mistaken for an EOF.
+#[derive(Default)]
+struct Deferred(Option<std::io::Result<()>>);
+
+/// Reads like `read` (waits for the first byte), then keeps reading what is
+/// already available without waiting, up to `buf.len()`. A TLS stream
+/// yields one 16 KiB record per read; gathering them makes one large write
+/// (one syscall) on the other side instead of one per record.
+async fn read_available<R>(
+    r: &mut R,
+    buf: &mut [u8],
+    deferred: &mut Deferred,
+) -> std::io::Result<usize>
+where
+    R: AsyncRead + Unpin,
+{
+    if let Some(end) = deferred.0.take() {
+        return end.map(|()| 0);
+    }
+    std::future::poll_fn(|cx| {
+        let mut rb = ReadBuf::new(buf);
+        loop {
+            let before = rb.filled().len();
+            match Pin::new(&mut *r).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().len() == before => {
+                    // EOF: report the bytes now, the EOF next time.
+                    if before > 0 {
+                        deferred.0 = Some(Ok(()));
+                    }
+                    return Poll::Ready(Ok(before));
+                }
+                Poll::Ready(Ok(())) if rb.remaining() == 0 => {
+                    return Poll::Ready(Ok(rb.filled().len()))
+                }
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) if before > 0 => {
+                    deferred.0 = Some(Err(e));
+                    return Poll::Ready(Ok(before));
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending if before > 0 => return Poll::Ready(Ok(before)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await
+}
+
 async fn pump<R, W>(mut r: R, mut w: W, count: &AtomicU64, act: &Activity) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let mut buf = vec![0u8; BUF];
+    let mut deferred = Deferred::default();
     loop {
-        let n = match r.read(&mut buf).await {
+        let n = match read_available(&mut r, &mut buf, &mut deferred).await {
             Ok(0) => break,
             Ok(n) => n,
             // A TLS peer that closes without close_notify (QEMU's native TLS
@@ -147,7 +199,55 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::duplex;
+    use tokio::io::{duplex, AsyncReadExt};
+
+    /// A reader that yields its chunks one per poll, then an error (or EOF).
+    struct Script(Vec<Vec<u8>>, Option<std::io::ErrorKind>);
+
+    impl AsyncRead for Script {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if !self.0.is_empty() {
+                let mut c = self.0.remove(0);
+                let n = c.len().min(buf.remaining());
+                buf.put_slice(&c[..n]);
+                if n < c.len() {
+                    self.0.insert(0, c.split_off(n));
+                }
+                return Poll::Ready(Ok(()));
+            }
+            match self.1.take() {
+                Some(kind) => Poll::Ready(Err(kind.into())),
+                None => Poll::Ready(Ok(())),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn gathers_chunks_then_reports_the_error() {
+        let mut r = Script(
+            vec![vec![1; 10], vec![2; 20]],
+            Some(std::io::ErrorKind::ConnectionReset),
+        );
+        let mut buf = [0u8; 100];
+        let mut d = Deferred::default();
+        assert_eq!(read_available(&mut r, &mut buf, &mut d).await.unwrap(), 30);
+        let err = read_available(&mut r, &mut buf, &mut d).await.unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::ConnectionReset);
+    }
+
+    #[tokio::test]
+    async fn gathers_up_to_the_buffer_then_eof() {
+        let mut r = Script(vec![vec![1; 10], vec![2; 20], vec![3; 5]], None);
+        let mut buf = [0u8; 25];
+        let mut d = Deferred::default();
+        assert_eq!(read_available(&mut r, &mut buf, &mut d).await.unwrap(), 25);
+        assert_eq!(read_available(&mut r, &mut buf, &mut d).await.unwrap(), 10);
+        assert_eq!(read_available(&mut r, &mut buf, &mut d).await.unwrap(), 0);
+    }
 
     #[tokio::test]
     async fn relays_both_ways_and_half_closes() {

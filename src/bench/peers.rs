@@ -1,0 +1,365 @@
+//! The security layers under test, as real processes: stunnel, socat and
+//! the miggate binary itself, each as a source-side and a target-side
+//! process (as they would run on two hosts), in front of a target port.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::sys;
+use crate::creds::tls::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
+
+/// How long a peer may take to start listening.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// The name the server certificate carries (`miggate pki init` default).
+pub const TLS_HOSTNAME: &str = "localhost";
+/// Log lines of a miggate gateway kept for error messages.
+const LOG_KEEP: usize = 200;
+
+/// OpenSSL configuration for stunnel and socat: TLS 1.3 with AES-128-GCM,
+/// the suite miggate prefers, so that the comparison is between
+/// implementations, not between ciphers (OpenSSL's default is AES-256-GCM).
+const OPENSSL_CNF: &str = "openssl_conf = bench_conf
+[bench_conf]
+ssl_conf = ssl_sect
+[ssl_sect]
+system_default = system_default_sect
+[system_default_sect]
+Ciphersuites = TLS_AES_128_GCM_SHA256
+MinProtocol = TLSv1.3
+";
+
+/// The peer programs found on this machine.
+#[derive(Debug, Clone)]
+pub struct Installed {
+    pub stunnel: Option<PathBuf>,
+    pub socat: Option<PathBuf>,
+    pub miggate: PathBuf,
+}
+
+impl Installed {
+    pub fn probe() -> Result<Installed> {
+        Ok(Installed {
+            stunnel: sys::which(&["stunnel4", "stunnel"]),
+            socat: sys::which(&["socat"]),
+            miggate: std::env::current_exe().context("locating the miggate binary")?,
+        })
+    }
+}
+
+/// One peer process; killed on drop.
+struct Proc {
+    name: String,
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+    log_file: Option<PathBuf>,
+}
+
+impl Proc {
+    fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
+    fn log_text(&self) -> String {
+        match &self.log_file {
+            Some(f) => std::fs::read_to_string(f).unwrap_or_default(),
+            None => self
+                .log
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .join("\n"),
+        }
+    }
+}
+
+/// A running security layer: its processes and the port the sending side
+/// (QEMU or a generator) connects to.
+pub struct Layer {
+    procs: Vec<Proc>,
+    pub entry_port: u16,
+    /// The target-side process, for RSS and direct connections.
+    pub target_port: u16,
+}
+
+impl Layer {
+    pub fn pids(&self) -> Vec<u32> {
+        self.procs.iter().filter_map(Proc::pid).collect()
+    }
+
+    pub fn target_pid(&self) -> Option<u32> {
+        self.procs.first().and_then(Proc::pid)
+    }
+
+    pub fn source_pid(&self) -> Option<u32> {
+        self.procs.get(1).and_then(Proc::pid)
+    }
+
+    /// Every process's output, for a failure report.
+    pub fn logs(&self) -> String {
+        self.procs
+            .iter()
+            .map(|p| format!("--- {} ---\n{}", p.name, p.log_text()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+fn spawn_logged(
+    program: &Path,
+    args: &[String],
+    env: &[(&str, &Path)],
+    dir: &Path,
+    name: &str,
+) -> Result<Proc> {
+    let log_file = dir.join(format!("{name}.log"));
+    let out = std::fs::File::create(&log_file)
+        .with_context(|| format!("creating {}", log_file.display()))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out)
+        .kill_on_drop(true);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))?;
+    Ok(Proc {
+        name: name.into(),
+        child,
+        log: Arc::default(),
+        log_file: Some(log_file),
+    })
+}
+
+fn pki_file(pki: &Path, f: &str) -> String {
+    pki.join(f).display().to_string()
+}
+
+fn openssl_cnf(dir: &Path) -> Result<PathBuf> {
+    let path = dir.join("openssl.cnf");
+    std::fs::write(&path, OPENSSL_CNF).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// stunnel client (source side) -> stunnel server (target side) -> `forward_port`.
+pub async fn stunnel(bin: &Path, pki: &Path, dir: &Path, forward_port: u16) -> Result<Layer> {
+    let cnf = openssl_cnf(dir)?;
+    let (entry, mid) = (sys::free_port()?, sys::free_port()?);
+    let server = format!(
+        "foreground = yes\npid =\ndebug = 4\n[target]\naccept = 127.0.0.1:{mid}\n\
+         connect = 127.0.0.1:{forward_port}\ncert = {}\nkey = {}\nCAfile = {}\n\
+         verifyChain = yes\nrequireCert = yes\n",
+        pki_file(pki, SERVER_CERT),
+        pki_file(pki, SERVER_KEY),
+        pki_file(pki, CA_CERT)
+    );
+    let client = format!(
+        "foreground = yes\npid =\ndebug = 4\n[source]\nclient = yes\n\
+         accept = 127.0.0.1:{entry}\nconnect = 127.0.0.1:{mid}\ncert = {}\nkey = {}\n\
+         CAfile = {}\nverifyChain = yes\ncheckHost = {TLS_HOSTNAME}\n",
+        pki_file(pki, CLIENT_CERT),
+        pki_file(pki, CLIENT_KEY),
+        pki_file(pki, CA_CERT)
+    );
+    let mut procs = Vec::new();
+    for (name, conf, port) in [
+        ("stunnel-target", server, mid),
+        ("stunnel-source", client, entry),
+    ] {
+        let path = dir.join(format!("{name}.conf"));
+        std::fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
+        let p = spawn_logged(
+            bin,
+            &[path.display().to_string()],
+            &[("OPENSSL_CONF", &cnf)],
+            dir,
+            name,
+        )?;
+        procs.push(p);
+        if let Err(e) = sys::wait_listening(port, START_TIMEOUT, name).await {
+            let logs = procs
+                .iter()
+                .map(Proc::log_text)
+                .collect::<Vec<_>>()
+                .join("\n");
+            return Err(e.context(logs));
+        }
+    }
+    Ok(Layer {
+        procs,
+        entry_port: entry,
+        target_port: mid,
+    })
+}
+
+/// socat TCP-LISTEN -> OPENSSL (client cert) -> socat OPENSSL-LISTEN
+/// (verify=1) -> `forward_port`. One connection each: socat without `fork`.
+pub async fn socat(bin: &Path, pki: &Path, dir: &Path, forward_port: u16) -> Result<Layer> {
+    let cnf = openssl_cnf(dir)?;
+    let (entry, mid) = (sys::free_port()?, sys::free_port()?);
+    let server = vec![
+        format!(
+            "OPENSSL-LISTEN:{mid},bind=127.0.0.1,reuseaddr,cert={},key={},cafile={},verify=1",
+            pki_file(pki, SERVER_CERT),
+            pki_file(pki, SERVER_KEY),
+            pki_file(pki, CA_CERT)
+        ),
+        format!("TCP:127.0.0.1:{forward_port},nodelay"),
+    ];
+    let client = vec![
+        format!("TCP-LISTEN:{entry},bind=127.0.0.1,reuseaddr,nodelay"),
+        format!(
+            "OPENSSL:127.0.0.1:{mid},cert={},key={},cafile={},verify=1,commonname={TLS_HOSTNAME}",
+            pki_file(pki, CLIENT_CERT),
+            pki_file(pki, CLIENT_KEY),
+            pki_file(pki, CA_CERT)
+        ),
+    ];
+    let mut procs = Vec::new();
+    for (name, args, port) in [
+        ("socat-target", server, mid),
+        ("socat-source", client, entry),
+    ] {
+        procs.push(spawn_logged(
+            bin,
+            &args,
+            &[("OPENSSL_CONF", &cnf)],
+            dir,
+            name,
+        )?);
+        if let Err(e) = sys::wait_listening(port, START_TIMEOUT, name).await {
+            let logs = procs
+                .iter()
+                .map(Proc::log_text)
+                .collect::<Vec<_>>()
+                .join("\n");
+            return Err(e.context(logs));
+        }
+    }
+    Ok(Layer {
+        procs,
+        entry_port: entry,
+        target_port: mid,
+    })
+}
+
+/// What the miggate target gateway checks.
+pub struct MiggateChecks<'a> {
+    /// `--authz-identity`: the client certificate's DN.
+    pub client_dn: &'a str,
+    /// `--expect-uuid`, when the stream carries one.
+    pub expect_uuid: Option<Uuid>,
+}
+
+/// `miggate source` -> `miggate target` -> `forward_port`, the real binary.
+pub async fn miggate(
+    bin: &Path,
+    pki: &Path,
+    forward_port: u16,
+    checks: &MiggateChecks<'_>,
+) -> Result<Layer> {
+    let pki_s = pki.display().to_string();
+    let mut targs = vec![
+        "target".to_string(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--x509-dir".into(),
+        pki_s.clone(),
+        "--forward".into(),
+        format!("tcp:127.0.0.1:{forward_port}"),
+        "--authz-identity".into(),
+        checks.client_dn.into(),
+    ];
+    if let Some(u) = checks.expect_uuid {
+        targs.extend(["--expect-uuid".into(), u.to_string()]);
+    }
+    let (target, tport) = spawn_gateway(bin, &targs, "miggate-target").await?;
+    let sargs = vec![
+        "source".to_string(),
+        "--listen".into(),
+        "tcp:127.0.0.1:0".into(),
+        "--connect".into(),
+        format!("127.0.0.1:{tport}"),
+        "--tls-hostname".into(),
+        TLS_HOSTNAME.into(),
+        "--x509-dir".into(),
+        pki_s,
+    ];
+    let (source, sport) = spawn_gateway(bin, &sargs, "miggate-source").await?;
+    Ok(Layer {
+        procs: vec![target, source],
+        entry_port: sport,
+        target_port: tport,
+    })
+}
+
+/// Starts a gateway with JSON logs and waits for its "listening" event.
+async fn spawn_gateway(bin: &Path, args: &[String], name: &str) -> Result<(Proc, u16)> {
+    let mut child = Command::new(bin)
+        .arg("--log-format")
+        .arg("json")
+        .args(args)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let stderr = child
+        .stderr
+        .take()
+        .ok_or_else(|| anyhow!("no stderr pipe"))?;
+    let log: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (tx, mut rx) = watch::channel(None::<String>);
+    {
+        let log = log.clone();
+        // Keeps draining after "listening": a full pipe would block the gateway.
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stderr).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["message"] == "listening" {
+                        let listen = v["listen"].as_str().unwrap_or_default();
+                        tx.send_replace(Some(listen.trim_start_matches("tcp:").to_owned()));
+                    }
+                }
+                let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
+                if l.len() >= LOG_KEEP {
+                    l.remove(0);
+                }
+                l.push(line);
+            }
+        });
+    }
+    let proc = Proc {
+        name: name.into(),
+        child,
+        log,
+        log_file: None,
+    };
+    let addr = tokio::time::timeout(START_TIMEOUT, rx.wait_for(Option::is_some)).await;
+    let addr = match addr {
+        Ok(Ok(a)) => a.clone().unwrap_or_default(),
+        Ok(Err(_)) => bail!("{name} exited before listening:\n{}", proc.log_text()),
+        Err(_) => bail!(
+            "{name} not listening after {START_TIMEOUT:?}:\n{}",
+            proc.log_text()
+        ),
+    };
+    let port = addr
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .ok_or_else(|| anyhow!("{name} listens on {addr:?}: no port"))?;
+    Ok((proc, port))
+}
