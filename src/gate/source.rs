@@ -141,20 +141,22 @@ async fn handle(
     crate::timeouts::tune(&sock);
     let host = hostname(&cfg.server_name);
     let connector = TlsConnector::from(cfg.tls.clone());
-    let mut tls =
-        match tokio::time::timeout_at(deadline, connector.connect(cfg.server_name.clone(), sock))
-            .await
-        {
-            Err(_) => {
-                return Err(failed(format!(
-                    "TLS handshake with {} did not complete within {} s",
-                    cfg.connect,
-                    cfg.stall.as_secs()
-                )))
-            }
-            Ok(Err(e)) => return Err(failed(tls::describe_tls_error(&e, Some(&host)))),
-            Ok(Ok(s)) => s,
-        };
+    let mut tls = match tokio::time::timeout_at(
+        deadline,
+        connector.connect(cfg.server_name.clone(), crate::timeouts::tls_socket(sock)),
+    )
+    .await
+    {
+        Err(_) => {
+            return Err(failed(format!(
+                "TLS handshake with {} did not complete within {} s",
+                cfg.connect,
+                cfg.stall.as_secs()
+            )))
+        }
+        Ok(Err(e)) => return Err(failed(tls::describe_tls_error(&e, Some(&host)))),
+        Ok(Ok(s)) => s,
+    };
     let miggate_peer = {
         let conn = tls.get_ref().1;
         out.peer_dn = tls::peer_leaf(conn.peer_certificates()).and_then(|c| dn::subject_dn(c).ok());

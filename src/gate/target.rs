@@ -173,17 +173,20 @@ async fn handle(
     let stall = target.stall;
     let deadline = Instant::now() + stall;
     let acceptor = TlsAcceptor::from(target.current_tls());
-    let mut tls = match tokio::time::timeout_at(deadline, acceptor.accept(sock)).await {
-        Err(_) => {
-            return Err(Refusal::Tls(format!(
-                "TLS handshake did not complete within {} s",
-                stall.as_secs()
-            ))
-            .into())
-        }
-        Ok(Err(e)) => return Err(Refusal::Tls(tls::describe_tls_error(&e, None)).into()),
-        Ok(Ok(s)) => s,
-    };
+    let mut tls =
+        match tokio::time::timeout_at(deadline, acceptor.accept(crate::timeouts::tls_socket(sock)))
+            .await
+        {
+            Err(_) => {
+                return Err(Refusal::Tls(format!(
+                    "TLS handshake did not complete within {} s",
+                    stall.as_secs()
+                ))
+                .into())
+            }
+            Ok(Err(e)) => return Err(Refusal::Tls(tls::describe_tls_error(&e, None)).into()),
+            Ok(Ok(s)) => s,
+        };
     let (miggate_peer, leaf) = {
         let conn = tls.get_ref().1;
         let leaf = tls::peer_leaf(conn.peer_certificates()).map(<[u8]>::to_vec);
@@ -207,9 +210,9 @@ async fn handle(
         Admitted::Static(_) => target.mains.clone(),
         Admitted::Ticket(g) => g.migration().mains.clone(),
     };
-    let _main_guard;
+    let is_main = matches!(kind, StreamKind::Main { .. });
     match kind {
-        StreamKind::Main { .. } => _main_guard = MainGuard::new(&mains),
+        StreamKind::Main { .. } => {}
         StreamKind::Multifd { .. } => {
             let mut rx = mains.subscribe();
             let wait = rx.wait_for(|n| *n > 0);
@@ -233,6 +236,9 @@ async fn handle(
             return Err(finish_channel(admitted, Err(msg)));
         }
     };
+    // Only now that the main channel's connection to the target QEMU is
+    // established (first in its accept queue) may multifd channels connect.
+    let _main_guard = is_main.then(|| MainGuard::new(&mains));
     if miggate_peer {
         if let Err(e) = frames::write_verdict(&mut tls, &Verdict::Admitted).await {
             let msg = format!("cannot send the verdict to the source: {e}");
@@ -299,7 +305,7 @@ fn finish_channel(admitted: Admitted, result: Result<(), String>) -> End {
 /// Identity, route, hello and stream checks. Returns the bytes read from
 /// the QEMU stream so far (to replay), what the stream is, and its route.
 async fn admit(
-    tls: &mut TlsStream<TcpStream>,
+    tls: &mut TlsStream<crate::timeouts::TlsSocket>,
     leaf: &[u8],
     miggate_peer: bool,
     target: &Target,
@@ -378,7 +384,11 @@ fn find_migration(target: &Target, ticket: &str) -> Result<Arc<Migration>, Refus
 /// TLS has no channel for it and just sees the connection close), then
 /// closes with close_notify. Bounded: a peer that does not read is not
 /// waited for.
-async fn refuse(tls: &mut TlsStream<TcpStream>, miggate_peer: bool, why: &Refusal) {
+async fn refuse(
+    tls: &mut TlsStream<crate::timeouts::TlsSocket>,
+    miggate_peer: bool,
+    why: &Refusal,
+) {
     let send = async {
         if miggate_peer {
             let v = Verdict::Refused {
