@@ -275,6 +275,32 @@ impl Migration {
         self.changed.send_modify(|g| *g += 1);
     }
 
+    /// Replaces the outcome the channels suggested with the target QEMU's
+    /// own verdict (QMP-forward registrations): the gateway sees sockets
+    /// close, only QEMU knows whether it loaded the VM. A cancellation stays.
+    pub fn settle(&self, qemu_completed: bool, reason: Option<String>) {
+        let mut inner = self.lock();
+        if matches!(inner.phase, Phase::Completed | Phase::Failed) {
+            let phase = if qemu_completed {
+                Phase::Completed
+            } else {
+                Phase::Failed
+            };
+            if phase != inner.phase {
+                tracing::info!(
+                    migration = %self.id,
+                    from = inner.phase.as_str(),
+                    to = phase.as_str(),
+                    "target QEMU's own verdict overrides the channels'"
+                );
+            }
+            inner.phase = phase;
+            inner.reason = if qemu_completed { None } else { reason };
+        }
+        drop(inner);
+        self.changed.send_modify(|g| *g += 1);
+    }
+
     /// Ends a registration that never started, once its time is up.
     fn expire_if_due(&self, now: SystemTime) {
         let mut inner = self.lock();
@@ -361,14 +387,13 @@ impl Drop for ChannelGuard {
             .unwrap_or_else(|| Err("channel dropped".into()));
         let mut inner = self.mig.lock();
         inner.open -= 1;
+        // The main channel decides: QEMU fails the main channel when a
+        // multifd channel breaks, while a target QEMU that has finished
+        // loading may reset multifd sockets the source has not closed yet,
+        // which is no failure. A multifd error stays in that connection's
+        // own outcome record.
         if self.is_main {
             inner.main_result = Some(result.clone());
-        } else if let Err(e) = &result {
-            // A broken multifd channel breaks the migration, even if the
-            // main channel then closes cleanly.
-            inner
-                .reason
-                .get_or_insert_with(|| format!("multifd channel: {e}"));
         }
         if inner.open == 0 && inner.main_seen && !inner.phase.is_final() {
             let failed = match &inner.main_result {
@@ -603,6 +628,29 @@ mod tests {
 
         let r = reg.find_by_ticket(&Ticket::generate()).unwrap_err();
         assert!(r.to_string().contains("unknown ticket"), "{r}");
+    }
+
+    #[test]
+    fn qemu_verdict_settles_the_outcome() {
+        let reg = Registry::new(Duration::from_secs(60));
+        let vm = Uuid::from_u128(1);
+        let (mig, _) = reg.register(spec(Some(vm), 1, Duration::from_secs(60)));
+        mig.admit_channel(DN, &main(vm))
+            .unwrap()
+            .finish(Err("target->source: connection reset".into()));
+        assert_eq!(mig.view().state, Phase::Failed);
+        mig.settle(true, None);
+        let v = mig.view();
+        assert_eq!((v.state, v.reason), (Phase::Completed, None));
+        mig.settle(false, Some("target QEMU: load failed".into()));
+        assert_eq!(mig.view().state, Phase::Failed);
+        // Not before the end, and never over a cancellation.
+        let (mig, _) = reg.register(spec(Some(vm), 1, Duration::from_secs(60)));
+        mig.settle(true, None);
+        assert_eq!(mig.view().state, Phase::Registered);
+        reg.cancel(&mig.id);
+        mig.settle(true, None);
+        assert_eq!(mig.view().state, Phase::Cancelled);
     }
 
     #[test]

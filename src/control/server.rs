@@ -164,8 +164,16 @@ async fn incoming(
         channels: req.channels,
         ttl: Duration::from_secs(req.expires_in),
     });
-    if let Some(sock) = qmp_socket {
-        tokio::spawn(remove_when_ended(st.registry.clone(), mig.clone(), sock));
+    if let (Some(sock), Forward::Qmp(q)) = (qmp_socket, &req.forward) {
+        let qmp_path = q.qmp.trim_start_matches("unix:").to_string();
+        let (registry, mig) = (st.registry.clone(), mig.clone());
+        tokio::spawn(async move {
+            wait_until_ended(&registry, &mig).await;
+            let _ = std::fs::remove_file(&sock);
+            if mig.view().state != super::types::Phase::Cancelled {
+                settle_with_qemu_verdict(&mig, &qmp_path).await;
+            }
+        });
     }
     let view = mig.view();
     tracing::info!(
@@ -290,16 +298,61 @@ async fn prepare_target_qemu(q: &QmpForward, sock: &Path) -> Result<(), ApiFailu
         })?
 }
 
-/// QEMU leaves its listening socket file behind; remove it once the
-/// migration it was made for has ended.
-async fn remove_when_ended(registry: Arc<Registry>, mig: Arc<Migration>, sock: PathBuf) {
+/// Waits until the migration's channels have all ended (or it was
+/// cancelled or expired).
+async fn wait_until_ended(registry: &Registry, mig: &Migration) {
     let mut changes = registry.subscribe();
     while !mig.view().state.is_final() {
         if changes.changed().await.is_err() {
             break;
         }
     }
-    let _ = std::fs::remove_file(&sock);
+}
+
+/// How long the target QEMU may take to finish loading once the sockets
+/// closed (device state is loaded after the last RAM page).
+const QEMU_VERDICT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Asks the target QEMU how its incoming migration ended and records that:
+/// only QEMU knows whether it loaded the VM. Unreachable QMP (a target
+/// QEMU exits when an incoming migration fails) leaves the channels' verdict,
+/// with a note in the log.
+async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) {
+    let ask = async {
+        let mut qmp = Qmp::connect_unix(qmp_path).await?;
+        loop {
+            let info = qmp.query_migrate().await?;
+            if info.is_terminal() {
+                return Ok::<_, crate::qmp::QmpError>(info);
+            }
+            // Loading the device state after the stream: a short wait.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    match tokio::time::timeout(QEMU_VERDICT_TIMEOUT, ask).await {
+        Ok(Ok(info)) => {
+            let completed = info.status.as_deref() == Some("completed");
+            let why = info
+                .error_desc
+                .map(|e| format!("target QEMU: {e}"))
+                .or_else(|| {
+                    Some(format!(
+                        "target QEMU: migration {}",
+                        info.status.unwrap_or_default()
+                    ))
+                });
+            mig.settle(completed, if completed { None } else { why });
+        }
+        Ok(Err(e)) => tracing::warn!(
+            migration = %mig.id, error = %e,
+            "cannot ask the target QEMU how the migration ended; keeping the channels' verdict"
+        ),
+        Err(_) => tracing::warn!(
+            migration = %mig.id,
+            "the target QEMU did not finish the incoming migration within {} s",
+            QEMU_VERDICT_TIMEOUT.as_secs()
+        ),
+    }
 }
 
 async fn list(State(st): State<Arc<ApiState>>) -> Json<Vec<super::types::MigrationView>> {

@@ -1,0 +1,344 @@
+//! Gateway mode: the incoming side is registered with the target's
+//! `miggate daemon`, and the source gateway runs inside this process with
+//! the one-shot ticket, which therefore never leaves memory (no file, no
+//! environment, no command line).
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rustls_pki_types::ServerName;
+use serde_json::json;
+use uuid::Uuid;
+
+use super::progress::Reporter;
+use super::{host_of, MigrateArgs};
+use crate::admit::ticket::Ticket;
+use crate::control::client::{api_addr, ApiAddr, ApiClient, ApiError};
+use crate::control::types::{Allow, Forward, IncomingRequest, MigrationView, Phase, QmpForward};
+use crate::creds::tls;
+use crate::gate::source::{self, LocalListener, SourceConfig};
+use crate::outcome::{Ending, Record, Sink};
+
+/// How often the progress loop asks the daemon whether the target admitted
+/// the stream (a local or LAN round trip; the bar itself comes from QEMU).
+const ADMISSION_POLL: Duration = Duration::from_secs(1);
+
+/// After QEMU's verdict, how long the daemon may take to close its books on
+/// the migration (its channels end a moment after QEMU's).
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// After a failure, how long to wait for the gateway's own record of it:
+/// QEMU can notice the closed socket before the gateway task has finished
+/// logging why it closed it.
+const RECORD_GRACE: Duration = Duration::from_secs(2);
+
+const SETTLE_POLL: Duration = Duration::from_millis(100);
+
+/// The source gateway's records, for the failure sentence and the summary.
+#[derive(Default)]
+pub struct Collected(Mutex<Vec<Record>>);
+
+impl Sink for Collected {
+    fn record(&self, record: &Record) {
+        self.0.lock().expect("records lock").push(record.clone());
+    }
+}
+
+impl Collected {
+    pub fn all(&self) -> Vec<Record> {
+        self.0.lock().expect("records lock").clone()
+    }
+}
+
+pub struct Managed {
+    api: ApiClient,
+    pub id: String,
+    /// The target gateway, HOST:PORT.
+    pub connect: String,
+    pub channels: u32,
+    records: Arc<Collected>,
+    gateway: tokio::task::JoinHandle<()>,
+    port: u16,
+    admitted: bool,
+    last_poll: Option<Instant>,
+}
+
+impl Drop for Managed {
+    fn drop(&mut self) {
+        self.gateway.abort();
+    }
+}
+
+/// Capabilities and parameters the target QEMU needs to receive what the
+/// source sends: multifd must match on both ends. (`return-path` and
+/// `validate-uuid` are the source's choices; the target follows the stream.)
+pub fn target_migration_settings(
+    multifd: u8,
+) -> (
+    BTreeMap<String, bool>,
+    serde_json::Map<String, serde_json::Value>,
+) {
+    let caps = BTreeMap::from([("multifd".to_string(), multifd > 0)]);
+    let mut params = serde_json::Map::new();
+    if multifd > 0 {
+        params.insert("multifd-channels".into(), json!(multifd));
+    }
+    (caps, params)
+}
+
+/// The address to reach a daemon listener at: a listener bound to the
+/// wildcard address is reached at the API's own host (or loopback when the
+/// API is a local socket).
+pub fn reachable(listen: &str, api: &ApiAddr) -> String {
+    let Some((host, port)) = listen.rsplit_once(':') else {
+        return listen.to_string();
+    };
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let wildcard = matches!(bare, "0.0.0.0" | "::" | "");
+    if !wildcard {
+        return listen.to_string();
+    }
+    let host = match api {
+        ApiAddr::Unix(_) => Ipv4Addr::LOCALHOST.to_string(),
+        ApiAddr::Tls { addr, .. } => match addr.rsplit_once(':') {
+            Some((h, _)) => h.to_string(),
+            None => addr.clone(),
+        },
+    };
+    format!("{host}:{port}")
+}
+
+impl Managed {
+    /// Loads the credentials, binds the local listener, registers the
+    /// migration and starts the source gateway with its ticket. Errors are
+    /// the cause, as a clause.
+    pub async fn prepare(
+        args: &MigrateArgs,
+        uuid: Option<Uuid>,
+        dn: &str,
+        rep: &mut Reporter,
+    ) -> Result<Managed, String> {
+        let target = args.target.as_deref().unwrap_or_default();
+        let addr = api_addr(target, args.api_x509_dir.as_deref()).map_err(|e| e.to_string())?;
+        let api = ApiClient::new(addr).map_err(|e| super::chain(&e))?;
+        // Everything that can fail locally fails before the daemon is asked.
+        let tls = tls::client_config(&args.x509_dir, &[tls::ALPN_MIGGATE])
+            .map_err(|e| format!("source TLS credentials: {}", super::chain(&e)))?;
+        let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+        let listener = crate::timeouts::bind_local_listener(local)
+            .map_err(|e| format!("cannot listen on {local} for the source QEMU: {e}"))?;
+        let port = listener
+            .local_addr()
+            .map_err(|e| format!("local listener: {e}"))?
+            .port();
+
+        let channels = 1 + u32::from(args.multifd);
+        let forward = match (&args.target_qmp, &args.forward) {
+            (Some(qmp), _) => {
+                let (capabilities, parameters) = target_migration_settings(args.multifd);
+                Forward::Qmp(QmpForward {
+                    qmp: format!("unix:{}", qmp.display()),
+                    capabilities,
+                    parameters,
+                })
+            }
+            (None, Some(ep)) => Forward::Endpoint(ep.to_string()),
+            (None, None) => return Err("give --target-qmp or --forward".into()),
+        };
+        let req = IncomingRequest {
+            vm_uuid: uuid,
+            allow: Allow::Identity(dn.to_string()),
+            forward,
+            channels,
+            expires_in: args.expires_in,
+        };
+        let resp = api
+            .register(&req)
+            .await
+            .map_err(|e| format!("target daemon: {}", api_reason(&e)))?;
+        let ticket = match Ticket::parse(&resp.ticket) {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = api.cancel(&resp.id).await;
+                return Err(format!("the daemon's ticket is unusable: {e}"));
+            }
+        };
+        let vm = uuid.map_or_else(|| "any VM UUID".to_string(), |u| format!("VM {u}"));
+        rep.step(&format!(
+            "registered migration {} with the daemon at {}: a one-shot ticket (kept in memory only) admits {} channel{} of {vm} from {dn} until {}",
+            resp.id,
+            api.addr(),
+            channels,
+            if channels == 1 { "" } else { "s" },
+            resp.expires_at
+        ));
+
+        let connect = match (&args.connect, resp.listen.first()) {
+            (Some(c), _) => c.clone(),
+            (None, Some(l)) => reachable(l, api.addr()),
+            (None, None) => {
+                let _ = api.cancel(&resp.id).await;
+                return Err("the daemon has no migration listener to connect to (and no --connect was given)".into());
+            }
+        };
+        let host = args
+            .tls_hostname
+            .clone()
+            .unwrap_or_else(|| host_of(&connect).to_string());
+        let server_name = match ServerName::try_from(host.clone()) {
+            Ok(n) => n,
+            Err(_) => {
+                let _ = api.cancel(&resp.id).await;
+                return Err(format!("{host:?} is not a valid TLS hostname"));
+            }
+        };
+        let records = Arc::new(Collected::default());
+        let cfg = SourceConfig {
+            tls,
+            connect: connect.clone(),
+            server_name,
+            stall: args.stall(),
+            ticket: Some(ticket),
+            sink: Some(records.clone()),
+        };
+        let gateway = tokio::spawn(async move {
+            if let Err(e) = source::serve(LocalListener::Tcp(listener), cfg).await {
+                tracing::error!(error = %e, "source gateway stopped");
+            }
+        });
+        rep.step(&format!(
+            "source gateway listening on 127.0.0.1:{port} for the source QEMU, forwarding over TLS to {connect} (the target must present a certificate for {host})"
+        ));
+        Ok(Managed {
+            api,
+            id: resp.id,
+            connect,
+            channels,
+            records,
+            gateway,
+            port,
+            admitted: false,
+            last_poll: None,
+        })
+    }
+
+    /// Where the source QEMU migrates to.
+    pub fn uri(&self) -> String {
+        format!("tcp:127.0.0.1:{}", self.port)
+    }
+
+    pub fn records(&self) -> Vec<Record> {
+        self.records.all()
+    }
+
+    pub async fn view(&self) -> Result<MigrationView, ApiError> {
+        self.api.migration(&self.id).await
+    }
+
+    /// `DELETE /v1/migrations/{id}`: the daemon cuts every channel and
+    /// spends the ticket.
+    pub async fn cancel(&self) -> Result<MigrationView, String> {
+        self.api.cancel(&self.id).await.map_err(|e| api_reason(&e))
+    }
+
+    /// Tells the operator, once, that the target admitted the stream.
+    pub async fn poll_admission(&mut self, rep: &mut Reporter, now: bool) {
+        let early = !now && self.last_poll.is_some_and(|t| t.elapsed() < ADMISSION_POLL);
+        if self.admitted || early {
+            return;
+        }
+        self.last_poll = Some(Instant::now());
+        let Ok(v) = self.view().await else { return };
+        if v.channels_seen > 0 && !matches!(v.state, Phase::Registered) {
+            self.admitted = true;
+            let who = v.peer_dn.as_deref().unwrap_or("(unknown)");
+            let vm = v.vm_uuid.map_or_else(String::new, |u| {
+                format!(", VM UUID {u} checked in the stream")
+            });
+            rep.step(&format!(
+                "the target admitted the stream: ticket valid, peer {who} allowed{vm}; channels opened: {} of {}",
+                v.channels_seen, v.channels_expected
+            ));
+        }
+    }
+
+    /// The daemon's view once it has closed its books (or as it stands
+    /// after `SETTLE`).
+    pub async fn settled_view(&self) -> Option<MigrationView> {
+        let deadline = Instant::now() + SETTLE;
+        loop {
+            let v = self.view().await.ok();
+            let done = v.as_ref().is_some_and(|v| v.state.is_final());
+            if done || Instant::now() >= deadline {
+                return v;
+            }
+            tokio::time::sleep(SETTLE_POLL).await;
+        }
+    }
+
+    /// Records and the daemon's view of a failed migration, given a moment
+    /// to arrive.
+    pub async fn failure_evidence(&self) -> (Vec<Record>, Option<MigrationView>) {
+        let deadline = Instant::now() + RECORD_GRACE;
+        while Instant::now() < deadline
+            && !self
+                .records
+                .all()
+                .iter()
+                .any(|r| r.ending != Ending::Completed)
+        {
+            tokio::time::sleep(SETTLE_POLL).await;
+        }
+        let view = loop {
+            let v = self.view().await.ok();
+            let known = v.as_ref().is_some_and(|v| {
+                v.state.is_final() || v.reason.is_some() || !v.refusals.is_empty()
+            });
+            if known || Instant::now() >= deadline {
+                break v;
+            }
+            tokio::time::sleep(SETTLE_POLL).await;
+        };
+        (self.records.all(), view)
+    }
+
+    /// The DN of the target's certificate, as the source gateway saw it.
+    pub fn target_dn(&self) -> Option<String> {
+        self.records.all().into_iter().find_map(|r| r.peer_dn)
+    }
+}
+
+/// The daemon's own sentence when it gave one, else the error's chain.
+fn api_reason(e: &ApiError) -> String {
+    match e {
+        ApiError::Http { status, message } => format!("{message} (HTTP {status})"),
+        other => super::chain(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_listeners_are_reached_at_the_api_host() {
+        let unix = ApiAddr::Unix("/run/miggate/api.sock".into());
+        let tls: ApiAddr = "https://dst.example.org:9443".parse().unwrap();
+        assert_eq!(reachable("0.0.0.0:49152", &unix), "127.0.0.1:49152");
+        assert_eq!(reachable("[::]:49152", &tls), "dst.example.org:49152");
+        assert_eq!(reachable("10.0.0.2:49152", &tls), "10.0.0.2:49152");
+        assert_eq!(reachable("dst:1", &unix), "dst:1");
+    }
+
+    #[test]
+    fn target_settings_follow_multifd() {
+        let (caps, params) = target_migration_settings(0);
+        assert!(!caps["multifd"]);
+        assert!(params.is_empty());
+        let (caps, params) = target_migration_settings(4);
+        assert!(caps["multifd"]);
+        assert_eq!(params["multifd-channels"], 4);
+    }
+}

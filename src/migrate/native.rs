@@ -1,0 +1,317 @@
+//! `--native-tls`: no gateway, no daemon. QEMU's own TLS on both ends,
+//! configured over QMP exactly as the seeds do it by hand:
+//!
+//! ```text
+//! target: object-add tls-creds-x509 id=miggate-tls0 dir=D endpoint=server verify-peer=on
+//!         object-add authz-simple id=miggate-authz0 identity=<the source's client DN>
+//!         migrate-set-parameters tls-creds=miggate-tls0 tls-authz=miggate-authz0
+//!         migrate-incoming tcp:HOST:PORT
+//! source: object-add tls-creds-x509 id=miggate-tls0 dir=D endpoint=client verify-peer=on
+//!         migrate-set-parameters tls-creds=miggate-tls0 tls-hostname=HOST
+//!         migrate-set-capabilities return-path validate-uuid; migrate tcp:HOST:PORT
+//! ```
+//!
+//! With `--authz-list-file F` the target gets `authz-list-file` (QEMU's
+//! live-reloaded ACL); QEMU 7.2 cannot create that object (its QAPI and
+//! QOM names disagree), so the rules of F are then loaded into an
+//! `authz-list` instead, which does not follow later edits of F.
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Value};
+
+use super::progress::Reporter;
+use super::{chain, host_of, MigrateArgs};
+use crate::authz::{Authz, Decision, List, Simple};
+use crate::qmp::{Qmp, QmpError};
+
+pub const CREDS_ID: &str = "miggate-tls0";
+pub const AUTHZ_ID: &str = "miggate-authz0";
+
+/// Where the target QEMU listens unless `--connect` says otherwise: both
+/// QMP sockets are local, so both QEMUs are too.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:0";
+
+pub struct Native {
+    target: Qmp,
+    target_path: PathBuf,
+    uri: String,
+    /// Our prediction of the target's tls-authz decision about our DN, when
+    /// it is a denial: QEMU logs its own only to its stderr, and the source
+    /// QEMU merely sees the TLS session drop.
+    authz_denial: Option<String>,
+}
+
+/// `object-del` (ignoring "not found") then `object-add`: a second run
+/// against the same QEMUs replaces the objects of the first.
+async fn replace_object(q: &mut Qmp, props: Value) -> Result<(), QmpError> {
+    let id = props["id"].as_str().unwrap_or_default().to_string();
+    let _ = q.execute("object-del", Some(json!({ "id": id }))).await;
+    q.execute("object-add", Some(props)).await.map(drop)
+}
+
+fn tls_creds(dir: &Path, endpoint: &str) -> Result<Value, String> {
+    let dir = dir
+        .to_str()
+        .ok_or_else(|| format!("PKI path {} is not UTF-8", dir.display()))?;
+    Ok(json!({
+        "qom-type": "tls-creds-x509",
+        "id": CREDS_ID,
+        "dir": dir,
+        "endpoint": endpoint,
+        "verify-peer": true,
+    }))
+}
+
+/// The QOM properties of an `authz-list` holding the rules of an ACL file.
+pub fn authz_list_props(list: &List) -> Value {
+    let rules: Vec<Value> = list
+        .rules()
+        .iter()
+        .map(|r| {
+            json!({
+                "match": r.pattern,
+                "policy": r.policy.as_str(),
+                "format": r.format.as_str(),
+            })
+        })
+        .collect();
+    json!({
+        "qom-type": "authz-list",
+        "id": AUTHZ_ID,
+        "rules": rules,
+        "policy": list.policy().as_str(),
+    })
+}
+
+impl Native {
+    /// Sets up TLS on both QEMUs and starts the target listening.
+    pub async fn prepare(
+        args: &MigrateArgs,
+        src: &mut Qmp,
+        dn: &str,
+        rep: &mut Reporter,
+    ) -> Result<Native, String> {
+        let Some(path) = args.target_qmp.clone() else {
+            return Err(
+                "--native-tls needs --target-qmp (the target QEMU's local QMP socket)".into(),
+            );
+        };
+        let mut target = Qmp::connect_unix(&path).await.map_err(|e| {
+            format!(
+                "cannot connect to the target QEMU's QMP socket {}: {}",
+                path.display(),
+                chain(&e)
+            )
+        })?;
+        let q = |e: QmpError| format!("target QEMU: {}", chain(&e));
+        let status = target.query_status().await.map_err(q)?;
+        if status != "inmigrate" {
+            return Err(format!(
+                "the target QEMU is {status}, not waiting for a migration (start it with -incoming defer)"
+            ));
+        }
+        let target_dir = args.target_x509_dir.as_deref().unwrap_or(&args.x509_dir);
+        replace_object(&mut target, tls_creds(target_dir, "server")?)
+            .await
+            .map_err(q)?;
+
+        let (authz, decision) = match &args.authz_list_file {
+            None => {
+                let identity = args.authz_identity.as_deref().unwrap_or(dn);
+                replace_object(
+                    &mut target,
+                    json!({"qom-type": "authz-simple", "id": AUTHZ_ID, "identity": identity}),
+                )
+                .await
+                .map_err(q)?;
+                (
+                    format!("authz-simple identity {identity}"),
+                    Simple::new(identity).check(dn),
+                )
+            }
+            Some(file) => Self::authz_from_file(&mut target, file, dn, rep).await?,
+        };
+        // Same DN rendering and rule semantics as QEMU (see crate::authz).
+        let authz_denial = match decision {
+            Decision::Allow => None,
+            Decision::Deny { reason } => {
+                rep.note(&format!(
+                    "the target QEMU's tls-authz will refuse this side: {reason}"
+                ));
+                Some(format!("its tls-authz refused the TLS session ({reason})"))
+            }
+        };
+        let (caps, mut params) = super::managed::target_migration_settings(args.multifd);
+        let caps: Vec<Value> = caps
+            .iter()
+            .map(|(c, on)| json!({"capability": c, "state": on}))
+            .collect();
+        target
+            .execute(
+                "migrate-set-capabilities",
+                Some(json!({ "capabilities": caps })),
+            )
+            .await
+            .map_err(q)?;
+        params.insert("tls-creds".into(), json!(CREDS_ID));
+        params.insert("tls-authz".into(), json!(AUTHZ_ID));
+        target
+            .execute("migrate-set-parameters", Some(Value::Object(params)))
+            .await
+            .map_err(q)?;
+
+        let listen = args.connect.as_deref().unwrap_or(DEFAULT_LISTEN);
+        target
+            .execute(
+                "migrate-incoming",
+                Some(json!({ "uri": format!("tcp:{listen}") })),
+            )
+            .await
+            .map_err(q)?;
+        let host = host_of(listen).to_string();
+        let port = match listen.rsplit_once(':').map(|(_, p)| p) {
+            Some("0") | None => {
+                let info = target.query_migrate().await.map_err(q)?;
+                info.raw["socket-address"][0]["port"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| format!("target QEMU: no listening port in {}", info.raw))?
+            }
+            Some(p) => p.to_string(),
+        };
+        let addr = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        rep.step(&format!(
+            "target QEMU at {}: TLS server with {} (verify-peer on), {authz}, listening on {addr}",
+            path.display(),
+            target_dir.display()
+        ));
+
+        let qs = |e: QmpError| format!("source QEMU: {}", chain(&e));
+        replace_object(src, tls_creds(&args.x509_dir, "client")?)
+            .await
+            .map_err(qs)?;
+        let tls_hostname = args.tls_hostname.clone().unwrap_or_else(|| host.clone());
+        src.execute(
+            "migrate-set-parameters",
+            Some(json!({"tls-creds": CREDS_ID, "tls-hostname": tls_hostname})),
+        )
+        .await
+        .map_err(qs)?;
+        rep.step(&format!(
+            "source QEMU: TLS client with {} (identity {dn}), the target must present a certificate for {tls_hostname}",
+            args.x509_dir.display()
+        ));
+        Ok(Native {
+            target,
+            target_path: path,
+            uri: format!("tcp:{addr}"),
+            authz_denial,
+        })
+    }
+
+    /// The target's tls-authz from an ACL file, and its decision about `dn`.
+    async fn authz_from_file(
+        target: &mut Qmp,
+        file: &Path,
+        dn: &str,
+        rep: &mut Reporter,
+    ) -> Result<(String, Decision), String> {
+        let q = |e: QmpError| format!("target QEMU: {}", chain(&e));
+        let name = file
+            .to_str()
+            .ok_or_else(|| format!("ACL path {} is not UTF-8", file.display()))?;
+        // Parsed here too: a broken file is reported before QEMU sees it.
+        let text = std::fs::read(file).map_err(|e| format!("cannot read {name}: {e}"))?;
+        let list = List::from_json(name, &text).map_err(|e| format!("{name}: {e}"))?;
+        let decision = list.check(dn);
+        let as_file = json!({
+            "qom-type": "authz-list-file", "id": AUTHZ_ID, "filename": name, "refresh": true,
+        });
+        let refused = match replace_object(target, as_file).await {
+            Ok(()) => {
+                return Ok((
+                    format!("authz-list-file {name} (reloaded on change)"),
+                    decision,
+                ))
+            }
+            Err(e @ QmpError::Command { .. }) => e,
+            Err(e) => return Err(q(e)),
+        };
+        target
+            .execute("object-add", Some(authz_list_props(&list)))
+            .await
+            .map_err(q)?;
+        rep.note(&format!(
+            "this QEMU cannot create authz-list-file ({}); its {} rule(s) were loaded into an authz-list instead, which does not follow later edits of the file",
+            chain(&refused),
+            list.rules().len()
+        ));
+        Ok((format!("authz-list from {name}"), decision))
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The target QEMU's `error-desc`; else its tls-authz denial of our DN;
+    /// else, if it is gone, that it exited (a target whose incoming
+    /// migration failed usually does).
+    pub async fn target_error(&mut self) -> Option<String> {
+        let exited = match self.target.query_migrate().await {
+            Ok(info) if info.error_desc.is_some() => return info.error_desc,
+            Ok(_) => false,
+            Err(QmpError::Closed | QmpError::Io { .. }) => true,
+            Err(_) => false,
+        };
+        self.authz_denial.clone().or_else(|| {
+            exited.then(|| {
+                format!(
+                    "the target QEMU ({}) exited; its log says why",
+                    self.target_path.display()
+                )
+            })
+        })
+    }
+
+    /// Waits (briefly) for the target VM to reach `want`; returns what it is.
+    pub async fn target_status(&mut self, want: &str) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + super::TARGET_RUNNING_WAIT;
+        loop {
+            let s = self.target.query_status().await.ok()?;
+            if s == want || tokio::time::Instant::now() >= deadline {
+                return Some(s);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn acl_file_becomes_authz_list_props() {
+        let list = List::from_json(
+            "f",
+            br#"{"rules":[{"match":"O=a,CN=*","policy":"allow","format":"glob"},
+                          {"match":"dan*","policy":"deny"}]}"#,
+        )
+        .unwrap();
+        let p = authz_list_props(&list);
+        assert_eq!(p["qom-type"], "authz-list");
+        assert_eq!(p["policy"], "deny");
+        assert_eq!(
+            p["rules"],
+            json!([
+                {"match": "O=a,CN=*", "policy": "allow", "format": "glob"},
+                {"match": "dan*", "policy": "deny", "format": "exact"}
+            ])
+        );
+    }
+}
