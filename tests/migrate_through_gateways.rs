@@ -16,8 +16,8 @@ async fn paused_guest_ram_arrives_intact() {
     let opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0x5eed }, 128);
 
     let (mut src, mut dst, port) = qemu_pair(&opts).await;
-    let direct =
-        migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:127.0.0.1:{port}")).await;
+    migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:127.0.0.1:{port}")).await;
+    let direct = src.migration_duration().expect("direct migration duration");
     drop((src, dst));
 
     let (mut src, mut dst, port) = qemu_pair(&opts).await;
@@ -29,8 +29,8 @@ async fn paused_guest_ram_arrives_intact() {
         common::qemu::zero_sha256(src.ram_bytes()).await,
         "the source guest's RAM should hold random bytes"
     );
-    let gated =
-        migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
+    migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
+    let gated = src.migration_duration().expect("gated migration duration");
     assert_eq!(
         dst.ram_sha256().await,
         src_hash,
