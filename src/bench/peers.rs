@@ -178,28 +178,39 @@ pub async fn stunnel(bin: &Path, pki: &Path, dir: &Path, forward_port: u16) -> R
     ] {
         let path = dir.join(format!("{name}.conf"));
         std::fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
-        let p = spawn_logged(
-            bin,
-            &[path.display().to_string()],
-            &[("OPENSSL_CONF", &cnf)],
-            dir,
-            name,
-        )?;
-        procs.push(p);
-        if let Err(e) = sys::wait_listening(port, START_TIMEOUT, name).await {
-            let logs = procs
-                .iter()
-                .map(Proc::log_text)
-                .collect::<Vec<_>>()
-                .join("\n");
-            return Err(e.context(logs));
-        }
+        let args = [path.display().to_string()];
+        start_listening(&mut procs, bin, &args, &cnf, dir, name, port).await?;
     }
     Ok(Layer {
         procs,
         entry_port: entry,
         target_port: mid,
     })
+}
+
+/// Starts one peer process (with our OpenSSL config) into `procs` and waits
+/// until it listens on `port`; on failure the error carries every log so far.
+async fn start_listening(
+    procs: &mut Vec<Proc>,
+    bin: &Path,
+    args: &[String],
+    openssl_cnf: &Path,
+    dir: &Path,
+    name: &str,
+    port: u16,
+) -> Result<()> {
+    procs.push(spawn_logged(
+        bin,
+        args,
+        &[("OPENSSL_CONF", openssl_cnf)],
+        dir,
+        name,
+    )?);
+    if let Err(e) = sys::wait_listening(port, START_TIMEOUT, name).await {
+        let logs = procs.iter().map(Proc::log_text).collect::<Vec<_>>();
+        return Err(e.context(logs.join("\n")));
+    }
+    Ok(())
 }
 
 /// socat TCP-LISTEN -> OPENSSL (client cert) -> socat OPENSSL-LISTEN
@@ -230,21 +241,7 @@ pub async fn socat(bin: &Path, pki: &Path, dir: &Path, forward_port: u16) -> Res
         ("socat-target", server, mid),
         ("socat-source", client, entry),
     ] {
-        procs.push(spawn_logged(
-            bin,
-            &args,
-            &[("OPENSSL_CONF", &cnf)],
-            dir,
-            name,
-        )?);
-        if let Err(e) = sys::wait_listening(port, START_TIMEOUT, name).await {
-            let logs = procs
-                .iter()
-                .map(Proc::log_text)
-                .collect::<Vec<_>>()
-                .join("\n");
-            return Err(e.context(logs));
-        }
+        start_listening(&mut procs, bin, &args, &cnf, dir, name, port).await?;
     }
     Ok(Layer {
         procs,
