@@ -61,7 +61,11 @@ async fn miggate_source_to_qemu_native_tls_target_denied() {
     let err = migrate_and_expect_failure(&mut src, &format!("tcp:{}", sgw.addr)).await;
     assert!(!err.is_empty(), "QEMU should describe the failure");
     let rec = sgw.wait_outcome(EVENT_TIMEOUT).await;
-    assert_ne!(rec["outcome"], "completed", "{rec}");
+    // QEMU's native TLS has no way to tell the gateway why it closed, and
+    // both ends may close cleanly: the gateway's record cannot always say
+    // "refused". What it can say: the target sent nothing back (no return
+    // path traffic: it never loaded anything).
+    assert_eq!(rec["bytes_recv"], 0, "{rec}");
     // The target QEMU's own log names the refused DN.
     let dst_log = dst.stderr_text();
     assert!(

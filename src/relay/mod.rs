@@ -141,9 +141,10 @@ where
     w.shutdown().await
 }
 
-/// A reset once the other direction has ended is how QEMU's native TLS
-/// says goodbye (it closes its socket with our close_notify unread): an
-/// ending. Before that, it is a failure.
+/// A reset from `b` once everything towards `b` was delivered and closed is
+/// how QEMU says goodbye (it closes its socket with our close_notify, or a
+/// multifd channel's last bytes, unread): an ending. Before that, or on
+/// the way towards `b`, it is a failure.
 fn ending(r: std::io::Result<()>, other_done: bool) -> std::io::Result<()> {
     use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
     match r {
@@ -180,7 +181,9 @@ where
         tokio::select! {
             r = &mut fwd, if !fwd_done => {
                 fwd_done = true;
-                ending(r, back_done).map_err(|source| RelayError::Io { direction: names.0, source })?;
+                // Data towards `b` that `b` refused (it had closed and
+                // resets what we still send): a failure, never a goodbye.
+                r.map_err(|source| RelayError::Io { direction: names.0, source })?;
             }
             r = &mut back, if !back_done => {
                 back_done = true;
