@@ -122,8 +122,23 @@ where
 {
     let mut buf = vec![0u8; BUF];
     let mut deferred = Deferred::default();
+    // A TLS writer may keep what it was given (tokio-rustls returns from a
+    // write once rustls holds the records, even if the socket is full) until
+    // the next write or flush. When the reader has nothing more for now,
+    // flush: QEMU waits for an answer to the bytes it just sent, and
+    // records left behind would stall the migration until it is cut.
+    let mut unflushed = false;
     loop {
-        let n = match read_available(&mut r, &mut buf, &mut deferred).await {
+        let read = tokio::select! {
+            biased;
+            r = read_available(&mut r, &mut buf, &mut deferred) => r,
+            r = w.flush(), if unflushed => {
+                r?;
+                unflushed = false;
+                continue;
+            }
+        };
+        let n = match read {
             Ok(0) => break,
             Ok(n) => n,
             // A TLS peer that closes without close_notify (QEMU's native TLS
@@ -134,6 +149,7 @@ where
         };
         act.touch();
         w.write_all(&buf[..n]).await?;
+        unflushed = true;
         count.fetch_add(n as u64, Ordering::Relaxed);
         act.touch();
     }
@@ -285,6 +301,80 @@ mod tests {
         task.await.unwrap().unwrap();
         assert_eq!(counters.forward(), 100_000);
         assert_eq!(counters.back(), 5);
+    }
+
+    /// A writer that keeps what it is given until flushed, as tokio-rustls
+    /// does when the socket below it is full.
+    struct HoldsUntilFlush<W> {
+        inner: W,
+        held: Vec<u8>,
+    }
+
+    impl<W: AsyncWrite + Unpin> AsyncWrite for HoldsUntilFlush<W> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let this = &mut *self;
+            while !this.held.is_empty() {
+                let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, &this.held))?;
+                this.held.drain(..n);
+            }
+            Pin::new(&mut this.inner).poll_flush(cx)
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            std::task::ready!(self.as_mut().poll_flush(cx))?;
+            Pin::new(&mut self.inner).poll_shutdown(cx)
+        }
+    }
+
+    impl<W: AsyncRead + Unpin> AsyncRead for HoldsUntilFlush<W> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        }
+    }
+
+    /// The last bytes before the sender pauses to wait for an answer reach
+    /// the other side even though nothing closes and nothing more is read.
+    #[tokio::test]
+    async fn bytes_held_by_a_writer_go_out_when_the_reader_pauses() {
+        let (client, a) = duplex(1024);
+        let (b, server) = duplex(1024);
+        let b = HoldsUntilFlush {
+            inner: b,
+            held: Vec::new(),
+        };
+        let _relay = tokio::spawn(relay(
+            a,
+            b,
+            ("a->b", "b->a"),
+            Duration::from_secs(60),
+            Arc::default(),
+        ));
+        let (_cr, mut cw) = tokio::io::split(client);
+        let (mut sr, _sw) = tokio::io::split(server);
+        cw.write_all(b"are you there?").await.unwrap();
+        let mut got = [0u8; 14];
+        tokio::time::timeout(Duration::from_secs(10), sr.read_exact(&mut got))
+            .await
+            .expect("the relay kept the bytes in its writer")
+            .unwrap();
+        assert_eq!(&got, b"are you there?");
     }
 
     #[tokio::test(start_paused = true)]
