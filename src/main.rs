@@ -156,6 +156,12 @@ struct SourceArgs {
     /// itself from $MIGGATE_TICKET. Never on the command line, where ps shows it.
     #[arg(long, env = "MIGGATE_TICKET_FILE")]
     ticket_file: Option<PathBuf>,
+    /// Refresh each channel's TLS 1.3 keys after every N MiB sent (a
+    /// KeyUpdate that also asks the target to refresh its own), at most
+    /// one per 250 ms (QEMU's GnuTLS refuses more than 8 per second).
+    /// Default: only at the cipher's limits, which a migration rarely reaches.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    rekey_after_mib: Option<u64>,
 }
 
 /// The ticket for `miggate source`, from a file or the environment.
@@ -354,6 +360,7 @@ async fn run_source(a: SourceArgs) -> Result<()> {
         connect: a.connect,
         server_name,
         stall,
+        rekey_after: a.rekey_after_mib.map(|m| m << 20),
         ticket: source_ticket(a.ticket_file.as_deref())?,
         sink: None,
     };

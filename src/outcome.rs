@@ -45,6 +45,7 @@ pub struct Record {
     pub migration: Option<String>,
     pub bytes_sent: u64,
     pub bytes_recv: u64,
+    pub key_updates: u64,
     pub duration: Duration,
     /// TLS handshake + admission time, when admission completed.
     pub admission: Option<Duration>,
@@ -129,6 +130,7 @@ impl Outcome {
             migration: self.migration.clone(),
             bytes_sent: self.counters.forward(),
             bytes_recv: self.counters.back(),
+            key_updates: self.counters.key_updates(),
             duration: self.started.elapsed(),
             admission: self.admitted_after,
             ending,
@@ -170,6 +172,7 @@ fn log(r: &Record) {
                 migration = mig,
                 bytes_sent = r.bytes_sent,
                 bytes_recv = r.bytes_recv,
+                key_updates = r.key_updates,
                 duration_ms,
                 outcome = r.ending.as_str(),
                 reason,

@@ -54,6 +54,12 @@ pub fn open_window(stream: &tokio::net::TcpStream) {
     let _ = socket2::SockRef::from(stream).set_recv_buffer_size(LOCAL_RCVBUF_AFTER_VERDICT);
 }
 
+/// Shortest time between two TLS key updates a source gateway sends on one
+/// channel. GnuTLS (QEMU's native TLS) fails a session that receives more
+/// than 8 key updates within one second; one per 250 ms stays well below
+/// that whatever the `--rekey-after-mib` interval and the stream's speed.
+pub const MIN_REKEY_GAP: Duration = Duration::from_millis(250);
+
 /// Read buffer under a TLS session. rustls pulls ciphertext 4 KiB at a
 /// time; without a buffer below it that is one syscall per 4 KiB, which
 /// costs more CPU than the cipher itself on a migration stream.

@@ -198,6 +198,7 @@ mod tests {
             migration: None,
             bytes_sent: 100,
             bytes_recv: 7,
+            key_updates: 0,
             duration: Duration::from_secs(1),
             admission,
             ending,

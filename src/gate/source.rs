@@ -26,6 +26,7 @@ use crate::admit::ticket::Ticket;
 use crate::admit::{self, Refusal};
 use crate::creds::{dn, tls};
 use crate::outcome::{Ending, Outcome, Sink};
+use crate::relay::rekey::Rekeying;
 use crate::wire::frames::{self, FrameError, Hello, Verdict};
 use crate::wire::qemu::SNIFF_MAX;
 
@@ -36,6 +37,9 @@ pub struct SourceConfig {
     /// The name the target's certificate must carry (`--tls-hostname`).
     pub server_name: ServerName<'static>,
     pub stall: Duration,
+    /// Refresh the TLS keys after every this many bytes sent on a channel
+    /// (`--rekey-after-mib`); `None`: only at rustls' own limits.
+    pub rekey_after: Option<u64>,
     /// Presented in the hello to a target daemon (managed mode).
     pub ticket: Option<Ticket>,
     pub sink: Option<Arc<dyn Sink>>,
@@ -216,13 +220,18 @@ async fn handle(
     if let Plain::Tcp(s) = &local {
         crate::timeouts::open_window(s);
     }
-    crate::relay::relay(
-        local,
-        tls,
-        ("source->target", "target->source"),
-        cfg.stall,
-        out.counters.clone(),
-    )
-    .await
-    .map_err(|e| failed(e.to_string()))
+    let names = ("source->target", "target->source");
+    let relayed = match cfg.rekey_after {
+        Some(every) => {
+            let tls = Rekeying::new(
+                tls,
+                every,
+                crate::timeouts::MIN_REKEY_GAP,
+                out.counters.key_updates.clone(),
+            );
+            crate::relay::relay(local, tls, names, cfg.stall, out.counters.clone()).await
+        }
+        None => crate::relay::relay(local, tls, names, cfg.stall, out.counters.clone()).await,
+    };
+    relayed.map_err(|e| failed(e.to_string()))
 }

@@ -105,6 +105,7 @@ mod tests {
             migration: None,
             bytes_sent: 0,
             bytes_recv: 0,
+            key_updates: 0,
             duration: Duration::ZERO,
             admission: None,
             ending,

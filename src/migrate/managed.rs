@@ -200,6 +200,7 @@ impl Managed {
             connect: connect.clone(),
             server_name,
             stall: args.stall(),
+            rekey_after: None,
             ticket: Some(ticket),
             sink: Some(records.clone()),
         };

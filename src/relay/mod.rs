@@ -6,6 +6,8 @@
 //! on; an error in either direction cuts both. A channel on which no byte
 //! moved in either direction for the stall timeout is cut.
 
+pub mod rekey;
+
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -38,6 +40,8 @@ pub struct Counters {
     pub forward: AtomicU64,
     /// Bytes back from the second stream to the first.
     pub back: AtomicU64,
+    /// TLS key updates this side sent (`--rekey-after-mib`).
+    pub key_updates: Arc<AtomicU64>,
 }
 
 impl Counters {
@@ -46,6 +50,9 @@ impl Counters {
     }
     pub fn back(&self) -> u64 {
         self.back.load(Ordering::Relaxed)
+    }
+    pub fn key_updates(&self) -> u64 {
+        self.key_updates.load(Ordering::Relaxed)
     }
 }
 
