@@ -7,8 +7,9 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_miggate");
 
-const TRANSPORTS: [&str; 7] = [
+const TRANSPORTS: [&str; 8] = [
     "plain",
+    "plain-multifd",
     "qemu-tls",
     "qemu-tls-multifd",
     "stunnel",

@@ -12,6 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 
+use super::local::{Local, LocalKind};
 use super::peers::{self, Installed, MiggateChecks, TLS_HOSTNAME};
 use super::{sys, QEMU_PREFIX};
 use crate::creds::tls;
@@ -89,6 +90,8 @@ async fn admit_once(connector: &TlsConnector, port: u16, first: &[u8]) -> Result
 pub async fn run(
     installed: &Installed,
     pki: &Path,
+    workdir: &Path,
+    local: LocalKind,
     client_dn: &str,
     connections: usize,
     channels: usize,
@@ -98,7 +101,15 @@ pub async fn run(
         client_dn,
         expect_uuid: None,
     };
-    let layer = peers::miggate(&installed.miggate, pki, sink_port, &checks).await?;
+    let entry = local.fresh(workdir, "handshake-entry")?;
+    let layer = peers::miggate(
+        &installed.miggate,
+        pki,
+        entry,
+        &Local::Tcp(sink_port),
+        &checks,
+    )
+    .await?;
     let (tpid, spid) = (
         layer.target_pid().context("target gateway pid")?,
         layer.source_pid().context("source gateway pid")?,
@@ -126,7 +137,7 @@ pub async fn run(
     let mut held = Vec::with_capacity(channels);
     let warm = vec![0x5Au8; WARM_BYTES];
     for _ in 0..channels {
-        let mut s = TcpStream::connect(("127.0.0.1", layer.entry_port)).await?;
+        let mut s = layer.entry.connect().await?;
         s.write_all(QEMU_PREFIX).await?;
         s.write_all(&warm).await?;
         held.push(s);

@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::json;
 use uuid::Uuid;
 
+use super::local::LocalKind;
 use super::peers::{self, Installed, MiggateChecks, TLS_HOSTNAME};
 use super::{sys, Transport, Workload};
 use crate::lab::{Accel, Guest, NativeTls, Qemu, QemuOpts, TlsEndpoint};
@@ -41,6 +42,8 @@ pub struct Setup<'a> {
     pub channels: u32,
     pub accel: Option<Accel>,
     pub ram_cache: Option<&'a Path>,
+    /// The local hops of the layered transports.
+    pub local: LocalKind,
 }
 
 /// Migrates a fresh guest of `workload` through `t` once.
@@ -88,21 +91,35 @@ pub async fn migrate_once(t: Transport, workload: Workload, s: &Setup<'_>) -> Re
         src.set_native_tls_parameters(Some(TLS_HOSTNAME)).await?;
         dst.set_native_tls_parameters(None).await?;
     }
-    let qemu_port = dst.migrate_incoming_any_port().await?;
-
     let dir = tempfile::Builder::new()
         .prefix("peer-")
         .tempdir_in(s.workdir)
         .context("temp dir for the peers")?;
+    let layered = !matches!(
+        t,
+        Transport::Plain | Transport::PlainMultifd | Transport::QemuTls | Transport::QemuTlsMultifd
+    );
+    // Without a layer, QEMU to QEMU is the network hop: TCP.
+    let qemu_in = if layered && s.local == LocalKind::Unix {
+        let at = s.local.fresh(dir.path(), "qemu-incoming")?;
+        dst.migrate_incoming(&at.uri()).await?;
+        at
+    } else {
+        super::local::Local::Tcp(dst.migrate_incoming_any_port().await?)
+    };
+    let entry = s.local.fresh(dir.path(), "entry")?;
     let layer = match t {
-        Transport::Plain | Transport::QemuTls | Transport::QemuTlsMultifd => None,
+        Transport::Plain
+        | Transport::PlainMultifd
+        | Transport::QemuTls
+        | Transport::QemuTlsMultifd => None,
         Transport::Stunnel => {
             let bin = s
                 .installed
                 .stunnel
                 .as_deref()
                 .context("stunnel not installed")?;
-            Some(peers::stunnel(bin, s.pki, dir.path(), qemu_port).await?)
+            Some(peers::stunnel(bin, s.pki, dir.path(), entry, &qemu_in).await?)
         }
         Transport::Socat => {
             let bin = s
@@ -110,17 +127,19 @@ pub async fn migrate_once(t: Transport, workload: Workload, s: &Setup<'_>) -> Re
                 .socat
                 .as_deref()
                 .context("socat not installed")?;
-            Some(peers::socat(bin, s.pki, dir.path(), qemu_port).await?)
+            Some(peers::socat(bin, s.pki, dir.path(), entry, &qemu_in).await?)
         }
         Transport::Miggate | Transport::MiggateMultifd => {
             let checks = MiggateChecks {
                 client_dn: s.client_dn,
                 expect_uuid: Some(uuid),
             };
-            Some(peers::miggate(&s.installed.miggate, s.pki, qemu_port, &checks).await?)
+            Some(peers::miggate(&s.installed.miggate, s.pki, entry, &qemu_in, &checks).await?)
         }
     };
-    let entry = layer.as_ref().map_or(qemu_port, |l| l.entry_port);
+    let entry = layer
+        .as_ref()
+        .map_or_else(|| qemu_in.clone(), |l| l.entry.clone());
     if workload == Workload::Running {
         src.wait_running_and_counting(BOOT_TIMEOUT).await?;
     }
@@ -129,7 +148,7 @@ pub async fn migrate_once(t: Transport, workload: Workload, s: &Setup<'_>) -> Re
     let qemu_pids: Vec<u32> = [src.pid(), dst.pid()].into_iter().flatten().collect();
     src.forget_old_events().await?;
     let (layer0, qemu0) = (sys::cpu_total(&layer_pids), sys::cpu_total(&qemu_pids));
-    src.migrate(&format!("tcp:127.0.0.1:{entry}")).await?;
+    src.migrate(&entry.uri()).await?;
     let s_info = src.wait_migration_end(MIGRATION_TIMEOUT).await?;
     let d_info = dst.wait_migration_end(MIGRATION_TIMEOUT).await?;
     let (layer1, qemu1) = (sys::cpu_total(&layer_pids), sys::cpu_total(&qemu_pids));

@@ -13,6 +13,7 @@
 //! skipped, never silently left out.
 
 mod handshake;
+mod local;
 mod migration;
 mod peers;
 mod relay_only;
@@ -42,6 +43,9 @@ const CLIENT_DN: &str = "O=miggate bench,CN=source.bench";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
 pub enum Transport {
     Plain,
+    /// Plain with multifd: what QEMU's multifd costs without any security
+    /// layer, the reference for the *-multifd rows.
+    PlainMultifd,
     QemuTls,
     QemuTlsMultifd,
     Stunnel,
@@ -55,11 +59,15 @@ impl Transport {
         matches!(self, Transport::QemuTls | Transport::QemuTlsMultifd)
     }
     fn multifd(self) -> bool {
-        matches!(self, Transport::QemuTlsMultifd | Transport::MiggateMultifd)
+        matches!(
+            self,
+            Transport::PlainMultifd | Transport::QemuTlsMultifd | Transport::MiggateMultifd
+        )
     }
     fn name(self) -> &'static str {
         match self {
             Transport::Plain => "plain",
+            Transport::PlainMultifd => "plain-multifd",
             Transport::QemuTls => "qemu-tls",
             Transport::QemuTlsMultifd => "qemu-tls-multifd",
             Transport::Stunnel => "stunnel",
@@ -131,6 +139,12 @@ pub struct BenchArgs {
     /// Cache of guest RAM files (default: $XDG_CACHE_HOME/miggate or ~/.cache/miggate).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// How QEMU (or the relay-only generator and sink) reaches the source
+    /// and target sides of stunnel, socat and miggate: unix sockets (the
+    /// README's deployment, also closed to other local users) or TCP on
+    /// 127.0.0.1. The hop between the two sides is TCP either way.
+    #[arg(long, value_enum, default_value = "unix")]
+    pub local: local::LocalKind,
     /// CI smoke run: 64 MiB guest, 1 round, no warm-up, 64 MiB relay-only,
     /// 20 handshakes, 4 held channels. Overrides those options.
     #[arg(long)]
@@ -151,8 +165,9 @@ impl BenchArgs {
 }
 
 /// Every transport, in table order.
-const ALL: [Transport; 7] = [
+const ALL: [Transport; 8] = [
     Transport::Plain,
+    Transport::PlainMultifd,
     Transport::QemuTls,
     Transport::QemuTlsMultifd,
     Transport::Stunnel,
@@ -234,7 +249,16 @@ pub async fn run(mut args: BenchArgs) -> Result<()> {
         println!("{}", relay_table(&args, &inst, &pki, work.path()).await);
     }
     if args.handshakes > 0 {
-        let r = handshake::run(&inst, &pki, CLIENT_DN, args.handshakes, args.rss_channels).await?;
+        let r = handshake::run(
+            &inst,
+            &pki,
+            work.path(),
+            args.local,
+            CLIENT_DN,
+            args.handshakes,
+            args.rss_channels,
+        )
+        .await?;
         println!("{}", handshake_text(&r));
     }
     Ok(())
@@ -299,6 +323,7 @@ async fn migrations(
         channels: args.channels,
         accel,
         ram_cache: args.cache_dir.as_deref(),
+        local: args.local,
     };
     let runnable: Vec<Transport> = transports
         .iter()
@@ -344,14 +369,16 @@ async fn migrations(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Migration: {what}; median of {} interleaved round(s){}; multifd: {} channels",
+        "Migration: {what}; median of {} interleaved round(s){}; multifd: {} channels; \
+         local hops of stunnel, socat, miggate: {}",
         args.rounds,
         if warmup > 0 {
             " after a warm-up round"
         } else {
             ""
         },
-        args.channels
+        args.channels,
+        args.local.describe()
     );
     let _ = writeln!(
         out,
@@ -375,7 +402,7 @@ async fn migrations(
             continue;
         };
         let v = &samples[&t];
-        let layer = if matches!(t, Transport::Plain) || t.native_tls() {
+        let layer = if matches!(t, Transport::Plain | Transport::PlainMultifd) || t.native_tls() {
             "-".to_string()
         } else {
             let c = sys::median(
@@ -434,10 +461,17 @@ async fn relay_round(
     pki: &std::path::Path,
     workdir: &std::path::Path,
 ) -> Result<relay_only::RelaySample> {
-    let sink = relay_only::Sink::start()?;
     let dir = tempfile::Builder::new()
         .prefix("relay-")
         .tempdir_in(workdir)?;
+    // Raw loopback is the TCP limit whatever the layers' local hops.
+    let sink_kind = if p == RelayPath::Raw {
+        local::LocalKind::Tcp
+    } else {
+        args.local
+    };
+    let sink = relay_only::Sink::start(sink_kind, dir.path())?;
+    let entry = args.local.fresh(dir.path(), "entry")?;
     let layer = match p {
         RelayPath::Raw => None,
         RelayPath::Miggate => {
@@ -445,18 +479,20 @@ async fn relay_round(
                 client_dn: CLIENT_DN,
                 expect_uuid: None,
             };
-            Some(peers::miggate(&inst.miggate, pki, sink.port, &checks).await?)
+            Some(peers::miggate(&inst.miggate, pki, entry, &sink.addr, &checks).await?)
         }
         RelayPath::Stunnel => {
             let bin = inst.stunnel.as_deref().context("stunnel not installed")?;
-            Some(peers::stunnel(bin, pki, dir.path(), sink.port).await?)
+            Some(peers::stunnel(bin, pki, dir.path(), entry, &sink.addr).await?)
         }
         RelayPath::Socat => {
             let bin = inst.socat.as_deref().context("socat not installed")?;
-            Some(peers::socat(bin, pki, dir.path(), sink.port).await?)
+            Some(peers::socat(bin, pki, dir.path(), entry, &sink.addr).await?)
         }
     };
-    let entry = layer.as_ref().map_or(sink.port, |l| l.entry_port);
+    let entry = layer
+        .as_ref()
+        .map_or_else(|| sink.addr.clone(), |l| l.entry.clone());
     let pids = layer.as_ref().map(|l| l.pids()).unwrap_or_default();
     let r = relay_only::run_once(entry, sink, args.relay_mib << 20, &pids).await;
     r.with_context(|| layer.as_ref().map(|l| l.logs()).unwrap_or_default())
@@ -511,8 +547,8 @@ async fn relay_table(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Relay only (no QEMU): generator -> source side -> target side -> sink, {} MiB per round, median of {} round(s)",
-        args.relay_mib, args.rounds
+        "Relay only (no QEMU): generator -> source side -> target side -> sink, {} MiB per round, median of {} round(s); local hops: {}",
+        args.relay_mib, args.rounds, args.local.describe()
     );
     let _ = writeln!(
         out,

@@ -13,6 +13,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 use uuid::Uuid;
 
+use super::local::Local;
 use super::sys;
 use crate::creds::tls::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
 
@@ -79,11 +80,11 @@ impl Proc {
     }
 }
 
-/// A running security layer: its processes and the port the sending side
+/// A running security layer: its processes and where the sending side
 /// (QEMU or a generator) connects to.
 pub struct Layer {
     procs: Vec<Proc>,
-    pub entry_port: u16,
+    pub entry: Local,
     /// The target-side process, for RSS and direct connections.
     pub target_port: u16,
 }
@@ -151,45 +152,54 @@ fn openssl_cnf(dir: &Path) -> Result<PathBuf> {
     Ok(path)
 }
 
-/// stunnel client (source side) -> stunnel server (target side) -> `forward_port`.
-pub async fn stunnel(bin: &Path, pki: &Path, dir: &Path, forward_port: u16) -> Result<Layer> {
+/// stunnel client (source side, at `entry`) -> stunnel server (target
+/// side) -> `forward`.
+pub async fn stunnel(
+    bin: &Path,
+    pki: &Path,
+    dir: &Path,
+    entry: Local,
+    forward: &Local,
+) -> Result<Layer> {
     let cnf = openssl_cnf(dir)?;
-    let (entry, mid) = (sys::free_port()?, sys::free_port()?);
+    let mid = sys::free_port()?;
     let server = format!(
         "foreground = yes\npid =\ndebug = 4\n[target]\naccept = 127.0.0.1:{mid}\n\
-         connect = 127.0.0.1:{forward_port}\ncert = {}\nkey = {}\nCAfile = {}\n\
+         connect = {}\ncert = {}\nkey = {}\nCAfile = {}\n\
          verifyChain = yes\nrequireCert = yes\n",
+        forward.stunnel(),
         pki_file(pki, SERVER_CERT),
         pki_file(pki, SERVER_KEY),
         pki_file(pki, CA_CERT)
     );
     let client = format!(
         "foreground = yes\npid =\ndebug = 4\n[source]\nclient = yes\n\
-         accept = 127.0.0.1:{entry}\nconnect = 127.0.0.1:{mid}\ncert = {}\nkey = {}\n\
+         accept = {}\nconnect = 127.0.0.1:{mid}\ncert = {}\nkey = {}\n\
          CAfile = {}\nverifyChain = yes\ncheckHost = {TLS_HOSTNAME}\n",
+        entry.stunnel(),
         pki_file(pki, CLIENT_CERT),
         pki_file(pki, CLIENT_KEY),
         pki_file(pki, CA_CERT)
     );
     let mut procs = Vec::new();
-    for (name, conf, port) in [
-        ("stunnel-target", server, mid),
-        ("stunnel-source", client, entry),
+    for (name, conf, at) in [
+        ("stunnel-target", server, Local::Tcp(mid)),
+        ("stunnel-source", client, entry.clone()),
     ] {
         let path = dir.join(format!("{name}.conf"));
         std::fs::write(&path, conf).with_context(|| format!("writing {}", path.display()))?;
         let args = [path.display().to_string()];
-        start_listening(&mut procs, bin, &args, &cnf, dir, name, port).await?;
+        start_listening(&mut procs, bin, &args, &cnf, dir, name, &at).await?;
     }
     Ok(Layer {
         procs,
-        entry_port: entry,
+        entry,
         target_port: mid,
     })
 }
 
 /// Starts one peer process (with our OpenSSL config) into `procs` and waits
-/// until it listens on `port`; on failure the error carries every log so far.
+/// until it listens at `at`; on failure the error carries every log so far.
 async fn start_listening(
     procs: &mut Vec<Proc>,
     bin: &Path,
@@ -197,7 +207,7 @@ async fn start_listening(
     openssl_cnf: &Path,
     dir: &Path,
     name: &str,
-    port: u16,
+    at: &Local,
 ) -> Result<()> {
     procs.push(spawn_logged(
         bin,
@@ -206,18 +216,25 @@ async fn start_listening(
         dir,
         name,
     )?);
-    if let Err(e) = sys::wait_listening(port, START_TIMEOUT, name).await {
+    if let Err(e) = at.wait_listening(START_TIMEOUT, name).await {
         let logs = procs.iter().map(Proc::log_text).collect::<Vec<_>>();
         return Err(e.context(logs.join("\n")));
     }
     Ok(())
 }
 
-/// socat TCP-LISTEN -> OPENSSL (client cert) -> socat OPENSSL-LISTEN
-/// (verify=1) -> `forward_port`. One connection each: socat without `fork`.
-pub async fn socat(bin: &Path, pki: &Path, dir: &Path, forward_port: u16) -> Result<Layer> {
+/// socat listening at `entry` -> OPENSSL (client cert) -> socat
+/// OPENSSL-LISTEN (verify=1) -> `forward`. One connection each: socat
+/// without `fork`.
+pub async fn socat(
+    bin: &Path,
+    pki: &Path,
+    dir: &Path,
+    entry: Local,
+    forward: &Local,
+) -> Result<Layer> {
     let cnf = openssl_cnf(dir)?;
-    let (entry, mid) = (sys::free_port()?, sys::free_port()?);
+    let mid = sys::free_port()?;
     let server = vec![
         format!(
             "OPENSSL-LISTEN:{mid},bind=127.0.0.1,reuseaddr,cert={},key={},cafile={},verify=1",
@@ -225,10 +242,10 @@ pub async fn socat(bin: &Path, pki: &Path, dir: &Path, forward_port: u16) -> Res
             pki_file(pki, SERVER_KEY),
             pki_file(pki, CA_CERT)
         ),
-        format!("TCP:127.0.0.1:{forward_port},nodelay"),
+        forward.socat_connect(),
     ];
     let client = vec![
-        format!("TCP-LISTEN:{entry},bind=127.0.0.1,reuseaddr,nodelay"),
+        entry.socat_listen(),
         format!(
             "OPENSSL:127.0.0.1:{mid},cert={},key={},cafile={},verify=1,commonname={TLS_HOSTNAME}",
             pki_file(pki, CLIENT_CERT),
@@ -237,15 +254,15 @@ pub async fn socat(bin: &Path, pki: &Path, dir: &Path, forward_port: u16) -> Res
         ),
     ];
     let mut procs = Vec::new();
-    for (name, args, port) in [
-        ("socat-target", server, mid),
-        ("socat-source", client, entry),
+    for (name, args, at) in [
+        ("socat-target", server, Local::Tcp(mid)),
+        ("socat-source", client, entry.clone()),
     ] {
-        start_listening(&mut procs, bin, &args, &cnf, dir, name, port).await?;
+        start_listening(&mut procs, bin, &args, &cnf, dir, name, &at).await?;
     }
     Ok(Layer {
         procs,
-        entry_port: entry,
+        entry,
         target_port: mid,
     })
 }
@@ -258,11 +275,13 @@ pub struct MiggateChecks<'a> {
     pub expect_uuid: Option<Uuid>,
 }
 
-/// `miggate source` -> `miggate target` -> `forward_port`, the real binary.
+/// `miggate source` (at `entry`) -> `miggate target` -> `forward`, the
+/// real binary.
 pub async fn miggate(
     bin: &Path,
     pki: &Path,
-    forward_port: u16,
+    entry: Local,
+    forward: &Local,
     checks: &MiggateChecks<'_>,
 ) -> Result<Layer> {
     let pki_s = pki.display().to_string();
@@ -273,18 +292,22 @@ pub async fn miggate(
         "--x509-dir".into(),
         pki_s.clone(),
         "--forward".into(),
-        format!("tcp:127.0.0.1:{forward_port}"),
+        forward.uri(),
         "--authz-identity".into(),
         checks.client_dn.into(),
     ];
     if let Some(u) = checks.expect_uuid {
         targs.extend(["--expect-uuid".into(), u.to_string()]);
     }
-    let (target, tport) = spawn_gateway(bin, &targs, "miggate-target").await?;
+    let (target, listen) = spawn_gateway(bin, &targs, "miggate-target").await?;
+    let tport = listen
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse::<u16>().ok())
+        .ok_or_else(|| anyhow!("the target gateway listens on {listen:?}: no port"))?;
     let sargs = vec![
         "source".to_string(),
         "--listen".into(),
-        "tcp:127.0.0.1:0".into(),
+        entry.uri(),
         "--connect".into(),
         format!("127.0.0.1:{tport}"),
         "--tls-hostname".into(),
@@ -292,16 +315,17 @@ pub async fn miggate(
         "--x509-dir".into(),
         pki_s,
     ];
-    let (source, sport) = spawn_gateway(bin, &sargs, "miggate-source").await?;
+    let (source, _) = spawn_gateway(bin, &sargs, "miggate-source").await?;
     Ok(Layer {
         procs: vec![target, source],
-        entry_port: sport,
+        entry,
         target_port: tport,
     })
 }
 
-/// Starts a gateway with JSON logs and waits for its "listening" event.
-async fn spawn_gateway(bin: &Path, args: &[String], name: &str) -> Result<(Proc, u16)> {
+/// Starts a gateway with JSON logs and waits for its "listening" event;
+/// returns where it listens (`HOST:PORT`, or `unix:PATH`).
+async fn spawn_gateway(bin: &Path, args: &[String], name: &str) -> Result<(Proc, String)> {
     let mut child = Command::new(bin)
         .arg("--log-format")
         .arg("json")
@@ -354,9 +378,5 @@ async fn spawn_gateway(bin: &Path, args: &[String], name: &str) -> Result<(Proc,
             proc.log_text()
         ),
     };
-    let port = addr
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse().ok())
-        .ok_or_else(|| anyhow!("{name} listens on {addr:?}: no port"))?;
-    Ok((proc, port))
+    Ok((proc, addr))
 }

@@ -4,11 +4,11 @@
 //! sockets; only the layer's processes are charged CPU time.
 
 use std::io::{Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
+use super::local::{Local, LocalKind};
 use super::{sys, QEMU_PREFIX};
 
 /// Size of the generator's and the sink's buffers.
@@ -25,20 +25,46 @@ pub struct RelaySample {
     pub layer_cpu: f64,
 }
 
-/// A sink on 127.0.0.1 that accepts one connection and reads it to EOF.
+/// A sink (TCP on 127.0.0.1, or a unix socket in `dir`) that accepts one
+/// connection and reads it to EOF.
 pub struct Sink {
-    pub port: u16,
+    pub addr: Local,
     done: std::sync::mpsc::Receiver<std::io::Result<(u64, Instant)>>,
 }
 
+enum Listener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+impl Listener {
+    fn accept(&self) -> std::io::Result<Box<dyn Read + Send>> {
+        Ok(match self {
+            Listener::Tcp(l) => Box::new(l.accept()?.0),
+            Listener::Unix(l) => Box::new(l.accept()?.0),
+        })
+    }
+}
+
 impl Sink {
-    pub fn start() -> Result<Sink> {
-        let l = TcpListener::bind("127.0.0.1:0").context("binding the sink")?;
-        let port = l.local_addr()?.port();
+    pub fn start(kind: LocalKind, dir: &std::path::Path) -> Result<Sink> {
+        let (l, addr) = match kind {
+            LocalKind::Tcp => {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").context("binding the sink")?;
+                let port = l.local_addr()?.port();
+                (Listener::Tcp(l), Local::Tcp(port))
+            }
+            LocalKind::Unix => {
+                let path = dir.join("sink.sock");
+                let l = std::os::unix::net::UnixListener::bind(&path)
+                    .with_context(|| format!("binding the sink at {}", path.display()))?;
+                (Listener::Unix(l), Local::Unix(path))
+            }
+        };
         let (tx, done) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let r = (|| {
-                let (mut s, _) = l.accept()?;
+                let mut s = l.accept()?;
                 let mut buf = vec![0u8; IO_BUF];
                 let mut total = 0u64;
                 loop {
@@ -50,7 +76,7 @@ impl Sink {
             })();
             let _ = tx.send(r);
         });
-        Ok(Sink { port, done })
+        Ok(Sink { addr, done })
     }
 
     fn wait(self) -> Result<(u64, Instant)> {
@@ -66,10 +92,10 @@ fn pattern() -> Vec<u8> {
 }
 
 /// Streams a QEMU main-channel prefix and then `bytes` random bytes into
-/// 127.0.0.1:`entry`, whose far end is `sink`; returns the payload's time.
+/// `entry`, whose far end is `sink`; returns the payload's time.
 /// `layer_pids` are charged the CPU time.
 pub async fn run_once(
-    entry: u16,
+    entry: Local,
     sink: Sink,
     bytes: u64,
     layer_pids: &[u32],
@@ -79,8 +105,9 @@ pub async fn run_once(
         let data = pattern();
         let cpu0 = sys::cpu_total(&pids);
         let t0 = Instant::now();
-        let mut s = TcpStream::connect(("127.0.0.1", entry)).context("connecting the generator")?;
-        let _ = s.set_nodelay(true);
+        let mut s = entry
+            .connect_blocking()
+            .context("connecting the generator")?;
         s.write_all(QEMU_PREFIX).context("generator")?;
         let mut left = bytes;
         while left > 0 {
@@ -89,7 +116,7 @@ pub async fn run_once(
             s.write_all(&data[off..off + n]).context("generator")?;
             left -= n as u64;
         }
-        s.shutdown(Shutdown::Write).context("generator")?;
+        s.shutdown_write().context("generator")?;
         let (got, t1) = sink.wait()?;
         // The layer closes its end once the sink has closed its own.
         let _ = s.set_read_timeout(Some(RUN_TIMEOUT));
