@@ -235,6 +235,7 @@ async fn native_tls_migration_with_authz() {
         dir: pki.path().to_path_buf(),
         endpoint,
         authz_identity: authz_identity.map(str::to_owned),
+        priority: None,
     };
 
     for (identity, admitted) in [

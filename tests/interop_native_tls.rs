@@ -16,6 +16,7 @@ async fn qemu_native_tls_source_to_miggate_target() {
         dir: pki.clone(),
         endpoint: TlsEndpoint::Client,
         authz_identity: None,
+        priority: None,
     });
     let (mut src, mut dst) = tokio::join!(
         Qemu::spawn(src_opts.clone()),
@@ -42,7 +43,7 @@ async fn qemu_native_tls_source_to_miggate_target() {
 async fn miggate_source_to_qemu_native_tls_target_allowed() {
     let pki = pki();
     let pki = pki_dir(&pki);
-    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN).await;
+    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None).await;
     let mut sgw = source_gateway(&pki, &format!("127.0.0.1:{tls_port}"), &[]).await;
     let hash = src.ram_sha256().await;
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
@@ -59,7 +60,7 @@ async fn miggate_source_to_qemu_native_tls_target_allowed() {
 async fn miggate_source_key_updates_into_qemu_native_tls_target() {
     let pki = pki();
     let pki = pki_dir(&pki);
-    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN).await;
+    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None).await;
     src.set_parameters(json!({ "max-bandwidth": 64u64 << 20 }))
         .await;
     let mut sgw = source_gateway(
@@ -81,12 +82,36 @@ async fn miggate_source_key_updates_into_qemu_native_tls_target() {
     );
 }
 
+/// A target that only speaks TLS 1.2 cannot take key updates: with
+/// `--rekey-after-mib` the source gateway refuses the channel at once, with
+/// that reason, instead of failing the migration after N MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rekeying_source_refuses_a_tls12_target_up_front() {
+    let pki = pki();
+    let pki = pki_dir(&pki);
+    let (mut src, _dst, tls_port) =
+        native_target(&pki, SOURCE_DN, Some("NORMAL:-VERS-TLS1.3")).await;
+    let mut sgw = source_gateway(
+        &pki,
+        &format!("127.0.0.1:{tls_port}"),
+        &["--rekey-after-mib", "1"],
+    )
+    .await;
+    migrate_and_expect_failure(&mut src, &format!("tcp:{}", sgw.addr)).await;
+    let rec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+    assert_eq!(rec["outcome"], "failed", "{rec}");
+    let reason = rec["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("needs TLS 1.3"), "{rec}");
+    assert_eq!(rec["bytes_sent"], 0, "nothing may go out: {rec}");
+}
+
 /// ... and a DN the target QEMU's tls-authz does not allow fails on the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miggate_source_to_qemu_native_tls_target_denied() {
     let pki = pki();
     let pki = pki_dir(&pki);
-    let (mut src, mut dst, tls_port) = native_target(&pki, "O=miggate tests,CN=someone-else").await;
+    let (mut src, mut dst, tls_port) =
+        native_target(&pki, "O=miggate tests,CN=someone-else", None).await;
     let mut sgw = source_gateway(&pki, &format!("127.0.0.1:{tls_port}"), &[]).await;
     let err = migrate_and_expect_failure(&mut src, &format!("tcp:{}", sgw.addr)).await;
     assert!(!err.is_empty(), "QEMU should describe the failure");
@@ -106,14 +131,20 @@ async fn miggate_source_to_qemu_native_tls_target_denied() {
 }
 
 /// A paused source with random RAM and a target QEMU with native TLS that
-/// allows `allowed_dn`; returns the target's TLS port.
-async fn native_target(pki: &std::path::Path, allowed_dn: &str) -> (Qemu, Qemu, u16) {
+/// allows `allowed_dn` (and the GnuTLS `priority`, if any); returns the
+/// target's TLS port.
+async fn native_target(
+    pki: &std::path::Path,
+    allowed_dn: &str,
+    priority: Option<&str>,
+) -> (Qemu, Qemu, u16) {
     let opts = QemuOpts::new(Guest::PausedRandomRam { seed: 42 }, 128);
     let mut dst_opts = opts.as_incoming();
     dst_opts.tls = Some(NativeTls {
         dir: pki.to_path_buf(),
         endpoint: TlsEndpoint::Server,
         authz_identity: Some(allowed_dn.to_string()),
+        priority: priority.map(str::to_owned),
     });
     let (mut src, mut dst) = tokio::join!(Qemu::spawn(opts), Qemu::spawn(dst_opts));
     // return-path: the source only reports success once the target loaded it.

@@ -176,6 +176,7 @@ async fn target_refuses_client_without_certificate() {
         dir: nocert,
         endpoint: TlsEndpoint::Client,
         authz_identity: None,
+        priority: None,
     });
     let mut b = Bench::with_pki(pki_tmp, opts).await;
     b.src.set_native_tls_parameters(Some("127.0.0.1")).await;

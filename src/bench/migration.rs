@@ -63,11 +63,13 @@ pub async fn migrate_once(t: Transport, workload: Workload, s: &Setup<'_>) -> Re
             dir: s.pki.to_path_buf(),
             endpoint: TlsEndpoint::Client,
             authz_identity: None,
+            priority: None,
         });
         dopts.tls = Some(NativeTls {
             dir: s.pki.to_path_buf(),
             endpoint: TlsEndpoint::Server,
             authz_identity: Some(s.client_dn.to_owned()),
+            priority: None,
         });
     }
     let (src, dst) = tokio::join!(Qemu::spawn(sopts), Qemu::spawn(dopts));

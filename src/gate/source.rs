@@ -161,6 +161,17 @@ async fn handle(
         Ok(Err(e)) => return Err(failed(tls::describe_tls_error(&e, Some(&host)))),
         Ok(Ok(s)) => s,
     };
+    // A key update is a TLS 1.3 message: refuse before sending anything
+    // rather than fail the migration after N MiB.
+    if cfg.rekey_after.is_some()
+        && tls.get_ref().1.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3)
+    {
+        return Err(failed(format!(
+            "--rekey-after-mib needs TLS 1.3, but {} negotiated {:?}",
+            cfg.connect,
+            tls.get_ref().1.protocol_version()
+        )));
+    }
     let miggate_peer = {
         let conn = tls.get_ref().1;
         out.peer_dn = tls::peer_leaf(conn.peer_certificates()).and_then(|c| dn::subject_dn(c).ok());

@@ -140,6 +140,9 @@ pub struct NativeTls {
     pub endpoint: TlsEndpoint,
     /// Server only: adds `authz-simple` with this DN as `tls-authz`.
     pub authz_identity: Option<String>,
+    /// GnuTLS priority string (`tls-creds-x509,priority=`), e.g. to limit
+    /// the versions; `None`: GnuTLS's defaults.
+    pub priority: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -359,17 +362,17 @@ impl Qemu {
         let dir = tls.dir.to_str().ok_or_else(|| {
             self.unexpected(format!("PKI path {} is not UTF-8", tls.dir.display()))
         })?;
-        self.cmd(
-            "object-add",
-            json!({
-                "qom-type": "tls-creds-x509",
-                "id": TLS_CREDS_ID,
-                "dir": dir,
-                "endpoint": endpoint,
-                "verify-peer": true,
-            }),
-        )
-        .await?;
+        let mut creds = json!({
+            "qom-type": "tls-creds-x509",
+            "id": TLS_CREDS_ID,
+            "dir": dir,
+            "endpoint": endpoint,
+            "verify-peer": true,
+        });
+        if let Some(p) = &tls.priority {
+            creds["priority"] = json!(p);
+        }
+        self.cmd("object-add", creds).await?;
         if let Some(identity) = &tls.authz_identity {
             if tls.endpoint != TlsEndpoint::Server {
                 return Err(self.unexpected("tls-authz is server-side only".into()));
