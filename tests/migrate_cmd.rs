@@ -266,6 +266,9 @@ async fn migrate_paused_guest(multifd: u8) -> Paused {
     let n = multifd.to_string();
     let out = migrate(&[
         "--json",
+        // Key updates on every channel (main and multifd), through the daemon.
+        "--rekey-after-mib",
+        "1",
         "--multifd",
         &n,
         "--source-qmp",

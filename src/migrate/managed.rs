@@ -200,7 +200,7 @@ impl Managed {
             connect: connect.clone(),
             server_name,
             stall: args.stall(),
-            rekey_after: None,
+            rekey_after: args.rekey_after_mib.map(|m| m << 20),
             ticket: Some(ticket),
             sink: Some(records.clone()),
         };

@@ -126,6 +126,11 @@ pub struct MigrateArgs {
     /// Seconds a silent peer is tolerated by the source gateway.
     #[arg(long, default_value_t = crate::timeouts::DEFAULT_STALL.as_secs())]
     pub stall_timeout: u64,
+    /// Refresh each channel's TLS 1.3 keys after every N MiB sent, at most
+    /// one update per 250 ms (as `miggate source --rekey-after-mib`).
+    #[arg(long, value_name = "MIB", conflicts_with = "native_tls",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub rekey_after_mib: Option<u64>,
     /// Use QEMU's own TLS on both ends: no gateways, no daemon.
     #[arg(long)]
     pub native_tls: bool,
@@ -160,6 +165,7 @@ impl MigrateArgs {
             downtime_limit: None,
             expires_in: crate::control::types::DEFAULT_EXPIRES_IN_SECS,
             stall_timeout: crate::timeouts::DEFAULT_STALL.as_secs(),
+            rekey_after_mib: None,
             native_tls: false,
             target_x509_dir: None,
             authz_identity: None,
