@@ -97,12 +97,8 @@ pub async fn migrate_once(t: Transport, workload: Workload, s: &Setup<'_>) -> Re
         .prefix("peer-")
         .tempdir_in(s.workdir)
         .context("temp dir for the peers")?;
-    let layered = !matches!(
-        t,
-        Transport::Plain | Transport::PlainMultifd | Transport::QemuTls | Transport::QemuTlsMultifd
-    );
     // Without a layer, QEMU to QEMU is the network hop: TCP.
-    let qemu_in = if layered && s.local == LocalKind::Unix {
+    let qemu_in = if t.layered() && s.local == LocalKind::Unix {
         let at = s.local.fresh(dir.path(), "qemu-incoming")?;
         dst.migrate_incoming(&at.uri()).await?;
         at

@@ -58,6 +58,16 @@ impl Transport {
     fn native_tls(self) -> bool {
         matches!(self, Transport::QemuTls | Transport::QemuTlsMultifd)
     }
+    /// Whether a security layer (processes of its own) sits between the QEMUs.
+    fn layered(self) -> bool {
+        !matches!(
+            self,
+            Transport::Plain
+                | Transport::PlainMultifd
+                | Transport::QemuTls
+                | Transport::QemuTlsMultifd
+        )
+    }
     fn multifd(self) -> bool {
         matches!(
             self,
@@ -402,7 +412,7 @@ async fn migrations(
             continue;
         };
         let v = &samples[&t];
-        let layer = if matches!(t, Transport::Plain | Transport::PlainMultifd) || t.native_tls() {
+        let layer = if !t.layered() {
             "-".to_string()
         } else {
             let c = sys::median(

@@ -238,7 +238,7 @@ async fn handle(
                 tls,
                 every,
                 crate::timeouts::MIN_REKEY_GAP,
-                out.counters.key_updates.clone(),
+                out.counters.clone(),
             );
             crate::relay::relay(local, tls, names, cfg.stall, out.counters.clone()).await
         }

@@ -41,7 +41,7 @@ pub struct Counters {
     /// Bytes back from the second stream to the first.
     pub back: AtomicU64,
     /// TLS key updates this side sent (`--rekey-after-mib`).
-    pub key_updates: Arc<AtomicU64>,
+    pub key_updates: AtomicU64,
 }
 
 impl Counters {

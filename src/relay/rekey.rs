@@ -15,12 +15,14 @@
 //! [`MIN_REKEY_GAP`](crate::timeouts::MIN_REKEY_GAP), whatever the interval.
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use super::Counters;
 
 /// A TLS stream whose sending keys can be refreshed.
 pub trait RefreshKeys {
@@ -40,27 +42,27 @@ impl<IO> RefreshKeys for tokio_rustls::server::TlsStream<IO> {
 }
 
 /// Wraps a TLS stream: after every `every` plaintext bytes written, the
-/// next record goes out under fresh keys. `updates` counts the key updates
-/// sent (the outcome record reports it).
+/// next record goes out under fresh keys, counted in the channel's
+/// `Counters::key_updates` (the outcome record reports it).
 pub struct Rekeying<S> {
     inner: S,
     every: u64,
     since: u64,
     min_gap: Duration,
     last: Option<Instant>,
-    updates: Arc<AtomicU64>,
+    counters: Arc<Counters>,
 }
 
 impl<S> Rekeying<S> {
     /// Rekeys after every `every` bytes, but never twice within `min_gap`.
-    pub fn new(inner: S, every: u64, min_gap: Duration, updates: Arc<AtomicU64>) -> Self {
+    pub fn new(inner: S, every: u64, min_gap: Duration, counters: Arc<Counters>) -> Self {
         Rekeying {
             inner,
             every: every.max(1),
             since: 0,
             min_gap,
             last: None,
-            updates,
+            counters,
         }
     }
 }
@@ -83,7 +85,7 @@ impl<S: RefreshKeys + AsyncWrite + Unpin> AsyncWrite for Rekeying<S> {
             this.inner
                 .refresh_keys()
                 .map_err(|e| std::io::Error::other(format!("cannot refresh the TLS keys: {e}")))?;
-            this.updates.fetch_add(1, Ordering::Relaxed);
+            this.counters.key_updates.fetch_add(1, Ordering::Relaxed);
         }
         Poll::Ready(Ok(n))
     }
@@ -159,8 +161,8 @@ mod tests {
         let connector = tokio_rustls::TlsConnector::from(client_cfg);
         let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
         let tls = connector.connect(name, sock).await.unwrap();
-        let updates = Arc::new(AtomicU64::new(0));
-        let stream = Rekeying::new(tls, 64 * 1024, Duration::ZERO, updates.clone());
+        let counters = Arc::new(Counters::default());
+        let stream = Rekeying::new(tls, 64 * 1024, Duration::ZERO, counters.clone());
         let (mut r, mut w) = tokio::io::split(stream);
         let send = payload.clone();
         let writer = tokio::spawn(async move {
@@ -175,9 +177,9 @@ mod tests {
         server.await.unwrap();
         assert!(back == *payload, "echo came back corrupted");
         assert!(
-            updates.load(Ordering::Relaxed) >= 100,
+            counters.key_updates() >= 100,
             "expected >= 100 key updates, sent {}",
-            updates.load(Ordering::Relaxed)
+            counters.key_updates()
         );
     }
 }
