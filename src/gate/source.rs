@@ -27,6 +27,7 @@ use crate::admit::{self, Refusal};
 use crate::creds::{dn, tls};
 use crate::outcome::{Ending, Outcome, Sink};
 use crate::relay::rekey::Rekeying;
+use crate::relay::Close;
 use crate::wire::frames::{self, FrameError, Hello, Verdict};
 use crate::wire::qemu::SNIFF_MAX;
 
@@ -232,6 +233,7 @@ async fn handle(
         crate::timeouts::open_window(s);
     }
     let names = ("source->target", "target->source");
+    let closes = (Close::AnyEof, Close::tls_peer(miggate_peer, "target"));
     let relayed = match cfg.rekey_after {
         Some(every) => {
             let tls = Rekeying::new(
@@ -240,9 +242,11 @@ async fn handle(
                 crate::timeouts::MIN_REKEY_GAP,
                 out.counters.clone(),
             );
-            crate::relay::relay(local, tls, names, cfg.stall, out.counters.clone()).await
+            crate::relay::relay(local, tls, names, closes, cfg.stall, out.counters.clone()).await
         }
-        None => crate::relay::relay(local, tls, names, cfg.stall, out.counters.clone()).await,
+        None => {
+            crate::relay::relay(local, tls, names, closes, cfg.stall, out.counters.clone()).await
+        }
     };
     relayed.map_err(|e| failed(e.to_string()))
 }

@@ -38,6 +38,7 @@ use crate::admit::{self, Expectation, Refusal};
 use crate::authz::Authz;
 use crate::creds::{dn, tls};
 use crate::outcome::{Ending, Outcome, Sink};
+use crate::relay::Close;
 use crate::wire::frames::{self, Hello, Verdict};
 use crate::wire::qemu::{StreamKind, SNIFF_MAX};
 
@@ -264,6 +265,7 @@ async fn handle(
         tls,
         backend,
         ("source->target", "target->source"),
+        (Close::tls_peer(miggate_peer, "source"), Close::AnyEof),
         stall,
         out.counters.clone(),
     );

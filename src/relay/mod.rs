@@ -5,6 +5,11 @@
 //! write half (a TLS side sends close_notify) and the other direction goes
 //! on; an error in either direction cuts both. A channel on which no byte
 //! moved in either direction for the stall timeout is cut.
+//!
+//! How a stream may end is a property of who is behind it ([`Close`]): a
+//! miggate gateway always ends its TLS stream with close_notify, so a bare
+//! EOF from one is a cut stream (the gateway died, or a FIN was injected on
+//! the path), never a completed migration.
 
 pub mod rekey;
 
@@ -53,6 +58,30 @@ impl Counters {
     }
     pub fn key_updates(&self) -> u64 {
         self.key_updates.load(Ordering::Relaxed)
+    }
+}
+
+/// How the end of one side's stream is judged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Close {
+    /// Any EOF is an ending: plain sockets, and QEMU's native TLS, which
+    /// closes its main channel without close_notify (QEMU's own stream
+    /// framing detects truncation there, and the target QEMU's verdict
+    /// settles a managed migration).
+    AnyEof,
+    /// A miggate gateway (ALPN `miggate/1`) ends with close_notify: an EOF
+    /// without it fails the channel. `peer` names it in the reason.
+    CloseNotify { peer: &'static str },
+}
+
+impl Close {
+    /// The rule for a TLS peer: strict when it negotiated `miggate/1`.
+    pub fn tls_peer(miggate_peer: bool, peer: &'static str) -> Close {
+        if miggate_peer {
+            Close::CloseNotify { peer }
+        } else {
+            Close::AnyEof
+        }
     }
 }
 
@@ -122,7 +151,13 @@ where
     .await
 }
 
-async fn pump<R, W>(mut r: R, mut w: W, count: &AtomicU64, act: &Activity) -> std::io::Result<()>
+async fn pump<R, W>(
+    mut r: R,
+    mut w: W,
+    close: Close,
+    count: &AtomicU64,
+    act: &Activity,
+) -> std::io::Result<()>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -148,10 +183,17 @@ where
         let n = match read {
             Ok(0) => break,
             Ok(n) => n,
-            // A TLS peer that closes without close_notify (QEMU's native TLS
-            // does exactly that at the end of a migration): an ending, not a
-            // failure. QEMU's own stream framing detects truncation.
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            // A TLS peer that closed without close_notify (rustls reports it
+            // as UnexpectedEof): see [`Close`].
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => match close {
+                Close::AnyEof => break,
+                Close::CloseNotify { peer } => {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        format!("the {peer}'s TLS stream was cut without close_notify"),
+                    ))
+                }
+            },
             Err(e) => return Err(e),
         };
         act.touch();
@@ -178,11 +220,13 @@ fn ending(r: std::io::Result<()>, other_done: bool) -> std::io::Result<()> {
 
 /// Relays between `a` (the side that connected to us) and `b` until both
 /// directions ended, one failed, or nothing moved for `stall`.
-/// `names` label the directions a->b and b->a in errors.
+/// `names` label the directions a->b and b->a in errors; `closes` say how
+/// `a`'s and `b`'s streams may end.
 pub async fn relay<A, B>(
     a: A,
     b: B,
     names: (&'static str, &'static str),
+    closes: (Close, Close),
     stall: Duration,
     counters: Arc<Counters>,
 ) -> Result<(), RelayError>
@@ -196,8 +240,8 @@ where
     };
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
-    let mut fwd = pin!(pump(ar, bw, &counters.forward, &act));
-    let mut back = pin!(pump(br, aw, &counters.back, &act));
+    let mut fwd = pin!(pump(ar, bw, closes.0, &counters.forward, &act));
+    let mut back = pin!(pump(br, aw, closes.1, &counters.back, &act));
     let (mut fwd_done, mut back_done) = (false, false);
     while !(fwd_done && back_done) {
         let deadline = act.last() + stall;
@@ -275,6 +319,36 @@ mod tests {
         assert_eq!(read_available(&mut r, &mut buf, &mut d).await.unwrap(), 0);
     }
 
+    /// rustls reports a TCP EOF without close_notify as UnexpectedEof: an
+    /// ending for QEMU's native TLS, a cut stream for a miggate gateway.
+    #[tokio::test]
+    async fn eof_without_close_notify_fails_only_a_miggate_peer() {
+        let act = Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        };
+        let count = AtomicU64::new(0);
+        let cut = || Script(vec![vec![7; 100]], Some(std::io::ErrorKind::UnexpectedEof));
+        pump(cut(), tokio::io::sink(), Close::AnyEof, &count, &act)
+            .await
+            .unwrap();
+        let strict = Close::tls_peer(true, "source");
+        let err = pump(cut(), tokio::io::sink(), strict, &count, &act)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "the source's TLS stream was cut without close_notify"
+        );
+        // The bytes before the cut were delivered and counted both times.
+        assert_eq!(count.load(Ordering::Relaxed), 200);
+        // A clean EOF (close_notify received) is an ending either way.
+        let clean = Script(vec![vec![7; 10]], None);
+        pump(clean, tokio::io::sink(), strict, &count, &act)
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn relays_both_ways_and_half_closes() {
         let (client, a) = duplex(1024);
@@ -284,6 +358,7 @@ mod tests {
             a,
             b,
             ("a->b", "b->a"),
+            (Close::AnyEof, Close::AnyEof),
             Duration::from_secs(5),
             counters.clone(),
         ));
@@ -370,6 +445,7 @@ mod tests {
             a,
             b,
             ("a->b", "b->a"),
+            (Close::AnyEof, Close::AnyEof),
             Duration::from_secs(60),
             Arc::default(),
         ));
@@ -392,6 +468,7 @@ mod tests {
             a,
             b,
             ("a->b", "b->a"),
+            (Close::AnyEof, Close::AnyEof),
             Duration::from_secs(3),
             Arc::default(),
         )
