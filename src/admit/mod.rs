@@ -9,8 +9,11 @@ use uuid::Uuid;
 use crate::authz::{Authz, Decision};
 use crate::wire::qemu::StreamKind;
 
-/// Why a connection is refused; the message is what both ends log and what
-/// a miggate source receives in its verdict.
+/// Why a connection is refused. `Display` is the whole story, for the
+/// operator's log and API; [`Refusal::public`] is what the refused peer is
+/// told: which check failed, and nothing it could use to try again better
+/// (no expected UUID, no ACL path or rule, no other peer's DN, no path of
+/// the target QEMU).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error("{0}")]
@@ -24,10 +27,21 @@ pub enum Refusal {
         expected: Uuid,
         channel: &'static str,
     },
+    /// The bytes are not a QEMU migration stream (or could not be read).
     #[error("{0}")]
     Stream(String),
-    #[error("{0}")]
-    Ticket(String),
+    /// The stream is fine but the target cannot take it now (its QEMU is
+    /// unreachable, a multifd channel's main channel never came).
+    #[error("{detail}")]
+    NotReady {
+        public: &'static str,
+        detail: String,
+    },
+    #[error("{detail}")]
+    Ticket {
+        public: &'static str,
+        detail: String,
+    },
     #[error("peer sent nothing for {0} s")]
     Silent(u64),
     #[error("peer stalled for {secs} s after sending {bytes} bytes")]
@@ -37,16 +51,45 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// A ticket refusal: `public` for the peer, `detail` for the operator.
+    pub fn ticket(public: &'static str, detail: impl Into<String>) -> Refusal {
+        Refusal::Ticket {
+            public,
+            detail: detail.into(),
+        }
+    }
+
     /// A bounded class of the refusal, for metrics labels: `tls`, `authz`,
     /// `ticket`, `uuid`, `stream` or `stalled`.
     pub fn class(&self) -> &'static str {
         match self {
             Refusal::Tls(_) => "tls",
             Refusal::NotAuthorized(_) => "authz",
-            Refusal::Ticket(_) => "ticket",
+            Refusal::Ticket { .. } => "ticket",
             Refusal::UuidMismatch { .. } | Refusal::UuidMissing { .. } => "uuid",
-            Refusal::Stream(_) | Refusal::ClosedEarly(_) => "stream",
+            Refusal::Stream(_) | Refusal::NotReady { .. } | Refusal::ClosedEarly(_) => "stream",
             Refusal::Silent(_) | Refusal::Stalled { .. } => "stalled",
+        }
+    }
+
+    /// What the refused peer is told (the verdict's reason).
+    pub fn public(&self) -> String {
+        match self {
+            Refusal::Tls(_) => "TLS: certificate not accepted".into(),
+            Refusal::NotAuthorized(_) => "certificate DN not authorized".into(),
+            Refusal::UuidMismatch { .. } => "wrong VM".into(),
+            // Says what to fix on the source, nothing about the VM expected.
+            Refusal::UuidMissing { .. } => {
+                "wrong VM: the stream carries no VM UUID (enable the source QEMU's validate-uuid capability and give it -uuid)".into()
+            }
+            Refusal::Stream(_) => "not a QEMU migration stream".into(),
+            Refusal::NotReady { public, .. } | Refusal::Ticket { public, .. } => {
+                (*public).into()
+            }
+            // About the peer's own behaviour: nothing to hide.
+            Refusal::Silent(_) | Refusal::Stalled { .. } | Refusal::ClosedEarly(_) => {
+                self.to_string()
+            }
         }
     }
 }
@@ -139,9 +182,45 @@ mod tests {
             uuid: b,
             channel: 1,
         };
-        assert!(check_stream(&want_a, &b_multifd)
-            .unwrap_err()
+        let r = check_stream(&want_a, &b_multifd).unwrap_err();
+        assert!(r
             .to_string()
             .starts_with("VM UUID mismatch: expected 00000000-0000-0000-0000-00000000000a"));
+        // The peer learns that it is the wrong VM, not which VM is expected.
+        assert_eq!(r.public(), "wrong VM");
+    }
+
+    #[test]
+    fn the_peer_is_told_which_check_failed_and_no_more() {
+        let cases = [
+            (
+                Refusal::NotAuthorized(
+                    "DN O=x,CN=y denied by rule 2 (glob \"O=x,*\") of /etc/miggate/acl.json".into(),
+                ),
+                "certificate DN not authorized",
+            ),
+            (
+                Refusal::ticket(
+                    "ticket already used",
+                    "peer O=x,CN=y presented the ticket of migration 1, which O=a,CN=b is already using",
+                ),
+                "ticket already used",
+            ),
+            (
+                Refusal::NotReady {
+                    public: "the target is not ready for this migration",
+                    detail: "cannot reach the target QEMU at unix:/run/miggate/in.sock: refused".into(),
+                },
+                "the target is not ready for this migration",
+            ),
+            (
+                Refusal::Stream("peer's first 64 bytes are not a recognisable stream".into()),
+                "not a QEMU migration stream",
+            ),
+            (Refusal::Silent(30), "peer sent nothing for 30 s"),
+        ];
+        for (r, public) in cases {
+            assert_eq!(r.public(), public, "{r}");
+        }
     }
 }

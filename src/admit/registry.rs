@@ -181,27 +181,36 @@ impl Migration {
                 inner.phase = Phase::Expired;
                 inner.ended = Some(now);
                 inner.reason = Some("ticket expired before the migration started".into());
-                Some(Refusal::Ticket(format!(
+                Some(Refusal::ticket(
+                    "ticket expired",
+                    format!(
+                        "ticket of migration {} expired at {}",
+                        self.id,
+                        rfc3339(self.expires)
+                    ),
+                ))
+            }
+            Phase::Registered | Phase::Active => None,
+            Phase::Expired => Some(Refusal::ticket(
+                "ticket expired",
+                format!(
                     "ticket of migration {} expired at {}",
                     self.id,
                     rfc3339(self.expires)
-                )))
-            }
-            Phase::Registered | Phase::Active => None,
-            Phase::Expired => Some(Refusal::Ticket(format!(
-                "ticket of migration {} expired at {}",
-                self.id,
-                rfc3339(self.expires)
-            ))),
-            Phase::Cancelled => Some(Refusal::Ticket(format!(
-                "migration {} was cancelled",
-                self.id
-            ))),
-            Phase::Completed | Phase::Failed => Some(Refusal::Ticket(format!(
-                "ticket already used: migration {} has ended ({})",
-                self.id,
-                inner.phase.as_str()
-            ))),
+                ),
+            )),
+            Phase::Cancelled => Some(Refusal::ticket(
+                "migration cancelled",
+                format!("migration {} was cancelled", self.id),
+            )),
+            Phase::Completed | Phase::Failed => Some(Refusal::ticket(
+                "ticket already used",
+                format!(
+                    "ticket already used: migration {} has ended ({})",
+                    self.id,
+                    inner.phase.as_str()
+                ),
+            )),
         };
         // Replays and late channels are kept too: the API shows who tried.
         if let Some(r) = spent {
@@ -227,17 +236,20 @@ impl Migration {
         }
         let is_main = matches!(kind, StreamKind::Main { .. });
         if is_main && inner.main_seen {
-            let r = Refusal::Ticket(format!(
-                "migration {} already has its main channel",
-                self.id
-            ));
+            let r = Refusal::ticket(
+                "ticket already used",
+                format!("migration {} already has its main channel", self.id),
+            );
             return Err(self.refuse(&mut inner, r));
         }
         if inner.seen >= self.spec.channels {
-            let r = Refusal::Ticket(format!(
-                "migration {} was registered with {} channel(s) and all have connected",
-                self.id, self.spec.channels
-            ));
+            let r = Refusal::ticket(
+                "ticket already used",
+                format!(
+                    "migration {} was registered with {} channel(s) and all have connected",
+                    self.id, self.spec.channels
+                ),
+            );
             return Err(self.refuse(&mut inner, r));
         }
         inner.phase = Phase::Active;
@@ -479,7 +491,10 @@ impl Registry {
             }
         }
         found.ok_or_else(|| {
-            Refusal::Ticket("unknown ticket: no migration is registered with it".into())
+            Refusal::ticket(
+                "unknown ticket",
+                "unknown ticket: no migration is registered with it",
+            )
         })
     }
 

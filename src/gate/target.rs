@@ -218,10 +218,13 @@ async fn handle(
             let mut rx = mains.subscribe();
             let wait = rx.wait_for(|n| *n > 0);
             if tokio::time::timeout_at(deadline, wait).await.is_err() {
-                let r = Refusal::Stream(format!(
-                    "multifd channel arrived but no main channel of its migration was admitted within {} s",
-                    stall.as_secs()
-                ));
+                let r = Refusal::NotReady {
+                    public: "multifd channel without an admitted main channel",
+                    detail: format!(
+                        "multifd channel arrived but no main channel of its migration was admitted within {} s",
+                        stall.as_secs()
+                    ),
+                };
                 refuse(&mut tls, miggate_peer, &r).await;
                 return Err(r.into());
             }
@@ -233,7 +236,11 @@ async fn handle(
         Ok(b) => b,
         Err(e) => {
             let msg = format!("cannot reach the target QEMU at {forward}: {e}");
-            refuse(&mut tls, miggate_peer, &Refusal::Stream(msg.clone())).await;
+            let r = Refusal::NotReady {
+                public: "the target is not ready for this migration",
+                detail: msg.clone(),
+            };
+            refuse(&mut tls, miggate_peer, &r).await;
             return Err(finish_channel(admitted, Err(msg)));
         }
     };
@@ -342,9 +349,9 @@ async fn admit(
         }
         None => {
             let route = target.current_route().ok_or_else(|| {
-                Refusal::Ticket(
-                    "this gateway admits registered migrations only: the source must present a ticket"
-                        .into(),
+                Refusal::ticket(
+                    "this gateway admits registered migrations only: present a ticket",
+                    "this gateway admits registered migrations only: the source must present a ticket",
                 )
             })?;
             // Before reading the stream: an unauthorized peer gets nothing in.
@@ -373,18 +380,19 @@ async fn admit(
 
 fn find_migration(target: &Target, ticket: &str) -> Result<Arc<Migration>, Refusal> {
     let registry = target.registry.as_ref().ok_or_else(|| {
-        Refusal::Ticket(
-            "this gateway has no registered migrations (tickets are for miggate daemon)".into(),
+        Refusal::ticket(
+            "this gateway does not take tickets",
+            "this gateway has no registered migrations (tickets are for miggate daemon)",
         )
     })?;
-    let ticket =
-        Ticket::parse(ticket).map_err(|e| Refusal::Ticket(format!("malformed ticket: {e}")))?;
+    let ticket = Ticket::parse(ticket)
+        .map_err(|e| Refusal::ticket("malformed ticket", format!("malformed ticket: {e}")))?;
     registry.find_by_ticket(&ticket)
 }
 
-/// Tells the peer why (a miggate source gets a verdict frame; QEMU's own
-/// TLS has no channel for it and just sees the connection close), then
-/// closes with close_notify. Bounded: a peer that does not read is not
+/// Tells the peer which check failed ([`Refusal::public`]; a miggate
+/// source gets a verdict frame, QEMU's own TLS has no channel for it and
+/// just sees the connection close), then closes with close_notify. Bounded: a peer that does not read is not
 /// waited for.
 async fn refuse(
     tls: &mut TlsStream<crate::timeouts::TlsSocket>,
@@ -394,7 +402,7 @@ async fn refuse(
     let send = async {
         if miggate_peer {
             let v = Verdict::Refused {
-                reason: why.to_string(),
+                reason: why.public(),
             };
             frames::write_verdict(tls, &v).await?;
         }
