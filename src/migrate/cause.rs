@@ -6,7 +6,9 @@
 //! "Unable to write to socket" (a consequence). The evidence is ranked so
 //! that the sentence names the decision, not its echo:
 //!
-//! 1. a refusal the target sent back in its verdict (source gateway record);
+//! 1. a refusal the target sent back in its verdict (source gateway record),
+//!    in the daemon's words when it logged one against this migration's
+//!    ticket (the verdict says only which check failed);
 //! 2. the target daemon's reason for failing the migration (or one of its
 //!    channels), else the last refusal it logged against this migration's
 //!    ticket;
@@ -38,6 +40,11 @@ pub fn cause(ev: &Evidence<'_>) -> String {
             .and_then(|r| r.reason.as_deref())
     };
     if let Some(reason) = first(&[Ending::Refused]) {
+        // The verdict only says which check failed (a refused peer learns
+        // no more); the daemon, which this operator may ask, knows why.
+        if let Some(detail) = ev.daemon.and_then(|v| v.refusals.last()) {
+            return format!("target daemon refused the connection: {}", clean(detail));
+        }
         return format!("source gateway: {}", clean(reason));
     }
     if let Some(view) = ev.daemon {
@@ -143,10 +150,7 @@ mod tests {
                 Ending::Failed,
                 "target gateway closed the connection without a verdict",
             ),
-            record(
-                Ending::Refused,
-                "target refused: VM UUID mismatch: expected a, stream carries b",
-            ),
+            record(Ending::Refused, "target refused: wrong VM"),
         ];
         let v = view(Phase::Failed, Some("main channel refused"), &[]);
         let ev = Evidence {
@@ -155,9 +159,21 @@ mod tests {
             source_qemu: Some("Unable to write to socket: Connection reset by peer"),
             ..Default::default()
         };
+        assert_eq!(cause(&ev), "source gateway: target refused: wrong VM");
+        // The daemon's record of the same refusal says why in full.
+        let v = view(
+            Phase::Failed,
+            Some("ticket refused"),
+            &["VM UUID mismatch: expected a, stream carries b"],
+        );
+        let ev = Evidence {
+            gateway: &gw,
+            daemon: Some(&v),
+            ..Default::default()
+        };
         assert_eq!(
             cause(&ev),
-            "source gateway: target refused: VM UUID mismatch: expected a, stream carries b"
+            "target daemon refused the connection: VM UUID mismatch: expected a, stream carries b"
         );
     }
 
