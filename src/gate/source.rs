@@ -9,6 +9,11 @@
 //!   local connection, so that the source QEMU's migration fails and its VM
 //!   keeps running;
 //! - target is QEMU's native TLS (no ALPN): send the bytes and relay.
+//!
+//! On a unix listener bound to one process ([`LocalPeer`]), a connection
+//! from any other pid is refused at accept, before a byte is read: the
+//! ticket and the client certificate are the operator's, and only the
+//! source QEMU of this migration may use them.
 
 use std::path::PathBuf;
 use std::sync::Arc;
