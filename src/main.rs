@@ -10,7 +10,7 @@ use rustls_pki_types::ServerName;
 use miggate::admit::Expectation;
 use miggate::authz::AuthzConfig;
 use miggate::creds::{pki, tls};
-use miggate::gate::{source, target, Endpoint};
+use miggate::gate::{source, target, unix_bind, Endpoint};
 
 #[derive(Parser)]
 #[command(
@@ -162,6 +162,28 @@ struct SourceArgs {
     /// Default: only at the cipher's limits, which a migration rarely reaches.
     #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
     rekey_after_mib: Option<u64>,
+    /// --listen unix: the socket's mode, octal, in force from the moment it
+    /// exists (whatever the umask).
+    #[arg(long, value_name = "OCTAL", value_parser = parse_mode, default_value = "0600")]
+    listen_mode: u32,
+    /// --listen unix: accept connections from this process only (the source
+    /// QEMU; its multifd threads share its pid). Others are refused at once.
+    #[arg(long, value_name = "PID", conflicts_with = "source_qmp")]
+    source_pid: Option<i32>,
+    /// --listen unix: accept connections only from the QEMU serving this
+    /// QMP socket (unix:PATH); its pid comes from the socket's peer
+    /// credentials (SO_PEERCRED), without speaking QMP.
+    #[arg(long, value_name = "unix:PATH", value_parser = miggate::migrate::parse_qmp)]
+    source_qmp: Option<PathBuf>,
+}
+
+/// A file mode in octal (`600`, `0600`, `0o600`), permission bits only.
+fn parse_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!("{s:?} is not an octal mode from 0000 to 0777")),
+    }
 }
 
 /// The ticket for `miggate source`, from a file or the environment.
@@ -323,6 +345,9 @@ async fn run_source(a: SourceArgs) -> Result<()> {
     let server_name = ServerName::try_from(host.clone())
         .with_context(|| format!("{host:?} is not a valid TLS hostname"))?;
     let tls = tls::client_config(&a.x509_dir, &[tls::ALPN_MIGGATE])?;
+    if matches!(a.listen, Endpoint::Tcp(_)) && (a.source_pid.is_some() || a.source_qmp.is_some()) {
+        bail!("--source-pid and --source-qmp need --listen unix:PATH: the kernel tells the peer's pid on unix sockets only");
+    }
     let listener = match &a.listen {
         Endpoint::Tcp(addr) => {
             let sockaddr = tokio::net::lookup_host(addr)
@@ -336,25 +361,46 @@ async fn run_source(a: SourceArgs) -> Result<()> {
             )
         }
         Endpoint::Unix(path) => {
-            // A stale socket from a previous run would make bind fail.
-            if std::fs::metadata(path).is_ok_and(|m| {
-                use std::os::unix::fs::FileTypeExt;
-                m.file_type().is_socket()
-            }) {
-                let _ = std::fs::remove_file(path);
+            let only = match (a.source_pid, &a.source_qmp) {
+                (Some(pid), _) => Some(source::LocalPeer {
+                    pid,
+                    known_as: "from --source-pid".into(),
+                }),
+                (None, Some(qmp)) => {
+                    let cred = miggate::qmp::server_cred(qmp).await.with_context(|| {
+                        format!("cannot learn the source QEMU's pid from {}", qmp.display())
+                    })?;
+                    let pid = cred.pid().with_context(|| {
+                        format!("the kernel did not tell the pid serving {}", qmp.display())
+                    })?;
+                    Some(source::LocalPeer {
+                        pid,
+                        known_as: format!("the QEMU of QMP socket {}", qmp.display()),
+                    })
+                }
+                (None, None) => None,
+            };
+            let access = unix_bind::Access::mode(a.listen_mode);
+            let bound = unix_bind::bind(path, access)
+                .with_context(|| format!("cannot listen on unix:{}", path.display()))?;
+            source::LocalListener::Unix {
+                listener: bound.listener,
+                path: path.clone(),
+                only,
             }
-            source::LocalListener::Unix(
-                tokio::net::UnixListener::bind(path)
-                    .with_context(|| format!("cannot listen on {}", path.display()))?,
-                path.clone(),
-            )
         }
     };
-    let shown = match &listener {
-        source::LocalListener::Tcp(l) => format!("tcp:{}", l.local_addr()?),
-        source::LocalListener::Unix(_, p) => format!("unix:{}", p.display()),
+    let (shown, only) = match &listener {
+        source::LocalListener::Tcp(l) => (format!("tcp:{}", l.local_addr()?), "-".to_string()),
+        source::LocalListener::Unix { path, only, .. } => (
+            format!("unix:{}", path.display()),
+            only.as_ref().map_or_else(
+                || "any process the socket's mode lets in".to_string(),
+                |p| format!("pid {} ({})", p.pid, p.known_as),
+            ),
+        ),
     };
-    tracing::info!(role = "source", listen = %shown, connect = %a.connect, tls_hostname = %host, "listening");
+    tracing::info!(role = "source", listen = %shown, connect = %a.connect, tls_hostname = %host, local_peer = %only, "listening");
     let cfg = source::SourceConfig {
         tls,
         connect: a.connect,

@@ -29,6 +29,15 @@ pub fn tune(stream: &tokio::net::TcpStream) {
 /// buffers while the target is still deciding, a refusal would come too
 /// late to make the source's migration fail. A small window keeps QEMU
 /// blocked on us until the verdict. (The kernel doubles the value.)
+///
+/// TCP only. On a unix stream socket the receiver's SO_RCVBUF does
+/// nothing: queued bytes are charged to the *sender's* SO_SNDBUF. Measured
+/// on Linux 6.18: a writer with the default 208 KiB (net.core.wmem_default)
+/// queues 180-230 KiB before it blocks, whether the reader's SO_RCVBUF is
+/// 4 KiB or 8 MiB. That buffer is QEMU's, out of our reach, so on a unix
+/// local hop about 200 KiB can leave QEMU before the verdict; the
+/// `return-path` capability (always on in `miggate migrate`) is what keeps
+/// a refused migration from being called completed.
 pub const LOCAL_RCVBUF_BEFORE_VERDICT: usize = 16 * 1024;
 
 /// ... and after an admission: plenty for a local hop (the kernel caps it

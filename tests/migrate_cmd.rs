@@ -5,29 +5,16 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
-use std::time::Duration;
 
+use common::daemon::Daemon;
 use common::gateway::{pki_init, BIN};
-use common::qemu::{Guest, Qemu, QemuOpts};
+use common::qemu::{qemu_with_qmp, Guest, Qemu, QemuOpts};
 use common::scenario::{pki, pki_dir, MIGRATION_TIMEOUT, SOURCE_DN};
 use miggate::control::types::Phase;
-use miggate::control::{ApiAddr, ApiClient};
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
-
-const DAEMON_START: Duration = Duration::from_secs(20);
-
-/// A QEMU with a second QMP socket for `miggate migrate` or the daemon
-/// (a QMP socket serves one client; the harness keeps the first).
-async fn qemu_with_qmp(mut opts: QemuOpts, qmp: &Path) -> Qemu {
-    opts.extra_args = vec![
-        "-qmp".into(),
-        format!("unix:{},server=on,wait=off", qmp.display()),
-    ];
-    Qemu::spawn(opts).await
-}
+use tokio::process::Command;
 
 /// A source and a target QEMU (the target waiting with -incoming defer),
 /// each with a spare QMP socket in `dir`.
@@ -38,70 +25,6 @@ async fn qemu_pair(opts: &QemuOpts, dir: &Path) -> (Qemu, Qemu, PathBuf, PathBuf
         qemu_with_qmp(opts.as_incoming(), &tq)
     );
     (src, dst, sq, tq)
-}
-
-/// A `miggate daemon` with one loopback migration listener; killed on drop.
-struct Daemon {
-    _child: Child,
-    api: PathBuf,
-    log: PathBuf,
-}
-
-impl Daemon {
-    async fn start(dir: &Path, pki: &Path) -> Daemon {
-        let api = dir.join("api.sock");
-        let run = dir.join("run");
-        std::fs::create_dir_all(&run).unwrap();
-        let config = dir.join("daemon.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[daemon]\nruntime_dir = {:?}\n[api]\nsocket = {:?}\n[[target]]\nlisten = \"127.0.0.1:0\"\nx509_dir = {:?}\n",
-                run.display().to_string(),
-                api.display().to_string(),
-                pki.display().to_string()
-            ),
-        )
-        .unwrap();
-        let log = dir.join("daemon.log");
-        let child = Command::new(BIN)
-            .args(["--log-format", "json", "daemon", "--config"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn miggate daemon");
-        let d = Daemon {
-            _child: child,
-            api,
-            log,
-        };
-        let client = d.client();
-        let deadline = tokio::time::Instant::now() + DAEMON_START;
-        while client.migrations().await.is_err() {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "daemon API not up; log:\n{}",
-                d.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        d
-    }
-
-    fn client(&self) -> ApiClient {
-        ApiClient::new(ApiAddr::Unix(self.api.clone())).unwrap()
-    }
-
-    fn target(&self) -> String {
-        format!("unix:{}", self.api.display())
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
 }
 
 fn migrate_cmd(args: &[&str]) -> Command {

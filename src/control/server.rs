@@ -5,7 +5,6 @@
 //! goes through the admin authz (separate from the migration ACLs). Every
 //! error is `{"error": "<sentence>"}` with a 4xx/5xx status.
 
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -29,6 +28,7 @@ use super::types::{Allow, ApiErrorBody, Forward, IncomingRequest, IncomingRespon
 use crate::admit::registry::{IncomingSpec, Migration, Registry};
 use crate::authz::{AnyVerified, Authz, Decision, ListFile, Simple};
 use crate::creds::{dn, tls};
+use crate::gate::unix_bind::{self, UnixBindError};
 use crate::gate::Endpoint;
 use crate::qmp::Qmp;
 
@@ -446,10 +446,9 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     s
 }
 
-/// Creates the API socket with `mode`, atomically: it is bound under a
-/// temporary name, given its mode, then renamed over the final path, so
-/// there is no moment when it exists with the umask's permissions. A stale
-/// socket (no one accepting) is replaced; a live one is an error.
+/// Creates the API socket with `mode` in force from its first moment (see
+/// [`unix_bind`]). A stale socket (no one accepting) is replaced; a live
+/// one, or a file that is not a socket, is an error.
 pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|source| ServerError::SocketDir {
@@ -457,35 +456,15 @@ pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
             source,
         })?;
     }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if !m.file_type().is_socket() => {
-            return Err(ServerError::NotASocket {
-                path: path.to_path_buf(),
-            })
-        }
-        Ok(_) if std::os::unix::net::UnixStream::connect(path).is_ok() => {
-            return Err(ServerError::InUse {
-                path: path.to_path_buf(),
-            })
-        }
-        _ => {}
+    match unix_bind::bind(path, unix_bind::Access::mode(mode)) {
+        Ok(b) => Ok(b.listener),
+        Err(UnixBindError::NotASocket { path }) => Err(ServerError::NotASocket { path }),
+        Err(UnixBindError::InUse { path }) => Err(ServerError::InUse { path }),
+        Err(other) => Err(ServerError::Bind {
+            path: path.to_path_buf(),
+            source: std::io::Error::other(other),
+        }),
     }
-    let bind_err = |source| ServerError::Bind {
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".{}.tmp", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let _ = std::fs::remove_file(&tmp);
-    let listener = UnixListener::bind(&tmp).map_err(bind_err)?;
-    let done = std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = done {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(bind_err(e));
-    }
-    Ok(listener)
 }
 
 /// Serves the API on the local socket forever.
@@ -602,6 +581,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::PermissionsExt;
 
     #[tokio::test]
     async fn api_socket_mode_stale_live_and_foreign_files() {

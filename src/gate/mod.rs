@@ -3,6 +3,7 @@
 
 pub mod source;
 pub mod target;
+pub mod unix_bind;
 
 use std::fmt;
 use std::path::PathBuf;

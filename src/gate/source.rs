@@ -9,6 +9,11 @@
 //!   local connection, so that the source QEMU's migration fails and its VM
 //!   keeps running;
 //! - target is QEMU's native TLS (no ALPN): send the bytes and relay.
+//!
+//! On a unix listener bound to one process ([`LocalPeer`]), a connection
+//! from any other pid is refused at accept, before a byte is read: the
+//! ticket and the client certificate are the operator's, and only the
+//! source QEMU of this migration may use them.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -46,27 +51,80 @@ pub struct SourceConfig {
     pub sink: Option<Arc<dyn Sink>>,
 }
 
+/// The one process allowed to feed a gateway over its unix socket: the
+/// source QEMU. Its multifd threads connect from the same process, and
+/// `SO_PEERCRED` reports the process (thread group) id, so one pid covers
+/// every channel of the migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalPeer {
+    pub pid: i32,
+    /// How the pid was learned, for the refusal reason
+    /// (e.g. "the QEMU of QMP socket /run/vm1.qmp").
+    pub known_as: String,
+}
+
+impl LocalPeer {
+    /// `Err(reason)` unless `cred` is this peer's.
+    pub fn check(&self, cred: &tokio::net::unix::UCred) -> Result<(), String> {
+        match cred.pid() {
+            Some(pid) if pid == self.pid => Ok(()),
+            Some(pid) => Err(format!(
+                "local peer pid {pid} (uid {}) is not the source QEMU (pid {}, {}); closed before anything was sent to the target",
+                cred.uid(),
+                self.pid,
+                self.known_as
+            )),
+            None => Err(format!(
+                "the kernel did not tell the local peer's pid (uid {}); only the source QEMU (pid {}) may connect",
+                cred.uid(),
+                self.pid
+            )),
+        }
+    }
+}
+
 pub enum LocalListener {
     Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
+    /// `only`: the one process that may connect; `None`: whoever the
+    /// socket file's mode lets in.
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+        only: Option<LocalPeer>,
+    },
 }
 
 impl LocalListener {
-    async fn accept(&self) -> std::io::Result<(Plain, Option<std::net::SocketAddr>)> {
+    /// An accepted connection, or `Err(reason)` for one from a process
+    /// that may not feed this gateway (already closed).
+    async fn accept(
+        &self,
+    ) -> std::io::Result<Result<(Plain, Option<std::net::SocketAddr>), String>> {
         match self {
             LocalListener::Tcp(l) => {
                 let (s, a) = l.accept().await?;
                 crate::timeouts::tune(&s);
-                Ok((Plain::Tcp(s), Some(a)))
+                Ok(Ok((Plain::Tcp(s), Some(a))))
             }
-            LocalListener::Unix(l, _) => Ok((Plain::Unix(l.accept().await?.0), None)),
+            LocalListener::Unix { listener, only, .. } => {
+                let (s, _) = listener.accept().await?;
+                if let Some(peer) = only {
+                    let checked = s.peer_cred().map_err(|e| {
+                        format!("cannot read the local peer's credentials (SO_PEERCRED): {e}")
+                    });
+                    if let Err(reason) = checked.and_then(|cred| peer.check(&cred)) {
+                        return Ok(Err(reason));
+                    }
+                }
+                Ok(Ok((Plain::Unix(s), None)))
+            }
         }
     }
 }
 
 impl Drop for LocalListener {
     fn drop(&mut self) {
-        if let LocalListener::Unix(_, path) = self {
+        if let LocalListener::Unix { path, .. } = self {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -75,11 +133,21 @@ impl Drop for LocalListener {
 pub async fn serve(listener: LocalListener, cfg: SourceConfig) -> std::io::Result<()> {
     let cfg = Arc::new(cfg);
     loop {
-        let (local, addr) = match listener.accept().await {
+        let accepted = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 tracing::error!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (local, addr) = match accepted {
+            Ok(x) => x,
+            // Refused before one byte was read: no ticket, no target.
+            Err(reason) => {
+                let mut out = Outcome::new("source", None);
+                out.sink = cfg.sink.clone();
+                out.finish(Ending::Refused, Some(&reason));
                 continue;
             }
         };

@@ -4,12 +4,15 @@
 //! environment, no command line).
 
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::Ipv4Addr;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rustls_pki_types::ServerName;
 use serde_json::json;
+use tokio::net::unix::UCred;
 use uuid::Uuid;
 
 use super::progress::Reporter;
@@ -18,7 +21,8 @@ use crate::admit::ticket::Ticket;
 use crate::control::client::{api_addr, ApiAddr, ApiClient, ApiError};
 use crate::control::types::{Allow, Forward, IncomingRequest, MigrationView, Phase, QmpForward};
 use crate::creds::tls;
-use crate::gate::source::{self, LocalListener, SourceConfig};
+use crate::gate::source::{self, LocalListener, LocalPeer, SourceConfig};
+use crate::gate::unix_bind::{self, Access};
 use crate::outcome::{Ending, Record, Sink};
 
 /// How often the progress loop asks the daemon whether the target admitted
@@ -60,7 +64,10 @@ pub struct Managed {
     pub channels: u32,
     records: Arc<Collected>,
     gateway: tokio::task::JoinHandle<()>,
-    port: u16,
+    /// The source QEMU's socket, in `_local_dir`.
+    socket: PathBuf,
+    /// Removed (with the socket) when the migration ends.
+    _local_dir: tempfile::TempDir,
     admitted: bool,
     last_poll: Option<Instant>,
 }
@@ -110,14 +117,75 @@ pub fn reachable(listen: &str, api: &ApiAddr) -> String {
     format!("{host}:{port}")
 }
 
+/// The local hop: a fresh directory (0700) that only miggate and the
+/// source QEMU can enter, and in it a socket (0600) owned by the QEMU's
+/// user, which the source gateway serves to the QEMU's pid alone.
+/// Errors are the cause, as a clause.
+fn local_hop(qemu: &UCred, qmp: &Path) -> Result<(LocalListener, tempfile::TempDir), String> {
+    let pid = qemu
+        .pid()
+        .ok_or("the kernel did not tell the source QEMU's pid (SO_PEERCRED of its QMP socket)")?;
+    let uid = qemu.uid();
+    // $XDG_RUNTIME_DIR when it is the QEMU's user's own (the same user as
+    // ours, or we are root); otherwise the temp directory, which every
+    // user can traverse.
+    let base = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .filter(|d| std::fs::metadata(d).is_ok_and(|m| m.is_dir() && m.uid() == uid))
+        .unwrap_or_else(std::env::temp_dir);
+    let dir = tempfile::Builder::new()
+        .prefix("miggate-migrate-")
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(&base)
+        .map_err(|e| {
+            format!(
+                "cannot create a private directory in {} for the source QEMU's socket: {e}",
+                base.display()
+            )
+        })?;
+    let ours = std::fs::metadata(dir.path())
+        .map_err(|e| format!("{}: {e}", dir.path().display()))?
+        .uid();
+    let owner = if uid == ours {
+        None
+    } else {
+        // Root gives the directory to the QEMU's user: it may enter, no
+        // other user may; root needs no permission to serve it.
+        std::os::unix::fs::chown(dir.path(), Some(uid), None).map_err(|e| {
+            if e.kind() == std::io::ErrorKind::PermissionDenied {
+                format!(
+                    "the source QEMU runs as uid {uid} and miggate as uid {ours}: only root can make a socket that QEMU alone may reach; run miggate migrate as root or as uid {uid}"
+                )
+            } else {
+                format!("cannot give {} to uid {uid}: {e}", dir.path().display())
+            }
+        })?;
+        Some(uid)
+    };
+    let path = dir.path().join("source.sock");
+    let bound = unix_bind::bind(&path, Access { mode: 0o600, owner })
+        .map_err(|e| format!("cannot listen for the source QEMU: {}", super::chain(&e)))?;
+    let listener = LocalListener::Unix {
+        listener: bound.listener,
+        path,
+        only: Some(LocalPeer {
+            pid,
+            known_as: format!("the QEMU of QMP socket {}", qmp.display()),
+        }),
+    };
+    Ok((listener, dir))
+}
+
 impl Managed {
-    /// Loads the credentials, binds the local listener, registers the
-    /// migration and starts the source gateway with its ticket. Errors are
-    /// the cause, as a clause.
+    /// Loads the credentials, binds the local listener for the QEMU with
+    /// credentials `qemu` (its QMP socket's peer), registers the migration
+    /// and starts the source gateway with its ticket. Errors are the cause,
+    /// as a clause.
     pub async fn prepare(
         args: &MigrateArgs,
         uuid: Option<Uuid>,
         dn: &str,
+        qemu: &UCred,
         rep: &mut Reporter,
     ) -> Result<Managed, String> {
         let target = args.target.as_deref().unwrap_or_default();
@@ -126,13 +194,19 @@ impl Managed {
         // Everything that can fail locally fails before the daemon is asked.
         let tls = tls::client_config(&args.x509_dir, &[tls::ALPN_MIGGATE])
             .map_err(|e| format!("source TLS credentials: {}", super::chain(&e)))?;
-        let local = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
-        let listener = crate::timeouts::bind_local_listener(local)
-            .map_err(|e| format!("cannot listen on {local} for the source QEMU: {e}"))?;
-        let port = listener
-            .local_addr()
-            .map_err(|e| format!("local listener: {e}"))?
-            .port();
+        let (listener, local_dir) = local_hop(qemu, &args.source_qmp)?;
+        let socket = match &listener {
+            LocalListener::Unix { path, .. } => path.clone(),
+            LocalListener::Tcp(_) => unreachable!("the local hop is a unix socket"),
+        };
+        // Said before the daemon is asked: from here the kernel queues the
+        // QEMU's connection even while the registration is under way.
+        rep.step(&format!(
+            "the source QEMU (pid {}, uid {}) will migrate to unix:{}: a socket in a directory only it and miggate can enter, served to that pid alone",
+            qemu.pid().unwrap_or_default(),
+            qemu.uid(),
+            socket.display()
+        ));
 
         let channels = 1 + u32::from(args.multifd);
         let forward = match (&args.target_qmp, &args.forward) {
@@ -205,12 +279,12 @@ impl Managed {
             sink: Some(records.clone()),
         };
         let gateway = tokio::spawn(async move {
-            if let Err(e) = source::serve(LocalListener::Tcp(listener), cfg).await {
+            if let Err(e) = source::serve(listener, cfg).await {
                 tracing::error!(error = %e, "source gateway stopped");
             }
         });
         rep.step(&format!(
-            "source gateway listening on 127.0.0.1:{port} for the source QEMU, forwarding over TLS to {connect} (the target must present a certificate for {host})"
+            "source gateway serving the source QEMU, forwarding over TLS to {connect} (the target must present a certificate for {host})"
         ));
         Ok(Managed {
             api,
@@ -219,7 +293,8 @@ impl Managed {
             channels,
             records,
             gateway,
-            port,
+            socket,
+            _local_dir: local_dir,
             admitted: false,
             last_poll: None,
         })
@@ -227,7 +302,8 @@ impl Managed {
 
     /// Where the source QEMU migrates to.
     pub fn uri(&self) -> String {
-        format!("tcp:127.0.0.1:{}", self.port)
+        // QEMU's multifd channels connect to the same address as the main.
+        format!("unix:{}", self.socket.display())
     }
 
     pub fn records(&self) -> Vec<Record> {

@@ -6,14 +6,17 @@
 //! ```text
 //! source QEMU --QMP-- miggate migrate --HTTP--> miggate daemon --QMP--> target QEMU
 //!      |                    | (in-process source gateway, ticket in memory)   ^
-//!      +--tcp:127.0.0.1-->  +====== TLS, ticket in the hello =====> target gateway
+//!      +--unix socket---->  +====== TLS, ticket in the hello =====> target gateway
+//!         (private 0700 directory; only the QEMU's pid is served)
 //! ```
 //!
 //! 1. `query-status`, `query-migrate` (nothing in flight), `query-uuid`;
 //! 2. `POST /v1/incoming`: VM UUID, allow = our client certificate's DN,
 //!    channels = 1 + multifd, forward = the target QEMU (QMP: the daemon
 //!    sets multifd to match and issues `migrate-incoming` itself);
-//! 3. the source gateway starts in this process with the one-shot ticket;
+//! 3. the source gateway starts in this process with the one-shot ticket,
+//!    on a unix socket in a fresh private directory, serving only the pid
+//!    of the QEMU behind the QMP socket (its `SO_PEERCRED`);
 //! 4. the source QEMU gets `return-path` (always: without it QEMU calls a
 //!    migration completed once the stream is in the socket, before the
 //!    target loaded anything), `validate-uuid` (when the VM has a UUID),
@@ -195,7 +198,7 @@ impl MigrateArgs {
 }
 
 /// `unix:PATH` (a bare absolute path is accepted too).
-fn parse_qmp(s: &str) -> Result<PathBuf, String> {
+pub fn parse_qmp(s: &str) -> Result<PathBuf, String> {
     match s.strip_prefix("unix:").unwrap_or(s) {
         "" => Err("a QMP socket is unix:PATH".into()),
         p if s.starts_with("unix:") || p.starts_with('/') => Ok(PathBuf::from(p)),
@@ -600,8 +603,15 @@ impl Migration<'_> {
                 .execute("migrate-set-parameters", Some(json!({"tls-creds": ""})))
                 .await
                 .map_err(q)?;
+            // The QEMU behind the QMP socket is the only process the
+            // source gateway will take a stream from.
+            let qemu = self.src.peer_cred().map_err(|e| {
+                Stop::Cause(format!(
+                    "cannot read the source QEMU's credentials from its QMP socket: {e}"
+                ))
+            })?;
             Side::Managed(Box::new(
-                Managed::prepare(self.args, uuid, &dn, rep)
+                Managed::prepare(self.args, uuid, &dn, &qemu, rep)
                     .await
                     .map_err(Stop::Cause)?,
             ))

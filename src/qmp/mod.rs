@@ -168,6 +168,23 @@ impl MigrationInfo {
     }
 }
 
+/// The credentials (pid, uid) of the process serving the QMP socket at
+/// `path`, without speaking QMP: the kernel hands the listener's
+/// credentials to every connection, even one QEMU has not accepted yet
+/// because another client holds the monitor. The connection is closed
+/// again at once.
+pub async fn server_cred(path: &Path) -> Result<tokio::net::unix::UCred, QmpError> {
+    let stream = UnixStream::connect(path)
+        .await
+        .map_err(|e| QmpError::io(format!("connecting to {}", path.display()), e))?;
+    stream.peer_cred().map_err(|e| {
+        QmpError::io(
+            format!("reading the peer credentials of {}", path.display()),
+            e,
+        )
+    })
+}
+
 /// A QMP connection with capabilities negotiated (command mode).
 pub struct Qmp {
     stream: UnixStream,
@@ -226,6 +243,12 @@ impl Qmp {
     /// The greeting QEMU sent (`{"QMP": {"version": .., "capabilities": ..}}`).
     pub fn greeting(&self) -> &Value {
         &self.greeting
+    }
+
+    /// The QEMU process at the other end (`SO_PEERCRED`: its pid and uid,
+    /// as of when it started listening on the QMP socket).
+    pub fn peer_cred(&self) -> io::Result<tokio::net::unix::UCred> {
+        self.stream.peer_cred()
     }
 
     /// QEMU's (major, minor, micro) from the greeting.

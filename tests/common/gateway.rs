@@ -40,7 +40,19 @@ impl Gateway {
     }
 
     pub async fn spawn(args: &[&str]) -> Gateway {
-        let mut child = Command::new(BIN)
+        Self::spawn_cmd(Command::new(BIN), args).await
+    }
+
+    /// [`Gateway::spawn`] with the process umask set to `umask` (octal),
+    /// e.g. to show that a socket's mode does not depend on it.
+    pub async fn spawn_with_umask(umask: &str, args: &[&str]) -> Gateway {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "umask \"$0\" && exec \"$@\"", umask, BIN]);
+        Self::spawn_cmd(cmd, args).await
+    }
+
+    async fn spawn_cmd(mut cmd: Command, args: &[&str]) -> Gateway {
+        let mut child = cmd
             .arg("--log-format")
             .arg("json")
             .args(args)

@@ -1,6 +1,7 @@
 //! Shared test harness: real QEMU processes, the real miggate binary.
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod gateway;
 pub mod guest;
 pub mod qemu;

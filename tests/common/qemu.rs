@@ -133,3 +133,13 @@ pub async fn file_sha256(path: &Path) -> String {
 pub async fn zero_sha256(len: u64) -> String {
     lab::zero_sha256(len)
 }
+
+/// A QEMU with a second QMP socket for `miggate migrate` or the daemon
+/// (a QMP socket serves one client; the harness keeps the first).
+pub async fn qemu_with_qmp(mut opts: QemuOpts, qmp: &Path) -> Qemu {
+    opts.extra_args = vec![
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp.display()),
+    ];
+    Qemu::spawn(opts).await
+}
