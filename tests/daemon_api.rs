@@ -14,7 +14,8 @@ use common::qemu::{Guest, Qemu, QemuOpts};
 use common::scenario::*;
 use miggate::admit::ticket::Ticket;
 use miggate::control::types::{
-    Allow, Forward, IncomingRequest, IncomingResponse, MigrationView, Phase, QmpForward,
+    Allow, Forward, IncomingRequest, IncomingResponse, ListenerRef, MigrationView, Phase,
+    QmpForward,
 };
 use miggate::control::{ApiAddr, ApiClient, ApiError};
 use serde_json::{json, Value};
@@ -186,6 +187,7 @@ fn request(vm: Option<Uuid>, forward: Forward) -> IncomingRequest {
         forward,
         channels: 1,
         expires_in: 300,
+        listeners: None,
     }
 }
 
@@ -830,4 +832,153 @@ async fn sighup_reload_keeps_the_previous_configuration_on_error() {
     hup();
     d.gw.wait_event(|v| v["message"] == "configuration reloaded", EVENT_TIMEOUT)
         .await;
+}
+
+/// The 64-byte multifd init packet a source QEMU sends first on a multifd
+/// channel (src/wire/qemu.rs has the layout).
+fn multifd_init_packet(vm: Uuid, channel: u8) -> Vec<u8> {
+    let mut p = Vec::with_capacity(64);
+    p.extend_from_slice(&0x1122_3344u32.to_be_bytes());
+    p.extend_from_slice(&1u32.to_be_bytes());
+    p.extend_from_slice(vm.as_bytes());
+    p.push(channel);
+    p.resize(64, 0);
+    p
+}
+
+/// A multifd-looking channel with the ticket arrives alone and waits for a
+/// main channel that never comes: it is cut within the stall timeout, its
+/// slot is given back, and the real migration (1 main + 1 multifd) then
+/// completes with the same ticket.
+#[tokio::test]
+async fn a_stray_multifd_channel_does_not_wedge_its_registration() {
+    let pki_tmp = pki();
+    let pki = pki_dir(&pki_tmp);
+    let d = Daemon::start(&pki).await;
+    let caps = [("multifd", true)];
+    let params = json!({ "multifd-channels": 1 });
+    let mut src = source_vm(Guest::PausedRandomRam { seed: 2 }, VM_A).await;
+    src.set_capabilities(&caps).await;
+    src.set_parameters(params.clone()).await;
+    let mut dst_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming();
+    dst_opts.uuid = Some(VM_A);
+    let mut dst = Qemu::spawn(dst_opts).await;
+    dst.set_capabilities(&caps).await;
+    dst.set_parameters(params).await;
+    let port = dst.migrate_incoming_any_port().await;
+
+    let mut req = request(Some(VM_A), endpoint(port));
+    req.channels = 2;
+    let r = d.register(&req).await;
+
+    // The stray: a miggate source with the ticket, fed a multifd init
+    // packet of the right VM and nothing else.
+    let stray_gw = d.source(&pki, "ticket-stray", &r.ticket).await;
+    let mut stray = tokio::net::TcpStream::connect(&stray_gw.addr)
+        .await
+        .unwrap();
+    stray
+        .write_all(&multifd_init_packet(VM_A, 0))
+        .await
+        .unwrap();
+    d.wait_view(&r.id, "holding the stray multifd channel", |v| {
+        v.state == Phase::Active && v.channels_open == 1
+    })
+    .await;
+    // Cut within the stall timeout (10 s here), its slot released: the
+    // registration waits for its source again.
+    let v = d
+        .wait_view(&r.id, "registered again after the stray was cut", |v| {
+            v.state == Phase::Registered && !v.refusals.is_empty()
+        })
+        .await;
+    assert_eq!((v.channels_seen, v.channels_open), (0, 0), "{v:?}");
+    assert!(
+        v.refusals[0].contains("no main channel of its migration was admitted within 10 s"),
+        "{v:?}"
+    );
+    let mut rest = Vec::new();
+    let _ = stray.read_to_end(&mut rest).await;
+    stray_gw.stop().await;
+
+    let hash = src.ram_sha256().await;
+    let sgw = d.source(&pki, "ticket", &r.ticket).await;
+    migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
+    assert_eq!(dst.ram_sha256().await, hash);
+    let v = d.wait_state(&r.id, Phase::Completed).await;
+    assert_eq!((v.channels_seen, v.channels_open), (2, 0), "{v:?}");
+}
+
+/// Two listeners with two CAs share the daemon's registry. A registration
+/// is bound to the first listener unless it names others: a source holding
+/// a certificate from the other listener's CA, with the allowed DN string
+/// and the ticket, is refused there; on the right listener it completes.
+#[tokio::test]
+async fn a_ticket_is_only_good_on_the_listener_it_was_registered_for() {
+    let pki_tmp = pki();
+    let pki_a = pki_dir(&pki_tmp);
+    let pki_b = pki_tmp.path().join("pki-b");
+    common::gateway::pki_init(&pki_b, &["--client-dn", SOURCE_DN]);
+    // localhost: a second "127.0.0.1:0" would be refused as a duplicate.
+    let extra = format!(
+        "\n[[target]]\nlisten = \"localhost:0\"\nx509_dir = \"{}\"\nstall_timeout = 10\n",
+        pki_b.display()
+    );
+    let mut d = Daemon::start_with(&pki_a, &extra).await;
+    let mut src = source_vm(Guest::PausedRandomRam { seed: 4 }, VM_A).await;
+    let mut dst_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming();
+    dst_opts.uuid = Some(VM_A);
+    let mut dst = Qemu::spawn(dst_opts).await;
+    let port = dst.migrate_incoming_any_port().await;
+
+    // Listener B's address: from the log, and from a registration bound
+    // to it; an unknown listener is a bad request.
+    let listening: Vec<String> =
+        d.gw.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["message"] == "listening")
+            .map(|v| v["listen"].as_str().unwrap().to_string())
+            .collect();
+    assert_eq!(listening.len(), 2, "{listening:?}");
+    let addr_b = listening[1].clone();
+    let mut on_b = request(Some(VM_A), Forward::Endpoint(NOWHERE.into()));
+    on_b.listeners = Some(vec![ListenerRef::Index(1)]);
+    assert_eq!(
+        d.api.register(&on_b).await.unwrap().listen,
+        vec![addr_b.clone()]
+    );
+    on_b.listeners = Some(vec![ListenerRef::Address("127.0.0.1:1".into())]);
+    let e = d.api.register(&on_b).await.unwrap_err();
+    assert!(
+        matches!(e, ApiError::Http { status: 400, ref message } if message.contains("is not a listener of this daemon")),
+        "{e}"
+    );
+
+    // Default: listener A only (`register` checks the answer's `listen`).
+    let r = d.register(&request(Some(VM_A), endpoint(port))).await;
+    let f = d.ticket_file("ticket-b", &r.ticket);
+    let rogue = source_gateway(&pki_b, &addr_b, &["--ticket-file", f.to_str().unwrap()]).await;
+    migrate_and_expect_failure(&mut src, &format!("tcp:{}", rogue.addr)).await;
+    let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await;
+    assert_eq!(rec["outcome"], "refused", "{rec}");
+    assert_eq!(rec["bytes_sent"], 0, "{rec}");
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap()
+            .contains("is not registered on this listener"),
+        "{rec}"
+    );
+    let v = d.api.migration(&r.id).await.unwrap();
+    assert_eq!(v.state, Phase::Registered, "not burnt: {v:?}");
+    assert_eq!(v.refusals.len(), 1, "{v:?}");
+    rogue.stop().await;
+
+    let hash = src.ram_sha256().await;
+    let sgw = d.source(&pki_a, "ticket-a", &r.ticket).await;
+    migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
+    assert_eq!(dst.ram_sha256().await, hash);
+    let v = d.wait_state(&r.id, Phase::Completed).await;
+    assert_eq!(v.peer_dn.as_deref(), Some(SOURCE_DN));
 }

@@ -137,16 +137,17 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
     let mut tasks: JoinSet<std::io::Result<()>> = JoinSet::new();
     let mut targets = Vec::new();
     let mut listen = Vec::new();
-    for (listener, b) in tcp.into_iter().zip(built.targets) {
+    for (i, (listener, b)) in tcp.into_iter().zip(built.targets).enumerate() {
         let addr = listener
             .local_addr()
             .map_err(DaemonError::Serve)?
             .to_string();
         tracing::info!(role = "daemon", listen = %addr, route = %b.route_desc, "listening");
-        let gate = Target::new(
+        let gate = Target::with_listener(
             b.tls,
             b.route,
-            Some(registry.clone()),
+            registry.clone(),
+            i,
             b.stall,
             Some(sink.clone()),
         );
