@@ -375,34 +375,40 @@ async fn api_refuses_bad_requests_with_reasons_and_other_users() {
     d.api.reload().await.unwrap();
 
     // The socket is the owner's alone: mode 0600, and another user cannot
-    // connect even where the directory lets them reach it.
+    // connect even where the directories let them reach it.
     let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    if uid() == "0" {
-        for dir in [d.dir.as_path(), d.socket.parent().unwrap()] {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        let out = std::process::Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "socat",
-                "-u",
-                "OPEN:/dev/null",
-            ])
-            .arg(format!("UNIX-CONNECT:{}", d.socket.display()))
-            .output()
-            .expect("setpriv and socat (scripts/setup.sh installs socat)");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success(),
-            "user nobody connected to the API socket"
-        );
-        assert!(err.contains("Permission denied"), "{err}");
-    } else {
-        eprintln!("not root: the connect attempt as another user is skipped (mode checked)");
+    for dir in [d.dir.as_path(), d.socket.parent().unwrap()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
+    let err = connect_as_nobody(&d.socket);
+    assert!(
+        err.contains("Permission denied"),
+        "user nobody connected to the API socket: {err}"
+    );
+}
+
+/// Tries to connect to the unix socket `path` as user nobody (`runuser`;
+/// the tests run as root, as CI does). Returns socat's complaint; panics if
+/// the connection succeeded.
+fn connect_as_nobody(path: &Path) -> String {
+    assert_eq!(
+        uid(),
+        "0",
+        "this check connects as user nobody with runuser, which needs root (CI runs the tests as root)"
+    );
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--", "socat", "-u", "OPEN:/dev/null"])
+        .arg(format!("UNIX-CONNECT:{}", path.display()))
+        .output()
+        .expect("runuser and socat (scripts/setup.sh installs socat)");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "user nobody connected to {}: {err}",
+        path.display()
+    );
+    err
 }
 
 #[tokio::test]
@@ -981,4 +987,87 @@ async fn a_ticket_is_only_good_on_the_listener_it_was_registered_for() {
     assert_eq!(dst.ram_sha256().await, hash);
     let v = d.wait_state(&r.id, Phase::Completed).await;
     assert_eq!(v.peer_dn.as_deref(), Some(SOURCE_DN));
+}
+
+/// The target QEMU's incoming socket (QMP forward: QEMU creates it in the
+/// daemon's runtime directory, with QEMU's umask) cannot be reached by
+/// another user, whatever its own mode: the runtime directory is the
+/// daemon's alone. An existing runtime directory more open than that
+/// stops the daemon before it serves anything.
+#[tokio::test]
+async fn another_user_cannot_reach_the_target_qemus_incoming_socket() {
+    let pki_tmp = pki();
+    let pki = pki_dir(&pki_tmp);
+    let d = Daemon::start(&pki).await;
+    let qmp2 = d.dir.join("dst-qmp.sock");
+    let mut dst_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming();
+    dst_opts.uuid = Some(VM_A);
+    dst_opts.extra_args = vec![
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp2.display()),
+    ];
+    let _dst = Qemu::spawn(dst_opts).await;
+    let forward = Forward::Qmp(QmpForward {
+        qmp: format!("unix:{}", qmp2.display()),
+        capabilities: BTreeMap::new(),
+        parameters: serde_json::Map::new(),
+    });
+    let r = d.register(&request(Some(VM_A), forward)).await;
+    let v = d.api.migration(&r.id).await.unwrap();
+    let sock = PathBuf::from(v.forward.strip_prefix("unix:").unwrap());
+    let runtime = d.dir.join("run");
+    assert_eq!(sock.parent(), Some(runtime.as_path()), "{v:?}");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(&sock).unwrap().file_type().is_socket());
+
+    // As QEMU with a permissive umask would leave it, below a directory
+    // everyone may enter: only the runtime directory stands in the way.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&d.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let err = connect_as_nobody(&sock);
+    assert!(err.contains("Permission denied"), "{err}");
+    let mode = std::fs::metadata(&runtime).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700);
+    assert_eq!(
+        d.api.migration(&r.id).await.unwrap().state,
+        Phase::Registered
+    );
+
+    // A runtime directory left open by someone else: refused at start.
+    let tmp = tempfile::tempdir().unwrap();
+    let open_dir = tmp.path().join("run");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = tmp.path().join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nruntime_dir = \"{run}\"\n[api]\nsocket = \"{run}/api.sock\"\n\
+             [[target]]\nlisten = \"127.0.0.1:0\"\nx509_dir = \"{pki}\"\n",
+            run = open_dir.display(),
+            pki = pki.display()
+        ),
+    )
+    .unwrap();
+    let child = tokio::process::Command::new(common::gateway::BIN)
+        .args(["daemon", "--config", config.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(EVENT_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("the daemon started with a runtime directory open to everyone")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "the runtime directory {} has mode 0755, more open than 0700",
+            open_dir.display()
+        )),
+        "{err}"
+    );
+    assert!(!open_dir.join("api.sock").exists());
 }

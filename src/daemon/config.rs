@@ -106,8 +106,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonSection {
-    /// Sockets the daemon creates for QMP forwards (QEMU must be able to
-    /// create a socket there: it listens on it).
+    /// Sockets the daemon creates for QMP forwards (QEMU creates its
+    /// listening socket there). Private to the daemon: see `daemon::rundir`.
     #[serde(default = "default_runtime_dir")]
     pub runtime_dir: PathBuf,
     /// Seconds an ended migration stays visible in the API.
