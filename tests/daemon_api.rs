@@ -796,11 +796,18 @@ async fn remote_api_needs_an_admin_certificate_the_admin_acl_allows() {
 }
 
 /// SIGHUP re-reads the file: a broken one is refused with its reason and
-/// changes nothing; a fixed one is applied.
+/// changes nothing (a source without a ticket is still refused); a fixed
+/// one is in force at once (its new static route admits a migration).
 #[tokio::test]
 async fn sighup_reload_keeps_the_previous_configuration_on_error() {
     let pki_tmp = pki();
-    let mut d = Daemon::start(&pki_dir(&pki_tmp)).await;
+    let pki = pki_dir(&pki_tmp);
+    let mut d = Daemon::start(&pki).await;
+    let mut src = source_vm(Guest::PausedRandomRam { seed: 3 }, VM_A).await;
+    let mut dst_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming();
+    dst_opts.uuid = Some(VM_A);
+    let mut dst = Qemu::spawn(dst_opts).await;
+    let port = dst.migrate_incoming_any_port().await;
     let pid = d.gw.pid().unwrap().to_string();
     let hup = || {
         let status = std::process::Command::new("kill")
@@ -809,12 +816,9 @@ async fn sighup_reload_keeps_the_previous_configuration_on_error() {
             .unwrap();
         assert!(status.success());
     };
+    let route = format!("forward = \"tcp:127.0.0.1:{port}\"\n");
     let good = std::fs::read_to_string(&d.config).unwrap();
-    std::fs::write(
-        &d.config,
-        format!("{good}forward = \"tcp:127.0.0.1:4444\"\n"),
-    )
-    .unwrap();
+    std::fs::write(&d.config, format!("{good}{route}")).unwrap();
     hup();
     let ev =
         d.gw.wait_event(
@@ -828,16 +832,35 @@ async fn sighup_reload_keeps_the_previous_configuration_on_error() {
         "{ev}"
     );
 
-    // Still serving, with the old configuration.
+    // Still serving, with the old configuration: registered migrations only.
     d.api.migrations().await.unwrap();
+    let sgw = source_gateway(&pki, &d.gw.addr, &[]).await;
+    let uri = format!("tcp:{}", sgw.addr);
+    migrate_and_expect_failure(&mut src, &uri).await;
+    let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await;
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap()
+            .contains("admits registered migrations only"),
+        "{rec}"
+    );
+
     std::fs::write(
         &d.config,
-        format!("{good}forward = \"tcp:127.0.0.1:4444\"\nallow_any_verified_peer = true\n"),
+        format!("{good}{route}authz_identity = \"{SOURCE_DN}\"\n"),
     )
     .unwrap();
     hup();
     d.gw.wait_event(|v| v["message"] == "configuration reloaded", EVENT_TIMEOUT)
         .await;
+    // In force: the new static route admits the same source, no ticket.
+    let hash = src.ram_sha256().await;
+    migrate_and_expect_completed(&mut src, &mut dst, &uri).await;
+    assert_eq!(dst.ram_sha256().await, hash);
+    let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await;
+    assert_eq!(rec["outcome"], "completed", "{rec}");
+    assert_eq!(rec["peer.dn"], SOURCE_DN, "{rec}");
 }
 
 /// The 64-byte multifd init packet a source QEMU sends first on a multifd
