@@ -73,8 +73,8 @@ enum PkiCmd {
         /// Subject of the client certificate, e.g. "O=Example Org,CN=src.example.com".
         #[arg(long, default_value = pki::DEFAULT_CLIENT_DN)]
         client_dn: String,
-        /// Validity in days.
-        #[arg(long, default_value_t = 365)]
+        /// Validity in days (1 to 36500).
+        #[arg(long, default_value_t = 365, value_parser = days_range())]
         days: u32,
     },
     /// Issue another client certificate from the CA in CA_DIR into a new directory OUT.
@@ -85,7 +85,7 @@ enum PkiCmd {
         out: PathBuf,
         #[arg(long)]
         client_dn: String,
-        #[arg(long, default_value_t = 365)]
+        #[arg(long, default_value_t = 365, value_parser = days_range())]
         days: u32,
     },
     /// Revoke a certificate issued by the CA in CA_DIR: (re)writes CA_DIR/ca-crl.pem.
@@ -96,9 +96,14 @@ enum PkiCmd {
         /// The certificate to revoke (PEM), e.g. a source host's client-cert.pem.
         cert: PathBuf,
         /// Days until the revocation list must be renewed.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 30, value_parser = days_range())]
         days: u32,
     },
+}
+
+/// `--days`: a certificate or CRL validity the date arithmetic can hold.
+fn days_range() -> clap::builder::RangedI64ValueParser<u32> {
+    clap::value_parser!(u32).range(1..=i64::from(miggate::timeouts::MAX_DAYS))
 }
 
 #[derive(Args)]
@@ -129,8 +134,9 @@ struct TargetArgs {
     /// configuration/uuid with QEMU's validate-uuid; multifd init packets).
     #[arg(long)]
     expect_uuid: Option<uuid::Uuid>,
-    /// Seconds a peer may stay silent before it is cut off.
-    #[arg(long, default_value_t = miggate::timeouts::DEFAULT_STALL.as_secs())]
+    /// Seconds a peer may stay silent before it is cut off (1 to 3600).
+    #[arg(long, default_value_t = miggate::timeouts::DEFAULT_STALL.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=miggate::timeouts::MAX_STALL_SECS))]
     stall_timeout: u64,
 }
 
@@ -148,8 +154,9 @@ struct SourceArgs {
     /// Name the target's certificate must carry; default: the host in --connect.
     #[arg(long)]
     tls_hostname: Option<String>,
-    /// Seconds a peer may stay silent before it is cut off.
-    #[arg(long, default_value_t = miggate::timeouts::DEFAULT_STALL.as_secs())]
+    /// Seconds a peer may stay silent before it is cut off (1 to 3600).
+    #[arg(long, default_value_t = miggate::timeouts::DEFAULT_STALL.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=miggate::timeouts::MAX_STALL_SECS))]
     stall_timeout: u64,
     /// File holding the one-shot ticket of a registered migration (from
     /// the target daemon). Also read from $MIGGATE_TICKET_FILE; the ticket
@@ -160,7 +167,8 @@ struct SourceArgs {
     /// KeyUpdate that also asks the target to refresh its own), at most
     /// one per 250 ms (QEMU's GnuTLS refuses more than 8 per second).
     /// Default: only at the cipher's limits, which a migration rarely reaches.
-    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(1..=miggate::timeouts::MAX_REKEY_AFTER_MIB))]
     rekey_after_mib: Option<u64>,
     /// --listen unix: the socket's mode, octal, in force from the moment it
     /// exists (whatever the umask).
@@ -211,10 +219,13 @@ fn init_logging(format: LogFormat, default_filter: &str) {
 }
 
 fn stall(secs: u64) -> Result<Duration> {
-    if secs == 0 {
-        bail!("--stall-timeout must be at least 1 second");
-    }
-    Ok(Duration::from_secs(secs))
+    // clap has bounded it already; this keeps the library's own check.
+    Ok(miggate::timeouts::bounded_secs(
+        "--stall-timeout",
+        secs,
+        1,
+        miggate::timeouts::MAX_STALL_SECS,
+    )?)
 }
 
 fn main() -> Result<()> {

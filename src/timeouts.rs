@@ -9,6 +9,47 @@ use std::time::Duration;
 /// 30 s of silence means a wedged or hostile peer, not a slow one.
 pub const DEFAULT_STALL: Duration = Duration::from_secs(30);
 
+/// Longest `--stall-timeout` / `stall_timeout`: an hour. Beyond that a
+/// peer is not slow but gone, and every deadline is `Instant + stall`,
+/// which panics when the sum leaves the clock's range.
+pub const MAX_STALL_SECS: u64 = 3600;
+
+/// Longest `retention` of ended migrations in the daemon's API: 30 days.
+pub const MAX_RETENTION_SECS: u64 = 30 * 86_400;
+
+/// Largest `--rekey-after-mib`: 1 TiB. Also keeps `MIB << 20` in a u64.
+pub const MAX_REKEY_AFTER_MIB: u64 = 1 << 20;
+
+/// Longest certificate or CRL validity (`--days`): 100 years; a date past
+/// year 9999 cannot be encoded in a certificate.
+pub const MAX_DAYS: u32 = 36_500;
+
+/// A configured value outside its allowed range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field} must be from {min} to {max} {unit}, not {value}")]
+pub struct OutOfRange {
+    pub field: String,
+    pub value: u64,
+    pub min: u64,
+    pub max: u64,
+    pub unit: &'static str,
+}
+
+/// `value` seconds as a Duration, if within `min..=max`.
+pub fn bounded_secs(field: &str, value: u64, min: u64, max: u64) -> Result<Duration, OutOfRange> {
+    if (min..=max).contains(&value) {
+        Ok(Duration::from_secs(value))
+    } else {
+        Err(OutOfRange {
+            field: field.to_string(),
+            value,
+            min,
+            max,
+            unit: "seconds",
+        })
+    }
+}
+
 /// Connecting to the next hop (the target gateway, or the target QEMU).
 /// Loopback or a LAN: ten seconds is already generous.
 pub const CONNECT: Duration = Duration::from_secs(10);
@@ -80,4 +121,27 @@ pub type TlsSocket = tokio::io::BufReader<tokio::net::TcpStream>;
 
 pub fn tls_socket(sock: tokio::net::TcpStream) -> TlsSocket {
     tokio::io::BufReader::with_capacity(TLS_READ_BUF, sock)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounded_secs_names_the_field_and_the_range() {
+        assert_eq!(
+            bounded_secs("stall_timeout", 30, 1, MAX_STALL_SECS),
+            Ok(DEFAULT_STALL)
+        );
+        let e = bounded_secs("target[0].stall_timeout", u64::MAX, 1, MAX_STALL_SECS).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "target[0].stall_timeout must be from 1 to 3600 seconds, not 18446744073709551615"
+        );
+        assert!(bounded_secs("x", 0, 1, 5).is_err());
+        // The largest value allowed keeps every deadline in range.
+        let _ = tokio::time::Instant::now() + Duration::from_secs(MAX_STALL_SECS);
+        let _ = std::time::SystemTime::now() + Duration::from_secs(MAX_RETENTION_SECS);
+        const { assert!((MAX_REKEY_AFTER_MIB << 20) >> 20 == MAX_REKEY_AFTER_MIB) };
+    }
 }

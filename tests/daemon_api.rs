@@ -14,7 +14,8 @@ use common::qemu::{Guest, Qemu, QemuOpts};
 use common::scenario::*;
 use miggate::admit::ticket::Ticket;
 use miggate::control::types::{
-    Allow, Forward, IncomingRequest, IncomingResponse, MigrationView, Phase, QmpForward,
+    Allow, Forward, IncomingRequest, IncomingResponse, ListenerRef, MigrationView, Phase,
+    QmpForward,
 };
 use miggate::control::{ApiAddr, ApiClient, ApiError};
 use serde_json::{json, Value};
@@ -186,6 +187,7 @@ fn request(vm: Option<Uuid>, forward: Forward) -> IncomingRequest {
         forward,
         channels: 1,
         expires_in: 300,
+        listeners: None,
     }
 }
 
@@ -373,34 +375,40 @@ async fn api_refuses_bad_requests_with_reasons_and_other_users() {
     d.api.reload().await.unwrap();
 
     // The socket is the owner's alone: mode 0600, and another user cannot
-    // connect even where the directory lets them reach it.
+    // connect even where the directories let them reach it.
     let mode = std::fs::metadata(&d.socket).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    if uid() == "0" {
-        for dir in [d.dir.as_path(), d.socket.parent().unwrap()] {
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
-        }
-        let out = std::process::Command::new("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                "socat",
-                "-u",
-                "OPEN:/dev/null",
-            ])
-            .arg(format!("UNIX-CONNECT:{}", d.socket.display()))
-            .output()
-            .expect("setpriv and socat (scripts/setup.sh installs socat)");
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success(),
-            "user nobody connected to the API socket"
-        );
-        assert!(err.contains("Permission denied"), "{err}");
-    } else {
-        eprintln!("not root: the connect attempt as another user is skipped (mode checked)");
+    for dir in [d.dir.as_path(), d.socket.parent().unwrap()] {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
+    let err = connect_as_nobody(&d.socket);
+    assert!(
+        err.contains("Permission denied"),
+        "user nobody connected to the API socket: {err}"
+    );
+}
+
+/// Tries to connect to the unix socket `path` as user nobody (`runuser`;
+/// the tests run as root, as CI does). Returns socat's complaint; panics if
+/// the connection succeeded.
+fn connect_as_nobody(path: &Path) -> String {
+    assert_eq!(
+        uid(),
+        "0",
+        "this check connects as user nobody with runuser, which needs root (CI runs the tests as root)"
+    );
+    let out = std::process::Command::new("runuser")
+        .args(["-u", "nobody", "--", "socat", "-u", "OPEN:/dev/null"])
+        .arg(format!("UNIX-CONNECT:{}", path.display()))
+        .output()
+        .expect("runuser and socat (scripts/setup.sh installs socat)");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(
+        !out.status.success(),
+        "user nobody connected to {}: {err}",
+        path.display()
+    );
+    err
 }
 
 #[tokio::test]
@@ -788,11 +796,18 @@ async fn remote_api_needs_an_admin_certificate_the_admin_acl_allows() {
 }
 
 /// SIGHUP re-reads the file: a broken one is refused with its reason and
-/// changes nothing; a fixed one is applied.
+/// changes nothing (a source without a ticket is still refused); a fixed
+/// one is in force at once (its new static route admits a migration).
 #[tokio::test]
 async fn sighup_reload_keeps_the_previous_configuration_on_error() {
     let pki_tmp = pki();
-    let mut d = Daemon::start(&pki_dir(&pki_tmp)).await;
+    let pki = pki_dir(&pki_tmp);
+    let mut d = Daemon::start(&pki).await;
+    let mut src = source_vm(Guest::PausedRandomRam { seed: 3 }, VM_A).await;
+    let mut dst_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming();
+    dst_opts.uuid = Some(VM_A);
+    let mut dst = Qemu::spawn(dst_opts).await;
+    let port = dst.migrate_incoming_any_port().await;
     let pid = d.gw.pid().unwrap().to_string();
     let hup = || {
         let status = std::process::Command::new("kill")
@@ -801,12 +816,9 @@ async fn sighup_reload_keeps_the_previous_configuration_on_error() {
             .unwrap();
         assert!(status.success());
     };
+    let route = format!("forward = \"tcp:127.0.0.1:{port}\"\n");
     let good = std::fs::read_to_string(&d.config).unwrap();
-    std::fs::write(
-        &d.config,
-        format!("{good}forward = \"tcp:127.0.0.1:4444\"\n"),
-    )
-    .unwrap();
+    std::fs::write(&d.config, format!("{good}{route}")).unwrap();
     hup();
     let ev =
         d.gw.wait_event(
@@ -820,14 +832,265 @@ async fn sighup_reload_keeps_the_previous_configuration_on_error() {
         "{ev}"
     );
 
-    // Still serving, with the old configuration.
+    // Still serving, with the old configuration: registered migrations only.
     d.api.migrations().await.unwrap();
+    let sgw = source_gateway(&pki, &d.gw.addr, &[]).await;
+    let uri = format!("tcp:{}", sgw.addr);
+    migrate_and_expect_failure(&mut src, &uri).await;
+    let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await;
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap()
+            .contains("admits registered migrations only"),
+        "{rec}"
+    );
+
     std::fs::write(
         &d.config,
-        format!("{good}forward = \"tcp:127.0.0.1:4444\"\nallow_any_verified_peer = true\n"),
+        format!("{good}{route}authz_identity = \"{SOURCE_DN}\"\n"),
     )
     .unwrap();
     hup();
     d.gw.wait_event(|v| v["message"] == "configuration reloaded", EVENT_TIMEOUT)
         .await;
+    // In force: the new static route admits the same source, no ticket.
+    let hash = src.ram_sha256().await;
+    migrate_and_expect_completed(&mut src, &mut dst, &uri).await;
+    assert_eq!(dst.ram_sha256().await, hash);
+    let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await;
+    assert_eq!(rec["outcome"], "completed", "{rec}");
+    assert_eq!(rec["peer.dn"], SOURCE_DN, "{rec}");
+}
+
+/// The 64-byte multifd init packet a source QEMU sends first on a multifd
+/// channel (src/wire/qemu.rs has the layout).
+fn multifd_init_packet(vm: Uuid, channel: u8) -> Vec<u8> {
+    let mut p = Vec::with_capacity(64);
+    p.extend_from_slice(&0x1122_3344u32.to_be_bytes());
+    p.extend_from_slice(&1u32.to_be_bytes());
+    p.extend_from_slice(vm.as_bytes());
+    p.push(channel);
+    p.resize(64, 0);
+    p
+}
+
+/// A multifd-looking channel with the ticket arrives alone and waits for a
+/// main channel that never comes: it is cut within the stall timeout, its
+/// slot is given back, and the real migration (1 main + 1 multifd) then
+/// completes with the same ticket.
+#[tokio::test]
+async fn a_stray_multifd_channel_does_not_wedge_its_registration() {
+    let pki_tmp = pki();
+    let pki = pki_dir(&pki_tmp);
+    let d = Daemon::start(&pki).await;
+    let caps = [("multifd", true)];
+    let params = json!({ "multifd-channels": 1 });
+    let mut src = source_vm(Guest::PausedRandomRam { seed: 2 }, VM_A).await;
+    src.set_capabilities(&caps).await;
+    src.set_parameters(params.clone()).await;
+    let mut dst_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming();
+    dst_opts.uuid = Some(VM_A);
+    let mut dst = Qemu::spawn(dst_opts).await;
+    dst.set_capabilities(&caps).await;
+    dst.set_parameters(params).await;
+    let port = dst.migrate_incoming_any_port().await;
+
+    let mut req = request(Some(VM_A), endpoint(port));
+    req.channels = 2;
+    let r = d.register(&req).await;
+
+    // The stray: a miggate source with the ticket, fed a multifd init
+    // packet of the right VM and nothing else.
+    let stray_gw = d.source(&pki, "ticket-stray", &r.ticket).await;
+    let mut stray = tokio::net::TcpStream::connect(&stray_gw.addr)
+        .await
+        .unwrap();
+    stray
+        .write_all(&multifd_init_packet(VM_A, 0))
+        .await
+        .unwrap();
+    d.wait_view(&r.id, "holding the stray multifd channel", |v| {
+        v.state == Phase::Active && v.channels_open == 1
+    })
+    .await;
+    // Cut within the stall timeout (10 s here), its slot released: the
+    // registration waits for its source again.
+    let v = d
+        .wait_view(&r.id, "registered again after the stray was cut", |v| {
+            v.state == Phase::Registered && !v.refusals.is_empty()
+        })
+        .await;
+    assert_eq!((v.channels_seen, v.channels_open), (0, 0), "{v:?}");
+    assert!(
+        v.refusals[0].contains("no main channel of its migration was admitted within 10 s"),
+        "{v:?}"
+    );
+    let mut rest = Vec::new();
+    let _ = stray.read_to_end(&mut rest).await;
+    stray_gw.stop().await;
+
+    let hash = src.ram_sha256().await;
+    let sgw = d.source(&pki, "ticket", &r.ticket).await;
+    migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
+    assert_eq!(dst.ram_sha256().await, hash);
+    let v = d.wait_state(&r.id, Phase::Completed).await;
+    assert_eq!((v.channels_seen, v.channels_open), (2, 0), "{v:?}");
+}
+
+/// Two listeners with two CAs share the daemon's registry. A registration
+/// is bound to the first listener unless it names others: a source holding
+/// a certificate from the other listener's CA, with the allowed DN string
+/// and the ticket, is refused there; on the right listener it completes.
+#[tokio::test]
+async fn a_ticket_is_only_good_on_the_listener_it_was_registered_for() {
+    let pki_tmp = pki();
+    let pki_a = pki_dir(&pki_tmp);
+    let pki_b = pki_tmp.path().join("pki-b");
+    common::gateway::pki_init(&pki_b, &["--client-dn", SOURCE_DN]);
+    // localhost: a second "127.0.0.1:0" would be refused as a duplicate.
+    let extra = format!(
+        "\n[[target]]\nlisten = \"localhost:0\"\nx509_dir = \"{}\"\nstall_timeout = 10\n",
+        pki_b.display()
+    );
+    let mut d = Daemon::start_with(&pki_a, &extra).await;
+    let mut src = source_vm(Guest::PausedRandomRam { seed: 4 }, VM_A).await;
+    let mut dst_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming();
+    dst_opts.uuid = Some(VM_A);
+    let mut dst = Qemu::spawn(dst_opts).await;
+    let port = dst.migrate_incoming_any_port().await;
+
+    // Listener B's address: from the log, and from a registration bound
+    // to it; an unknown listener is a bad request.
+    let listening: Vec<String> =
+        d.gw.log_text()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["message"] == "listening")
+            .map(|v| v["listen"].as_str().unwrap().to_string())
+            .collect();
+    assert_eq!(listening.len(), 2, "{listening:?}");
+    let addr_b = listening[1].clone();
+    let mut on_b = request(Some(VM_A), Forward::Endpoint(NOWHERE.into()));
+    on_b.listeners = Some(vec![ListenerRef::Index(1)]);
+    assert_eq!(
+        d.api.register(&on_b).await.unwrap().listen,
+        vec![addr_b.clone()]
+    );
+    on_b.listeners = Some(vec![ListenerRef::Address("127.0.0.1:1".into())]);
+    let e = d.api.register(&on_b).await.unwrap_err();
+    assert!(
+        matches!(e, ApiError::Http { status: 400, ref message } if message.contains("is not a listener of this daemon")),
+        "{e}"
+    );
+
+    // Default: listener A only (`register` checks the answer's `listen`).
+    let r = d.register(&request(Some(VM_A), endpoint(port))).await;
+    let f = d.ticket_file("ticket-b", &r.ticket);
+    let rogue = source_gateway(&pki_b, &addr_b, &["--ticket-file", f.to_str().unwrap()]).await;
+    migrate_and_expect_failure(&mut src, &format!("tcp:{}", rogue.addr)).await;
+    let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await;
+    assert_eq!(rec["outcome"], "refused", "{rec}");
+    assert_eq!(rec["bytes_sent"], 0, "{rec}");
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap()
+            .contains("is not registered on this listener"),
+        "{rec}"
+    );
+    let v = d.api.migration(&r.id).await.unwrap();
+    assert_eq!(v.state, Phase::Registered, "not burnt: {v:?}");
+    assert_eq!(v.refusals.len(), 1, "{v:?}");
+    rogue.stop().await;
+
+    let hash = src.ram_sha256().await;
+    let sgw = d.source(&pki_a, "ticket-a", &r.ticket).await;
+    migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
+    assert_eq!(dst.ram_sha256().await, hash);
+    let v = d.wait_state(&r.id, Phase::Completed).await;
+    assert_eq!(v.peer_dn.as_deref(), Some(SOURCE_DN));
+}
+
+/// The target QEMU's incoming socket (QMP forward: QEMU creates it in the
+/// daemon's runtime directory, with QEMU's umask) cannot be reached by
+/// another user, whatever its own mode: the runtime directory is the
+/// daemon's alone. An existing runtime directory more open than that
+/// stops the daemon before it serves anything.
+#[tokio::test]
+async fn another_user_cannot_reach_the_target_qemus_incoming_socket() {
+    let pki_tmp = pki();
+    let pki = pki_dir(&pki_tmp);
+    let d = Daemon::start(&pki).await;
+    let qmp2 = d.dir.join("dst-qmp.sock");
+    let mut dst_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming();
+    dst_opts.uuid = Some(VM_A);
+    dst_opts.extra_args = vec![
+        "-qmp".into(),
+        format!("unix:{},server=on,wait=off", qmp2.display()),
+    ];
+    let _dst = Qemu::spawn(dst_opts).await;
+    let forward = Forward::Qmp(QmpForward {
+        qmp: format!("unix:{}", qmp2.display()),
+        capabilities: BTreeMap::new(),
+        parameters: serde_json::Map::new(),
+    });
+    let r = d.register(&request(Some(VM_A), forward)).await;
+    let v = d.api.migration(&r.id).await.unwrap();
+    let sock = PathBuf::from(v.forward.strip_prefix("unix:").unwrap());
+    let runtime = d.dir.join("run");
+    assert_eq!(sock.parent(), Some(runtime.as_path()), "{v:?}");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(std::fs::metadata(&sock).unwrap().file_type().is_socket());
+
+    // As QEMU with a permissive umask would leave it, below a directory
+    // everyone may enter: only the runtime directory stands in the way.
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(&d.dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let err = connect_as_nobody(&sock);
+    assert!(err.contains("Permission denied"), "{err}");
+    let mode = std::fs::metadata(&runtime).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode, 0o700);
+    assert_eq!(
+        d.api.migration(&r.id).await.unwrap().state,
+        Phase::Registered
+    );
+
+    // A runtime directory left open by someone else: refused at start.
+    let tmp = tempfile::tempdir().unwrap();
+    let open_dir = tmp.path().join("run");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let config = tmp.path().join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nruntime_dir = \"{run}\"\n[api]\nsocket = \"{run}/api.sock\"\n\
+             [[target]]\nlisten = \"127.0.0.1:0\"\nx509_dir = \"{pki}\"\n",
+            run = open_dir.display(),
+            pki = pki.display()
+        ),
+    )
+    .unwrap();
+    let child = tokio::process::Command::new(common::gateway::BIN)
+        .args(["daemon", "--config", config.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let out = tokio::time::timeout(EVENT_TIMEOUT, child.wait_with_output())
+        .await
+        .expect("the daemon started with a runtime directory open to everyone")
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!(
+            "the runtime directory {} has mode 0755, more open than 0700",
+            open_dir.display()
+        )),
+        "{err}"
+    );
+    assert!(!open_dir.join("api.sock").exists());
 }

@@ -33,8 +33,12 @@ pub struct IncomingSpec {
     /// `allow` in words, for the API.
     pub allow_desc: String,
     pub forward: Endpoint,
-    /// Channels the migration will open: 1 + multifd channels.
+    /// Channels the migration will open: 1 main + (channels - 1) multifd.
     pub channels: u32,
+    /// The daemon's listeners (indices of `[[target]]`) this migration may
+    /// arrive on: each has its own CA, so a ticket is only as good as the
+    /// CA of the listener it was meant for.
+    pub listeners: Vec<usize>,
     /// The ticket is refused after this long if the migration has not started.
     pub ttl: Duration,
 }
@@ -103,6 +107,8 @@ struct Inner {
     seen: u32,
     open: u32,
     main_seen: bool,
+    /// Multifd channels admitted (slots taken); at most channels - 1.
+    multifd_seen: u32,
     main_result: Option<Result<(), String>>,
     started: Option<(SystemTime, Instant)>,
     ended: Option<SystemTime>,
@@ -122,6 +128,8 @@ pub struct Migration {
     /// Main channels of this migration being forwarded (QEMU <= 7.2 needs
     /// the main channel connected first; see gate::target).
     pub mains: watch::Sender<usize>,
+    /// Becomes true when the phase is final (see [`Migration::ended`]).
+    ended: watch::Sender<bool>,
     changed: watch::Sender<u64>,
 }
 
@@ -150,22 +158,77 @@ impl Migration {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn refuse(&self, inner: &mut Inner, r: Refusal) -> Refusal {
+    fn keep_refusal(inner: &mut Inner, what: String) {
         if inner.refusals.len() == KEPT_REFUSALS {
             inner.refusals.pop_front();
         }
-        inner.refusals.push_back(r.to_string());
-        // A registered migration whose ticket came with the wrong peer or
-        // the wrong VM is burnt: whoever holds the ticket is not who was
-        // expected, so it must not be tried again. An active one keeps
-        // going; only the intruding channel is refused.
-        if inner.phase == Phase::Registered {
-            inner.phase = Phase::Failed;
-            inner.ended = Some(SystemTime::now());
-            inner.reason = Some(format!("ticket refused: {r}"));
+        inner.refusals.push_back(what);
+    }
+
+    /// Records a refused channel. With `burn`, a registered migration whose
+    /// ticket came with the wrong peer or the wrong VM is burnt: whoever
+    /// holds the ticket is not who was expected, so it must not be tried
+    /// again. An active one keeps going; only the intruding channel is
+    /// refused. Refusals that say nothing about who holds the ticket (no
+    /// slot left, wrong listener) never burn it.
+    fn refuse(&self, inner: &mut Inner, r: Refusal, burn: bool) -> Refusal {
+        Self::keep_refusal(inner, r.to_string());
+        if burn && inner.phase == Phase::Registered {
+            self.end(inner, Phase::Failed, format!("ticket refused: {r}"));
         }
         self.changed.send_modify(|g| *g += 1);
         r
+    }
+
+    /// Moves to a final phase and wakes whoever awaits [`Migration::ended`].
+    fn end(&self, inner: &mut Inner, phase: Phase, reason: String) {
+        debug_assert!(phase.is_final());
+        inner.phase = phase;
+        inner.ended = Some(SystemTime::now());
+        inner.reason = Some(reason);
+        self.ended.send_replace(true);
+    }
+
+    /// Due for expiry: the time is up and the migration has not really
+    /// started (no main channel; multifd channels alone do not count, they
+    /// cannot carry a migration without it).
+    fn expiry_due(&self, inner: &Inner, now: SystemTime) -> bool {
+        matches!(inner.phase, Phase::Registered | Phase::Active)
+            && !inner.main_seen
+            && now >= self.expires
+    }
+
+    fn expired_refusal(&self) -> Refusal {
+        Refusal::ticket(
+            "ticket expired",
+            format!(
+                "ticket of migration {} expired at {}",
+                self.id,
+                rfc3339(self.expires)
+            ),
+        )
+    }
+
+    /// Refuses a ticket presented on a listener it was not registered for.
+    /// Recorded for the API, never burnt: the real source may still come
+    /// through the right listener.
+    pub fn check_listener(&self, listener: usize) -> Result<(), Refusal> {
+        if self.spec.listeners.contains(&listener) {
+            return Ok(());
+        }
+        let mut inner = self.lock();
+        let r = Refusal::ticket(
+            "ticket not valid on this listener",
+            format!("migration {} is not registered on this listener", self.id),
+        );
+        Err(self.refuse(&mut inner, r, false))
+    }
+
+    /// Resolves once the migration has ended (completed, failed, cancelled
+    /// or expired).
+    pub async fn ended(&self) {
+        let mut rx = self.ended.subscribe();
+        let _ = rx.wait_for(|e| *e).await;
     }
 
     /// Admission of one channel that presented this migration's ticket.
@@ -174,31 +237,27 @@ impl Migration {
         peer_dn: &str,
         kind: &StreamKind,
     ) -> Result<ChannelGuard, Refusal> {
+        self.admit_at(peer_dn, kind, SystemTime::now())
+    }
+
+    fn admit_at(
+        self: &Arc<Self>,
+        peer_dn: &str,
+        kind: &StreamKind,
+        now: SystemTime,
+    ) -> Result<ChannelGuard, Refusal> {
         let mut inner = self.lock();
-        let now = SystemTime::now();
         let spent = match inner.phase {
-            Phase::Registered if now >= self.expires => {
-                inner.phase = Phase::Expired;
-                inner.ended = Some(now);
-                inner.reason = Some("ticket expired before the migration started".into());
-                Some(Refusal::ticket(
-                    "ticket expired",
-                    format!(
-                        "ticket of migration {} expired at {}",
-                        self.id,
-                        rfc3339(self.expires)
-                    ),
-                ))
+            _ if self.expiry_due(&inner, now) => {
+                self.end(
+                    &mut inner,
+                    Phase::Expired,
+                    "ticket expired before the migration started".into(),
+                );
+                Some(self.expired_refusal())
             }
             Phase::Registered | Phase::Active => None,
-            Phase::Expired => Some(Refusal::ticket(
-                "ticket expired",
-                format!(
-                    "ticket of migration {} expired at {}",
-                    self.id,
-                    rfc3339(self.expires)
-                ),
-            )),
+            Phase::Expired => Some(self.expired_refusal()),
             Phase::Cancelled => Some(Refusal::ticket(
                 "migration cancelled",
                 format!("migration {} was cancelled", self.id),
@@ -214,10 +273,10 @@ impl Migration {
         };
         // Replays and late channels are kept too: the API shows who tried.
         if let Some(r) = spent {
-            return Err(self.refuse(&mut inner, r));
+            return Err(self.refuse(&mut inner, r, true));
         }
         if let Decision::Deny { reason } = self.spec.allow.check(peer_dn) {
-            return Err(self.refuse(&mut inner, Refusal::NotAuthorized(reason)));
+            return Err(self.refuse(&mut inner, Refusal::NotAuthorized(reason), true));
         }
         if let Some(first) = &inner.peer_dn {
             if first != peer_dn {
@@ -225,32 +284,35 @@ impl Migration {
                     "peer {peer_dn} presented the ticket of migration {}, which {first} is already using",
                     self.id
                 ));
-                return Err(self.refuse(&mut inner, r));
+                return Err(self.refuse(&mut inner, r, true));
             }
         }
         let expect = Expectation {
             uuid: self.spec.vm_uuid,
         };
         if let Err(r) = check_stream(&expect, kind) {
-            return Err(self.refuse(&mut inner, r));
+            return Err(self.refuse(&mut inner, r, true));
         }
+        // One slot per kind: a multifd channel cannot take the main
+        // channel's, nor the other way round.
         let is_main = matches!(kind, StreamKind::Main { .. });
+        let multifd_slots = self.spec.channels.saturating_sub(1);
         if is_main && inner.main_seen {
             let r = Refusal::ticket(
                 "ticket already used",
                 format!("migration {} already has its main channel", self.id),
             );
-            return Err(self.refuse(&mut inner, r));
+            return Err(self.refuse(&mut inner, r, false));
         }
-        if inner.seen >= self.spec.channels {
+        if !is_main && inner.multifd_seen >= multifd_slots {
             let r = Refusal::ticket(
                 "ticket already used",
                 format!(
-                    "migration {} was registered with {} channel(s) and all have connected",
+                    "migration {} was registered with {} channel(s) (1 main + {multifd_slots} multifd) and all its multifd channels have connected",
                     self.id, self.spec.channels
                 ),
             );
-            return Err(self.refuse(&mut inner, r));
+            return Err(self.refuse(&mut inner, r, false));
         }
         inner.phase = Phase::Active;
         inner.peer_dn = Some(peer_dn.to_string());
@@ -258,6 +320,7 @@ impl Migration {
         inner.seen += 1;
         inner.open += 1;
         inner.main_seen |= is_main;
+        inner.multifd_seen += u32::from(!is_main);
         let counters = Arc::new(Counters::default());
         inner.counters.push(counters.clone());
         self.changed.send_modify(|g| *g += 1);
@@ -278,9 +341,11 @@ impl Migration {
     fn cancel(&self) {
         let mut inner = self.lock();
         if !inner.phase.is_final() {
-            inner.phase = Phase::Cancelled;
-            inner.ended = Some(SystemTime::now());
-            inner.reason = Some("cancelled by the operator".into());
+            self.end(
+                &mut inner,
+                Phase::Cancelled,
+                "cancelled by the operator".into(),
+            );
         }
         drop(inner);
         self.cancel.send_replace(true);
@@ -313,13 +378,16 @@ impl Migration {
         self.changed.send_modify(|g| *g += 1);
     }
 
-    /// Ends a registration that never started, once its time is up.
+    /// Ends a registration whose main channel has not come, once its time
+    /// is up; multifd channels waiting for it are woken and cut.
     fn expire_if_due(&self, now: SystemTime) {
         let mut inner = self.lock();
-        if inner.phase == Phase::Registered && now >= self.expires {
-            inner.phase = Phase::Expired;
-            inner.ended = Some(now);
-            inner.reason = Some("ticket expired before the migration started".into());
+        if self.expiry_due(&inner, now) {
+            self.end(
+                &mut inner,
+                Phase::Expired,
+                "ticket expired before the migration started".into(),
+            );
             self.changed.send_modify(|g| *g += 1);
         }
     }
@@ -365,7 +433,11 @@ impl Migration {
 
 /// One admitted channel. Finish it with its result; dropping it unfinished
 /// counts as a failure. When the last channel of a migration whose main
-/// channel was seen ends, the migration ends and its ticket is spent.
+/// channel was seen ends, the migration ends and its ticket is spent. A
+/// multifd channel that ends before any main channel came gives its slot
+/// back: it carried nothing (multifd channels are forwarded only once the
+/// main is), and when it was the only one the registration is waiting for
+/// its source again, until it expires.
 pub struct ChannelGuard {
     mig: Arc<Migration>,
     is_main: bool,
@@ -399,6 +471,29 @@ impl Drop for ChannelGuard {
             .unwrap_or_else(|| Err("channel dropped".into()));
         let mut inner = self.mig.lock();
         inner.open -= 1;
+        if !self.is_main && !inner.main_seen {
+            inner.seen -= 1;
+            inner.multifd_seen -= 1;
+            if let Err(e) = &result {
+                Migration::keep_refusal(&mut inner, e.clone());
+            }
+            if inner.open == 0 && inner.phase == Phase::Active {
+                inner.phase = Phase::Registered;
+                inner.peer_dn = None;
+                inner.started = None;
+                inner.counters.clear();
+                if self.mig.expiry_due(&inner, SystemTime::now()) {
+                    self.mig.end(
+                        &mut inner,
+                        Phase::Expired,
+                        "ticket expired before the migration started".into(),
+                    );
+                }
+            }
+            drop(inner);
+            self.mig.changed.send_modify(|g| *g += 1);
+            return;
+        }
         // The main channel decides: QEMU fails the main channel when a
         // multifd channel breaks, while a target QEMU that has finished
         // loading may reset multifd sockets the source has not closed yet,
@@ -419,6 +514,7 @@ impl Drop for ChannelGuard {
             };
             inner.reason = failed;
             inner.ended = Some(SystemTime::now());
+            self.mig.ended.send_replace(true);
         }
         drop(inner);
         self.mig.changed.send_modify(|g| *g += 1);
@@ -463,6 +559,7 @@ impl Registry {
                 seen: 0,
                 open: 0,
                 main_seen: false,
+                multifd_seen: 0,
                 main_result: None,
                 started: None,
                 ended: None,
@@ -472,6 +569,7 @@ impl Registry {
             }),
             cancel: watch::Sender::new(false),
             mains: watch::Sender::new(0),
+            ended: watch::Sender::new(false),
             changed: self.changed.clone(),
         });
         self.lock().push(mig.clone());
@@ -516,7 +614,10 @@ impl Registry {
     /// Expires registrations whose time is up and forgets ended ones after
     /// the retention time. Call it periodically.
     pub fn sweep(&self) {
-        let now = SystemTime::now();
+        self.sweep_at(SystemTime::now())
+    }
+
+    fn sweep_at(&self, now: SystemTime) {
         let mut list = self.lock();
         for m in list.iter() {
             m.expire_if_due(now);
@@ -556,6 +657,7 @@ mod tests {
             forward: Endpoint::Tcp("127.0.0.1:1".into()),
             channels,
             ttl,
+            listeners: vec![0],
         }
     }
 
@@ -684,5 +786,167 @@ mod tests {
         );
         reg.sweep();
         assert!(reg.get(&mig.id).is_none());
+    }
+
+    fn multifd(vm: Uuid, channel: u8) -> StreamKind {
+        StreamKind::Multifd { uuid: vm, channel }
+    }
+
+    fn has_ended(mig: &Migration) -> bool {
+        *mig.ended.borrow()
+    }
+
+    #[test]
+    fn slots_are_per_kind() {
+        let reg = Registry::new(Duration::from_secs(60));
+        let vm = Uuid::from_u128(1);
+        // channels = 1: no multifd slot at all. A multifd channel is
+        // refused without burning the ticket, and the main still gets in.
+        let (mig, _) = reg.register(spec(Some(vm), 1, Duration::from_secs(60)));
+        let r = mig.admit_channel(DN, &multifd(vm, 0)).unwrap_err();
+        assert!(r.to_string().contains("1 main + 0 multifd"), "{r}");
+        assert_eq!(mig.view().state, Phase::Registered);
+        let main_guard = mig.admit_channel(DN, &main(vm)).unwrap();
+        main_guard.finish(Ok(()));
+        assert_eq!(mig.view().state, Phase::Completed);
+
+        // channels = 3: 1 main + 2 multifd; a multifd first does not take
+        // the main's slot, a third multifd is refused.
+        let (mig, _) = reg.register(spec(Some(vm), 3, Duration::from_secs(60)));
+        let m0 = mig.admit_channel(DN, &multifd(vm, 0)).unwrap();
+        let m1 = mig.admit_channel(DN, &multifd(vm, 1)).unwrap();
+        let r = mig.admit_channel(DN, &multifd(vm, 2)).unwrap_err();
+        assert!(r.to_string().contains("all its multifd channels"), "{r}");
+        let main_guard = mig.admit_channel(DN, &main(vm)).unwrap();
+        assert_eq!(mig.view().channels_seen, 3);
+        for g in [m0, m1, main_guard] {
+            g.finish(Ok(()));
+        }
+        assert_eq!(mig.view().state, Phase::Completed);
+    }
+
+    #[test]
+    fn expiry_holds_until_the_main_channel_arrives() {
+        let reg = Registry::new(Duration::from_secs(60));
+        let vm = Uuid::from_u128(1);
+        let ttl = Duration::from_secs(60);
+        let (mig, _) = reg.register(spec(Some(vm), 2, ttl));
+        let late = mig.expires + Duration::from_secs(1);
+        // A multifd channel alone does not start the migration: the main
+        // is refused after the expiry, which ends the registration.
+        let stray = mig.admit_channel(DN, &multifd(vm, 0)).unwrap();
+        assert_eq!(mig.view().state, Phase::Active);
+        let r = mig.admit_at(DN, &main(vm), late).unwrap_err();
+        assert!(r.to_string().contains("expired at"), "{r}");
+        assert_eq!(mig.view().state, Phase::Expired);
+        assert!(has_ended(&mig), "waiters of the end are woken");
+        stray.finish(Err("cut".into()));
+        let v = mig.view();
+        assert_eq!((v.state, v.channels_open), (Phase::Expired, 0), "{v:?}");
+
+        // The sweep expires it too, with nothing presented after the expiry.
+        let (mig, _) = reg.register(spec(Some(vm), 2, ttl));
+        let stray = mig.admit_channel(DN, &multifd(vm, 0)).unwrap();
+        reg.sweep_at(mig.expires + Duration::from_secs(1));
+        assert_eq!(mig.view().state, Phase::Expired);
+        assert!(has_ended(&mig));
+        drop(stray);
+        assert_eq!(mig.view().state, Phase::Expired);
+
+        // Once the main channel is in, the ticket's expiry no longer
+        // matters: the migration has started.
+        let (mig, _) = reg.register(spec(Some(vm), 2, ttl));
+        let main_guard = mig.admit_channel(DN, &main(vm)).unwrap();
+        let late = mig.expires + Duration::from_secs(1);
+        let m0 = mig.admit_at(DN, &multifd(vm, 0), late).unwrap();
+        reg.sweep_at(late);
+        assert_eq!(mig.view().state, Phase::Active);
+        m0.finish(Ok(()));
+        main_guard.finish(Ok(()));
+        assert_eq!(mig.view().state, Phase::Completed);
+        assert!(has_ended(&mig));
+    }
+
+    #[test]
+    fn a_multifd_channel_cut_before_its_main_gives_the_slot_back() {
+        let reg = Registry::new(Duration::from_secs(60));
+        let vm = Uuid::from_u128(1);
+        let (mig, _) = reg.register(spec(Some(vm), 2, Duration::from_secs(60)));
+        let stray = mig.admit_channel(DN, &multifd(vm, 0)).unwrap();
+        stray.finish(Err("no main channel within 10 s".into()));
+        let v = mig.view();
+        assert_eq!(v.state, Phase::Registered, "{v:?}");
+        assert_eq!((v.channels_seen, v.channels_open), (0, 0), "{v:?}");
+        assert_eq!(v.peer_dn, None);
+        assert_eq!(v.started_at, None);
+        assert_eq!(v.refusals, ["no main channel within 10 s"]);
+        assert!(!has_ended(&mig));
+        // Usable again: the real migration, main and multifd.
+        let main_guard = mig.admit_channel(DN, &main(vm)).unwrap();
+        let m0 = mig.admit_channel(DN, &multifd(vm, 0)).unwrap();
+        m0.finish(Ok(()));
+        main_guard.finish(Ok(()));
+        assert_eq!(mig.view().state, Phase::Completed);
+
+        // Cut after the ticket's time is up: it expires at once.
+        let (mig, _) = reg.register(spec(Some(vm), 2, Duration::ZERO));
+        let before_expiry = mig.expires - Duration::from_secs(1);
+        let stray = mig.admit_at(DN, &multifd(vm, 0), before_expiry).unwrap();
+        drop(stray);
+        assert_eq!(mig.view().state, Phase::Expired);
+        assert!(has_ended(&mig));
+    }
+
+    #[tokio::test]
+    async fn ended_wakes_its_waiters_in_every_final_phase() {
+        let reg = Registry::new(Duration::from_secs(60));
+        let vm = Uuid::from_u128(1);
+        let wait = |m: Arc<Migration>| {
+            tokio::spawn(async move {
+                tokio::time::timeout(Duration::from_secs(10), m.ended())
+                    .await
+                    .is_ok()
+            })
+        };
+        let (cancelled, _) = reg.register(spec(Some(vm), 1, Duration::from_secs(60)));
+        let (expired, _) = reg.register(spec(Some(vm), 2, Duration::from_secs(60)));
+        let (burnt, _) = reg.register(spec(Some(vm), 1, Duration::from_secs(60)));
+        let (done, _) = reg.register(spec(Some(vm), 1, Duration::from_secs(60)));
+        let waiters: Vec<_> = [&cancelled, &expired, &burnt, &done]
+            .into_iter()
+            .map(|m| wait(m.clone()))
+            .collect();
+        reg.cancel(&cancelled.id);
+        let _stray = expired.admit_channel(DN, &multifd(vm, 0)).unwrap();
+        expired.expire_if_due(expired.expires);
+        burnt
+            .admit_channel(DN, &main(Uuid::from_u128(2)))
+            .unwrap_err();
+        done.admit_channel(DN, &main(vm)).unwrap().finish(Ok(()));
+        for w in waiters {
+            assert!(w.await.unwrap(), "a waiter of the end was left waiting");
+        }
+    }
+
+    #[test]
+    fn a_ticket_is_refused_on_a_listener_it_is_not_bound_to() {
+        let reg = Registry::new(Duration::from_secs(60));
+        let vm = Uuid::from_u128(1);
+        let mut s = spec(Some(vm), 1, Duration::from_secs(60));
+        s.listeners = vec![0, 2];
+        let (mig, _) = reg.register(s);
+        mig.check_listener(0).unwrap();
+        mig.check_listener(2).unwrap();
+        let r = mig.check_listener(1).unwrap_err();
+        assert!(
+            r.to_string().contains("not registered on this listener"),
+            "{r}"
+        );
+        // Recorded, not burnt: the real source may use the right listener.
+        let v = mig.view();
+        assert_eq!(v.state, Phase::Registered);
+        assert_eq!(v.refusals.len(), 1);
+        mig.admit_channel(DN, &main(vm)).unwrap().finish(Ok(()));
+        assert_eq!(mig.view().state, Phase::Completed);
     }
 }

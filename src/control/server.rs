@@ -24,7 +24,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use uuid::Uuid;
 
-use super::types::{Allow, ApiErrorBody, Forward, IncomingRequest, IncomingResponse, QmpForward};
+use super::types::{
+    Allow, ApiErrorBody, Forward, IncomingRequest, IncomingResponse, ListenerRef, QmpForward,
+};
 use crate::admit::registry::{IncomingSpec, Migration, Registry};
 use crate::authz::{AnyVerified, Authz, Decision, ListFile, Simple};
 use crate::creds::{dn, tls};
@@ -145,6 +147,7 @@ async fn incoming(
             req.expires_in
         )));
     }
+    let listeners = bind_listeners(&st.listen, req.listeners.as_deref())?;
     let (allow, allow_desc) = build_allow(&req.allow)?;
     let (forward, qmp_socket) = match &req.forward {
         Forward::Endpoint(s) => (parse_forward(s)?, None),
@@ -163,6 +166,7 @@ async fn incoming(
         forward,
         channels: req.channels,
         ttl: Duration::from_secs(req.expires_in),
+        listeners: listeners.clone(),
     });
     if let (Some(sock), Forward::Qmp(q)) = (qmp_socket, &req.forward) {
         let qmp_path = q.qmp.trim_start_matches("unix:").to_string();
@@ -192,9 +196,49 @@ async fn incoming(
             id: mig.id.clone(),
             ticket: ticket.expose().to_string(),
             expires_at: view.expires_at,
-            listen: st.listen.clone(),
+            listen: listeners.iter().map(|&i| st.listen[i].clone()).collect(),
         }),
     ))
+}
+
+/// The listeners a registration names, as indices into `listen`; by
+/// default the first. Each listener has its own CA: binding the ticket to
+/// the listener the operator meant keeps another CA's certificates out.
+fn bind_listeners(
+    listen: &[String],
+    refs: Option<&[ListenerRef]>,
+) -> Result<Vec<usize>, ApiFailure> {
+    let Some(refs) = refs else {
+        return Ok(vec![0]);
+    };
+    if refs.is_empty() {
+        return Err(ApiFailure::bad(
+            "listeners is empty: name at least one listener, or leave it out for the first",
+        ));
+    }
+    let mut out = Vec::new();
+    for r in refs {
+        let i = match r {
+            ListenerRef::Index(i) if *i < listen.len() => *i,
+            ListenerRef::Address(a) => listen.iter().position(|l| l == a).ok_or_else(|| {
+                ApiFailure::bad(format!(
+                    "listeners: {a:?} is not a listener of this daemon (they are: {})",
+                    listen.join(", ")
+                ))
+            })?,
+            ListenerRef::Index(i) => {
+                return Err(ApiFailure::bad(format!(
+                    "listeners: there is no listener {i}; this daemon has {} (0 to {})",
+                    listen.len(),
+                    listen.len() - 1
+                )))
+            }
+        };
+        if !out.contains(&i) {
+            out.push(i);
+        }
+    }
+    Ok(out)
 }
 
 /// `tcp:HOST:PORT` or `unix:PATH`, the prefix required: a bare HOST:PORT

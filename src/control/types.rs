@@ -28,6 +28,19 @@ pub struct IncomingRequest {
     /// Seconds until an unused ticket expires.
     #[serde(default = "default_expiry")]
     pub expires_in: u64,
+    /// The daemon's listeners the migration may arrive on (each has its own
+    /// CA), by index of `[[target]]` or by address as `listen` shows it.
+    /// Default: the first listener only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listeners: Option<Vec<ListenerRef>>,
+}
+
+/// A daemon listener: its index (0 = the first `[[target]]`) or its address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ListenerRef {
+    Index(usize),
+    Address(String),
 }
 
 fn one() -> u32 {
@@ -80,7 +93,8 @@ pub struct IncomingResponse {
     pub id: String,
     pub ticket: String,
     pub expires_at: String,
-    /// The daemon's migration listeners (HOST:PORT), for the source gateway.
+    /// The migration listeners (HOST:PORT) this registration is bound to,
+    /// for the source gateway: its ticket is refused on any other.
     pub listen: Vec<String>,
 }
 
@@ -113,6 +127,18 @@ mod tests {
         .unwrap();
         assert_eq!(r.channels, 1);
         assert_eq!(r.forward, Forward::Endpoint("tcp:127.0.0.1:4444".into()));
+        assert_eq!(r.listeners, None);
+        let r: IncomingRequest = serde_json::from_str(
+            r#"{"allow":{"any_verified_peer":true},"forward":"tcp:a:1","listeners":[1,"127.0.0.1:49152"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            r.listeners,
+            Some(vec![
+                ListenerRef::Index(1),
+                ListenerRef::Address("127.0.0.1:49152".into())
+            ])
+        );
         assert!(serde_json::from_str::<IncomingRequest>(
             r#"{"allow":{"identity":"x"},"forward":"tcp:a:1","bogus":1}"#
         )

@@ -106,8 +106,8 @@ pub struct Config {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonSection {
-    /// Sockets the daemon creates for QMP forwards (QEMU must be able to
-    /// create a socket there: it listens on it).
+    /// Sockets the daemon creates for QMP forwards (QEMU creates its
+    /// listening socket there). Private to the daemon: see `daemon::rundir`.
     #[serde(default = "default_runtime_dir")]
     pub runtime_dir: PathBuf,
     /// Seconds an ended migration stays visible in the API.
@@ -272,12 +272,13 @@ impl Config {
                 "at least one migration listener is needed".into(),
             ));
         }
-        if self.daemon.retention == 0 {
-            return Err(field_err(
-                "daemon.retention".into(),
-                "must be at least 1 second".into(),
-            ));
-        }
+        crate::timeouts::bounded_secs(
+            "daemon.retention",
+            self.daemon.retention,
+            1,
+            crate::timeouts::MAX_RETENTION_SECS,
+        )
+        .map_err(|e| out_of_range(file, e))?;
         if !self.daemon.runtime_dir.is_absolute() {
             return Err(field_err(
                 "daemon.runtime_dir".into(),
@@ -321,12 +322,13 @@ impl Config {
                 ));
             }
             check_hostport(&t.listen).map_err(|why| field_err(at("listen"), why))?;
-            if t.stall_timeout == 0 {
-                return Err(field_err(
-                    at("stall_timeout"),
-                    "must be at least 1 second".into(),
-                ));
-            }
+            let stall = crate::timeouts::bounded_secs(
+                &at("stall_timeout"),
+                t.stall_timeout,
+                1,
+                crate::timeouts::MAX_STALL_SECS,
+            )
+            .map_err(|e| out_of_range(file, e))?;
             check_dir(&t.x509_dir).map_err(|why| field_err(at("x509_dir"), why))?;
             let tls = tls::server_config(&t.x509_dir, &[tls::ALPN_MIGGATE]).map_err(|source| {
                 ConfigError::Creds {
@@ -392,7 +394,7 @@ impl Config {
             targets.push(BuiltTarget {
                 tls,
                 route,
-                stall: Duration::from_secs(t.stall_timeout),
+                stall,
                 route_desc,
             });
         }
@@ -489,6 +491,17 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+fn out_of_range(file: &Path, e: crate::timeouts::OutOfRange) -> ConfigError {
+    ConfigError::Field {
+        file: file.to_path_buf(),
+        why: format!(
+            "must be from {} to {} {}, not {}",
+            e.min, e.max, e.unit, e.value
+        ),
+        field: e.field,
     }
 }
 
@@ -616,6 +629,24 @@ mod tests {
         );
         let e = err("stall_timeout = 0\n");
         assert!(e.contains("target[0].stall_timeout"), "{e}");
+        // Large enough to overflow a deadline: refused before anything runs.
+        let e = err("stall_timeout = 9223372036854775807\n");
+        assert!(
+            e.contains(
+                "target[0].stall_timeout: must be from 1 to 3600 seconds, not 9223372036854775807"
+            ),
+            "{e}"
+        );
+        let e = match build(
+            &text(p.path(), "").replace("[api]", "retention = 9223372036854775807\n[api]"),
+        ) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("a huge retention accepted"),
+        };
+        assert!(
+            e.contains("daemon.retention: must be from 1 to 2592000 seconds"),
+            "{e}"
+        );
         let e = err("[metrics]\nlisten = \"0.0.0.0:9464\"\n");
         assert!(
             e.contains("metrics.listen: 0.0.0.0:9464 is not a loopback"),

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod metrics;
 pub mod run;
+pub mod rundir;
 
 pub use config::Config;
 pub use run::{run, DaemonError};

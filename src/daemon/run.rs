@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 
 use super::config::{Config, ConfigError};
 use super::metrics::Metrics;
+use super::rundir::{self, RuntimeDirError};
 use crate::admit::registry::Registry;
 use crate::control::server::{self, AdminTls, ApiState, Control, ServerError};
 use crate::gate::target::{self, Target};
@@ -31,12 +32,8 @@ const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 pub enum DaemonError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("cannot create the runtime directory {}", path.display())]
-    RuntimeDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    RuntimeDir(#[from] RuntimeDirError),
     #[error("cannot listen on {addr} ({field})")]
     Listen {
         addr: String,
@@ -104,10 +101,10 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
     let config = Config::load(path)?;
     let built = config.build(path)?;
     let runtime_dir = config.daemon.runtime_dir.clone();
-    std::fs::create_dir_all(&runtime_dir).map_err(|source| DaemonError::RuntimeDir {
-        path: runtime_dir.clone(),
-        source,
-    })?;
+    // Before anything binds: the API socket may live in it too.
+    let group_reaches_api =
+        config.api.socket.starts_with(&runtime_dir) && built.socket_mode & 0o070 != 0;
+    rundir::prepare(&runtime_dir, rundir::max_mode(group_reaches_api))?;
 
     // Handlers first: SIGHUP's default action would kill a daemon that
     // already said it is listening.
@@ -137,16 +134,17 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
     let mut tasks: JoinSet<std::io::Result<()>> = JoinSet::new();
     let mut targets = Vec::new();
     let mut listen = Vec::new();
-    for (listener, b) in tcp.into_iter().zip(built.targets) {
+    for (i, (listener, b)) in tcp.into_iter().zip(built.targets).enumerate() {
         let addr = listener
             .local_addr()
             .map_err(DaemonError::Serve)?
             .to_string();
         tracing::info!(role = "daemon", listen = %addr, route = %b.route_desc, "listening");
-        let gate = Target::new(
+        let gate = Target::with_listener(
             b.tls,
             b.route,
-            Some(registry.clone()),
+            registry.clone(),
+            i,
             b.stall,
             Some(sink.clone()),
         );

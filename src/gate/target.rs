@@ -54,6 +54,9 @@ pub struct Target {
     tls: RwLock<Arc<ServerConfig>>,
     route: RwLock<Option<Arc<StaticRoute>>>,
     registry: Option<Arc<Registry>>,
+    /// This listener's index in the daemon (`[[target]]` order): a ticket
+    /// is only accepted on the listeners its registration names.
+    listener: usize,
     stall: Duration,
     sink: Option<Arc<dyn Sink>>,
     /// Main channels being forwarded on the static route.
@@ -72,10 +75,26 @@ impl Target {
             tls: RwLock::new(tls),
             route: RwLock::new(route.map(Arc::new)),
             registry,
+            listener: 0,
             stall,
             sink,
             mains: watch::Sender::new(0),
         })
+    }
+
+    /// The same, as the daemon's listener number `listener` (see
+    /// [`Registry`]: registrations name the listeners they may arrive on).
+    pub fn with_listener(
+        tls: Arc<ServerConfig>,
+        route: Option<StaticRoute>,
+        registry: Arc<Registry>,
+        listener: usize,
+        stall: Duration,
+        sink: Option<Arc<dyn Sink>>,
+    ) -> Arc<Target> {
+        let mut t = Target::new(tls, route, Some(registry), stall, sink);
+        Arc::get_mut(&mut t).expect("just created").listener = listener;
+        t
     }
 
     /// Replaces the TLS configuration (reloaded certificates) for new connections.
@@ -216,16 +235,30 @@ async fn handle(
         StreamKind::Main { .. } => {}
         StreamKind::Multifd { .. } => {
             let mut rx = mains.subscribe();
-            let wait = rx.wait_for(|n| *n > 0);
-            if tokio::time::timeout_at(deadline, wait).await.is_err() {
+            let wait = tokio::time::timeout_at(deadline, rx.wait_for(|n| *n > 0));
+            // A registered migration can also end (expire, be cancelled)
+            // while its multifd channel waits: nothing may wait past that.
+            let ended = async {
+                match &admitted {
+                    Admitted::Ticket(g) => g.migration().ended().await,
+                    Admitted::Static(_) => std::future::pending().await,
+                }
+            };
+            let why = tokio::select! {
+                r = wait => r.is_err().then(|| format!(
+                    "multifd channel arrived but no main channel of its migration was admitted within {} s",
+                    stall.as_secs()
+                )),
+                () = ended => Some("multifd channel arrived but its migration ended before its main channel came".to_string()),
+            };
+            if let Some(detail) = why {
                 let r = Refusal::NotReady {
                     public: "multifd channel without an admitted main channel",
-                    detail: format!(
-                        "multifd channel arrived but no main channel of its migration was admitted within {} s",
-                        stall.as_secs()
-                    ),
+                    detail,
                 };
                 refuse(&mut tls, miggate_peer, &r).await;
+                // Gives the channel's slot back (see ChannelGuard).
+                finish_channel(admitted, Err(r.to_string()));
                 return Err(r.into());
             }
         }
@@ -387,13 +420,15 @@ fn find_migration(target: &Target, ticket: &str) -> Result<Arc<Migration>, Refus
     })?;
     let ticket = Ticket::parse(ticket)
         .map_err(|e| Refusal::ticket("malformed ticket", format!("malformed ticket: {e}")))?;
-    registry.find_by_ticket(&ticket)
+    let mig = registry.find_by_ticket(&ticket)?;
+    mig.check_listener(target.listener)?;
+    Ok(mig)
 }
 
 /// Tells the peer which check failed ([`Refusal::public`]; a miggate
 /// source gets a verdict frame, QEMU's own TLS has no channel for it and
-/// just sees the connection close), then closes with close_notify. Bounded: a peer that does not read is not
-/// waited for.
+/// just sees the connection close), then closes with close_notify.
+/// Bounded: a peer that does not read is not waited for.
 async fn refuse(
     tls: &mut TlsStream<crate::timeouts::TlsSocket>,
     miggate_peer: bool,

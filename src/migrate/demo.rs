@@ -77,8 +77,8 @@ struct Daemon {
 impl Daemon {
     async fn start(dir: &Path, pki: &Path) -> Result<(Daemon, ApiClient), DemoError> {
         let api_sock = dir.join("api.sock");
+        // The daemon creates its runtime directory, private (0700).
         let run_dir = dir.join("run");
-        std::fs::create_dir_all(&run_dir).map_err(io("creating the daemon's runtime dir"))?;
         let config = dir.join("daemon.toml");
         // A loopback listener on a port of the kernel's choice; the API
         // answer tells the source where it is.

@@ -227,6 +227,7 @@ impl Managed {
             forward,
             channels,
             expires_in: args.expires_in,
+            listeners: None,
         };
         let resp = api
             .register(&req)

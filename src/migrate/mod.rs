@@ -77,6 +77,8 @@ pub const TARGET_RUNNING_WAIT: Duration = Duration::from_secs(5);
 /// Exit codes: 0 success, 1 the migration failed or was not started,
 /// 2 invalid usage, 128 + signal when interrupted (130 SIGINT, 143 SIGTERM).
 pub const EXIT_FAILED: u8 = 1;
+/// QEMU's own maximum `downtime-limit` (MAX_MIGRATE_DOWNTIME: 2000 s), in ms.
+pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
 pub const EXIT_USAGE: u8 = 2;
 
 #[derive(clap::Args, Debug, Clone)]
@@ -114,25 +116,30 @@ pub struct MigrateArgs {
     /// Name the target's certificate must carry; default: the host of --connect.
     #[arg(long)]
     pub tls_hostname: Option<String>,
-    /// multifd channels (0: a single channel).
-    #[arg(long, default_value_t = 0)]
+    /// multifd channels (0: a single channel; at most 63, the daemon takes
+    /// 1 + 63 channels per migration).
+    #[arg(long, default_value_t = 0,
+          value_parser = clap::value_parser!(u8).range(0..i64::from(crate::control::server::MAX_CHANNELS)))]
     pub multifd: u8,
     /// Bandwidth cap in bytes/s (suffixes K, M, G: powers of 1024); default unlimited.
     #[arg(long, value_parser = parse_size)]
     pub max_bandwidth: Option<u64>,
-    /// Longest acceptable pause of the guest at the end, in milliseconds.
-    #[arg(long)]
+    /// Longest acceptable pause of the guest at the end, in milliseconds
+    /// (at most 2000000, QEMU's own limit).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_DOWNTIME_LIMIT_MS))]
     pub downtime_limit: Option<u64>,
-    /// Seconds the registration (and its ticket) stays valid unused.
-    #[arg(long, default_value_t = crate::control::types::DEFAULT_EXPIRES_IN_SECS)]
+    /// Seconds the registration (and its ticket) stays valid unused (1 to 86400).
+    #[arg(long, default_value_t = crate::control::types::DEFAULT_EXPIRES_IN_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=crate::control::server::MAX_EXPIRES_IN_SECS))]
     pub expires_in: u64,
-    /// Seconds a silent peer is tolerated by the source gateway.
-    #[arg(long, default_value_t = crate::timeouts::DEFAULT_STALL.as_secs())]
+    /// Seconds a silent peer is tolerated by the source gateway (1 to 3600).
+    #[arg(long, default_value_t = crate::timeouts::DEFAULT_STALL.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=crate::timeouts::MAX_STALL_SECS))]
     pub stall_timeout: u64,
     /// Refresh each channel's TLS 1.3 keys after every N MiB sent, at most
     /// one update per 250 ms (as `miggate source --rekey-after-mib`).
     #[arg(long, value_name = "MIB", conflicts_with = "native_tls",
-          value_parser = clap::value_parser!(u64).range(1..))]
+          value_parser = clap::value_parser!(u64).range(1..=crate::timeouts::MAX_REKEY_AFTER_MIB))]
     pub rekey_after_mib: Option<u64>,
     /// Use QEMU's own TLS on both ends: no gateways, no daemon.
     #[arg(long)]
@@ -177,8 +184,10 @@ impl MigrateArgs {
         }
     }
 
+    /// Within range: clap bounds the command line, `check` arguments
+    /// built in code (demo, tests).
     fn stall(&self) -> Duration {
-        Duration::from_secs(self.stall_timeout.max(1))
+        Duration::from_secs(self.stall_timeout)
     }
 
     fn check(&self) -> Result<(), String> {
@@ -192,6 +201,37 @@ impl MigrateArgs {
         }
         if !self.native_tls && self.target_qmp.is_none() && self.forward.is_none() {
             return Err("give --target-qmp or --forward".into());
+        }
+        // The command line's bounds, for arguments built in code.
+        use crate::timeouts::{bounded_secs, MAX_REKEY_AFTER_MIB, MAX_STALL_SECS};
+        bounded_secs("--stall-timeout", self.stall_timeout, 1, MAX_STALL_SECS)
+            .map_err(|e| e.to_string())?;
+        bounded_secs(
+            "--expires-in",
+            self.expires_in,
+            1,
+            crate::control::server::MAX_EXPIRES_IN_SECS,
+        )
+        .map_err(|e| e.to_string())?;
+        if let Some(m) = self
+            .rekey_after_mib
+            .filter(|m| !(1..=MAX_REKEY_AFTER_MIB).contains(m))
+        {
+            return Err(format!(
+                "--rekey-after-mib must be from 1 to {MAX_REKEY_AFTER_MIB} MiB, not {m}"
+            ));
+        }
+        if u32::from(self.multifd) >= crate::control::server::MAX_CHANNELS {
+            return Err(format!(
+                "--multifd must be at most {}, not {}",
+                crate::control::server::MAX_CHANNELS - 1,
+                self.multifd
+            ));
+        }
+        if let Some(ms) = self.downtime_limit.filter(|ms| *ms > MAX_DOWNTIME_LIMIT_MS) {
+            return Err(format!(
+                "--downtime-limit must be at most {MAX_DOWNTIME_LIMIT_MS} ms, not {ms}"
+            ));
         }
         Ok(())
     }
@@ -864,6 +904,38 @@ pub fn client_dn(x509_dir: &std::path::Path) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn arguments_built_in_code_are_bounded_like_the_command_line() {
+        let mut a = MigrateArgs::new("/q".into(), "/pki".into());
+        a.target = Some("unix:/run/miggate/api.sock".into());
+        a.forward = Some(Endpoint::Tcp("127.0.0.1:1".into()));
+        a.check().unwrap();
+        a.stall_timeout = u64::MAX;
+        let e = a.check().unwrap_err();
+        assert!(
+            e.starts_with("--stall-timeout must be from 1 to 3600 seconds"),
+            "{e}"
+        );
+        a.stall_timeout = 30;
+        a.expires_in = 0;
+        assert!(a
+            .check()
+            .unwrap_err()
+            .starts_with("--expires-in must be from 1"));
+        a.expires_in = 60;
+        a.rekey_after_mib = Some(u64::MAX);
+        assert!(a
+            .check()
+            .unwrap_err()
+            .starts_with("--rekey-after-mib must be from 1"));
+        a.rekey_after_mib = None;
+        a.multifd = 64;
+        assert!(a
+            .check()
+            .unwrap_err()
+            .starts_with("--multifd must be at most 63"));
+    }
 
     #[test]
     fn sizes() {

@@ -21,8 +21,8 @@ pub struct Daemon {
 impl Daemon {
     pub async fn start(dir: &Path, pki: &Path) -> Daemon {
         let api = dir.join("api.sock");
+        // The daemon creates its runtime directory, private (0700).
         let run = dir.join("run");
-        std::fs::create_dir_all(&run).unwrap();
         let config = dir.join("daemon.toml");
         std::fs::write(
             &config,
