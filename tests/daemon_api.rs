@@ -551,17 +551,29 @@ async fn expired_wrong_vm_and_unknown_tickets_are_refused() {
         .await;
     d.wait_state(&expired.id, Phase::Expired).await;
 
+    // The daemon's record says why; the source is told which check failed.
     let cases = [
-        ("expired", expired.ticket.clone(), "expired at"),
-        ("other-vm", other_vm.ticket.clone(), "VM UUID mismatch"),
+        (
+            "expired",
+            expired.ticket.clone(),
+            "expired at",
+            "ticket expired",
+        ),
+        (
+            "other-vm",
+            other_vm.ticket.clone(),
+            "VM UUID mismatch",
+            "wrong VM",
+        ),
         (
             "unknown",
             Ticket::generate().expose().to_string(),
             "unknown ticket",
+            "unknown ticket",
         ),
     ];
-    for (name, ticket, reason) in cases {
-        let sgw = d.source(&pki, name, &ticket).await;
+    for (name, ticket, reason, told) in cases {
+        let mut sgw = d.source(&pki, name, &ticket).await;
         migrate_and_expect_failure(&mut src, &format!("tcp:{}", sgw.addr)).await;
         let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await;
         assert_eq!(rec["outcome"], "refused", "{name}: {rec}");
@@ -570,6 +582,8 @@ async fn expired_wrong_vm_and_unknown_tickets_are_refused() {
             rec["reason"].as_str().unwrap().contains(reason),
             "{name}: {rec}"
         );
+        let srec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+        assert_eq!(srec["reason"], format!("target refused: {told}"), "{name}");
         sgw.stop().await;
     }
     let v = d.api.migration(&expired.id).await.unwrap();
@@ -1093,4 +1107,43 @@ async fn another_user_cannot_reach_the_target_qemus_incoming_socket() {
         "{err}"
     );
     assert!(!open_dir.join("api.sock").exists());
+}
+
+/// A source gateway killed mid-stream ends its TLS stream without
+/// close_notify: the daemon records the channel and the migration as
+/// failed, with the reason, never as completed.
+#[tokio::test]
+async fn source_gateway_killed_mid_stream_fails_the_registered_migration() {
+    let pki_tmp = pki();
+    let pki = pki_dir(&pki_tmp);
+    let mut d = Daemon::start(&pki).await;
+    let mut src = source_vm(Guest::PausedRandomRam { seed: 0xc07 }, VM_A).await;
+    // 64 MiB of random RAM at 2 MiB/s: mid-stream for half a minute.
+    src.set_parameters(json!({ "max-bandwidth": 2 << 20 }))
+        .await;
+    let mut dst_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming();
+    dst_opts.uuid = Some(VM_A);
+    let mut dst = Qemu::spawn(dst_opts).await;
+    let port = dst.migrate_incoming_any_port().await;
+    let r = d.register(&request(Some(VM_A), endpoint(port))).await;
+    let sgw = d.source(&pki, "ticket", &r.ticket).await;
+    let before = src.query_status().await;
+    src.migrate(&format!("tcp:{}", sgw.addr)).await;
+    d.wait_view(&r.id, "mid-stream", |v| v.bytes_sent > 2 << 20)
+        .await;
+    sgw.stop().await;
+
+    let v = d.wait_view(&r.id, "ended", |v| v.state.is_final()).await;
+    assert_eq!(v.state, Phase::Failed, "{v:?}");
+    assert_eq!(
+        v.reason.as_deref(),
+        Some("source->target: the source's TLS stream was cut without close_notify"),
+        "{v:?}"
+    );
+    let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await;
+    assert_eq!(rec["outcome"], "failed", "{rec}");
+    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await;
+    assert_eq!(s.status.as_deref(), Some("failed"), "{:?}", s.raw);
+    assert_eq!(src.query_status().await, before);
+    assert_eq!(d.metric("miggate_migrations{state=\"failed\"}").await, 1.0);
 }
