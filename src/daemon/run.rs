@@ -143,12 +143,13 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
             .map_err(DaemonError::Serve)?
             .to_string();
         tracing::info!(role = "daemon", listen = %addr, route = %b.route_desc, "listening");
-        let gate = Target::new(
+        let gate = Target::with_limits(
             b.tls,
             b.route,
             Some(registry.clone()),
             b.stall,
             Some(sink.clone()),
+            b.limits,
         );
         tasks.spawn(target::serve(listener, gate.clone()));
         targets.push(gate);

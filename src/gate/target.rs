@@ -19,8 +19,9 @@
 //! therefore wait until a main channel of their migration is being
 //! forwarded before their own connection to the target QEMU is opened.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rustls::ServerConfig;
@@ -48,6 +49,59 @@ pub struct StaticRoute {
     pub expect: Expectation,
 }
 
+/// What an unauthenticated peer may cost: see [`crate::timeouts`] for
+/// the defaults and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Deadline of the TLS handshake (the stall timeout covers the rest).
+    pub handshake: Duration,
+    /// Connections not yet admitted, from all sources.
+    pub max_pending: usize,
+    /// Connections not yet admitted, per source address.
+    pub max_pending_per_ip: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake: crate::timeouts::DEFAULT_HANDSHAKE,
+            max_pending: crate::timeouts::DEFAULT_MAX_PENDING,
+            max_pending_per_ip: crate::timeouts::DEFAULT_MAX_PENDING_PER_IP,
+        }
+    }
+}
+
+/// Counts connections not yet admitted, globally and per source address.
+#[derive(Default)]
+struct PendingCount {
+    total: usize,
+    by_ip: HashMap<IpAddr, usize>,
+}
+
+/// A connection's place among the pending ones; freed on admission (or
+/// when the connection ends, whichever is first).
+struct Pending<'a> {
+    target: &'a Target,
+    ip: IpAddr,
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        let mut p = self
+            .target
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        p.total -= 1;
+        if let Some(n) = p.by_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                p.by_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// One target gateway listener's configuration and shared state.
 pub struct Target {
     tls: RwLock<Arc<ServerConfig>>,
@@ -57,6 +111,8 @@ pub struct Target {
     sink: Option<Arc<dyn Sink>>,
     /// Main channels being forwarded on the static route.
     mains: watch::Sender<usize>,
+    limits: Limits,
+    pending: Mutex<PendingCount>,
 }
 
 impl Target {
@@ -67,6 +123,17 @@ impl Target {
         stall: Duration,
         sink: Option<Arc<dyn Sink>>,
     ) -> Arc<Target> {
+        Self::with_limits(tls, route, registry, stall, sink, Limits::default())
+    }
+
+    pub fn with_limits(
+        tls: Arc<ServerConfig>,
+        route: Option<StaticRoute>,
+        registry: Option<Arc<Registry>>,
+        stall: Duration,
+        sink: Option<Arc<dyn Sink>>,
+        limits: Limits,
+    ) -> Arc<Target> {
         Arc::new(Target {
             tls: RwLock::new(tls),
             route: RwLock::new(route.map(Arc::new)),
@@ -74,7 +141,30 @@ impl Target {
             stall,
             sink,
             mains: watch::Sender::new(0),
+            limits,
+            pending: Mutex::default(),
         })
+    }
+
+    /// Takes a pending slot for a connection from `ip`, or says which
+    /// limit is reached.
+    fn try_pending(&self, ip: IpAddr) -> Result<Pending<'_>, String> {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if p.total >= self.limits.max_pending {
+            return Err(format!(
+                "overload: {} connections are already waiting for admission (max_pending)",
+                p.total
+            ));
+        }
+        let n = p.by_ip.entry(ip).or_insert(0);
+        if *n >= self.limits.max_pending_per_ip {
+            return Err(format!(
+                "overload: {n} connections from {ip} are already waiting for admission (max_pending_per_ip)"
+            ));
+        }
+        *n += 1;
+        p.total += 1;
+        Ok(Pending { target: self, ip })
     }
 
     /// Replaces the TLS configuration (reloaded certificates) for new connections.
@@ -96,24 +186,37 @@ impl Target {
     }
 }
 
-/// Accepts connections forever.
+/// Accepts connections forever. Beyond the pending limits a connection is
+/// closed at once (and counted as an `overload` refusal); admitted
+/// channels hold no pending slot, so they are never refused for it.
 pub async fn serve(listener: TcpListener, target: Arc<Target>) -> std::io::Result<()> {
+    let mut accept_errors = crate::outcome::RateLimit::new();
     loop {
         let (sock, addr) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                tracing::error!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Some(suppressed) = accept_errors.allow() {
+                    tracing::error!(error = %e, suppressed, "accept failed");
+                }
+                tokio::time::sleep(crate::timeouts::ACCEPT_BACKOFF).await;
                 continue;
             }
         };
-        crate::timeouts::tune(&sock);
         let target = target.clone();
         tokio::spawn(async move {
             let mut out = Outcome::new("target", Some(addr));
             out.sink = target.sink.clone();
-            match handle(sock, addr, &target, &mut out).await {
+            let pending = match target.try_pending(addr.ip()) {
+                Ok(p) => p,
+                Err(why) => {
+                    drop(sock);
+                    out.overloaded(&why);
+                    return;
+                }
+            };
+            crate::timeouts::tune(&sock);
+            match handle(sock, addr, &target, pending, &mut out).await {
                 Ok(()) => out.finish(Ending::Completed, None),
                 Err(End::Refused(r)) => out.refuse(&r),
                 Err(End::Failed(msg)) => out.finish(Ending::Failed, Some(&msg)),
@@ -168,25 +271,25 @@ async fn handle(
     sock: TcpStream,
     _addr: SocketAddr,
     target: &Target,
+    pending: Pending<'_>,
     out: &mut Outcome,
 ) -> Result<(), End> {
     let stall = target.stall;
-    let deadline = Instant::now() + stall;
+    let handshake = target.limits.handshake;
     let acceptor = TlsAcceptor::from(target.current_tls());
-    let mut tls =
-        match tokio::time::timeout_at(deadline, acceptor.accept(crate::timeouts::tls_socket(sock)))
-            .await
-        {
-            Err(_) => {
-                return Err(Refusal::Tls(format!(
-                    "TLS handshake did not complete within {} s",
-                    stall.as_secs()
-                ))
-                .into())
-            }
-            Ok(Err(e)) => return Err(Refusal::Tls(tls::describe_tls_error(&e, None)).into()),
-            Ok(Ok(s)) => s,
-        };
+    // No read buffer until admission: see `TlsSocket`.
+    let sock = crate::timeouts::tls_socket_unbuffered(sock);
+    let mut tls = match tokio::time::timeout(handshake, acceptor.accept(sock)).await {
+        Err(_) => {
+            return Err(Refusal::Tls(format!(
+                "TLS handshake did not complete within {} s",
+                handshake.as_secs()
+            ))
+            .into())
+        }
+        Ok(Err(e)) => return Err(Refusal::Tls(tls::describe_tls_error(&e, None)).into()),
+        Ok(Ok(s)) => s,
+    };
     let (miggate_peer, leaf) = {
         let conn = tls.get_ref().1;
         let leaf = tls::peer_leaf(conn.peer_certificates()).map(<[u8]>::to_vec);
@@ -196,6 +299,8 @@ async fn handle(
         // The verifier requires a certificate; this is a defence in depth.
         return Err(Refusal::Tls("peer presented no client certificate".into()).into());
     };
+    // The stall timeout covers the hello and the stream's first bytes.
+    let deadline = Instant::now() + stall;
     let (prefix, kind, admitted) =
         match admit(&mut tls, &leaf, miggate_peer, target, deadline, out).await {
             Ok(x) => x,
@@ -204,6 +309,9 @@ async fn handle(
                 return Err(refusal.into());
             }
         };
+    // Admitted: the relay's read buffer now, and the pending slot is free.
+    tls.get_mut().0.grow();
+    drop(pending);
 
     // Main first: see the module comment.
     let mains = match &admitted {
