@@ -80,12 +80,12 @@ struct PendingCount {
 
 /// A connection's place among the pending ones; freed on admission (or
 /// when the connection ends, whichever is first).
-struct Pending<'a> {
-    target: &'a Target,
+struct Pending {
+    target: Arc<Target>,
     ip: IpAddr,
 }
 
-impl Drop for Pending<'_> {
+impl Drop for Pending {
     fn drop(&mut self) {
         let mut p = self
             .target
@@ -148,7 +148,7 @@ impl Target {
 
     /// Takes a pending slot for a connection from `ip`, or says which
     /// limit is reached.
-    fn try_pending(&self, ip: IpAddr) -> Result<Pending<'_>, String> {
+    fn try_pending(self: &Arc<Self>, ip: IpAddr) -> Result<Pending, String> {
         let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
         if p.total >= self.limits.max_pending {
             return Err(format!(
@@ -164,7 +164,10 @@ impl Target {
         }
         *n += 1;
         p.total += 1;
-        Ok(Pending { target: self, ip })
+        Ok(Pending {
+            target: self.clone(),
+            ip,
+        })
     }
 
     /// Replaces the TLS configuration (reloaded certificates) for new connections.
@@ -203,18 +206,20 @@ pub async fn serve(listener: TcpListener, target: Arc<Target>) -> std::io::Resul
                 continue;
             }
         };
+        let mut out = Outcome::new("target", Some(addr));
+        out.sink = target.sink.clone();
+        // Here, not in the task: a flood must not pile up descriptors
+        // waiting for a task to close them.
+        let pending = match target.try_pending(addr.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                drop(sock);
+                out.overloaded(&why);
+                continue;
+            }
+        };
         let target = target.clone();
         tokio::spawn(async move {
-            let mut out = Outcome::new("target", Some(addr));
-            out.sink = target.sink.clone();
-            let pending = match target.try_pending(addr.ip()) {
-                Ok(p) => p,
-                Err(why) => {
-                    drop(sock);
-                    out.overloaded(&why);
-                    return;
-                }
-            };
             crate::timeouts::tune(&sock);
             match handle(sock, addr, &target, pending, &mut out).await {
                 Ok(()) => out.finish(Ending::Completed, None),
@@ -271,7 +276,7 @@ async fn handle(
     sock: TcpStream,
     _addr: SocketAddr,
     target: &Target,
-    pending: Pending<'_>,
+    pending: Pending,
     out: &mut Outcome,
 ) -> Result<(), End> {
     let stall = target.stall;

@@ -1,0 +1,415 @@
+//! What an unauthenticated peer can cost: while a running guest migrates
+//! through the two gateways, 1,000 hostile connections hit the target
+//! gateway (a `miggate daemon` with a static route, for its metrics):
+//! garbage bytes, TLS without a client certificate, a certificate from
+//! another CA, a denied DN, clients that stall mid-handshake; the first 500
+//! all at once, the rest 16 at a time. They come from four loopback
+//! addresses other than the source gateway's, so the per-address limit
+//! meets them before the global one.
+//!
+//! The migration is held at 1 MiB/s (it cannot converge: the guest dirties
+//! more per downtime window) until the flood is over, so the whole flood
+//! meets an admitted, relaying channel; then the bandwidth is lifted and
+//! it must complete with the guest still counting on the destination.
+
+mod common;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::gateway::{pki_init, pki_issue, Gateway};
+use common::qemu::{Guest, QemuOpts};
+use common::scenario::*;
+use miggate::creds::tls;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+const VM: Uuid = Uuid::from_u128(0xf100_d000_0000_4000_8000_0000_0000_0001);
+const HOSTILE: usize = 1000;
+const AT_ONCE: usize = HOSTILE / 2;
+/// In flight at a time for the second half.
+const TRICKLE: usize = 16;
+/// The target's limits in this test: tighter than the defaults so that
+/// both the per-address and the global limit are reached.
+const MAX_PENDING: usize = 128;
+const MAX_PENDING_PER_IP: usize = 48;
+/// Descriptors the daemon holds besides pending connections (stdio,
+/// listeners, API and metrics sockets, epoll, inotify, the admitted channel
+/// and its backend, one just accepted).
+const FIXED_FDS: usize = 64;
+const MAX_RSS_KIB: u64 = 64 * 1024;
+/// Slow enough that the running guest never converges (it dirties ~576 KiB
+/// continuously; 1 MiB/s x 300 ms of downtime is less).
+const CRAWL: u64 = 1 << 20;
+
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Garbage,
+    NoCert,
+    OtherCa,
+    DeniedDn,
+    StallMidHandshake,
+}
+
+const KINDS: [Kind; 5] = [
+    Kind::Garbage,
+    Kind::NoCert,
+    Kind::OtherCa,
+    Kind::DeniedDn,
+    Kind::StallMidHandshake,
+];
+
+struct Clients {
+    target: SocketAddr,
+    no_cert: Arc<rustls::ClientConfig>,
+    other_ca: Arc<rustls::ClientConfig>,
+    denied: Arc<rustls::ClientConfig>,
+    valid: Arc<rustls::ClientConfig>,
+}
+
+/// One hostile connection from `from`; returns once the target closed it.
+async fn hostile(c: &Clients, kind: Kind, from: IpAddr, seed: u64) -> std::io::Result<()> {
+    let sock = tokio::net::TcpSocket::new_v4()?;
+    sock.bind(SocketAddr::new(from, 0))?;
+    let mut sock = sock.connect(c.target).await?;
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    let tls_client =
+        |cfg: &Arc<rustls::ClientConfig>| tokio_rustls::TlsConnector::from(cfg.clone());
+    match kind {
+        Kind::Garbage => {
+            let junk: Vec<u8> = (0..16 * 1024u64)
+                .map(|i| ((i ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8 | 0x80)
+                .collect();
+            let _ = sock.write_all(&junk).await;
+            drain(&mut sock).await;
+        }
+        Kind::NoCert | Kind::OtherCa | Kind::DeniedDn => {
+            let cfg = match kind {
+                Kind::NoCert => &c.no_cert,
+                Kind::OtherCa => &c.other_ca,
+                _ => &c.denied,
+            };
+            if let Ok(mut s) = tls_client(cfg).connect(name, sock).await {
+                drain(&mut s).await;
+            }
+        }
+        Kind::StallMidHandshake => {
+            // A valid ClientHello, then nothing: the target waits for our
+            // certificate and Finished until its handshake deadline.
+            let mut conn = rustls::ClientConnection::new(c.valid.clone(), name).unwrap();
+            let mut hello = Vec::new();
+            conn.write_tls(&mut hello).unwrap();
+            let _ = sock.write_all(&hello).await;
+            drain(&mut sock).await;
+        }
+    }
+    Ok(())
+}
+
+/// Reads until the target closes (EOF, reset or alert).
+async fn drain<S: tokio::io::AsyncRead + Unpin>(s: &mut S) {
+    let mut buf = [0u8; 4096];
+    while let Ok(n) = s.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+    }
+}
+
+fn hostile_addr(i: usize) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % 4) as u8))
+}
+
+/// Runs one hostile connection; false if it could not connect or the
+/// target never closed it.
+async fn one(c: Arc<Clients>, i: usize) -> bool {
+    let kind = KINDS[i % KINDS.len()];
+    match tokio::time::timeout(EVENT_TIMEOUT, hostile(&c, kind, hostile_addr(i), i as u64)).await {
+        Ok(Ok(())) => true,
+        Ok(Err(e)) => {
+            eprintln!("hostile {i} ({kind:?}): {e}");
+            false
+        }
+        Err(_) => {
+            eprintln!("hostile {i} ({kind:?}) was never closed by the target");
+            false
+        }
+    }
+}
+
+fn no_cert_config(pki: &Path) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(pki.join("ca-cert.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+/// Our CA (to trust the target) with a client certificate of another CA.
+fn other_ca_dir(tmp: &Path, pki: &Path) -> std::path::PathBuf {
+    let other = tmp.join("other-ca");
+    pki_init(&other, &["--client-dn", SOURCE_DN]);
+    let dir = tmp.join("mixed");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(pki.join("ca-cert.pem"), dir.join("ca-cert.pem")).unwrap();
+    for f in ["client-cert.pem", "client-key.pem"] {
+        std::fs::copy(other.join(f), dir.join(f)).unwrap();
+    }
+    dir
+}
+
+#[derive(Default)]
+struct Peak {
+    rss_kib: AtomicU64,
+    fds: AtomicU64,
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn fds(pid: u32) -> u64 {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64)
+}
+
+/// One GET /metrics; the value of each `series` line.
+async fn metrics(addr: &str) -> String {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).await.unwrap();
+    resp
+}
+
+fn sample(text: &str, series: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flood_of_hostile_connections_does_not_stop_a_migration() {
+    let pki_tmp = pki();
+    let pki = pki_dir(&pki_tmp);
+    let tmp = tempfile::tempdir().unwrap();
+    let denied = pki_issue(
+        &pki,
+        &tmp.path().join("denied"),
+        "O=miggate tests,CN=flood.test",
+    );
+    let clients_cfg = (
+        no_cert_config(&pki),
+        tls::client_config(&other_ca_dir(tmp.path(), &pki), &[]).unwrap(),
+        tls::client_config(&denied, &[]).unwrap(),
+        tls::client_config(&pki, &[]).unwrap(),
+    );
+
+    let mut opts = QemuOpts::new(Guest::RunningCounter, 64);
+    opts.uuid = Some(VM);
+    let (mut src, mut dst, port) = qemu_pair(&opts).await;
+    let caps = [("return-path", true), ("validate-uuid", true)];
+    capabilities(&mut src, &mut dst, &caps).await;
+    src.set_parameters(json!({ "max-bandwidth": CRAWL })).await;
+    src.assert_running_and_counting().await;
+
+    let config = tmp.path().join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nruntime_dir = \"{run}\"\n[api]\nsocket = \"{run}/api.sock\"\n\
+             [metrics]\nlisten = \"127.0.0.1:0\"\n\
+             [[target]]\nlisten = \"127.0.0.1:0\"\nx509_dir = \"{pki}\"\n\
+             forward = \"tcp:127.0.0.1:{port}\"\nauthz_identity = \"{SOURCE_DN}\"\n\
+             expect_uuid = \"{VM}\"\nstall_timeout = 10\nhandshake_timeout = 1\n\
+             max_pending = {MAX_PENDING}\nmax_pending_per_ip = {MAX_PENDING_PER_IP}\n",
+            run = tmp.path().join("run").display(),
+            pki = pki.display(),
+        ),
+    )
+    .unwrap();
+    let mut tgw = Gateway::spawn(&["daemon", "--config", config.to_str().unwrap()]).await;
+    let m = tgw
+        .wait_event(|v| v["message"] == "metrics listening", EVENT_TIMEOUT)
+        .await;
+    let metrics_addr = m["listen"].as_str().unwrap().to_string();
+    let pid = tgw.pid().unwrap();
+    let sgw = source_gateway(&pki, &tgw.addr, &[]).await;
+
+    src.migrate(&format!("tcp:{}", sgw.addr)).await;
+    tgw.wait_event(|v| v["message"] == "admitted", EVENT_TIMEOUT)
+        .await;
+    let (rss_before, fds_before) = (rss_kib(pid), fds(pid));
+
+    // The flood, with the target's memory and descriptors sampled throughout.
+    let peak = Arc::new(Peak::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let sampler = {
+        let (peak, stop) = (peak.clone(), stop.clone());
+        tokio::spawn(async move {
+            while !stop.load(Relaxed) {
+                peak.rss_kib.fetch_max(rss_kib(pid), Relaxed);
+                peak.fds.fetch_max(fds(pid), Relaxed);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    let target: SocketAddr = tgw.addr.parse().unwrap();
+    let c = Arc::new(Clients {
+        target,
+        no_cert: clients_cfg.0,
+        other_ca: clients_cfg.1,
+        denied: clients_cfg.2,
+        valid: clients_cfg.3,
+    });
+    let started = std::time::Instant::now();
+    let burst: Vec<_> = (0..AT_ONCE)
+        .map(|i| tokio::spawn(one(c.clone(), i)))
+        .collect();
+    let gate = Arc::new(tokio::sync::Semaphore::new(TRICKLE));
+    let mut trickle = Vec::new();
+    for i in AT_ONCE..HOSTILE {
+        let permit = gate.clone().acquire_owned().await.unwrap();
+        let c = c.clone();
+        trickle.push(tokio::spawn(async move {
+            let ok = one(c, i).await;
+            drop(permit);
+            ok
+        }));
+    }
+    let mut closed = 0;
+    for h in burst.into_iter().chain(trickle) {
+        closed += usize::from(h.await.unwrap());
+    }
+    let flood_time = started.elapsed();
+    stop.store(true, Relaxed);
+    sampler.await.unwrap();
+    assert_eq!(
+        closed, HOSTILE,
+        "every hostile connection must reach the target and be closed by it"
+    );
+
+    // The migration survived the flood and is still relaying; let it finish.
+    let during = src.query_migrate().await;
+    assert_eq!(
+        during.status.as_deref(),
+        Some("active"),
+        "the migration should still be running after the flood: {:?}",
+        during.raw
+    );
+    src.set_parameters(json!({ "max-bandwidth": common::qemu::UNLIMITED_BANDWIDTH }))
+        .await;
+    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await;
+    let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await;
+    assert_eq!(s.status.as_deref(), Some("completed"), "{:?}", s.raw);
+    assert_eq!(d.status.as_deref(), Some("completed"), "{:?}", d.raw);
+    dst.wait_status("running", EVENT_TIMEOUT).await;
+    dst.assert_running_and_counting().await;
+
+    // Bounded cost.
+    let (rss, nfds) = (peak.rss_kib.load(Relaxed), peak.fds.load(Relaxed));
+    eprintln!(
+        "FIGURE flood: {HOSTILE} hostile connections in {flood_time:?}; target RSS {rss_before} KiB before, peak {rss} KiB; descriptors {fds_before} before, peak {nfds}"
+    );
+    assert!(rss < MAX_RSS_KIB, "target RSS peaked at {rss} KiB");
+    assert!(
+        nfds <= (MAX_PENDING + FIXED_FDS) as u64,
+        "target descriptors peaked at {nfds}"
+    );
+
+    // Every hostile connection refused and counted, the migration's channel
+    // completed; the exact counts are in the metrics.
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    let text = loop {
+        let text = metrics(&metrics_addr).await;
+        let done = sample(&text, "miggate_connections_total{outcome=\"completed\"}") == 1
+            && sample(&text, "miggate_connections_total{outcome=\"refused\"}") >= HOSTILE as u64;
+        if done || tokio::time::Instant::now() > deadline {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let get = |s: &str| sample(&text, s);
+    assert_eq!(
+        get("miggate_connections_total{outcome=\"refused\"}"),
+        HOSTILE as u64,
+        "{text}"
+    );
+    assert_eq!(
+        get("miggate_connections_total{outcome=\"completed\"}"),
+        1,
+        "{text}"
+    );
+    assert_eq!(
+        get("miggate_connections_total{outcome=\"failed\"}"),
+        0,
+        "{text}"
+    );
+    let classes = ["tls", "authz", "stream", "stalled", "overload", "other"];
+    let by_class: Vec<(&str, u64)> = classes
+        .iter()
+        .map(|c| {
+            (
+                *c,
+                get(&format!("miggate_refusals_total{{reason=\"{c}\"}}")),
+            )
+        })
+        .collect();
+    eprintln!("FIGURE flood refusals by class: {by_class:?}");
+    assert_eq!(
+        by_class.iter().map(|(_, n)| n).sum::<u64>(),
+        HOSTILE as u64,
+        "{text}"
+    );
+    for c in ["tls", "authz", "overload"] {
+        assert!(
+            get(&format!("miggate_refusals_total{{reason=\"{c}\"}}")) > 0,
+            "{text}"
+        );
+    }
+    assert_eq!(get("miggate_refusals_total{reason=\"other\"}"), 0, "{text}");
+
+    // The log is rate-limited, but its summary lines account for every
+    // refusal it left out.
+    let log_deadline = tokio::time::Instant::now() + miggate::outcome::LOG_WINDOW + EVENT_TIMEOUT;
+    loop {
+        let logged = tgw
+            .outcomes()
+            .iter()
+            .filter(|v| v["outcome"] == "refused")
+            .count() as u64;
+        let summarised: u64 = tgw
+            .lines()
+            .iter()
+            .filter(|v| v["target"] == "miggate::refusals")
+            .map(|v: &Value| v["suppressed"].as_u64().unwrap_or(0))
+            .sum();
+        if logged + summarised == HOSTILE as u64 {
+            assert!(logged < HOSTILE as u64 / 4, "{logged} refusal lines logged");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < log_deadline,
+            "{logged} refusals logged + {summarised} in summaries != {HOSTILE}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
