@@ -179,7 +179,10 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
                 async move { ([(axum::http::header::CONTENT_TYPE, PROMETHEUS_TEXT)], body) }
             }),
         );
-        tasks.spawn(async move { axum::serve(l, app).await });
+        tasks.spawn(async move {
+            server::serve_tcp(l, app, "metrics").await;
+            Ok(())
+        });
     }
     tracing::info!(socket = %api_socket.display(), mode = format!("{:04o}", built.socket_mode), "API listening");
     tasks.spawn({
