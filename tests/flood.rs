@@ -413,3 +413,72 @@ async fn flood_of_hostile_connections_does_not_stop_a_migration() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// CPU seconds (user + system) a process has used so far.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after_comm.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5), counted from after the command name.
+    let ticks: u64 = f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap();
+    ticks as f64 / 100.0
+}
+
+/// Out of descriptors (a low RLIMIT_NOFILE set on the running gateway with
+/// prlimit), the target backs off instead of spinning on accept, and
+/// serves again as soon as descriptors are free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn target_out_of_descriptors_backs_off_and_recovers() {
+    const NOFILE: usize = 48;
+    let pki_tmp = pki();
+    let pki = pki_dir(&pki_tmp);
+    let mut tgw = target_gateway(
+        &pki,
+        9,
+        &["--allow-any-verified-peer", "--handshake-timeout", "300"],
+    )
+    .await;
+    let pid = tgw.pid().unwrap();
+    let out = std::process::Command::new("prlimit")
+        .args([
+            "--pid",
+            &pid.to_string(),
+            &format!("--nofile={NOFILE}:{NOFILE}"),
+        ])
+        .output()
+        .expect("prlimit (util-linux)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // More silent connections than descriptors: the kernel queues the rest.
+    let mut held = Vec::new();
+    for _ in 0..NOFILE * 2 {
+        held.push(tokio::net::TcpStream::connect(&tgw.addr).await.unwrap());
+    }
+    tgw.wait_event(|v| v["message"] == "accept failed", EVENT_TIMEOUT)
+        .await;
+    let before = cpu_seconds(pid);
+    let window = Duration::from_secs(2);
+    tokio::time::sleep(window).await; // measuring an interval, not waiting for an event
+    let spent = cpu_seconds(pid) - before;
+    eprintln!("FIGURE out of descriptors: {spent:.2} CPU-s in {window:?}");
+    assert!(spent < 0.5, "the gateway spun: {spent} CPU-s in {window:?}");
+
+    drop(held);
+    let config = tls::client_config(&pki, &[]).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let name = ServerName::try_from("127.0.0.1").unwrap();
+    tokio::time::timeout(EVENT_TIMEOUT, async {
+        loop {
+            let sock = tokio::net::TcpStream::connect(&tgw.addr).await.unwrap();
+            if connector.connect(name.clone(), sock).await.is_ok() {
+                break;
+            }
+        }
+    })
+    .await
+    .expect("the target must serve again once descriptors are free");
+}
