@@ -14,18 +14,17 @@
 
 mod common;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::Path;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::gateway::{pki_init, pki_issue, Gateway};
+use common::gateway::Gateway;
 use common::qemu::{Guest, QemuOpts};
 use common::scenario::*;
+use miggate::bench::flood::Hostiles;
 use miggate::creds::tls;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
@@ -35,6 +34,8 @@ const HOSTILE: usize = 1000;
 const AT_ONCE: usize = HOSTILE / 2;
 /// In flight at a time for the second half.
 const TRICKLE: usize = 16;
+/// Hostile source addresses (127.0.0.2 and up).
+const ADDRESSES: u8 = 4;
 /// The target's limits in this test: tighter than the defaults so that
 /// both the per-address and the global limit are reached.
 const MAX_PENDING: usize = 128;
@@ -47,128 +48,6 @@ const MAX_RSS_KIB: u64 = 64 * 1024;
 /// Slow enough that the running guest never converges (it dirties ~576 KiB
 /// continuously; 1 MiB/s x 300 ms of downtime is less).
 const CRAWL: u64 = 1 << 20;
-
-#[derive(Debug, Clone, Copy)]
-enum Kind {
-    Garbage,
-    NoCert,
-    OtherCa,
-    DeniedDn,
-    StallMidHandshake,
-}
-
-const KINDS: [Kind; 5] = [
-    Kind::Garbage,
-    Kind::NoCert,
-    Kind::OtherCa,
-    Kind::DeniedDn,
-    Kind::StallMidHandshake,
-];
-
-struct Clients {
-    target: SocketAddr,
-    no_cert: Arc<rustls::ClientConfig>,
-    other_ca: Arc<rustls::ClientConfig>,
-    denied: Arc<rustls::ClientConfig>,
-    valid: Arc<rustls::ClientConfig>,
-}
-
-/// One hostile connection from `from`; returns once the target closed it.
-async fn hostile(c: &Clients, kind: Kind, from: IpAddr, seed: u64) -> std::io::Result<()> {
-    let sock = tokio::net::TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::new(from, 0))?;
-    let mut sock = sock.connect(c.target).await?;
-    let name = ServerName::try_from("127.0.0.1").unwrap();
-    let tls_client =
-        |cfg: &Arc<rustls::ClientConfig>| tokio_rustls::TlsConnector::from(cfg.clone());
-    match kind {
-        Kind::Garbage => {
-            let junk: Vec<u8> = (0..16 * 1024u64)
-                .map(|i| ((i ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 56) as u8 | 0x80)
-                .collect();
-            let _ = sock.write_all(&junk).await;
-            drain(&mut sock).await;
-        }
-        Kind::NoCert | Kind::OtherCa | Kind::DeniedDn => {
-            let cfg = match kind {
-                Kind::NoCert => &c.no_cert,
-                Kind::OtherCa => &c.other_ca,
-                _ => &c.denied,
-            };
-            if let Ok(mut s) = tls_client(cfg).connect(name, sock).await {
-                drain(&mut s).await;
-            }
-        }
-        Kind::StallMidHandshake => {
-            // A valid ClientHello, then nothing: the target waits for our
-            // certificate and Finished until its handshake deadline.
-            let mut conn = rustls::ClientConnection::new(c.valid.clone(), name).unwrap();
-            let mut hello = Vec::new();
-            conn.write_tls(&mut hello).unwrap();
-            let _ = sock.write_all(&hello).await;
-            drain(&mut sock).await;
-        }
-    }
-    Ok(())
-}
-
-/// Reads until the target closes (EOF, reset or alert).
-async fn drain<S: tokio::io::AsyncRead + Unpin>(s: &mut S) {
-    let mut buf = [0u8; 4096];
-    while let Ok(n) = s.read(&mut buf).await {
-        if n == 0 {
-            break;
-        }
-    }
-}
-
-fn hostile_addr(i: usize) -> IpAddr {
-    IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2 + (i % 4) as u8))
-}
-
-/// Runs one hostile connection; false if it could not connect or the
-/// target never closed it.
-async fn one(c: Arc<Clients>, i: usize) -> bool {
-    let kind = KINDS[i % KINDS.len()];
-    match tokio::time::timeout(EVENT_TIMEOUT, hostile(&c, kind, hostile_addr(i), i as u64)).await {
-        Ok(Ok(())) => true,
-        Ok(Err(e)) => {
-            eprintln!("hostile {i} ({kind:?}): {e}");
-            false
-        }
-        Err(_) => {
-            eprintln!("hostile {i} ({kind:?}) was never closed by the target");
-            false
-        }
-    }
-}
-
-fn no_cert_config(pki: &Path) -> Arc<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(pki.join("ca-cert.pem")).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    Arc::new(
-        rustls::ClientConfig::builder_with_provider(tls::provider())
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth(),
-    )
-}
-
-/// Our CA (to trust the target) with a client certificate of another CA.
-fn other_ca_dir(tmp: &Path, pki: &Path) -> std::path::PathBuf {
-    let other = tmp.join("other-ca");
-    pki_init(&other, &["--client-dn", SOURCE_DN]);
-    let dir = tmp.join("mixed");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::copy(pki.join("ca-cert.pem"), dir.join("ca-cert.pem")).unwrap();
-    for f in ["client-cert.pem", "client-key.pem"] {
-        std::fs::copy(other.join(f), dir.join(f)).unwrap();
-    }
-    dir
-}
 
 #[derive(Default)]
 struct Peak {
@@ -211,18 +90,6 @@ async fn flood_of_hostile_connections_does_not_stop_a_migration() {
     let pki_tmp = pki();
     let pki = pki_dir(&pki_tmp);
     let tmp = tempfile::tempdir().unwrap();
-    let denied = pki_issue(
-        &pki,
-        &tmp.path().join("denied"),
-        "O=miggate tests,CN=flood.test",
-    );
-    let clients_cfg = (
-        no_cert_config(&pki),
-        tls::client_config(&other_ca_dir(tmp.path(), &pki), &[]).unwrap(),
-        tls::client_config(&denied, &[]).unwrap(),
-        tls::client_config(&pki, &[]).unwrap(),
-    );
-
     let mut opts = QemuOpts::new(Guest::RunningCounter, 64);
     opts.uuid = Some(VM);
     let (mut src, mut dst, port) = qemu_pair(&opts).await;
@@ -273,38 +140,15 @@ async fn flood_of_hostile_connections_does_not_stop_a_migration() {
         })
     };
     let target: SocketAddr = tgw.addr.parse().unwrap();
-    let c = Arc::new(Clients {
-        target,
-        no_cert: clients_cfg.0,
-        other_ca: clients_cfg.1,
-        denied: clients_cfg.2,
-        valid: clients_cfg.3,
-    });
+    let hostiles = Arc::new(Hostiles::prepare(&pki, tmp.path(), target, ADDRESSES).unwrap());
     let started = std::time::Instant::now();
-    let burst: Vec<_> = (0..AT_ONCE)
-        .map(|i| tokio::spawn(one(c.clone(), i)))
-        .collect();
-    let gate = Arc::new(tokio::sync::Semaphore::new(TRICKLE));
-    let mut trickle = Vec::new();
-    for i in AT_ONCE..HOSTILE {
-        let permit = gate.clone().acquire_owned().await.unwrap();
-        let c = c.clone();
-        trickle.push(tokio::spawn(async move {
-            let ok = one(c, i).await;
-            drop(permit);
-            ok
-        }));
-    }
-    let mut closed = 0;
-    for h in burst.into_iter().chain(trickle) {
-        closed += usize::from(h.await.unwrap());
-    }
+    let errors = hostiles.flood(HOSTILE, AT_ONCE, TRICKLE).await;
     let flood_time = started.elapsed();
     stop.store(true, Relaxed);
     sampler.await.unwrap();
-    assert_eq!(
-        closed, HOSTILE,
-        "every hostile connection must reach the target and be closed by it"
+    assert!(
+        errors.is_empty(),
+        "every hostile connection must reach the target and be closed by it: {errors:#?}"
     );
 
     // The migration survived the flood and is still relaying; let it finish.

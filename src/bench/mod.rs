@@ -12,6 +12,7 @@
 //! after each migration. A peer that is not installed is reported as
 //! skipped, never silently left out.
 
+pub mod flood;
 mod handshake;
 mod local;
 mod migration;
