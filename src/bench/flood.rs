@@ -10,6 +10,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -55,9 +56,16 @@ pub struct Hostiles {
     other_ca: Arc<rustls::ClientConfig>,
     denied: Arc<rustls::ClientConfig>,
     valid: Arc<rustls::ClientConfig>,
+    /// Connections made so far.
+    connected: AtomicUsize,
 }
 
 impl Hostiles {
+    /// Connections made so far (the gateway accepted them).
+    pub fn connected(&self) -> usize {
+        self.connected.load(Ordering::Relaxed)
+    }
+
     /// Credentials for every kind, made under `workdir` from the PKI in
     /// `pki_dir` (which must hold the CA's key, as `pki init` leaves it):
     /// another CA, and a certificate for [`DENIED_DN`].
@@ -94,6 +102,7 @@ impl Hostiles {
             other_ca: tls::client_config(&mixed, &[])?,
             denied: tls::client_config(&denied, &[])?,
             valid: tls::client_config(pki_dir, &[])?,
+            connected: AtomicUsize::new(0),
         })
     }
 
@@ -116,6 +125,7 @@ impl Hostiles {
         let sock = tokio::net::TcpSocket::new_v4()?;
         sock.bind(SocketAddr::new(self.from(i), 0))?;
         let mut sock = sock.connect(self.target).await?;
+        self.connected.fetch_add(1, Ordering::Relaxed);
         let name = ServerName::try_from("127.0.0.1").expect("an IP address is a server name");
         match Self::kind(i) {
             Kind::Garbage => {
@@ -139,17 +149,35 @@ impl Hostiles {
                 }
             }
             Kind::StallMidHandshake => {
-                // A valid ClientHello, then nothing: the gateway waits for
-                // our certificate and Finished until its handshake deadline.
-                let mut conn = rustls::ClientConnection::new(self.valid.clone(), name)
-                    .map_err(std::io::Error::other)?;
-                let mut hello = Vec::new();
-                conn.write_tls(&mut hello)?;
-                let _ = sock.write_all(&hello).await;
+                self.send_client_hello(&mut sock).await;
                 drain(&mut sock).await;
             }
         }
         Ok(())
+    }
+
+    /// A valid ClientHello, then nothing: the gateway waits for our
+    /// certificate and Finished until its handshake deadline.
+    async fn send_client_hello(&self, sock: &mut tokio::net::TcpStream) {
+        let name = ServerName::try_from("127.0.0.1").expect("an IP address is a server name");
+        let Ok(mut conn) = rustls::ClientConnection::new(self.valid.clone(), name) else {
+            return;
+        };
+        let mut hello = Vec::new();
+        if conn.write_tls(&mut hello).is_ok() {
+            let _ = sock.write_all(&hello).await;
+        }
+    }
+
+    /// Connection `i` as a handshake stalled after its ClientHello, left
+    /// open for the caller to hold.
+    pub async fn stalled(&self, i: usize) -> std::io::Result<tokio::net::TcpStream> {
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(SocketAddr::new(self.from(i), 0))?;
+        let mut sock = sock.connect(self.target).await?;
+        self.connected.fetch_add(1, Ordering::Relaxed);
+        self.send_client_hello(&mut sock).await;
+        Ok(sock)
     }
 
     /// Connection `i` under [`CLIENT_TIMEOUT`]: `Err` says what went wrong.
