@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 /// Default for `--stall-timeout`: how long a peer may send nothing (during
-/// the TLS handshake, the hello, the first bytes of the stream, or the
-/// relay as a whole) before both sides are cut. A healthy QEMU migration
+/// the hello, the first bytes of the stream, or the relay as a whole; and
+/// the source gateway's TLS handshake, while the target's has
+/// [`DEFAULT_HANDSHAKE`]) before both sides are cut. A healthy QEMU migration
 /// writes to its main channel at least every iteration (tens of ms), so
 /// 30 s of silence means a wedged or hostile peer, not a slow one.
 pub const DEFAULT_STALL: Duration = Duration::from_secs(30);

@@ -14,6 +14,11 @@
 //! check has passed, so a refused connection leaves it ready for the right
 //! migration.
 //!
+//! Until it is admitted, a connection costs a bounded amount: it holds one
+//! of [`Limits::max_pending`] slots (and of the per-address ones; beyond
+//! them it is closed at once), its TLS handshake has its own deadline, and
+//! the relay's read buffer comes only with the admission.
+//!
 //! QEMU up to 7.2 takes the *first* connection it accepts as the main
 //! channel, while TLS handshakes can finish in any order; multifd channels
 //! therefore wait until a main channel of their migration is being
