@@ -311,6 +311,17 @@ async fn target_out_of_descriptors_backs_off_and_recovers() {
     eprintln!("FIGURE out of descriptors: {spent:.2} CPU-s in {window:?}");
     assert!(spent < 0.5, "the gateway spun: {spent} CPU-s in {window:?}");
 
+    // Each failure was not logged: at most a burst per window.
+    let logged = tgw
+        .lines()
+        .iter()
+        .filter(|v| v["message"] == "accept failed")
+        .count();
+    assert!(
+        logged <= miggate::outcome::LOG_BURST as usize,
+        "{logged} 'accept failed' lines in {window:?}"
+    );
+
     drop(held);
     let config = tls::client_config(&pki, &[]).unwrap();
     let connector = tokio_rustls::TlsConnector::from(config);

@@ -518,3 +518,40 @@ async fn refuse(
     };
     let _ = tokio::time::timeout(crate::timeouts::VERDICT_WRITE, send).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_limits_per_address_and_in_all() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::creds::pki::init(dir.path(), &Default::default()).unwrap();
+        let tls = tls::server_config(dir.path(), &[]).unwrap();
+        let limits = Limits {
+            max_pending: 3,
+            max_pending_per_ip: 2,
+            ..Limits::default()
+        };
+        let t = Target::with_limits(tls, None, None, Duration::from_secs(1), None, limits);
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) = (
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+            "192.0.2.3".parse().unwrap(),
+        );
+        let a1 = t.try_pending(a).unwrap();
+        let _a2 = t.try_pending(a).unwrap();
+        let e = t.try_pending(a).err().unwrap();
+        assert!(
+            e.contains("from 192.0.2.1") && e.contains("max_pending_per_ip"),
+            "{e}"
+        );
+        let _b1 = t.try_pending(b).unwrap();
+        let e = t.try_pending(c).err().unwrap();
+        assert!(e.contains("max_pending)"), "{e}");
+        // An admitted (or ended) connection frees its slot.
+        drop(a1);
+        let _c1 = t.try_pending(c).unwrap();
+        assert_eq!(t.pending.lock().unwrap().by_ip.len(), 3);
+    }
+}
