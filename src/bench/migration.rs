@@ -36,6 +36,9 @@ pub struct Sample {
     pub qemu_cpu: f64,
     /// Hostile connections made during the migration (`miggate-flood`).
     pub hostile: usize,
+    /// CPU seconds of this bench process during the migration: QMP
+    /// polling, and the hostile clients of `miggate-flood`.
+    pub bench_cpu: f64,
 }
 
 pub struct Setup<'a> {
@@ -161,7 +164,12 @@ pub async fn migrate_once(t: Transport, workload: Workload, s: &Setup<'_>) -> Re
         _ => None,
     };
     src.forget_old_events().await?;
-    let (layer0, qemu0) = (sys::cpu_total(&layer_pids), sys::cpu_total(&qemu_pids));
+    let me = [std::process::id()];
+    let (layer0, qemu0, bench0) = (
+        sys::cpu_total(&layer_pids),
+        sys::cpu_total(&qemu_pids),
+        sys::cpu_total(&me),
+    );
     // The flood starts with the migration and ends with it: dropping the
     // task closes whatever hostile connections are still open.
     let flood = hostiles.as_ref().map(|h| {
@@ -171,7 +179,11 @@ pub async fn migrate_once(t: Transport, workload: Workload, s: &Setup<'_>) -> Re
     src.migrate(&entry.uri()).await?;
     let s_info = src.wait_migration_end(MIGRATION_TIMEOUT).await?;
     let d_info = dst.wait_migration_end(MIGRATION_TIMEOUT).await?;
-    let (layer1, qemu1) = (sys::cpu_total(&layer_pids), sys::cpu_total(&qemu_pids));
+    let (layer1, qemu1, bench1) = (
+        sys::cpu_total(&layer_pids),
+        sys::cpu_total(&qemu_pids),
+        sys::cpu_total(&me),
+    );
     drop(flood);
     let hostile = hostiles.map_or(0, |h| h.connected());
     let logs = || layer.as_ref().map(|l| l.logs()).unwrap_or_default();
@@ -196,6 +208,7 @@ pub async fn migrate_once(t: Transport, workload: Workload, s: &Setup<'_>) -> Re
         layer_cpu: layer1 - layer0,
         qemu_cpu: qemu1 - qemu0,
         hostile,
+        bench_cpu: bench1 - bench0,
     })
 }
 

@@ -477,14 +477,22 @@ fn flood_line(calm: &[migration::Sample], flood: &[migration::Sample]) -> String
         sys::median(&c).unwrap_or(f64::NAN),
         sys::median(&f).unwrap_or(f64::NAN),
     );
-    let hostile =
-        sys::median(&flood.iter().map(|s| s.hostile as f64).collect::<Vec<_>>()).unwrap_or(0.0);
+    let med = |v: &[migration::Sample], f: fn(&migration::Sample) -> f64| {
+        sys::median(&v.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+    };
+    let hostile = med(flood, |s| s.hostile as f64);
     format!(
         "flood: miggate-flood {mf:.3} s (spread {}) vs miggate {mc:.3} s (spread {}): \
-         {:+.1} % with a median of {hostile:.0} hostile connections during the migration",
+         {:+.1} % with a median of {hostile:.0} hostile connections during the migration; \
+         median CPU-s of the gateways {:.2} vs {:.2}, of the hostile clients (this process) \
+         {:.2} vs {:.2}",
         spread(&f),
         spread(&c),
-        (mf / mc - 1.0) * 100.0
+        (mf / mc - 1.0) * 100.0,
+        med(flood, |s| s.layer_cpu),
+        med(calm, |s| s.layer_cpu),
+        med(flood, |s| s.bench_cpu),
+        med(calm, |s| s.bench_cpu),
     )
 }
 
