@@ -138,6 +138,19 @@ struct TargetArgs {
     #[arg(long, default_value_t = miggate::timeouts::DEFAULT_STALL.as_secs(),
           value_parser = clap::value_parser!(u64).range(1..=miggate::timeouts::MAX_STALL_SECS))]
     stall_timeout: u64,
+    /// Seconds a peer has to complete the TLS handshake.
+    #[arg(long, default_value_t = miggate::timeouts::DEFAULT_HANDSHAKE.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=miggate::timeouts::MAX_HANDSHAKE.as_secs()))]
+    handshake_timeout: u64,
+    /// Connections not yet admitted (TLS handshake, hello, stream check)
+    /// at one time; more are closed at once and counted as overload.
+    #[arg(long, default_value_t = miggate::timeouts::DEFAULT_MAX_PENDING,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=miggate::timeouts::MAX_PENDING as u64))]
+    max_pending: usize,
+    /// The same, per source IP address.
+    #[arg(long, default_value_t = miggate::timeouts::DEFAULT_MAX_PENDING_PER_IP,
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=miggate::timeouts::MAX_PENDING as u64))]
+    max_pending_per_ip: usize,
 }
 
 #[derive(Args)]
@@ -209,8 +222,11 @@ fn source_ticket(file: Option<&std::path::Path>) -> Result<Option<miggate::admit
 fn init_logging(format: LogFormat, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
+    // Colour only for a person at a terminal, not in files or journald.
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
@@ -336,7 +352,12 @@ async fn run_target(a: TargetArgs) -> Result<()> {
             uuid: a.expect_uuid,
         },
     };
-    let gate = target::Target::new(tls, Some(route), None, stall, None);
+    let limits = target::Limits {
+        handshake: Duration::from_secs(a.handshake_timeout),
+        max_pending: a.max_pending,
+        max_pending_per_ip: a.max_pending_per_ip,
+    };
+    let gate = target::Target::new(tls, Some(route), None, stall, None, limits);
     tokio::select! {
         r = target::serve(listener, gate) => r?,
         _ = shutdown_signal() => tracing::info!("shutting down"),

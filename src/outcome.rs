@@ -3,9 +3,15 @@
 //! field names, and handed to an optional [`Sink`] (metrics, the migrate
 //! command's error reporting). A record dropped without `finish` (a panic,
 //! a cancelled task) still reports itself, as "dropped".
+//!
+//! Refusals are logged at most [`LOG_BURST`] per [`LOG_WINDOW`] and class
+//! (a flood must not become a flood of log lines); the rest are counted in
+//! one summary line (target `miggate::refusals`) per window. Sinks see
+//! every record.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::relay::Counters;
@@ -116,6 +122,12 @@ impl Outcome {
         );
     }
 
+    /// Ends a connection closed unread because the gateway is at its limit
+    /// of connections waiting for admission (class `overload`).
+    pub fn overloaded(mut self, why: &str) {
+        self.emit(Ending::Refused, Some(why), Some(OVERLOAD));
+    }
+
     fn emit(&mut self, ending: Ending, reason: Option<&str>, class: Option<&'static str>) {
         if self.emitted {
             return;
@@ -136,13 +148,116 @@ impl Outcome {
             ending,
             reason: reason.map(str::to_string),
         };
-        log(&record);
+        if ending != Ending::Refused || log_allowed(class.unwrap_or("other")) {
+            log(&record);
+        }
         match (&self.sink, class) {
             (Some(sink), Some(class)) => sink.refused(&record, class),
             (Some(sink), None) => sink.record(&record),
             (None, _) => {}
         }
     }
+}
+
+/// Refusal class of connections closed at the pending limit.
+pub const OVERLOAD: &str = "overload";
+
+/// Refusal log lines per class allowed in one [`LOG_WINDOW`]: enough to
+/// see what a few bad peers did, with every detail.
+pub const LOG_BURST: u32 = 10;
+/// Window of the refusal log rate limit, and the delay of its summary line.
+pub const LOG_WINDOW: Duration = Duration::from_secs(10);
+
+/// A log rate limit: [`LOG_BURST`] events per [`LOG_WINDOW`].
+#[derive(Debug)]
+pub struct RateLimit {
+    start: Instant,
+    logged: u32,
+    suppressed: u64,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl RateLimit {
+    pub fn new() -> Self {
+        RateLimit {
+            start: Instant::now(),
+            logged: 0,
+            suppressed: 0,
+        }
+    }
+
+    /// `Some(n)`: log this event, `n` events were suppressed since the last
+    /// one logged (a new window began); `None`: suppress it.
+    pub fn allow(&mut self) -> Option<u64> {
+        if self.start.elapsed() >= LOG_WINDOW {
+            let n = self.take_suppressed();
+            self.start = Instant::now();
+            self.logged = 1;
+            return Some(n);
+        }
+        if self.logged < LOG_BURST {
+            self.logged += 1;
+            return Some(0);
+        }
+        self.suppressed += 1;
+        None
+    }
+
+    fn take_suppressed(&mut self) -> u64 {
+        std::mem::take(&mut self.suppressed)
+    }
+}
+
+/// One refusal log limit per class, process-wide.
+static REFUSAL_LOG: Mutex<BTreeMap<&'static str, RateLimit>> = Mutex::new(BTreeMap::new());
+
+/// Whether a refusal of `class` may be logged now. The first suppressed
+/// one of a window schedules the window's summary line.
+fn log_allowed(class: &'static str) -> bool {
+    let mut limits = REFUSAL_LOG.lock().unwrap_or_else(|p| p.into_inner());
+    let limit = limits.entry(class).or_default();
+    match limit.allow() {
+        Some(0) => true,
+        Some(n) => {
+            summary(class, n);
+            true
+        }
+        None => {
+            if limit.suppressed == 1 {
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let due = limit.start + LOG_WINDOW;
+                    rt.spawn(async move {
+                        tokio::time::sleep_until(due.into()).await;
+                        let n = REFUSAL_LOG
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_mut(class)
+                            .map_or(0, RateLimit::take_suppressed);
+                        if n > 0 {
+                            summary(class, n);
+                        }
+                    });
+                }
+            }
+            false
+        }
+    }
+}
+
+fn summary(class: &'static str, suppressed: u64) {
+    tracing::warn!(
+        target: "miggate::refusals",
+        class,
+        suppressed,
+        window_s = LOG_WINDOW.as_secs(),
+        "{suppressed} more refused connections of class {class} not logged (at most {LOG_BURST} per {} s); the metrics count them all",
+        LOG_WINDOW.as_secs()
+    );
 }
 
 fn log(r: &Record) {
@@ -193,5 +308,25 @@ impl Drop for Outcome {
             Some("connection task ended without a result"),
             None,
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_logs_a_burst_then_counts() {
+        let mut l = RateLimit::new();
+        for _ in 0..LOG_BURST {
+            assert_eq!(l.allow(), Some(0));
+        }
+        for _ in 0..5 {
+            assert_eq!(l.allow(), None);
+        }
+        // A new window: logged, with the count of those suppressed.
+        l.start -= LOG_WINDOW;
+        assert_eq!(l.allow(), Some(5));
+        assert_eq!(l.allow(), Some(0));
     }
 }

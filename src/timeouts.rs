@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 /// Default for `--stall-timeout`: how long a peer may send nothing (during
-/// the TLS handshake, the hello, the first bytes of the stream, or the
-/// relay as a whole) before both sides are cut. A healthy QEMU migration
+/// the hello, the first bytes of the stream, or the relay as a whole; and
+/// the source gateway's TLS handshake, while the target's has
+/// [`DEFAULT_HANDSHAKE`]) before both sides are cut. A healthy QEMU migration
 /// writes to its main channel at least every iteration (tens of ms), so
 /// 30 s of silence means a wedged or hostile peer, not a slow one.
 pub const DEFAULT_STALL: Duration = Duration::from_secs(30);
@@ -115,17 +116,179 @@ pub const MIN_REKEY_GAP: Duration = Duration::from_millis(250);
 /// costs more CPU than the cipher itself on a migration stream.
 pub const TLS_READ_BUF: usize = 256 * 1024;
 
-/// The socket a TLS session runs on: TCP behind a large read buffer
-/// (writes pass straight through).
-pub type TlsSocket = tokio::io::BufReader<tokio::net::TcpStream>;
+/// Default for `--handshake-timeout`: the whole TLS handshake of a target
+/// connection. A real peer finishes it in about a millisecond on a LAN and
+/// well under a second across continents; ten seconds leaves room for a
+/// loaded host while a peer that stalls mid-handshake holds its slot (see
+/// [`DEFAULT_MAX_PENDING`]) for a short time only.
+pub const DEFAULT_HANDSHAKE: Duration = Duration::from_secs(10);
 
+/// Longest `--handshake-timeout` accepted: beyond five minutes a stalled
+/// handshake is no longer "bounded" in any useful sense.
+pub const MAX_HANDSHAKE: Duration = Duration::from_secs(300);
+
+/// Default for `--max-pending`: target connections not yet admitted
+/// (TLS handshake, hello, stream check) at one time, from all sources.
+/// A migration opens 1 + multifd channels (16 is already many) and each
+/// is pending for about a millisecond, so 512 is far above any real
+/// load; it caps what a flood costs (a pending connection holds a socket
+/// and a TLS session of a few tens of KiB, no relay buffer) well inside
+/// the default limit of 1024 descriptors.
+pub const DEFAULT_MAX_PENDING: usize = 512;
+
+/// Default for `--max-pending-per-ip`: the same, per source address. Four
+/// migrations from one host with 16 multifd channels each still fit, while
+/// one hostile address cannot take more than an eighth of the global
+/// limit away from the others.
+pub const DEFAULT_MAX_PENDING_PER_IP: usize = 64;
+
+/// Largest `--max-pending` accepted: each pending connection is a
+/// descriptor, and 65536 is already more than a default process may open.
+pub const MAX_PENDING: usize = 65_536;
+
+/// Pause after a failed `accept` (EMFILE, ENFILE, ENOBUFS...). The error
+/// repeats until a descriptor is freed, so retrying at once would spin a
+/// core; connections close within the handshake or stall timeouts, so a
+/// pause of this order costs a real peer little and the listener resumes
+/// by itself.
+pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// The socket a TLS session runs on: TCP behind a read buffer (writes pass
+/// straight through). The buffer is allocated only by [`TlsSocket::grow`]
+/// (at once for [`tls_socket`]; after admission for
+/// [`tls_socket_unbuffered`]): a peer that has not been admitted costs no
+/// relay buffer.
+pub struct TlsSocket {
+    inner: tokio::net::TcpStream,
+    buf: Box<[u8]>,
+    pos: usize,
+    filled: usize,
+}
+
+/// A TLS socket with its read buffer (the source gateway's connection to a
+/// target it chose).
 pub fn tls_socket(sock: tokio::net::TcpStream) -> TlsSocket {
-    tokio::io::BufReader::with_capacity(TLS_READ_BUF, sock)
+    let mut s = tls_socket_unbuffered(sock);
+    s.grow();
+    s
+}
+
+/// A TLS socket without a read buffer yet (a peer not yet admitted):
+/// reads go straight to the kernel until [`TlsSocket::grow`].
+pub fn tls_socket_unbuffered(sock: tokio::net::TcpStream) -> TlsSocket {
+    TlsSocket {
+        inner: sock,
+        buf: Box::default(),
+        pos: 0,
+        filled: 0,
+    }
+}
+
+impl TlsSocket {
+    /// Allocates the [`TLS_READ_BUF`] read buffer (once).
+    pub fn grow(&mut self) {
+        if self.buf.is_empty() {
+            self.buf = vec![0; TLS_READ_BUF].into_boxed_slice();
+        }
+    }
+
+    pub fn get_ref(&self) -> &tokio::net::TcpStream {
+        &self.inner
+    }
+}
+
+impl tokio::io::AsyncRead for TlsSocket {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        out: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        use std::task::{ready, Poll};
+        let me = &mut *self;
+        if me.pos == me.filled {
+            // Empty buffer: unbuffered, or a read at least as large as the
+            // buffer, goes straight to the socket.
+            if me.buf.is_empty() || out.remaining() >= me.buf.len() {
+                return std::pin::Pin::new(&mut me.inner).poll_read(cx, out);
+            }
+            let mut rb = tokio::io::ReadBuf::new(&mut me.buf);
+            ready!(std::pin::Pin::new(&mut me.inner).poll_read(cx, &mut rb))?;
+            me.filled = rb.filled().len();
+            me.pos = 0;
+        }
+        let n = (me.filled - me.pos).min(out.remaining());
+        out.put_slice(&me.buf[me.pos..me.pos + n]);
+        me.pos += n;
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for TlsSocket {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// Unbuffered, then buffered after `grow`, the bytes arrive in order
+    /// whatever the read sizes.
+    #[tokio::test]
+    async fn tls_socket_reads_through_then_buffers() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let data: Vec<u8> = (0..600_000u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(&sent).await.unwrap();
+        });
+        let (sock, _) = l.accept().await.unwrap();
+        let mut s = tls_socket_unbuffered(sock);
+        let mut got = vec![0u8; 10];
+        s.read_exact(&mut got).await.unwrap();
+        assert!(s.buf.is_empty(), "no buffer before grow");
+        s.grow();
+        let mut small = [0u8; 4096];
+        while got.len() < 300_000 {
+            let n = s.read(&mut small).await.unwrap();
+            got.extend_from_slice(&small[..n]);
+        }
+        let mut rest = Vec::new();
+        s.read_to_end(&mut rest).await.unwrap();
+        got.extend_from_slice(&rest);
+        writer.await.unwrap();
+        assert_eq!(got, data);
+    }
 
     #[test]
     fn bounded_secs_names_the_field_and_the_range() {

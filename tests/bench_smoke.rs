@@ -11,7 +11,7 @@ use std::process::Command;
 
 const BIN: &str = env!("CARGO_BIN_EXE_miggate");
 
-const TRANSPORTS: [&str; 8] = [
+const TRANSPORTS: [&str; 9] = [
     "plain",
     "plain-multifd",
     "qemu-tls",
@@ -20,6 +20,7 @@ const TRANSPORTS: [&str; 8] = [
     "socat",
     "miggate",
     "miggate-multifd",
+    "miggate-flood",
 ];
 const RELAY_PATHS: [&str; 4] = ["raw loopback", "miggate", "stunnel", "socat"];
 
@@ -76,4 +77,5 @@ fn quick_bench_measures_every_transport() {
     }
     assert!(out.contains("p50 ") && out.contains("p99 "), "{out}");
     assert!(out.contains("per open channel"), "{out}");
+    assert!(out.contains("per handshake stalled"), "{out}");
 }

@@ -38,7 +38,15 @@ pub struct Report {
     /// RSS growth per held channel, KiB.
     pub target_per_channel_kib: f64,
     pub source_per_channel_kib: f64,
+    /// Handshakes held stalled after their ClientHello, and the target's
+    /// RSS growth per stalled handshake, KiB.
+    pub stalled: usize,
+    pub target_per_stalled_kib: f64,
 }
+
+/// Handshakes held stalled for the memory figure: within the target's
+/// default pending limits (from 8 addresses, 32 each).
+const STALLED: usize = 256;
 
 /// A sink that accepts every connection and drains it, counting bytes.
 async fn drain_sink() -> Result<(u16, Arc<AtomicU64>)> {
@@ -156,6 +164,34 @@ pub async fn run(
     tokio::time::sleep(SETTLE).await;
     let (t1, s1) = (rss(tpid), rss(spid));
     drop(held);
+
+    // Handshakes stalled after their ClientHello, as a flood leaves them.
+    tokio::time::sleep(SETTLE).await;
+    let hostiles = super::flood::Hostiles::prepare(
+        pki,
+        workdir,
+        std::net::SocketAddr::from(([127, 0, 0, 1], layer.target_port)),
+        8,
+    )?;
+    let (st0, fds0) = (rss(tpid), sys::fd_count(tpid));
+    let mut stalled = Vec::with_capacity(STALLED);
+    for i in 0..STALLED {
+        stalled.push(hostiles.stalled(i).await?);
+    }
+    // Every one accepted and read by the target before the reading.
+    let deadline = Instant::now() + WARM_TIMEOUT;
+    while sys::fd_count(tpid) < fds0 + STALLED {
+        if Instant::now() > deadline {
+            bail!(
+                "the target did not accept {STALLED} stalled handshakes\n{}",
+                layer.logs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(SETTLE).await;
+    let st1 = rss(tpid);
+    drop(stalled);
     let per = |a: u64, b: u64| (b as f64 - a as f64) / channels.max(1) as f64;
     Ok(Report {
         connections,
@@ -167,5 +203,7 @@ pub async fn run(
         source_idle_kib,
         target_per_channel_kib: per(t0, t1),
         source_per_channel_kib: per(s0, s1),
+        stalled: STALLED,
+        target_per_stalled_kib: (st1 as f64 - st0 as f64) / STALLED as f64,
     })
 }

@@ -1,12 +1,15 @@
 //! Migrations of one guest through each transport, in interleaved rounds.
 
+use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use uuid::Uuid;
 
+use super::flood::Hostiles;
 use super::local::LocalKind;
 use super::peers::{self, Installed, MiggateChecks, TLS_HOSTNAME};
 use super::{sys, Transport, Workload};
@@ -31,6 +34,11 @@ pub struct Sample {
     pub layer_cpu: f64,
     /// CPU seconds of both QEMUs during the migration.
     pub qemu_cpu: f64,
+    /// Hostile connections made during the migration (`miggate-flood`).
+    pub hostile: usize,
+    /// CPU seconds of this bench process during the migration: QMP
+    /// polling, and the hostile clients of `miggate-flood`.
+    pub bench_cpu: f64,
 }
 
 pub struct Setup<'a> {
@@ -44,6 +52,8 @@ pub struct Setup<'a> {
     pub ram_cache: Option<&'a Path>,
     /// The local hops of the layered transports.
     pub local: LocalKind,
+    /// Hostile connections per `miggate-flood` migration.
+    pub flood: usize,
 }
 
 /// Migrates a fresh guest of `workload` through `t` once.
@@ -127,7 +137,7 @@ pub async fn migrate_once(t: Transport, workload: Workload, s: &Setup<'_>) -> Re
                 .context("socat not installed")?;
             Some(peers::socat(bin, s.pki, dir.path(), entry, &qemu_in).await?)
         }
-        Transport::Miggate | Transport::MiggateMultifd => {
+        Transport::Miggate | Transport::MiggateMultifd | Transport::MiggateFlood => {
             let checks = MiggateChecks {
                 client_dn: s.client_dn,
                 expect_uuid: Some(uuid),
@@ -144,12 +154,38 @@ pub async fn migrate_once(t: Transport, workload: Workload, s: &Setup<'_>) -> Re
 
     let layer_pids = layer.as_ref().map(|l| l.pids()).unwrap_or_default();
     let qemu_pids: Vec<u32> = [src.pid(), dst.pid()].into_iter().flatten().collect();
+    let hostiles = match (t, &layer) {
+        (Transport::MiggateFlood, Some(l)) => Some(Arc::new(Hostiles::prepare(
+            s.pki,
+            dir.path(),
+            SocketAddr::from(([127, 0, 0, 1], l.target_port)),
+            FLOOD_ADDRESSES,
+        )?)),
+        _ => None,
+    };
     src.forget_old_events().await?;
-    let (layer0, qemu0) = (sys::cpu_total(&layer_pids), sys::cpu_total(&qemu_pids));
+    let me = [std::process::id()];
+    let (layer0, qemu0, bench0) = (
+        sys::cpu_total(&layer_pids),
+        sys::cpu_total(&qemu_pids),
+        sys::cpu_total(&me),
+    );
+    // The flood starts with the migration and ends with it: dropping the
+    // task closes whatever hostile connections are still open.
+    let flood = hostiles.as_ref().map(|h| {
+        let h = h.clone();
+        AbortOnDrop(tokio::spawn(h.flood(s.flood, s.flood / 2, FLOOD_IN_FLIGHT)))
+    });
     src.migrate(&entry.uri()).await?;
     let s_info = src.wait_migration_end(MIGRATION_TIMEOUT).await?;
     let d_info = dst.wait_migration_end(MIGRATION_TIMEOUT).await?;
-    let (layer1, qemu1) = (sys::cpu_total(&layer_pids), sys::cpu_total(&qemu_pids));
+    let (layer1, qemu1, bench1) = (
+        sys::cpu_total(&layer_pids),
+        sys::cpu_total(&qemu_pids),
+        sys::cpu_total(&me),
+    );
+    drop(flood);
+    let hostile = hostiles.map_or(0, |h| h.connected());
     let logs = || layer.as_ref().map(|l| l.logs()).unwrap_or_default();
     for (side, info) in [("source", &s_info), ("destination", &d_info)] {
         if info.status.as_deref() != Some("completed") {
@@ -171,5 +207,22 @@ pub async fn migrate_once(t: Transport, workload: Workload, s: &Setup<'_>) -> Re
         bytes,
         layer_cpu: layer1 - layer0,
         qemu_cpu: qemu1 - qemu0,
+        hostile,
+        bench_cpu: bench1 - bench0,
     })
+}
+
+/// Source addresses of the flood: 8 x the default per-address limit (64)
+/// of pending connections stays within the global one (512).
+const FLOOD_ADDRESSES: u8 = 8;
+/// Hostile connections in flight after the flood's first burst.
+const FLOOD_IN_FLIGHT: usize = 16;
+
+/// Aborts a task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }

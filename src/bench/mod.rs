@@ -12,6 +12,7 @@
 //! after each migration. A peer that is not installed is reported as
 //! skipped, never silently left out.
 
+pub mod flood;
 mod handshake;
 mod local;
 mod migration;
@@ -52,6 +53,9 @@ pub enum Transport {
     Socat,
     Miggate,
     MiggateMultifd,
+    /// miggate while hostile connections flood the target gateway
+    /// (`--flood`): the same migration as `miggate`, side by side.
+    MiggateFlood,
 }
 
 impl Transport {
@@ -84,6 +88,7 @@ impl Transport {
             Transport::Socat => "socat",
             Transport::Miggate => "miggate",
             Transport::MiggateMultifd => "miggate-multifd",
+            Transport::MiggateFlood => "miggate-flood",
         }
     }
 }
@@ -137,6 +142,11 @@ pub struct BenchArgs {
     /// the memory figures.
     #[arg(long, default_value_t = 200)]
     pub handshakes: usize,
+    /// Hostile connections sent at the target gateway during each
+    /// `miggate-flood` migration: half at once when it starts, the rest 16
+    /// at a time (a round ends with its migration, whatever is left).
+    #[arg(long, default_value_t = 1000)]
+    pub flood: usize,
     /// Channels held open through the gateways to measure memory per channel.
     #[arg(long, default_value_t = 32)]
     pub rss_channels: usize,
@@ -156,7 +166,7 @@ pub struct BenchArgs {
     #[arg(long, value_enum, default_value = "unix")]
     pub local: local::LocalKind,
     /// CI smoke run: 64 MiB guest, 1 round, no warm-up, 64 MiB relay-only,
-    /// 20 handshakes, 4 held channels. Overrides those options.
+    /// 20 handshakes, 4 held channels, a flood of 200. Overrides those options.
     #[arg(long)]
     pub quick: bool,
 }
@@ -170,12 +180,13 @@ impl BenchArgs {
             self.relay_mib = 64;
             self.handshakes = 20;
             self.rss_channels = 4;
+            self.flood = 200;
         }
     }
 }
 
 /// Every transport, in table order.
-const ALL: [Transport; 8] = [
+const ALL: [Transport; 9] = [
     Transport::Plain,
     Transport::PlainMultifd,
     Transport::QemuTls,
@@ -184,6 +195,7 @@ const ALL: [Transport; 8] = [
     Transport::Socat,
     Transport::Miggate,
     Transport::MiggateMultifd,
+    Transport::MiggateFlood,
 ];
 
 /// Why a transport has no figures.
@@ -334,6 +346,7 @@ async fn migrations(
         accel,
         ram_cache: args.cache_dir.as_deref(),
         local: args.local,
+        flood: args.flood,
     };
     let runnable: Vec<Transport> = transports
         .iter()
@@ -441,7 +454,46 @@ async fn migrations(
          time of the security layer's processes (both sides) per GiB sent; QEMU's native TLS \
          runs inside QEMU (see its column)."
     );
+    if let (Some(calm), Some(flood)) = (
+        samples.get(&Transport::Miggate),
+        samples.get(&Transport::MiggateFlood),
+    ) {
+        let _ = writeln!(out, "{}", flood_line(calm, flood));
+    }
     out
+}
+
+/// The flood's cost: median and spread of the same migration with and
+/// without hostile connections.
+fn flood_line(calm: &[migration::Sample], flood: &[migration::Sample]) -> String {
+    let secs = |v: &[migration::Sample]| v.iter().map(|s| s.seconds).collect::<Vec<_>>();
+    let (c, f) = (secs(calm), secs(flood));
+    let spread = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.3}-{hi:.3}")
+    };
+    let (mc, mf) = (
+        sys::median(&c).unwrap_or(f64::NAN),
+        sys::median(&f).unwrap_or(f64::NAN),
+    );
+    let med = |v: &[migration::Sample], f: fn(&migration::Sample) -> f64| {
+        sys::median(&v.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+    };
+    let hostile = med(flood, |s| s.hostile as f64);
+    format!(
+        "flood: miggate-flood {mf:.3} s (spread {}) vs miggate {mc:.3} s (spread {}): \
+         {:+.1} % with a median of {hostile:.0} hostile connections during the migration; \
+         median CPU-s of the gateways {:.2} vs {:.2}, of the hostile clients (this process) \
+         {:.2} vs {:.2}",
+        spread(&f),
+        spread(&c),
+        (mf / mc - 1.0) * 100.0,
+        med(flood, |s| s.layer_cpu),
+        med(calm, |s| s.layer_cpu),
+        med(flood, |s| s.bench_cpu),
+        med(calm, |s| s.bench_cpu),
+    )
 }
 
 /// The relay-only paths, in table order.
@@ -611,7 +663,8 @@ fn handshake_text(r: &handshake::Report) -> String {
          stream checks, connect to the target, verdict), {} sequential connections:\n  \
          p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms\n\
          Gateway memory (VmRSS): target {:.1} MiB idle, source {:.1} MiB idle; per open channel \
-         ({} held, 1 MiB relayed each): target {:.0} KiB, source {:.0} KiB\n",
+         ({} held, 1 MiB relayed each): target {:.0} KiB, source {:.0} KiB; per handshake \
+         stalled after its ClientHello ({} held): target {:.1} KiB\n",
         r.connections,
         r.p50_ms,
         r.p99_ms,
@@ -620,7 +673,9 @@ fn handshake_text(r: &handshake::Report) -> String {
         r.source_idle_kib as f64 / 1024.0,
         r.channels,
         r.target_per_channel_kib,
-        r.source_per_channel_kib
+        r.source_per_channel_kib,
+        r.stalled,
+        r.target_per_stalled_kib
     )
 }
 

@@ -42,6 +42,11 @@ pub fn rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Open descriptors of a process (0 if it is gone).
+pub fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
 /// A port on 127.0.0.1 that nothing listens on right now (for peers that
 /// cannot report the port they bound, like stunnel and socat).
 pub fn free_port() -> Result<u16> {

@@ -195,6 +195,12 @@ pub struct TargetSection {
     pub expect_uuid: Option<Uuid>,
     #[serde(default = "default_stall")]
     pub stall_timeout: u64,
+    #[serde(default = "default_handshake")]
+    pub handshake_timeout: u64,
+    #[serde(default = "default_max_pending")]
+    pub max_pending: usize,
+    #[serde(default = "default_max_pending_per_ip")]
+    pub max_pending_per_ip: usize,
 }
 
 fn default_runtime_dir() -> PathBuf {
@@ -212,6 +218,15 @@ fn default_retention() -> u64 {
 fn default_stall() -> u64 {
     crate::timeouts::DEFAULT_STALL.as_secs()
 }
+fn default_handshake() -> u64 {
+    crate::timeouts::DEFAULT_HANDSHAKE.as_secs()
+}
+fn default_max_pending() -> usize {
+    crate::timeouts::DEFAULT_MAX_PENDING
+}
+fn default_max_pending_per_ip() -> usize {
+    crate::timeouts::DEFAULT_MAX_PENDING_PER_IP
+}
 fn is_false(b: &bool) -> bool {
     !*b
 }
@@ -221,6 +236,7 @@ pub struct BuiltTarget {
     pub tls: Arc<ServerConfig>,
     pub route: Option<StaticRoute>,
     pub stall: Duration,
+    pub limits: crate::gate::target::Limits,
     /// The route in words, for the "listening" log line.
     pub route_desc: String,
 }
@@ -329,6 +345,24 @@ impl Config {
                 crate::timeouts::MAX_STALL_SECS,
             )
             .map_err(|e| out_of_range(file, e))?;
+            let handshake = crate::timeouts::bounded_secs(
+                &at("handshake_timeout"),
+                t.handshake_timeout,
+                1,
+                crate::timeouts::MAX_HANDSHAKE.as_secs(),
+            )
+            .map_err(|e| out_of_range(file, e))?;
+            for (key, n) in [
+                ("max_pending", t.max_pending),
+                ("max_pending_per_ip", t.max_pending_per_ip),
+            ] {
+                if !(1..=crate::timeouts::MAX_PENDING).contains(&n) {
+                    return Err(field_err(
+                        at(key),
+                        format!("must be from 1 to {}", crate::timeouts::MAX_PENDING),
+                    ));
+                }
+            }
             check_dir(&t.x509_dir).map_err(|why| field_err(at("x509_dir"), why))?;
             let tls = tls::server_config(&t.x509_dir, &[tls::ALPN_MIGGATE]).map_err(|source| {
                 ConfigError::Creds {
@@ -395,6 +429,11 @@ impl Config {
                 tls,
                 route,
                 stall,
+                limits: crate::gate::target::Limits {
+                    handshake,
+                    max_pending: t.max_pending,
+                    max_pending_per_ip: t.max_pending_per_ip,
+                },
                 route_desc,
             });
         }
@@ -473,6 +512,13 @@ impl Config {
                 format!("target[{i}].stall_timeout"),
                 t.stall_timeout.to_string(),
             ));
+            for (key, n) in [
+                ("handshake_timeout", t.handshake_timeout),
+                ("max_pending", t.max_pending as u64),
+                ("max_pending_per_ip", t.max_pending_per_ip as u64),
+            ] {
+                v.push((format!("target[{i}].{key}"), n.to_string()));
+            }
         }
         v
     }
@@ -645,6 +691,16 @@ mod tests {
         };
         assert!(
             e.contains("daemon.retention: must be from 1 to 2592000 seconds"),
+            "{e}"
+        );
+        let e = err("handshake_timeout = 100000\n");
+        assert!(
+            e.contains("target[0].handshake_timeout: must be from 1"),
+            "{e}"
+        );
+        let e = err("max_pending_per_ip = 0\n");
+        assert!(
+            e.contains("target[0].max_pending_per_ip: must be from 1"),
             "{e}"
         );
         let e = err("[metrics]\nlisten = \"0.0.0.0:9464\"\n");

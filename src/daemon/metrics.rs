@@ -26,9 +26,17 @@ const ENDINGS: [Ending; 4] = [
     Ending::Dropped,
 ];
 
-/// Refusal classes (see `Refusal::class`), plus `other` for anything else.
-const REFUSAL_CLASSES: [&str; 7] = [
-    "tls", "authz", "ticket", "uuid", "stream", "stalled", "other",
+/// Refusal classes (see `Refusal::class`), `overload` (closed at the
+/// pending limit, see `gate::target::Limits`), and `other` for anything else.
+const REFUSAL_CLASSES: [&str; 8] = [
+    "tls",
+    "authz",
+    "ticket",
+    "uuid",
+    "stream",
+    "stalled",
+    crate::outcome::OVERLOAD,
+    "other",
 ];
 
 const PHASES: [Phase; 6] = [
@@ -212,13 +220,15 @@ mod tests {
         m.record(&record(Ending::Completed, Some(Duration::from_millis(3))));
         m.refused(&record(Ending::Refused, None), "ticket");
         m.refused(&record(Ending::Refused, None), "nonsense");
+        m.refused(&record(Ending::Refused, None), crate::outcome::OVERLOAD);
         let text = m.render(&Registry::new(Duration::from_secs(1)));
         for line in [
             "miggate_connections_total{outcome=\"completed\"} 1",
-            "miggate_connections_total{outcome=\"refused\"} 2",
+            "miggate_connections_total{outcome=\"refused\"} 3",
+            "miggate_refusals_total{reason=\"overload\"} 1",
             "miggate_refusals_total{reason=\"ticket\"} 1",
             "miggate_refusals_total{reason=\"other\"} 1",
-            "miggate_bytes_total{direction=\"source_to_target\"} 300",
+            "miggate_bytes_total{direction=\"source_to_target\"} 400",
             "miggate_admission_seconds_bucket{le=\"0.0025\"} 0",
             "miggate_admission_seconds_bucket{le=\"0.005\"} 1",
             "miggate_admission_seconds_bucket{le=\"+Inf\"} 1",

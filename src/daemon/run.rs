@@ -140,13 +140,13 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
             .map_err(DaemonError::Serve)?
             .to_string();
         tracing::info!(role = "daemon", listen = %addr, route = %b.route_desc, "listening");
-        let gate = Target::with_listener(
+        let gate = Target::new(
             b.tls,
             b.route,
-            registry.clone(),
-            i,
+            Some((registry.clone(), i)),
             b.stall,
             Some(sink.clone()),
+            b.limits,
         );
         tasks.spawn(target::serve(listener, gate.clone()));
         targets.push(gate);
@@ -176,7 +176,10 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
                 async move { ([(axum::http::header::CONTENT_TYPE, PROMETHEUS_TEXT)], body) }
             }),
         );
-        tasks.spawn(async move { axum::serve(l, app).await });
+        tasks.spawn(async move {
+            server::serve_tcp(l, app, "metrics").await;
+            Ok(())
+        });
     }
     tracing::info!(socket = %api_socket.display(), mode = format!("{:04o}", built.socket_mode), "API listening");
     tasks.spawn({

@@ -14,13 +14,19 @@
 //! check has passed, so a refused connection leaves it ready for the right
 //! migration.
 //!
+//! Until it is admitted, a connection costs a bounded amount: it holds one
+//! of [`Limits::max_pending`] slots (and of the per-address ones; beyond
+//! them it is closed at once), its TLS handshake has its own deadline, and
+//! the relay's read buffer comes only with the admission.
+//!
 //! QEMU up to 7.2 takes the *first* connection it accepts as the main
 //! channel, while TLS handshakes can finish in any order; multifd channels
 //! therefore wait until a main channel of their migration is being
 //! forwarded before their own connection to the target QEMU is opened.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use rustls::ServerConfig;
@@ -49,6 +55,59 @@ pub struct StaticRoute {
     pub expect: Expectation,
 }
 
+/// What an unauthenticated peer may cost: see [`crate::timeouts`] for
+/// the defaults and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Deadline of the TLS handshake (the stall timeout covers the rest).
+    pub handshake: Duration,
+    /// Connections not yet admitted, from all sources.
+    pub max_pending: usize,
+    /// Connections not yet admitted, per source address.
+    pub max_pending_per_ip: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            handshake: crate::timeouts::DEFAULT_HANDSHAKE,
+            max_pending: crate::timeouts::DEFAULT_MAX_PENDING,
+            max_pending_per_ip: crate::timeouts::DEFAULT_MAX_PENDING_PER_IP,
+        }
+    }
+}
+
+/// Counts connections not yet admitted, globally and per source address.
+#[derive(Default)]
+struct PendingCount {
+    total: usize,
+    by_ip: HashMap<IpAddr, usize>,
+}
+
+/// A connection's place among the pending ones; freed on admission (or
+/// when the connection ends, whichever is first).
+struct Pending {
+    target: Arc<Target>,
+    ip: IpAddr,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let mut p = self
+            .target
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        p.total -= 1;
+        if let Some(n) = p.by_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                p.by_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// One target gateway listener's configuration and shared state.
 pub struct Target {
     tls: RwLock<Arc<ServerConfig>>,
@@ -61,40 +120,60 @@ pub struct Target {
     sink: Option<Arc<dyn Sink>>,
     /// Main channels being forwarded on the static route.
     mains: watch::Sender<usize>,
+    limits: Limits,
+    pending: Mutex<PendingCount>,
 }
 
 impl Target {
+    /// A listener; `registry` (managed mode) with this listener's index
+    /// in the daemon's configuration, which registrations are bound to.
     pub fn new(
         tls: Arc<ServerConfig>,
         route: Option<StaticRoute>,
-        registry: Option<Arc<Registry>>,
+        registry: Option<(Arc<Registry>, usize)>,
         stall: Duration,
         sink: Option<Arc<dyn Sink>>,
+        limits: Limits,
     ) -> Arc<Target> {
+        let (registry, listener) = match registry {
+            Some((r, i)) => (Some(r), i),
+            None => (None, 0),
+        };
         Arc::new(Target {
             tls: RwLock::new(tls),
             route: RwLock::new(route.map(Arc::new)),
             registry,
-            listener: 0,
+            listener,
             stall,
             sink,
             mains: watch::Sender::new(0),
+            limits,
+            pending: Mutex::default(),
         })
     }
 
-    /// The same, as the daemon's listener number `listener` (see
-    /// [`Registry`]: registrations name the listeners they may arrive on).
-    pub fn with_listener(
-        tls: Arc<ServerConfig>,
-        route: Option<StaticRoute>,
-        registry: Arc<Registry>,
-        listener: usize,
-        stall: Duration,
-        sink: Option<Arc<dyn Sink>>,
-    ) -> Arc<Target> {
-        let mut t = Target::new(tls, route, Some(registry), stall, sink);
-        Arc::get_mut(&mut t).expect("just created").listener = listener;
-        t
+    /// Takes a pending slot for a connection from `ip`, or says which
+    /// limit is reached.
+    fn try_pending(self: &Arc<Self>, ip: IpAddr) -> Result<Pending, String> {
+        let mut p = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        if p.total >= self.limits.max_pending {
+            return Err(format!(
+                "overload: {} connections are already waiting for admission (max_pending)",
+                p.total
+            ));
+        }
+        let n = p.by_ip.entry(ip).or_insert(0);
+        if *n >= self.limits.max_pending_per_ip {
+            return Err(format!(
+                "overload: {n} connections from {ip} are already waiting for admission (max_pending_per_ip)"
+            ));
+        }
+        *n += 1;
+        p.total += 1;
+        Ok(Pending {
+            target: self.clone(),
+            ip,
+        })
     }
 
     /// Replaces the TLS configuration (reloaded certificates) for new connections.
@@ -116,24 +195,39 @@ impl Target {
     }
 }
 
-/// Accepts connections forever.
+/// Accepts connections forever. Beyond the pending limits a connection is
+/// closed at once (and counted as an `overload` refusal); admitted
+/// channels hold no pending slot, so they are never refused for it.
 pub async fn serve(listener: TcpListener, target: Arc<Target>) -> std::io::Result<()> {
+    let mut accept_errors = crate::outcome::RateLimit::new();
     loop {
         let (sock, addr) = match listener.accept().await {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning.
-                tracing::error!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Some(suppressed) = accept_errors.allow() {
+                    tracing::error!(error = %e, suppressed, "accept failed");
+                }
+                tokio::time::sleep(crate::timeouts::ACCEPT_BACKOFF).await;
                 continue;
             }
         };
-        crate::timeouts::tune(&sock);
+        let mut out = Outcome::new("target", Some(addr));
+        out.sink = target.sink.clone();
+        // Here, not in the task: a flood must not pile up descriptors
+        // waiting for a task to close them.
+        let pending = match target.try_pending(addr.ip()) {
+            Ok(p) => p,
+            Err(why) => {
+                drop(sock);
+                out.overloaded(&why);
+                continue;
+            }
+        };
         let target = target.clone();
         tokio::spawn(async move {
-            let mut out = Outcome::new("target", Some(addr));
-            out.sink = target.sink.clone();
-            match handle(sock, addr, &target, &mut out).await {
+            crate::timeouts::tune(&sock);
+            match handle(sock, addr, &target, pending, &mut out).await {
                 Ok(()) => out.finish(Ending::Completed, None),
                 Err(End::Refused(r)) => out.refuse(&r),
                 Err(End::Failed(msg)) => out.finish(Ending::Failed, Some(&msg)),
@@ -188,25 +282,25 @@ async fn handle(
     sock: TcpStream,
     _addr: SocketAddr,
     target: &Target,
+    pending: Pending,
     out: &mut Outcome,
 ) -> Result<(), End> {
     let stall = target.stall;
-    let deadline = Instant::now() + stall;
+    let handshake = target.limits.handshake;
     let acceptor = TlsAcceptor::from(target.current_tls());
-    let mut tls =
-        match tokio::time::timeout_at(deadline, acceptor.accept(crate::timeouts::tls_socket(sock)))
-            .await
-        {
-            Err(_) => {
-                return Err(Refusal::Tls(format!(
-                    "TLS handshake did not complete within {} s",
-                    stall.as_secs()
-                ))
-                .into())
-            }
-            Ok(Err(e)) => return Err(Refusal::Tls(tls::describe_tls_error(&e, None)).into()),
-            Ok(Ok(s)) => s,
-        };
+    // No read buffer until admission: see `TlsSocket`.
+    let sock = crate::timeouts::tls_socket_unbuffered(sock);
+    let mut tls = match tokio::time::timeout(handshake, acceptor.accept(sock)).await {
+        Err(_) => {
+            return Err(Refusal::Tls(format!(
+                "TLS handshake did not complete within {} s",
+                handshake.as_secs()
+            ))
+            .into())
+        }
+        Ok(Err(e)) => return Err(Refusal::Tls(tls::describe_tls_error(&e, None)).into()),
+        Ok(Ok(s)) => s,
+    };
     let (miggate_peer, leaf) = {
         let conn = tls.get_ref().1;
         let leaf = tls::peer_leaf(conn.peer_certificates()).map(<[u8]>::to_vec);
@@ -216,6 +310,8 @@ async fn handle(
         // The verifier requires a certificate; this is a defence in depth.
         return Err(Refusal::Tls("peer presented no client certificate".into()).into());
     };
+    // The stall timeout covers the hello and the stream's first bytes.
+    let deadline = Instant::now() + stall;
     let (prefix, kind, admitted) =
         match admit(&mut tls, &leaf, miggate_peer, target, deadline, out).await {
             Ok(x) => x,
@@ -224,6 +320,9 @@ async fn handle(
                 return Err(refusal.into());
             }
         };
+    // Admitted: the relay's read buffer now, and the pending slot is free.
+    tls.get_mut().0.grow();
+    drop(pending);
 
     // Main first: see the module comment.
     let mains = match &admitted {
@@ -444,4 +543,41 @@ async fn refuse(
         tls.shutdown().await
     };
     let _ = tokio::time::timeout(crate::timeouts::VERDICT_WRITE, send).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pending_limits_per_address_and_in_all() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::creds::pki::init(dir.path(), &Default::default()).unwrap();
+        let tls = tls::server_config(dir.path(), &[]).unwrap();
+        let limits = Limits {
+            max_pending: 3,
+            max_pending_per_ip: 2,
+            ..Limits::default()
+        };
+        let t = Target::new(tls, None, None, Duration::from_secs(1), None, limits);
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) = (
+            "192.0.2.1".parse().unwrap(),
+            "192.0.2.2".parse().unwrap(),
+            "192.0.2.3".parse().unwrap(),
+        );
+        let a1 = t.try_pending(a).unwrap();
+        let _a2 = t.try_pending(a).unwrap();
+        let e = t.try_pending(a).err().unwrap();
+        assert!(
+            e.contains("from 192.0.2.1") && e.contains("max_pending_per_ip"),
+            "{e}"
+        );
+        let _b1 = t.try_pending(b).unwrap();
+        let e = t.try_pending(c).err().unwrap();
+        assert!(e.contains("max_pending)"), "{e}");
+        // An admitted (or ended) connection frees its slot.
+        drop(a1);
+        let _c1 = t.try_pending(c).unwrap();
+        assert_eq!(t.pending.lock().unwrap().by_ip.len(), 3);
+    }
 }

@@ -146,6 +146,11 @@ impl Gateway {
             .await
     }
 
+    /// Every JSON log event seen so far (consumed or not).
+    pub fn lines(&self) -> Vec<Value> {
+        self.lines.lock().unwrap().clone()
+    }
+
     /// All outcome records seen so far (consumed or not).
     pub fn outcomes(&self) -> Vec<Value> {
         self.lines
