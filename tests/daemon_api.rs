@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::gateway::Gateway;
+use common::nobody::connect_as_nobody;
 use common::qemu::{Guest, Qemu, QemuOpts};
 use common::scenario::*;
 use miggate::admit::ticket::Ticket;
@@ -215,11 +216,6 @@ async fn query_uuid(q: &mut Qemu) -> String {
         .to_string()
 }
 
-fn uid() -> String {
-    let out = std::process::Command::new("id").arg("-u").output().unwrap();
-    String::from_utf8_lossy(&out.stdout).trim().to_string()
-}
-
 #[tokio::test]
 async fn api_refuses_bad_requests_with_reasons_and_other_users() {
     let pki_tmp = pki();
@@ -386,29 +382,6 @@ async fn api_refuses_bad_requests_with_reasons_and_other_users() {
         err.contains("Permission denied"),
         "user nobody connected to the API socket: {err}"
     );
-}
-
-/// Tries to connect to the unix socket `path` as user nobody (`runuser`;
-/// the tests run as root, as CI does). Returns socat's complaint; panics if
-/// the connection succeeded.
-fn connect_as_nobody(path: &Path) -> String {
-    assert_eq!(
-        uid(),
-        "0",
-        "this check connects as user nobody with runuser, which needs root (CI runs the tests as root)"
-    );
-    let out = std::process::Command::new("runuser")
-        .args(["-u", "nobody", "--", "socat", "-u", "OPEN:/dev/null"])
-        .arg(format!("UNIX-CONNECT:{}", path.display()))
-        .output()
-        .expect("runuser and socat (scripts/setup.sh installs socat)");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "user nobody connected to {}: {err}",
-        path.display()
-    );
-    err
 }
 
 #[tokio::test]

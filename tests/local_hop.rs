@@ -16,6 +16,7 @@ use std::process::Stdio;
 
 use common::daemon::Daemon;
 use common::gateway::{Gateway, BIN};
+use common::nobody::{assert_root, connect_as_nobody};
 use common::qemu::{qemu_with_qmp, Guest, Qemu, QemuOpts, UNLIMITED_BANDWIDTH};
 use common::scenario::{
     migrate_and_expect_completed, outcomes, pki, pki_dir, target_gateway, EVENT_TIMEOUT,
@@ -45,31 +46,6 @@ fn plausible_qemu_prefix(uuid: uuid::Uuid) -> Vec<u8> {
         .expect("the fixture carries its UUID");
     bytes[at..at + 16].copy_from_slice(uuid.as_bytes());
     bytes
-}
-
-fn assert_root() {
-    let uid = std::fs::metadata("/proc/self").unwrap();
-    assert_eq!(
-        std::os::unix::fs::MetadataExt::uid(&uid),
-        0,
-        "these tests connect as user nobody through runuser: run them as root (CI does)"
-    );
-}
-
-/// `nobody` tries to connect to `sock`; returns what socat said.
-fn connect_as_nobody(sock: &Path) -> String {
-    let out = std::process::Command::new("runuser")
-        .args(["-u", "nobody", "--", "socat", "-u", "OPEN:/dev/null"])
-        .arg(format!("UNIX-CONNECT:{}", sock.display()))
-        .output()
-        .expect("runuser and socat (scripts/setup.sh installs socat)");
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(
-        !out.status.success(),
-        "user nobody connected to {}",
-        sock.display()
-    );
-    err
 }
 
 /// A same-user process that is not the QEMU connects and sends `prefix`;

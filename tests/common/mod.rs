@@ -4,5 +4,6 @@
 pub mod daemon;
 pub mod gateway;
 pub mod guest;
+pub mod nobody;
 pub mod qemu;
 pub mod scenario;
