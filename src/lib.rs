@@ -1,6 +1,7 @@
 //! miggate: a secure gateway for VM live migration streams.
 //!
 //! The path of one connection, as the module list reads:
+//! `net` (endpoints, HOST:PORT, socket tuning) ->
 //! `gate` (listen, TLS) -> `creds` (peer identity as a DN) -> `authz` (ACL)
 //! -> `wire` (hello/verdict frames, QEMU stream sniffing) -> `admit`
 //! (the decision) -> `relay` (bytes both ways) -> `outcome` (one record).
@@ -15,6 +16,7 @@ pub mod daemon;
 pub mod gate;
 pub mod lab;
 pub mod migrate;
+pub mod net;
 pub mod outcome;
 pub mod qmp;
 pub mod relay;

@@ -10,7 +10,8 @@ use rustls_pki_types::ServerName;
 use miggate::admit::Expectation;
 use miggate::authz::AuthzConfig;
 use miggate::creds::{pki, tls};
-use miggate::gate::{source, target, unix_bind, Endpoint};
+use miggate::gate::{source, target};
+use miggate::net::{unix_bind, Endpoint};
 
 #[derive(Parser)]
 #[command(
@@ -388,7 +389,7 @@ async fn run_source(a: SourceArgs) -> Result<()> {
                 .next()
                 .with_context(|| format!("{addr} resolves to no address"))?;
             source::LocalListener::Tcp(
-                miggate::timeouts::bind_local_listener(sockaddr)
+                miggate::net::socket::bind_local_listener(sockaddr)
                     .with_context(|| format!("cannot listen on {addr}"))?,
             )
         }

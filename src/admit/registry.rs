@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::ticket::{Ticket, TicketHash};
 use super::{check_stream, Expectation, Refusal};
 use crate::authz::{Authz, Decision};
-use crate::gate::Endpoint;
+use crate::net::Endpoint;
 use crate::relay::Counters;
 use crate::wire::qemu::StreamKind;
 

@@ -30,8 +30,8 @@ use super::types::{
 use crate::admit::registry::{IncomingSpec, Migration, Registry};
 use crate::authz::{AnyVerified, Authz, Decision, ListFile, Simple};
 use crate::creds::{dn, tls};
-use crate::gate::unix_bind::{self, UnixBindError};
-use crate::gate::Endpoint;
+use crate::net::unix_bind::{self, UnixBindError};
+use crate::net::Endpoint;
 use crate::qmp::Qmp;
 
 /// Most channels one migration may register: 1 main + QEMU's multifd maximum

@@ -44,7 +44,7 @@ use crate::authz::{Authz, AuthzConfig};
 use crate::control::client::ALPN_HTTP1;
 use crate::creds::tls;
 use crate::gate::target::StaticRoute;
-use crate::gate::Endpoint;
+use crate::net::Endpoint;
 
 /// Where QMP-forward sockets go unless configured (systemd's RuntimeDirectory).
 pub const DEFAULT_RUNTIME_DIR: &str = "/run/miggate";
@@ -588,10 +588,9 @@ fn check_dir(dir: &Path) -> Result<(), String> {
 }
 
 fn check_hostport(s: &str) -> Result<(), String> {
-    match s.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(()),
-        _ => Err(format!("{s:?} is not HOST:PORT")),
-    }
+    s.parse::<crate::net::HostPort>()
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 /// "0600", "600" or "0o600" -> 0o600; only permission bits.

@@ -26,10 +26,11 @@ use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use super::{read_until, sniff_decider, Plain};
+use super::{read_until, sniff_decider};
 use crate::admit::ticket::Ticket;
 use crate::admit::{self, Refusal};
 use crate::creds::{dn, tls};
+use crate::net::Plain;
 use crate::outcome::{Ending, Outcome, Sink};
 use crate::relay::rekey::Rekeying;
 use crate::relay::Close;
@@ -103,7 +104,7 @@ impl LocalListener {
         match self {
             LocalListener::Tcp(l) => {
                 let (s, a) = l.accept().await?;
-                crate::timeouts::tune(&s);
+                crate::net::tune(&s);
                 Ok(Ok((Plain::Tcp(s), Some(a))))
             }
             LocalListener::Unix { listener, only, .. } => {
@@ -211,12 +212,15 @@ async fn handle(
         Ok(Err(e)) => return Err(failed(format!("cannot connect to {}: {e}", cfg.connect))),
         Ok(Ok(s)) => s,
     };
-    crate::timeouts::tune(&sock);
+    crate::net::tune(&sock);
     let host = hostname(&cfg.server_name);
     let connector = TlsConnector::from(cfg.tls.clone());
     let mut tls = match tokio::time::timeout_at(
         deadline,
-        connector.connect(cfg.server_name.clone(), crate::timeouts::tls_socket(sock)),
+        connector.connect(
+            cfg.server_name.clone(),
+            crate::net::socket::tls_socket(sock),
+        ),
     )
     .await
     {
@@ -298,7 +302,7 @@ async fn handle(
         }
     }
     if let Plain::Tcp(s) = &local {
-        crate::timeouts::open_window(s);
+        crate::net::socket::open_window(s);
     }
     let names = ("source->target", "target->source");
     let closes = (Close::AnyEof, Close::tls_peer(miggate_peer, "target"));

@@ -37,12 +37,13 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::{read_until, sniff_decider, Endpoint};
+use super::{read_until, sniff_decider};
 use crate::admit::registry::{ChannelGuard, Migration, Registry};
 use crate::admit::ticket::Ticket;
 use crate::admit::{self, Expectation, Refusal};
 use crate::authz::Authz;
 use crate::creds::{dn, tls};
+use crate::net::Endpoint;
 use crate::outcome::{Ending, Outcome, Sink};
 use crate::relay::Close;
 use crate::wire::frames::{self, Hello, Verdict};
@@ -226,7 +227,7 @@ pub async fn serve(listener: TcpListener, target: Arc<Target>) -> std::io::Resul
         };
         let target = target.clone();
         tokio::spawn(async move {
-            crate::timeouts::tune(&sock);
+            crate::net::tune(&sock);
             match handle(sock, addr, &target, pending, &mut out).await {
                 Ok(()) => out.finish(Ending::Completed, None),
                 Err(End::Refused(r)) => out.refuse(&r),
@@ -289,7 +290,7 @@ async fn handle(
     let handshake = target.limits.handshake;
     let acceptor = TlsAcceptor::from(target.current_tls());
     // No read buffer until admission: see `TlsSocket`.
-    let sock = crate::timeouts::tls_socket_unbuffered(sock);
+    let sock = crate::net::socket::tls_socket_unbuffered(sock);
     let mut tls = match tokio::time::timeout(handshake, acceptor.accept(sock)).await {
         Err(_) => {
             return Err(Refusal::Tls(format!(
@@ -446,7 +447,7 @@ fn finish_channel(admitted: Admitted, result: Result<(), String>) -> End {
 /// Identity, route, hello and stream checks. Returns the bytes read from
 /// the QEMU stream so far (to replay), what the stream is, and its route.
 async fn admit(
-    tls: &mut TlsStream<crate::timeouts::TlsSocket>,
+    tls: &mut TlsStream<crate::net::TlsSocket>,
     leaf: &[u8],
     miggate_peer: bool,
     target: &Target,
@@ -528,11 +529,7 @@ fn find_migration(target: &Target, ticket: &str) -> Result<Arc<Migration>, Refus
 /// source gets a verdict frame, QEMU's own TLS has no channel for it and
 /// just sees the connection close), then closes with close_notify.
 /// Bounded: a peer that does not read is not waited for.
-async fn refuse(
-    tls: &mut TlsStream<crate::timeouts::TlsSocket>,
-    miggate_peer: bool,
-    why: &Refusal,
-) {
+async fn refuse(tls: &mut TlsStream<crate::net::TlsSocket>, miggate_peer: bool, why: &Refusal) {
     let send = async {
         if miggate_peer {
             let v = Verdict::Refused {

@@ -22,7 +22,7 @@ use crate::control::client::{api_addr, ApiAddr, ApiClient, ApiError};
 use crate::control::types::{Allow, Forward, IncomingRequest, MigrationView, Phase, QmpForward};
 use crate::creds::tls;
 use crate::gate::source::{self, LocalListener, LocalPeer, SourceConfig};
-use crate::gate::unix_bind::{self, Access};
+use crate::net::unix_bind::{self, Access};
 use crate::outcome::{Ending, Record, Sink};
 
 /// How often the progress loop asks the daemon whether the target admitted

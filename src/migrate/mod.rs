@@ -48,7 +48,7 @@ use tokio::signal::unix::{signal, Signal, SignalKind};
 use uuid::Uuid;
 
 use crate::creds::{dn, tls};
-use crate::gate::Endpoint;
+use crate::net::Endpoint;
 use crate::qmp::{MigrationInfo, Qmp, QmpError};
 use managed::Managed;
 use native::Native;
