@@ -17,7 +17,7 @@ use crate::wire::qemu::StreamKind;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error("{0}")]
-    Tls(String),
+    Tls(#[from] crate::net::mtls::AcceptError),
     #[error("{0}")]
     NotAuthorized(String),
     #[error("VM UUID mismatch: expected {expected}, stream carries {got}")]

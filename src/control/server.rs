@@ -29,7 +29,7 @@ use super::types::{
 };
 use crate::admit::registry::{IncomingSpec, Migration, Registry};
 use crate::authz::{AnyVerified, Authz, Decision, ListFile, Simple};
-use crate::creds::{dn, tls};
+use crate::net::mtls;
 use crate::net::unix_bind::{self, UnixBindError};
 use crate::net::Endpoint;
 use crate::qmp::Qmp;
@@ -641,27 +641,15 @@ pub async fn serve_tls(listener: TcpListener, admin: Arc<AdminTls>, app: Router)
         let (config, authz) = admin.get();
         let app = app.clone();
         tokio::spawn(async move {
-            let accept = tokio_rustls::TlsAcceptor::from(config).accept(sock);
-            let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, accept).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    let why = tls::describe_tls_error(&e, None);
-                    tracing::warn!(peer.addr = %addr, reason = why, "API connection refused");
-                    return;
-                }
-                Err(_) => {
-                    tracing::warn!(peer.addr = %addr, "API connection refused: TLS handshake timed out");
+            let acceptor = tokio_rustls::TlsAcceptor::from(config);
+            let (stream, peer) = match mtls::accept(&acceptor, sock, TLS_HANDSHAKE_TIMEOUT).await {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(peer.addr = %addr, reason = %e, "API connection refused");
                     return;
                 }
             };
-            let leaf = tls::peer_leaf(stream.get_ref().1.peer_certificates()).map(<[u8]>::to_vec);
-            let peer = match leaf.as_deref().map(dn::subject_dn) {
-                Some(Ok(dn)) => dn,
-                _ => {
-                    tracing::warn!(peer.addr = %addr, "API connection refused: no readable client certificate");
-                    return;
-                }
-            };
+            let peer = peer.dn;
             match authz.check(&peer) {
                 Decision::Allow => {
                     serve_connection(stream, app.layer(Extension(Caller(peer.into()))), permit);

@@ -42,7 +42,7 @@ use crate::admit::registry::{ChannelGuard, Migration, Registry};
 use crate::admit::ticket::Ticket;
 use crate::admit::{self, Expectation, Refusal};
 use crate::authz::Authz;
-use crate::creds::{dn, tls};
+use crate::net::mtls;
 use crate::net::Endpoint;
 use crate::outcome::{Ending, Outcome, Sink};
 use crate::relay::Close;
@@ -291,30 +291,15 @@ async fn handle(
     let acceptor = TlsAcceptor::from(target.current_tls());
     // No read buffer until admission: see `TlsSocket`.
     let sock = crate::net::socket::tls_socket_unbuffered(sock);
-    let mut tls = match tokio::time::timeout(handshake, acceptor.accept(sock)).await {
-        Err(_) => {
-            return Err(Refusal::Tls(format!(
-                "TLS handshake did not complete within {} s",
-                handshake.as_secs()
-            ))
-            .into())
-        }
-        Ok(Err(e)) => return Err(Refusal::Tls(tls::describe_tls_error(&e, None)).into()),
-        Ok(Ok(s)) => s,
-    };
-    let (miggate_peer, leaf) = {
-        let conn = tls.get_ref().1;
-        let leaf = tls::peer_leaf(conn.peer_certificates()).map(<[u8]>::to_vec);
-        (conn.alpn_protocol() == Some(tls::ALPN_MIGGATE), leaf)
-    };
-    let Some(leaf) = leaf else {
-        // The verifier requires a certificate; this is a defence in depth.
-        return Err(Refusal::Tls("peer presented no client certificate".into()).into());
-    };
+    let (mut tls, peer) = mtls::accept(&acceptor, sock, handshake)
+        .await
+        .map_err(Refusal::Tls)?;
+    out.peer_dn = Some(peer.dn.clone());
+    let miggate_peer = peer.is_miggate();
     // The stall timeout covers the hello and the stream's first bytes.
     let deadline = Instant::now() + stall;
     let (prefix, kind, admitted) =
-        match admit(&mut tls, &leaf, miggate_peer, target, deadline, out).await {
+        match admit(&mut tls, &peer.dn, miggate_peer, target, deadline, out).await {
             Ok(x) => x,
             Err(refusal) => {
                 refuse(&mut tls, miggate_peer, &refusal).await;
@@ -448,17 +433,13 @@ fn finish_channel(admitted: Admitted, result: Result<(), String>) -> End {
 /// the QEMU stream so far (to replay), what the stream is, and its route.
 async fn admit(
     tls: &mut TlsStream<crate::net::TlsSocket>,
-    leaf: &[u8],
+    peer_dn: &str,
     miggate_peer: bool,
     target: &Target,
     deadline: Instant,
     out: &mut Outcome,
 ) -> Result<(Vec<u8>, StreamKind, Admitted), Refusal> {
     let stall = target.stall;
-    let peer_dn = dn::subject_dn(leaf)
-        .map_err(|e| Refusal::Tls(format!("peer certificate subject unreadable: {e}")))?;
-    out.peer_dn = Some(peer_dn.clone());
-
     let mut buf = Vec::with_capacity(SNIFF_MAX);
     let mut hello = None;
     if miggate_peer {
@@ -488,7 +469,7 @@ async fn admit(
                 )
             })?;
             // Before reading the stream: an unauthorized peer gets nothing in.
-            admit::check_identity(route.authz.as_ref(), &peer_dn)?;
+            admit::check_identity(route.authz.as_ref(), peer_dn)?;
             Some(route)
         }
     };
@@ -502,7 +483,7 @@ async fn admit(
             Admitted::Static(route)
         }
         (None, Some(m)) => {
-            let guard = m.admit_channel(&peer_dn, &kind)?;
+            let guard = m.admit_channel(peer_dn, &kind)?;
             out.counters = guard.counters();
             Admitted::Ticket(guard)
         }
@@ -550,7 +531,7 @@ mod tests {
     fn pending_limits_per_address_and_in_all() {
         let dir = tempfile::tempdir().unwrap();
         crate::creds::pki::init(dir.path(), &Default::default()).unwrap();
-        let tls = tls::server_config(dir.path(), &[]).unwrap();
+        let tls = crate::creds::tls::server_config(dir.path(), &[]).unwrap();
         let limits = Limits {
             max_pending: 3,
             max_pending_per_ip: 2,

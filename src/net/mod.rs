@@ -1,7 +1,9 @@
 //! The socket vocabulary, at the bottom of the data path: endpoints
 //! (`tcp:`/`unix:`), `HOST:PORT`, the plain stream type, socket tuning,
-//! and private unix sockets ([`unix_bind`]).
+//! private unix sockets ([`unix_bind`]) and the one mTLS accept step
+//! ([`mtls`]) of every TLS listener.
 
+pub mod mtls;
 pub mod socket;
 pub mod unix_bind;
 
