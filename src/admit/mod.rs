@@ -1,6 +1,11 @@
-//! The admission decision for one connection: peer identity -> authz ->
-//! the stream's own VM identity. Pure functions: no I/O here.
+//! The admission decision for one connection, whole and in order
+//! ([`decide`]): peer identity -> route (ticket or static) -> authz -> the
+//! stream's own VM identity; and the registry of expected migrations that
+//! a ticket names. No I/O here: the gate reads and asks; the only state a
+//! decision changes is a registered migration's (tickets spent, slots
+//! taken), under the registry's lock.
 
+pub mod decide;
 pub mod registry;
 pub mod ticket;
 

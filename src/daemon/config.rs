@@ -39,11 +39,11 @@ use rustls::ServerConfig;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
+use crate::admit::decide::StaticRoute;
 use crate::admit::Expectation;
 use crate::authz::{Authz, AuthzConfig};
 use crate::control::client::ALPN_HTTP1;
 use crate::creds::tls;
-use crate::gate::target::StaticRoute;
 use crate::net::Endpoint;
 
 /// Where QMP-forward sockets go unless configured (systemd's RuntimeDirectory).

@@ -25,7 +25,6 @@ pub async fn read_until<R, T>(
 where
     R: AsyncRead + Unpin,
 {
-    let mut chunk = [0u8; 4096];
     loop {
         if let Some(v) = decide(buf) {
             return Ok(v);
@@ -36,33 +35,42 @@ where
                 buf.len()
             )));
         }
-        let want = (max - buf.len()).min(chunk.len());
-        let n = match tokio::time::timeout_at(deadline, r.read(&mut chunk[..want])).await {
-            Err(_) if buf.is_empty() => return Err(Refusal::Silent(stall.as_secs())),
-            Err(_) => {
-                return Err(Refusal::Stalled {
-                    secs: stall.as_secs(),
-                    bytes: buf.len(),
-                })
-            }
-            Ok(Ok(0)) => return Err(Refusal::ClosedEarly(buf.len())),
-            Ok(Ok(n)) => n,
-            Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Err(Refusal::ClosedEarly(buf.len()))
-            }
-            Ok(Err(e)) => return Err(Refusal::Stream(format!("read error: {e}"))),
-        };
-        buf.extend_from_slice(&chunk[..n]);
+        read_more(r, buf, 0, max, deadline, stall).await?;
     }
 }
 
-/// `decide` for [`read_until`]: the QEMU stream sniffer.
-pub fn sniff_decider(
-    skip: usize,
-) -> impl FnMut(&[u8]) -> Option<Result<crate::wire::qemu::StreamKind, Refusal>> {
-    move |buf| match crate::wire::qemu::sniff(&buf[skip.min(buf.len())..]) {
-        Err(crate::wire::qemu::SniffError::Incomplete) => None,
-        Ok(kind) => Some(Ok(kind)),
-        Err(e) => Some(Err(Refusal::Stream(e.to_string()))),
-    }
+/// One read into `buf`, which holds at most `max` bytes afterwards, by
+/// `deadline`. `buf[from..]` is the part whose silence counts: a peer that
+/// sent `from` bytes (its hello) and nothing more is silent, not stalled.
+pub async fn read_more<R>(
+    r: &mut R,
+    buf: &mut Vec<u8>,
+    from: usize,
+    max: usize,
+    deadline: Instant,
+    stall: Duration,
+) -> Result<(), Refusal>
+where
+    R: AsyncRead + Unpin,
+{
+    let mut chunk = [0u8; 4096];
+    let want = max.saturating_sub(buf.len()).min(chunk.len());
+    let got = buf.len() - from;
+    let n = match tokio::time::timeout_at(deadline, r.read(&mut chunk[..want])).await {
+        Err(_) if got == 0 => return Err(Refusal::Silent(stall.as_secs())),
+        Err(_) => {
+            return Err(Refusal::Stalled {
+                secs: stall.as_secs(),
+                bytes: got,
+            })
+        }
+        Ok(Ok(0)) => return Err(Refusal::ClosedEarly(got)),
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            return Err(Refusal::ClosedEarly(got))
+        }
+        Ok(Err(e)) => return Err(Refusal::Stream(format!("read error: {e}"))),
+    };
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
 }

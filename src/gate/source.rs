@@ -26,7 +26,8 @@ use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use super::{read_until, sniff_decider};
+use super::read_until;
+use crate::admit::decide::sniff_decider;
 use crate::admit::ticket::Ticket;
 use crate::admit::{self, Refusal};
 use crate::creds::{dn, tls};

@@ -1,18 +1,20 @@
 //! The target gateway: TLS in, plain out to the target QEMU.
 //!
-//! Per connection: TLS handshake (client certificate required) -> subject
-//! DN -> route:
-//! - a miggate source presenting a ticket in its hello: the registered
-//!   migration decides (its allowed peers, VM UUID, channels, forward);
+//! Per connection: the mTLS accept step ([`crate::net::mtls`]: handshake,
+//! client certificate, subject DN), then admission. The gate only reads;
+//! [`crate::admit::decide`] decides, in order, from what was read:
+//! - a miggate source (ALPN) sends a hello first; a ticket in it names a
+//!   registered migration, which decides (its allowed peers, VM UUID,
+//!   channels, forward);
 //! - otherwise the static route (`miggate target` flags; also the only
 //!   route for a QEMU with native TLS, which sends no hello): authz on the
-//!   DN, expected UUID, forward.
+//!   DN before a byte of the stream is read, then the expected UUID.
 //!
-//! Then the QEMU stream's first bytes are sniffed (main channel or multifd
-//! init packet, VM UUID), checked, the target QEMU is connected, the verdict
-//! sent, and the relay runs. Nothing reaches the target QEMU before every
-//! check has passed, so a refused connection leaves it ready for the right
-//! migration.
+//! The QEMU stream's first bytes (main channel or multifd init packet, VM
+//! UUID) are read under the stall deadline and checked, then the target
+//! QEMU is connected, the verdict sent, and the relay runs. Nothing reaches
+//! the target QEMU before every check has passed, so a refused connection
+//! leaves it ready for the right migration.
 //!
 //! Until it is admitted, a connection costs a bounded amount: it holds one
 //! of [`Limits::max_pending`] slots (and of the per-address ones; beyond
@@ -37,24 +39,18 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::{read_until, sniff_decider};
-use crate::admit::registry::{ChannelGuard, Migration, Registry};
-use crate::admit::ticket::Ticket;
-use crate::admit::{self, Expectation, Refusal};
-use crate::authz::Authz;
+use super::read_more;
+// The static route is admission's policy; re-exported because a listener
+// is built with one.
+pub use crate::admit::decide::StaticRoute;
+use crate::admit::decide::{Admission, Offer, Route, Step};
+use crate::admit::registry::Registry;
+use crate::admit::{self, Refusal};
 use crate::net::mtls;
-use crate::net::Endpoint;
 use crate::outcome::{Ending, Outcome, Sink};
 use crate::relay::Close;
-use crate::wire::frames::{self, Hello, Verdict};
+use crate::wire::frames::{self, Verdict};
 use crate::wire::qemu::{StreamKind, SNIFF_MAX};
-
-/// Where connections without a ticket go, and who may send them.
-pub struct StaticRoute {
-    pub forward: Endpoint,
-    pub authz: Arc<dyn Authz>,
-    pub expect: Expectation,
-}
 
 /// What an unauthenticated peer may cost: see [`crate::timeouts`] for
 /// the defaults and why.
@@ -264,21 +260,6 @@ impl Drop for MainGuard {
     }
 }
 
-/// Where an admitted channel goes.
-enum Admitted {
-    Static(Arc<StaticRoute>),
-    Ticket(ChannelGuard),
-}
-
-impl Admitted {
-    fn forward(&self) -> &Endpoint {
-        match self {
-            Admitted::Static(r) => &r.forward,
-            Admitted::Ticket(g) => g.migration().forward(),
-        }
-    }
-}
-
 async fn handle(
     sock: TcpStream,
     _addr: SocketAddr,
@@ -312,8 +293,8 @@ async fn handle(
 
     // Main first: see the module comment.
     let mains = match &admitted {
-        Admitted::Static(_) => target.mains.clone(),
-        Admitted::Ticket(g) => g.migration().mains.clone(),
+        Route::Static(_) => target.mains.clone(),
+        Route::Ticket(g) => g.migration().mains.clone(),
     };
     let is_main = matches!(kind, StreamKind::Main { .. });
     match kind {
@@ -325,8 +306,8 @@ async fn handle(
             // while its multifd channel waits: nothing may wait past that.
             let ended = async {
                 match &admitted {
-                    Admitted::Ticket(g) => g.migration().ended().await,
-                    Admitted::Static(_) => std::future::pending().await,
+                    Route::Ticket(g) => g.migration().ended().await,
+                    Route::Static(_) => std::future::pending().await,
                 }
             };
             let why = tokio::select! {
@@ -395,8 +376,8 @@ async fn handle(
         out.counters.clone(),
     );
     let result = match &admitted {
-        Admitted::Static(_) => relay.await.map_err(|e| e.to_string()),
-        Admitted::Ticket(g) => {
+        Route::Static(_) => relay.await.map_err(|e| e.to_string()),
+        Route::Ticket(g) => {
             let mig = g.migration().clone();
             tokio::select! {
                 r = relay => r.map_err(|e| e.to_string()),
@@ -408,7 +389,7 @@ async fn handle(
     };
     match result {
         Ok(()) => {
-            if let Admitted::Ticket(g) = admitted {
+            if let Route::Ticket(g) = admitted {
                 g.finish(Ok(()));
             }
             Ok(())
@@ -418,19 +399,20 @@ async fn handle(
 }
 
 /// Records a channel's failure on its migration (managed mode).
-fn finish_channel(admitted: Admitted, result: Result<(), String>) -> End {
+fn finish_channel(admitted: Route, result: Result<(), String>) -> End {
     let msg = match &result {
         Err(e) => e.clone(),
         Ok(()) => String::new(),
     };
-    if let Admitted::Ticket(g) = admitted {
+    if let Route::Ticket(g) = admitted {
         g.finish(result);
     }
     End::Failed(msg)
 }
 
-/// Identity, route, hello and stream checks. Returns the bytes read from
-/// the QEMU stream so far (to replay), what the stream is, and its route.
+/// Reads what admission needs (the hello, the stream's first bytes) and
+/// asks [`Admission`] at each step. Returns the bytes read from the QEMU
+/// stream so far (to replay), what the stream is, and its route.
 async fn admit(
     tls: &mut TlsStream<crate::net::TlsSocket>,
     peer_dn: &str,
@@ -438,72 +420,36 @@ async fn admit(
     target: &Target,
     deadline: Instant,
     out: &mut Outcome,
-) -> Result<(Vec<u8>, StreamKind, Admitted), Refusal> {
-    let stall = target.stall;
+) -> Result<(Vec<u8>, StreamKind, Route), Refusal> {
+    let offer = Offer {
+        route: target.current_route(),
+        registry: target.registry.as_deref(),
+        listener: target.listener,
+    };
+    let mut admission = Admission::new(peer_dn, miggate_peer, offer);
     let mut buf = Vec::with_capacity(SNIFF_MAX);
-    let mut hello = None;
-    if miggate_peer {
-        let max = frames::MAX_FRAME + 6;
-        let (h, used) = read_until(tls, &mut buf, deadline, stall, max, |b| {
-            frames::parse_hello(b).transpose()
-        })
-        .await?
-        .map_err(|e| Refusal::Stream(e.to_string()))?;
-        buf.drain(..used);
-        hello = Some(h);
+    let step = loop {
+        match admission.decide(&buf) {
+            Step::Read { from, max } => {
+                if let Err(r) = read_more(tls, &mut buf, from, max, deadline, target.stall).await {
+                    break Err(r);
+                }
+            }
+            Step::Refused(r) => break Err(r),
+            Step::Admitted { from, kind, route } => break Ok((from, kind, route)),
+        }
+    };
+    out.migration = admission.migration().map(|m| m.id.clone());
+    if let Some(kind) = admission.stream() {
+        out.channel = Some(admit::channel_label(kind));
+        out.vm = admit::stream_uuid(kind).map(|u| u.to_string());
     }
-    let migration = match hello.as_ref().and_then(|h: &Hello| h.ticket.as_deref()) {
-        Some(t) => Some(find_migration(target, t)?),
-        None => None,
-    };
-    let route = match &migration {
-        Some(m) => {
-            out.migration = Some(m.id.clone());
-            None
-        }
-        None => {
-            let route = target.current_route().ok_or_else(|| {
-                Refusal::ticket(
-                    "this gateway admits registered migrations only: present a ticket",
-                    "this gateway admits registered migrations only: the source must present a ticket",
-                )
-            })?;
-            // Before reading the stream: an unauthorized peer gets nothing in.
-            admit::check_identity(route.authz.as_ref(), peer_dn)?;
-            Some(route)
-        }
-    };
-
-    let kind = read_until(tls, &mut buf, deadline, stall, SNIFF_MAX, sniff_decider(0)).await??;
-    out.channel = Some(admit::channel_label(&kind));
-    out.vm = admit::stream_uuid(&kind).map(|u| u.to_string());
-    let admitted = match (route, migration) {
-        (Some(route), _) => {
-            admit::check_stream(&route.expect, &kind)?;
-            Admitted::Static(route)
-        }
-        (None, Some(m)) => {
-            let guard = m.admit_channel(peer_dn, &kind)?;
-            out.counters = guard.counters();
-            Admitted::Ticket(guard)
-        }
-        (None, None) => unreachable!("a connection has a route or a migration"),
-    };
-    Ok((buf, kind, admitted))
-}
-
-fn find_migration(target: &Target, ticket: &str) -> Result<Arc<Migration>, Refusal> {
-    let registry = target.registry.as_ref().ok_or_else(|| {
-        Refusal::ticket(
-            "this gateway does not take tickets",
-            "this gateway has no registered migrations (tickets are for miggate daemon)",
-        )
-    })?;
-    let ticket = Ticket::parse(ticket)
-        .map_err(|e| Refusal::ticket("malformed ticket", format!("malformed ticket: {e}")))?;
-    let mig = registry.find_by_ticket(&ticket)?;
-    mig.check_listener(target.listener)?;
-    Ok(mig)
+    let (from, kind, route) = step?;
+    if let Route::Ticket(g) = &route {
+        out.counters = g.counters();
+    }
+    buf.drain(..from);
+    Ok((buf, kind, route))
 }
 
 /// Tells the peer which check failed ([`Refusal::public`]; a miggate

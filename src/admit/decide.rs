@@ -1,0 +1,315 @@
+//! The admission decision, in order, as a function of what the gate has
+//! read. The gate owns the socket; it feeds [`Admission::decide`] the
+//! bytes read so far and does what the answer says:
+//!
+//! ```text
+//! miggate peer (ALPN)?  yes: hello frame --ticket--> registered migration
+//!                       |                 (registry, listener)
+//!                       no ticket / no hello: static route, authz on the DN
+//! then the QEMU stream's first bytes (main / multifd, VM UUID):
+//!   static route: expected UUID      registered migration: peer, UUID, slot
+//! ```
+//!
+//! Each call answers [`Step::Read`] (read more, up to a byte cap),
+//! [`Step::Refused`] or [`Step::Admitted`]. Nothing here does I/O or waits;
+//! only a ticket's admission changes state, in the [`Registry`].
+
+use std::sync::Arc;
+
+use super::registry::{ChannelGuard, Migration, Registry};
+use super::ticket::Ticket;
+use super::{check_identity, check_stream, Expectation, Refusal};
+use crate::authz::Authz;
+use crate::net::Endpoint;
+use crate::wire::frames::{self, Hello};
+use crate::wire::qemu::{self, SniffError, StreamKind, SNIFF_MAX};
+
+/// Where connections without a ticket go, and who may send them.
+pub struct StaticRoute {
+    pub forward: Endpoint,
+    pub authz: Arc<dyn Authz>,
+    pub expect: Expectation,
+}
+
+/// What the listener offers a connection: the static route (if any), the
+/// registry (managed mode) and this listener's index in the daemon.
+pub struct Offer<'a> {
+    pub route: Option<Arc<StaticRoute>>,
+    pub registry: Option<&'a Registry>,
+    pub listener: usize,
+}
+
+/// Where an admitted channel goes.
+pub enum Route {
+    Static(Arc<StaticRoute>),
+    Ticket(ChannelGuard),
+}
+
+impl Route {
+    pub fn forward(&self) -> &Endpoint {
+        match self {
+            Route::Static(r) => &r.forward,
+            Route::Ticket(g) => g.migration().forward(),
+        }
+    }
+}
+
+/// What the gate does next.
+pub enum Step {
+    /// Read more: the buffer may grow to `max` bytes; `from` of them are
+    /// the hello (an empty stream so far when `buf.len() == from`).
+    Read {
+        from: usize,
+        max: usize,
+    },
+    Refused(Refusal),
+    /// Admitted: the QEMU stream starts at `buf[from..]` (replay it).
+    Admitted {
+        from: usize,
+        kind: StreamKind,
+        route: Route,
+    },
+}
+
+enum State {
+    Start {
+        miggate_peer: bool,
+    },
+    Stream {
+        from: usize,
+        route: Option<Arc<StaticRoute>>,
+    },
+    Decided,
+}
+
+/// One connection's admission.
+pub struct Admission<'a> {
+    peer_dn: &'a str,
+    offer: Offer<'a>,
+    state: State,
+    migration: Option<Arc<Migration>>,
+    kind: Option<StreamKind>,
+}
+
+impl<'a> Admission<'a> {
+    /// `miggate_peer`: the peer negotiated miggate's ALPN, so it sends a
+    /// hello first (QEMU's own TLS sends its stream straight away).
+    pub fn new(peer_dn: &'a str, miggate_peer: bool, offer: Offer<'a>) -> Self {
+        Admission {
+            peer_dn,
+            offer,
+            state: State::Start { miggate_peer },
+            migration: None,
+            kind: None,
+        }
+    }
+
+    /// The registered migration the peer's ticket named, once known.
+    pub fn migration(&self) -> Option<&Arc<Migration>> {
+        self.migration.as_ref()
+    }
+
+    /// What the stream is, once its first bytes are read.
+    pub fn stream(&self) -> Option<&StreamKind> {
+        self.kind.as_ref()
+    }
+
+    /// The next step, given everything read from the peer so far. Not to
+    /// be called again after a [`Step::Refused`] or [`Step::Admitted`].
+    pub fn decide(&mut self, buf: &[u8]) -> Step {
+        loop {
+            match std::mem::replace(&mut self.state, State::Decided) {
+                State::Start { miggate_peer: true } => {
+                    let max = frames::MAX_FRAME + 6;
+                    match frames::parse_hello(buf) {
+                        Ok(None) if buf.len() < max => {
+                            self.state = State::Start { miggate_peer: true };
+                            return Step::Read { from: 0, max };
+                        }
+                        Ok(None) => return Step::Refused(unrecognised(buf.len())),
+                        Err(e) => return Step::Refused(Refusal::Stream(e.to_string())),
+                        Ok(Some((hello, used))) => match self.route(Some(&hello)) {
+                            Ok(route) => self.state = State::Stream { from: used, route },
+                            Err(r) => return Step::Refused(r),
+                        },
+                    }
+                }
+                State::Start {
+                    miggate_peer: false,
+                } => match self.route(None) {
+                    Ok(route) => self.state = State::Stream { from: 0, route },
+                    Err(r) => return Step::Refused(r),
+                },
+                State::Stream { from, route } => {
+                    let kind = match qemu::sniff(&buf[from..]) {
+                        Err(SniffError::Incomplete) if buf.len() - from < SNIFF_MAX => {
+                            self.state = State::Stream { from, route };
+                            return Step::Read {
+                                from,
+                                max: from + SNIFF_MAX,
+                            };
+                        }
+                        Err(SniffError::Incomplete) => {
+                            return Step::Refused(unrecognised(buf.len() - from))
+                        }
+                        Err(e) => return Step::Refused(Refusal::Stream(e.to_string())),
+                        Ok(kind) => kind,
+                    };
+                    self.kind = Some(kind.clone());
+                    return match self.admit_stream(route, &kind) {
+                        Ok(route) => Step::Admitted { from, kind, route },
+                        Err(r) => Step::Refused(r),
+                    };
+                }
+                State::Decided => unreachable!("admission already decided"),
+            }
+        }
+    }
+
+    /// Before the stream is read: a ticket names its migration; without
+    /// one the static route takes the connection if the DN is authorized,
+    /// so an unauthorized peer gets nothing in.
+    fn route(&mut self, hello: Option<&Hello>) -> Result<Option<Arc<StaticRoute>>, Refusal> {
+        if let Some(ticket) = hello.and_then(|h| h.ticket.as_deref()) {
+            self.migration = Some(self.find_migration(ticket)?);
+            return Ok(None);
+        }
+        let route = self.offer.route.clone().ok_or_else(|| {
+            Refusal::ticket(
+                "this gateway admits registered migrations only: present a ticket",
+                "this gateway admits registered migrations only: the source must present a ticket",
+            )
+        })?;
+        check_identity(route.authz.as_ref(), self.peer_dn)?;
+        Ok(Some(route))
+    }
+
+    fn find_migration(&self, ticket: &str) -> Result<Arc<Migration>, Refusal> {
+        let registry = self.offer.registry.ok_or_else(|| {
+            Refusal::ticket(
+                "this gateway does not take tickets",
+                "this gateway has no registered migrations (tickets are for miggate daemon)",
+            )
+        })?;
+        let ticket = Ticket::parse(ticket)
+            .map_err(|e| Refusal::ticket("malformed ticket", format!("malformed ticket: {e}")))?;
+        let mig = registry.find_by_ticket(&ticket)?;
+        mig.check_listener(self.offer.listener)?;
+        Ok(mig)
+    }
+
+    /// The stream's own checks: the static route's expected UUID, or the
+    /// registered migration's peer, UUID and channel slots.
+    fn admit_stream(
+        &self,
+        route: Option<Arc<StaticRoute>>,
+        kind: &StreamKind,
+    ) -> Result<Route, Refusal> {
+        match (route, &self.migration) {
+            (Some(route), _) => {
+                check_stream(&route.expect, kind)?;
+                Ok(Route::Static(route))
+            }
+            (None, Some(m)) => Ok(Route::Ticket(m.admit_channel(self.peer_dn, kind)?)),
+            (None, None) => unreachable!("a connection has a route or a migration"),
+        }
+    }
+}
+
+fn unrecognised(bytes: usize) -> Refusal {
+    Refusal::Stream(format!(
+        "peer's first {bytes} bytes are not a recognisable stream"
+    ))
+}
+
+/// The sniff decision for a reader that only labels the stream (the source
+/// gateway): `None` while more bytes are needed.
+pub fn sniff_decider(skip: usize) -> impl FnMut(&[u8]) -> Option<Result<StreamKind, Refusal>> {
+    move |buf| match qemu::sniff(&buf[skip.min(buf.len())..]) {
+        Err(SniffError::Incomplete) => None,
+        Ok(kind) => Some(Ok(kind)),
+        Err(e) => Some(Err(Refusal::Stream(e.to_string()))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::authz::{AnyVerified, DenyAll};
+
+    fn route(authz: Arc<dyn Authz>) -> Option<Arc<StaticRoute>> {
+        Some(Arc::new(StaticRoute {
+            forward: Endpoint::Tcp("127.0.0.1:1".into()),
+            authz,
+            expect: Expectation::default(),
+        }))
+    }
+
+    fn offer(route: Option<Arc<StaticRoute>>) -> Offer<'static> {
+        Offer {
+            route,
+            registry: None,
+            listener: 0,
+        }
+    }
+
+    fn refusal(step: Step) -> Refusal {
+        match step {
+            Step::Refused(r) => r,
+            _ => panic!("not refused"),
+        }
+    }
+
+    /// Identity comes before any byte is read: nothing is asked of a peer
+    /// that may not send.
+    #[test]
+    fn route_and_authz_before_the_stream() {
+        let mut a = Admission::new("CN=x", false, offer(None));
+        let r = refusal(a.decide(&[]));
+        assert_eq!(
+            r.public(),
+            "this gateway admits registered migrations only: present a ticket"
+        );
+        let mut a = Admission::new("CN=x", false, offer(route(Arc::new(DenyAll))));
+        assert!(matches!(refusal(a.decide(&[])), Refusal::NotAuthorized(_)));
+    }
+
+    /// The hello is read first, then the stream after it; its bytes are
+    /// not the stream's.
+    #[test]
+    fn hello_then_stream_in_order() {
+        let mut hello = frames::encode_hello(&Hello {
+            version: 1,
+            agent: None,
+            ticket: None,
+        });
+        let mut a = Admission::new("CN=x", true, offer(route(Arc::new(AnyVerified))));
+        for end in 0..hello.len() {
+            assert!(matches!(
+                a.decide(&hello[..end]),
+                Step::Read { from: 0, .. }
+            ));
+        }
+        let from = hello.len();
+        assert!(matches!(a.decide(&hello), Step::Read { from: f, .. } if f == from));
+        hello.extend_from_slice(b"QEV");
+        assert!(matches!(a.decide(&hello), Step::Read { from: f, .. } if f == from));
+        hello.extend_from_slice(&[0x16; 8]);
+        assert_eq!(refusal(a.decide(&hello)).class(), "stream");
+        assert!(a.stream().is_none());
+    }
+
+    #[test]
+    fn a_ticket_needs_a_registry() {
+        let hello = frames::encode_hello(&Hello {
+            version: 1,
+            agent: None,
+            ticket: Some("t".into()),
+        });
+        let mut a = Admission::new("CN=x", true, offer(route(Arc::new(AnyVerified))));
+        assert_eq!(
+            refusal(a.decide(&hello)).public(),
+            "this gateway does not take tickets"
+        );
+    }
+}
