@@ -63,11 +63,12 @@ pub struct Record {
 pub trait Sink: Send + Sync {
     fn record(&self, record: &Record);
 
-    /// A refused connection's record with the refusal's class
-    /// ([`Refusal::class`](crate::admit::Refusal::class)), for sinks that
+    /// A refused connection's record with the refusal's class and cause
+    /// ([`Refusal::class`](crate::admit::Refusal::class),
+    /// [`Refusal::cause`](crate::admit::Refusal::cause)), for sinks that
     /// count refusals by kind. By default, just the record.
-    fn refused(&self, record: &Record, class: &'static str) {
-        let _ = class;
+    fn refused(&self, record: &Record, class: &'static str, cause: &'static str) {
+        let _ = (class, cause);
         self.record(record);
     }
 }
@@ -118,17 +119,22 @@ impl Outcome {
         self.emit(
             Ending::Refused,
             Some(&refusal.to_string()),
-            Some(refusal.class()),
+            Some((refusal.class(), refusal.cause())),
         );
     }
 
     /// Ends a connection closed unread because the gateway is at its limit
     /// of connections waiting for admission (class `overload`).
     pub fn overloaded(mut self, why: &str) {
-        self.emit(Ending::Refused, Some(why), Some(OVERLOAD));
+        self.emit(Ending::Refused, Some(why), Some((OVERLOAD, OVERLOAD)));
     }
 
-    fn emit(&mut self, ending: Ending, reason: Option<&str>, class: Option<&'static str>) {
+    fn emit(
+        &mut self,
+        ending: Ending,
+        reason: Option<&str>,
+        class: Option<(&'static str, &'static str)>,
+    ) {
         if self.emitted {
             return;
         }
@@ -148,11 +154,11 @@ impl Outcome {
             ending,
             reason: reason.map(str::to_string),
         };
-        if ending != Ending::Refused || log_allowed(class.unwrap_or("other")) {
+        if ending != Ending::Refused || log_allowed(class.map_or("other", |(c, _)| c)) {
             log(&record);
         }
         match (&self.sink, class) {
-            (Some(sink), Some(class)) => sink.refused(&record, class),
+            (Some(sink), Some((class, cause))) => sink.refused(&record, class, cause),
             (Some(sink), None) => sink.record(&record),
             (None, _) => {}
         }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use super::registry::{ChannelGuard, Migration, Registry};
 use super::ticket::Ticket;
-use super::{check_identity, check_stream, Expectation, Refusal};
+use super::{check_identity, check_stream, Expectation, Refusal, StreamError, TicketRefusal};
 use crate::authz::Authz;
 use crate::net::Endpoint;
 use crate::wire::frames::{self, Hello};
@@ -127,7 +127,7 @@ impl<'a> Admission<'a> {
                             return Step::Read { from: 0, max };
                         }
                         Ok(None) => return Step::Refused(unrecognised(buf.len())),
-                        Err(e) => return Step::Refused(Refusal::Stream(e.to_string())),
+                        Err(e) => return Step::Refused(StreamError::from(e).into()),
                         Ok(Some((hello, used))) => match self.route(Some(&hello)) {
                             Ok(route) => self.state = State::Stream { from: used, route },
                             Err(r) => return Step::Refused(r),
@@ -152,7 +152,7 @@ impl<'a> Admission<'a> {
                         Err(SniffError::Incomplete) => {
                             return Step::Refused(unrecognised(buf.len() - from))
                         }
-                        Err(e) => return Step::Refused(Refusal::Stream(e.to_string())),
+                        Err(e) => return Step::Refused(StreamError::Sniff(e).into()),
                         Ok(kind) => kind,
                     };
                     self.kind = Some(kind.clone());
@@ -174,25 +174,18 @@ impl<'a> Admission<'a> {
             self.migration = Some(self.find_migration(ticket)?);
             return Ok(None);
         }
-        let route = self.offer.route.clone().ok_or_else(|| {
-            Refusal::ticket(
-                "this gateway admits registered migrations only: present a ticket",
-                "this gateway admits registered migrations only: the source must present a ticket",
-            )
-        })?;
+        let route = self
+            .offer
+            .route
+            .clone()
+            .ok_or(TicketRefusal::RegisteredOnly)?;
         check_identity(route.authz.as_ref(), self.peer_dn)?;
         Ok(Some(route))
     }
 
     fn find_migration(&self, ticket: &str) -> Result<Arc<Migration>, Refusal> {
-        let registry = self.offer.registry.ok_or_else(|| {
-            Refusal::ticket(
-                "this gateway does not take tickets",
-                "this gateway has no registered migrations (tickets are for miggate daemon)",
-            )
-        })?;
-        let ticket = Ticket::parse(ticket)
-            .map_err(|e| Refusal::ticket("malformed ticket", format!("malformed ticket: {e}")))?;
+        let registry = self.offer.registry.ok_or(TicketRefusal::NoRegistry)?;
+        let ticket = Ticket::parse(ticket).map_err(TicketRefusal::Malformed)?;
         let mig = registry.find_by_ticket(&ticket)?;
         mig.check_listener(self.offer.listener)?;
         Ok(mig)
@@ -217,9 +210,7 @@ impl<'a> Admission<'a> {
 }
 
 fn unrecognised(bytes: usize) -> Refusal {
-    Refusal::Stream(format!(
-        "peer's first {bytes} bytes are not a recognisable stream"
-    ))
+    StreamError::Unrecognised(bytes).into()
 }
 
 /// The sniff decision for a reader that only labels the stream (the source
@@ -228,7 +219,7 @@ pub fn sniff_decider(skip: usize) -> impl FnMut(&[u8]) -> Option<Result<StreamKi
     move |buf| match qemu::sniff(&buf[skip.min(buf.len())..]) {
         Err(SniffError::Incomplete) => None,
         Ok(kind) => Some(Ok(kind)),
-        Err(e) => Some(Err(Refusal::Stream(e.to_string()))),
+        Err(e) => Some(Err(StreamError::Sniff(e).into())),
     }
 }
 

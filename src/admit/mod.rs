@@ -9,22 +9,29 @@ pub mod decide;
 pub mod registry;
 pub mod ticket;
 
+use std::sync::Arc;
+
 use uuid::Uuid;
 
+use self::registry::Phase;
+use self::ticket::TicketError;
 use crate::authz::{Authz, Decision};
-use crate::wire::qemu::StreamKind;
+use crate::net::Endpoint;
+use crate::wire::frames::FrameError;
+use crate::wire::qemu::{SniffError, StreamKind};
 
 /// Why a connection is refused. `Display` is the whole story, for the
 /// operator's log and API; [`Refusal::public`] is what the refused peer is
 /// told: which check failed, and nothing it could use to try again better
 /// (no expected UUID, no ACL path or rule, no other peer's DN, no path of
-/// the target QEMU).
+/// the target QEMU); [`Refusal::class`] and [`Refusal::cause`] are the
+/// metrics labels. Causes stay typed until one of those three renders them.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error("{0}")]
     Tls(#[from] crate::net::mtls::AcceptError),
     #[error("{0}")]
-    NotAuthorized(String),
+    NotAuthorized(#[from] AuthzRefusal),
     #[error("VM UUID mismatch: expected {expected}, stream carries {got}")]
     UuidMismatch { expected: Uuid, got: Uuid },
     #[error("VM UUID {expected} expected, but the {channel} carries none (enable the source QEMU's validate-uuid capability and give it -uuid)")]
@@ -34,19 +41,15 @@ pub enum Refusal {
     },
     /// The bytes are not a QEMU migration stream (or could not be read).
     #[error("{0}")]
-    Stream(String),
-    /// The stream is fine but the target cannot take it now (its QEMU is
-    /// unreachable, a multifd channel's main channel never came).
-    #[error("{detail}")]
-    NotReady {
-        public: &'static str,
-        detail: String,
-    },
-    #[error("{detail}")]
-    Ticket {
-        public: &'static str,
-        detail: String,
-    },
+    Stream(#[from] StreamError),
+    /// A multifd channel whose migration's main channel never came.
+    #[error("{0}")]
+    NoMainChannel(NoMain),
+    /// The stream is fine but the target QEMU cannot be reached.
+    #[error("cannot reach the target QEMU at {forward}: {error}")]
+    TargetUnreachable { forward: Endpoint, error: IoError },
+    #[error("{0}")]
+    Ticket(#[from] TicketRefusal),
     #[error("peer sent nothing for {0} s")]
     Silent(u64),
     #[error("peer stalled for {secs} s after sending {bytes} bytes")]
@@ -55,25 +58,190 @@ pub enum Refusal {
     ClosedEarly(usize),
 }
 
-impl Refusal {
-    /// A ticket refusal: `public` for the peer, `detail` for the operator.
-    pub fn ticket(public: &'static str, detail: impl Into<String>) -> Refusal {
-        Refusal::Ticket {
-            public,
-            detail: detail.into(),
+/// A DN the route's or the registration's authz does not let in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthzRefusal {
+    /// The authz's own sentence (the DN, the ACL and the rule that decided).
+    #[error("{0}")]
+    Denied(String),
+    /// A second peer with a migration's ticket while the first uses it.
+    #[error(
+        "peer {peer} presented the ticket of migration {migration}, which {first} is already using"
+    )]
+    TicketInUse {
+        peer: String,
+        migration: String,
+        first: String,
+    },
+}
+
+/// Why the first bytes are not a stream the target takes.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StreamError {
+    #[error("{0}")]
+    Sniff(#[from] SniffError),
+    #[error("{0}")]
+    Hello(Arc<FrameError>),
+    #[error("peer's first {0} bytes are not a recognisable stream")]
+    Unrecognised(usize),
+    #[error("read error: {0}")]
+    Read(IoError),
+}
+
+/// An I/O error that can be cloned with the refusal that carries it;
+/// compared by kind and message.
+#[derive(Debug, Clone)]
+pub struct IoError(pub Arc<std::io::Error>);
+
+impl std::fmt::Display for IoError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl PartialEq for IoError {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.kind() == other.0.kind() && self.0.to_string() == other.0.to_string()
+    }
+}
+impl Eq for IoError {}
+
+impl From<std::io::Error> for IoError {
+    fn from(e: std::io::Error) -> Self {
+        IoError(Arc::new(e))
+    }
+}
+
+/// Compared by what the operator reads (I/O and JSON errors are not
+/// comparable themselves).
+impl PartialEq for StreamError {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+impl Eq for StreamError {}
+
+impl From<FrameError> for StreamError {
+    fn from(e: FrameError) -> Self {
+        StreamError::Hello(Arc::new(e))
+    }
+}
+
+/// A multifd channel that waited for its main channel in vain.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoMain {
+    #[error(
+        "multifd channel arrived but no main channel of its migration was admitted within {0} s"
+    )]
+    Timeout(u64),
+    #[error("multifd channel arrived but its migration ended before its main channel came")]
+    MigrationEnded,
+}
+
+/// A ticket that does not (or no longer) admit this channel.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TicketRefusal {
+    #[error("unknown ticket: no migration is registered with it")]
+    Unknown,
+    #[error("malformed ticket: {0}")]
+    Malformed(TicketError),
+    #[error("ticket of migration {migration} expired at {at}")]
+    Expired {
+        migration: String,
+        /// RFC 3339, as the API shows it.
+        at: String,
+    },
+    #[error("ticket already used: migration {migration} has ended ({})", .phase.as_str())]
+    Spent { migration: String, phase: Phase },
+    #[error("migration {migration} was cancelled")]
+    Cancelled { migration: String },
+    #[error("migration {migration} already has its main channel")]
+    MainTaken { migration: String },
+    #[error("migration {migration} was registered with {channels} channel(s) (1 main + {} multifd) and all its multifd channels have connected", .channels.saturating_sub(1))]
+    SlotsFull { migration: String, channels: u32 },
+    #[error("migration {migration} is not registered on this listener")]
+    WrongListener { migration: String },
+    #[error("this gateway has no registered migrations (tickets are for miggate daemon)")]
+    NoRegistry,
+    #[error("this gateway admits registered migrations only: the source must present a ticket")]
+    RegisteredOnly,
+}
+
+impl TicketRefusal {
+    /// What the peer is told.
+    pub fn public(&self) -> &'static str {
+        match self {
+            TicketRefusal::Unknown => "unknown ticket",
+            TicketRefusal::Malformed(_) => "malformed ticket",
+            TicketRefusal::Expired { .. } => "ticket expired",
+            TicketRefusal::Spent { .. }
+            | TicketRefusal::MainTaken { .. }
+            | TicketRefusal::SlotsFull { .. } => "ticket already used",
+            TicketRefusal::Cancelled { .. } => "migration cancelled",
+            TicketRefusal::WrongListener { .. } => "ticket not valid on this listener",
+            TicketRefusal::NoRegistry => "this gateway does not take tickets",
+            TicketRefusal::RegisteredOnly => {
+                "this gateway admits registered migrations only: present a ticket"
+            }
         }
     }
 
+    /// A bounded label: which ticket check failed.
+    pub fn cause(&self) -> &'static str {
+        match self {
+            TicketRefusal::Unknown => "unknown",
+            TicketRefusal::Malformed(_) => "malformed",
+            TicketRefusal::Expired { .. } => "expired",
+            TicketRefusal::Spent { .. } => "spent",
+            TicketRefusal::Cancelled { .. } => "cancelled",
+            TicketRefusal::MainTaken { .. } => "main_taken",
+            TicketRefusal::SlotsFull { .. } => "slots_full",
+            TicketRefusal::WrongListener { .. } => "wrong_listener",
+            TicketRefusal::NoRegistry => "no_registry",
+            TicketRefusal::RegisteredOnly => "registered_only",
+        }
+    }
+}
+
+impl Refusal {
     /// A bounded class of the refusal, for metrics labels: `tls`, `authz`,
     /// `ticket`, `uuid`, `stream` or `stalled`.
     pub fn class(&self) -> &'static str {
         match self {
             Refusal::Tls(_) => "tls",
             Refusal::NotAuthorized(_) => "authz",
-            Refusal::Ticket { .. } => "ticket",
+            Refusal::Ticket(_) => "ticket",
             Refusal::UuidMismatch { .. } | Refusal::UuidMissing { .. } => "uuid",
-            Refusal::Stream(_) | Refusal::NotReady { .. } | Refusal::ClosedEarly(_) => "stream",
+            Refusal::Stream(_)
+            | Refusal::NoMainChannel(_)
+            | Refusal::TargetUnreachable { .. }
+            | Refusal::ClosedEarly(_) => "stream",
             Refusal::Silent(_) | Refusal::Stalled { .. } => "stalled",
+        }
+    }
+
+    /// A bounded label within the class: which check failed (for tickets:
+    /// `unknown`, `expired`, `spent`...).
+    pub fn cause(&self) -> &'static str {
+        match self {
+            Refusal::Tls(e) => match e {
+                crate::net::mtls::AcceptError::Timeout(_) => "handshake_timeout",
+                crate::net::mtls::AcceptError::Handshake(_) => "handshake",
+                crate::net::mtls::AcceptError::NoCertificate => "no_certificate",
+                crate::net::mtls::AcceptError::Subject(_) => "subject",
+            },
+            Refusal::NotAuthorized(AuthzRefusal::Denied(_)) => "denied",
+            Refusal::NotAuthorized(AuthzRefusal::TicketInUse { .. }) => "ticket_in_use",
+            Refusal::UuidMismatch { .. } => "mismatch",
+            Refusal::UuidMissing { .. } => "missing",
+            Refusal::Stream(StreamError::Read(_)) => "read_error",
+            Refusal::Stream(_) => "not_qemu",
+            Refusal::NoMainChannel(_) => "no_main_channel",
+            Refusal::TargetUnreachable { .. } => "target_unreachable",
+            Refusal::ClosedEarly(_) => "closed_early",
+            Refusal::Ticket(t) => t.cause(),
+            Refusal::Silent(_) => "silent",
+            Refusal::Stalled { .. } => "stalled",
         }
     }
 
@@ -88,9 +256,9 @@ impl Refusal {
                 "wrong VM: the stream carries no VM UUID (enable the source QEMU's validate-uuid capability and give it -uuid)".into()
             }
             Refusal::Stream(_) => "not a QEMU migration stream".into(),
-            Refusal::NotReady { public, .. } | Refusal::Ticket { public, .. } => {
-                (*public).into()
-            }
+            Refusal::NoMainChannel(_) => "multifd channel without an admitted main channel".into(),
+            Refusal::TargetUnreachable { .. } => "the target is not ready for this migration".into(),
+            Refusal::Ticket(t) => t.public().into(),
             // About the peer's own behaviour: nothing to hide.
             Refusal::Silent(_) | Refusal::Stalled { .. } | Refusal::ClosedEarly(_) => {
                 self.to_string()
@@ -108,7 +276,7 @@ pub struct Expectation {
 pub fn check_identity(authz: &dyn Authz, dn: &str) -> Result<(), Refusal> {
     match authz.check(dn) {
         Decision::Allow => Ok(()),
-        Decision::Deny { reason } => Err(Refusal::NotAuthorized(reason)),
+        Decision::Deny { reason } => Err(AuthzRefusal::Denied(reason).into()),
     }
 }
 
@@ -199,27 +367,26 @@ mod tests {
     fn the_peer_is_told_which_check_failed_and_no_more() {
         let cases = [
             (
-                Refusal::NotAuthorized(
+                Refusal::NotAuthorized(AuthzRefusal::Denied(
                     "DN O=x,CN=y denied by rule 2 (glob \"O=x,*\") of /etc/miggate/acl.json".into(),
-                ),
+                )),
                 "certificate DN not authorized",
             ),
             (
-                Refusal::ticket(
-                    "ticket already used",
-                    "peer O=x,CN=y presented the ticket of migration 1, which O=a,CN=b is already using",
-                ),
+                Refusal::Ticket(TicketRefusal::MainTaken {
+                    migration: "1".into(),
+                }),
                 "ticket already used",
             ),
             (
-                Refusal::NotReady {
-                    public: "the target is not ready for this migration",
-                    detail: "cannot reach the target QEMU at unix:/run/miggate/in.sock: refused".into(),
+                Refusal::TargetUnreachable {
+                    forward: Endpoint::Unix("/run/miggate/in.sock".into()),
+                    error: std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into(),
                 },
                 "the target is not ready for this migration",
             ),
             (
-                Refusal::Stream("peer's first 64 bytes are not a recognisable stream".into()),
+                Refusal::Stream(StreamError::Unrecognised(64)),
                 "not a QEMU migration stream",
             ),
             (Refusal::Silent(30), "peer sent nothing for 30 s"),

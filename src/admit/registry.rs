@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::ticket::{Ticket, TicketHash};
-use super::{check_stream, Expectation, Refusal};
+use super::{check_stream, AuthzRefusal, Expectation, Refusal, TicketRefusal};
 use crate::authz::{Authz, Decision};
 use crate::net::Endpoint;
 use crate::relay::Counters;
@@ -199,14 +199,11 @@ impl Migration {
     }
 
     fn expired_refusal(&self) -> Refusal {
-        Refusal::ticket(
-            "ticket expired",
-            format!(
-                "ticket of migration {} expired at {}",
-                self.id,
-                rfc3339(self.expires)
-            ),
-        )
+        TicketRefusal::Expired {
+            migration: self.id.clone(),
+            at: rfc3339(self.expires),
+        }
+        .into()
     }
 
     /// Refuses a ticket presented on a listener it was not registered for.
@@ -217,10 +214,10 @@ impl Migration {
             return Ok(());
         }
         let mut inner = self.lock();
-        let r = Refusal::ticket(
-            "ticket not valid on this listener",
-            format!("migration {} is not registered on this listener", self.id),
-        );
+        let r = TicketRefusal::WrongListener {
+            migration: self.id.clone(),
+        }
+        .into();
         Err(self.refuse(&mut inner, r, false))
     }
 
@@ -258,32 +255,36 @@ impl Migration {
             }
             Phase::Registered | Phase::Active => None,
             Phase::Expired => Some(self.expired_refusal()),
-            Phase::Cancelled => Some(Refusal::ticket(
-                "migration cancelled",
-                format!("migration {} was cancelled", self.id),
-            )),
-            Phase::Completed | Phase::Failed => Some(Refusal::ticket(
-                "ticket already used",
-                format!(
-                    "ticket already used: migration {} has ended ({})",
-                    self.id,
-                    inner.phase.as_str()
-                ),
-            )),
+            Phase::Cancelled => Some(
+                TicketRefusal::Cancelled {
+                    migration: self.id.clone(),
+                }
+                .into(),
+            ),
+            Phase::Completed | Phase::Failed => Some(
+                TicketRefusal::Spent {
+                    migration: self.id.clone(),
+                    phase: inner.phase,
+                }
+                .into(),
+            ),
         };
         // Replays and late channels are kept too: the API shows who tried.
         if let Some(r) = spent {
             return Err(self.refuse(&mut inner, r, true));
         }
         if let Decision::Deny { reason } = self.spec.allow.check(peer_dn) {
-            return Err(self.refuse(&mut inner, Refusal::NotAuthorized(reason), true));
+            let r = AuthzRefusal::Denied(reason).into();
+            return Err(self.refuse(&mut inner, r, true));
         }
         if let Some(first) = &inner.peer_dn {
             if first != peer_dn {
-                let r = Refusal::NotAuthorized(format!(
-                    "peer {peer_dn} presented the ticket of migration {}, which {first} is already using",
-                    self.id
-                ));
+                let r = AuthzRefusal::TicketInUse {
+                    peer: peer_dn.to_string(),
+                    migration: self.id.clone(),
+                    first: first.clone(),
+                }
+                .into();
                 return Err(self.refuse(&mut inner, r, true));
             }
         }
@@ -298,20 +299,18 @@ impl Migration {
         let is_main = matches!(kind, StreamKind::Main { .. });
         let multifd_slots = self.spec.channels.saturating_sub(1);
         if is_main && inner.main_seen {
-            let r = Refusal::ticket(
-                "ticket already used",
-                format!("migration {} already has its main channel", self.id),
-            );
+            let r = TicketRefusal::MainTaken {
+                migration: self.id.clone(),
+            }
+            .into();
             return Err(self.refuse(&mut inner, r, false));
         }
         if !is_main && inner.multifd_seen >= multifd_slots {
-            let r = Refusal::ticket(
-                "ticket already used",
-                format!(
-                    "migration {} was registered with {} channel(s) (1 main + {multifd_slots} multifd) and all its multifd channels have connected",
-                    self.id, self.spec.channels
-                ),
-            );
+            let r = TicketRefusal::SlotsFull {
+                migration: self.id.clone(),
+                channels: self.spec.channels,
+            }
+            .into();
             return Err(self.refuse(&mut inner, r, false));
         }
         inner.phase = Phase::Active;
@@ -588,12 +587,7 @@ impl Registry {
                 found = Some(m.clone());
             }
         }
-        found.ok_or_else(|| {
-            Refusal::ticket(
-                "unknown ticket",
-                "unknown ticket: no migration is registered with it",
-            )
-        })
+        found.ok_or(TicketRefusal::Unknown.into())
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Migration>> {

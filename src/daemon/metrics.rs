@@ -59,6 +59,9 @@ pub struct Metrics {
     latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_micros: AtomicU64,
     latency_count: AtomicU64,
+    /// Refusals by (class, cause): both labels come from fixed lists
+    /// ([`crate::admit::Refusal::cause`]), so the map stays small.
+    causes: std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
 }
 
 impl Metrics {
@@ -111,6 +114,17 @@ impl Metrics {
                 w,
                 "miggate_refusals_total{{reason=\"{c}\"}} {}",
                 n.load(Relaxed)
+            );
+        }
+        let _ = writeln!(
+            w,
+            "# HELP miggate_refusal_causes_total Refused target connections by reason class and the check that failed (e.g. ticket: unknown, expired, spent)."
+        );
+        let _ = writeln!(w, "# TYPE miggate_refusal_causes_total counter");
+        for ((c, cause), n) in self.causes.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(
+                w,
+                "miggate_refusal_causes_total{{reason=\"{c}\",cause=\"{cause}\"}} {n}"
             );
         }
         let _ = writeln!(
@@ -181,8 +195,14 @@ impl Sink for Metrics {
         }
     }
 
-    fn refused(&self, record: &Record, class: &'static str) {
+    fn refused(&self, record: &Record, class: &'static str, cause: &'static str) {
         self.count(record);
+        *self
+            .causes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry((class, cause))
+            .or_default() += 1;
         let i = REFUSAL_CLASSES
             .iter()
             .position(|c| *c == class)
@@ -218,9 +238,10 @@ mod tests {
     fn counts_and_histogram() {
         let m = Metrics::new();
         m.record(&record(Ending::Completed, Some(Duration::from_millis(3))));
-        m.refused(&record(Ending::Refused, None), "ticket");
-        m.refused(&record(Ending::Refused, None), "nonsense");
-        m.refused(&record(Ending::Refused, None), crate::outcome::OVERLOAD);
+        m.refused(&record(Ending::Refused, None), "ticket", "expired");
+        m.refused(&record(Ending::Refused, None), "nonsense", "nonsense");
+        let overload = crate::outcome::OVERLOAD;
+        m.refused(&record(Ending::Refused, None), overload, overload);
         let text = m.render(&Registry::new(Duration::from_secs(1)));
         for line in [
             "miggate_connections_total{outcome=\"completed\"} 1",
@@ -228,6 +249,7 @@ mod tests {
             "miggate_refusals_total{reason=\"overload\"} 1",
             "miggate_refusals_total{reason=\"ticket\"} 1",
             "miggate_refusals_total{reason=\"other\"} 1",
+            "miggate_refusal_causes_total{reason=\"ticket\",cause=\"expired\"} 1",
             "miggate_bytes_total{direction=\"source_to_target\"} 400",
             "miggate_admission_seconds_bucket{le=\"0.0025\"} 0",
             "miggate_admission_seconds_bucket{le=\"0.005\"} 1",

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::Instant;
 
-use crate::admit::Refusal;
+use crate::admit::{Refusal, StreamError};
 
 /// Reads into `buf` until `decide` returns a value, the peer closes, the
 /// deadline passes or `max` bytes are buffered. `decide` sees the whole
@@ -30,10 +30,7 @@ where
             return Ok(v);
         }
         if buf.len() >= max {
-            return Err(Refusal::Stream(format!(
-                "peer's first {} bytes are not a recognisable stream",
-                buf.len()
-            )));
+            return Err(StreamError::Unrecognised(buf.len()).into());
         }
         read_more(r, buf, 0, max, deadline, stall).await?;
     }
@@ -69,7 +66,7 @@ where
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
             return Err(Refusal::ClosedEarly(got))
         }
-        Ok(Err(e)) => return Err(Refusal::Stream(format!("read error: {e}"))),
+        Ok(Err(e)) => return Err(StreamError::Read(e.into()).into()),
     };
     buf.extend_from_slice(&chunk[..n]);
     Ok(())

@@ -45,7 +45,7 @@ use super::read_more;
 pub use crate::admit::decide::StaticRoute;
 use crate::admit::decide::{Admission, Offer, Route, Step};
 use crate::admit::registry::Registry;
-use crate::admit::{self, Refusal};
+use crate::admit::{self, NoMain, Refusal};
 use crate::net::mtls;
 use crate::outcome::{Ending, Outcome, Sink};
 use crate::relay::Close;
@@ -227,7 +227,7 @@ pub async fn serve(listener: TcpListener, target: Arc<Target>) -> std::io::Resul
             match handle(sock, addr, &target, pending, &mut out).await {
                 Ok(()) => out.finish(Ending::Completed, None),
                 Err(End::Refused(r)) => out.refuse(&r),
-                Err(End::Failed(msg)) => out.finish(Ending::Failed, Some(&msg)),
+                Err(End::Failed(f)) => out.finish(Ending::Failed, Some(&f.to_string())),
             }
         });
     }
@@ -235,7 +235,27 @@ pub async fn serve(listener: TcpListener, target: Arc<Target>) -> std::io::Resul
 
 enum End {
     Refused(Refusal),
-    Failed(String),
+    Failed(Failure),
+}
+
+/// Why an admitted channel failed. `Display` is the outcome's reason.
+#[derive(Debug, thiserror::Error)]
+enum Failure {
+    /// The source is told (see [`Refusal::TargetUnreachable`]), but it was
+    /// admitted: a failure of the migration, not a refusal of the peer.
+    #[error("{0}")]
+    Unreachable(Refusal),
+    #[error("cannot send the verdict to the source: {0}")]
+    Verdict(std::io::Error),
+    #[error("cannot write to the target QEMU at {forward}: {error}")]
+    Write {
+        forward: crate::net::Endpoint,
+        error: std::io::Error,
+    },
+    #[error("{0}")]
+    Relay(crate::relay::RelayError),
+    #[error("migration cancelled by the operator")]
+    Cancelled,
 }
 
 impl From<Refusal> for End {
@@ -311,20 +331,14 @@ async fn handle(
                 }
             };
             let why = tokio::select! {
-                r = wait => r.is_err().then(|| format!(
-                    "multifd channel arrived but no main channel of its migration was admitted within {} s",
-                    stall.as_secs()
-                )),
-                () = ended => Some("multifd channel arrived but its migration ended before its main channel came".to_string()),
+                r = wait => r.is_err().then_some(NoMain::Timeout(stall.as_secs())),
+                () = ended => Some(NoMain::MigrationEnded),
             };
-            if let Some(detail) = why {
-                let r = Refusal::NotReady {
-                    public: "multifd channel without an admitted main channel",
-                    detail,
-                };
+            if let Some(why) = why {
+                let r = Refusal::NoMainChannel(why);
                 refuse(&mut tls, miggate_peer, &r).await;
                 // Gives the channel's slot back (see ChannelGuard).
-                finish_channel(admitted, Err(r.to_string()));
+                finish_channel(admitted, &r);
                 return Err(r.into());
             }
         }
@@ -334,13 +348,13 @@ async fn handle(
     let mut backend = match forward.connect().await {
         Ok(b) => b,
         Err(e) => {
-            let msg = format!("cannot reach the target QEMU at {forward}: {e}");
-            let r = Refusal::NotReady {
-                public: "the target is not ready for this migration",
-                detail: msg.clone(),
+            let r = Refusal::TargetUnreachable {
+                forward: forward.clone(),
+                error: e.into(),
             };
             refuse(&mut tls, miggate_peer, &r).await;
-            return Err(finish_channel(admitted, Err(msg)));
+            // Counted as a failure, not a refusal: the source was admitted.
+            return Err(fail(admitted, Failure::Unreachable(r)));
         }
     };
     // Only now that the main channel's connection to the target QEMU is
@@ -348,8 +362,7 @@ async fn handle(
     let _main_guard = is_main.then(|| MainGuard::new(&mains));
     if miggate_peer {
         if let Err(e) = frames::write_verdict(&mut tls, &Verdict::Admitted).await {
-            let msg = format!("cannot send the verdict to the source: {e}");
-            return Err(finish_channel(admitted, Err(msg)));
+            return Err(fail(admitted, Failure::Verdict(e)));
         }
     }
     out.admitted();
@@ -360,9 +373,8 @@ async fn handle(
         forward = %forward,
         "admitted"
     );
-    if let Err(e) = backend.write_all(&prefix).await {
-        let msg = format!("cannot write to the target QEMU at {forward}: {e}");
-        return Err(finish_channel(admitted, Err(msg)));
+    if let Err(error) = backend.write_all(&prefix).await {
+        return Err(fail(admitted, Failure::Write { forward, error }));
     }
     out.counters
         .forward
@@ -376,14 +388,14 @@ async fn handle(
         out.counters.clone(),
     );
     let result = match &admitted {
-        Route::Static(_) => relay.await.map_err(|e| e.to_string()),
+        Route::Static(_) => relay.await.map_err(Failure::Relay),
         Route::Ticket(g) => {
             let mig = g.migration().clone();
             tokio::select! {
-                r = relay => r.map_err(|e| e.to_string()),
+                r = relay => r.map_err(Failure::Relay),
                 // Dropping the relay closes both sockets: both QEMUs see
                 // the migration fail; the source VM keeps running.
-                _ = mig.cancelled() => Err("migration cancelled by the operator".to_string()),
+                _ = mig.cancelled() => Err(Failure::Cancelled),
             }
         }
     };
@@ -394,20 +406,22 @@ async fn handle(
             }
             Ok(())
         }
-        Err(e) => Err(finish_channel(admitted, Err(e))),
+        Err(e) => Err(fail(admitted, e)),
     }
 }
 
-/// Records a channel's failure on its migration (managed mode).
-fn finish_channel(admitted: Route, result: Result<(), String>) -> End {
-    let msg = match &result {
-        Err(e) => e.clone(),
-        Ok(()) => String::new(),
-    };
+/// Records a channel's end on its migration (managed mode): the API
+/// shows the reason, so it is rendered here.
+fn finish_channel(admitted: Route, why: &dyn std::fmt::Display) {
     if let Route::Ticket(g) = admitted {
-        g.finish(result);
+        g.finish(Err(why.to_string()));
     }
-    End::Failed(msg)
+}
+
+/// A channel that failed after its admission: recorded on its migration.
+fn fail(admitted: Route, failure: Failure) -> End {
+    finish_channel(admitted, &failure);
+    End::Failed(failure)
 }
 
 /// Reads what admission needs (the hello, the stream's first bytes) and
