@@ -1,12 +1,13 @@
-//! The daemon's control API: HTTP/1.1 + JSON (see `docs/api.yaml`).
+//! The daemon's control API: HTTP/1.1 + JSON routes (see `docs/api.yaml`).
 //!
-//! Served on a local unix socket, whose file mode is the access control,
-//! and optionally on TCP with mutual TLS, where the client certificate's DN
-//! goes through the admin authz (separate from the migration ACLs). Every
-//! error is `{"error": "<sentence>"}` with a 4xx/5xx status.
+//! Served by [`super::serve`] on a local unix socket and optionally on TCP
+//! with mutual TLS (the admin authz, separate from the migration ACLs).
+//! Every error is `{"error": "<sentence>"}` with a 4xx/5xx status. A
+//! QMP-forward registration's target QEMU is the daemon's business
+//! ([`crate::daemon::target_qemu`]).
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
@@ -16,23 +17,14 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
-use rustls::ServerConfig;
 use serde_json::json;
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpListener, UnixListener};
 use uuid::Uuid;
 
-use super::types::{
-    Allow, ApiErrorBody, Forward, IncomingRequest, IncomingResponse, ListenerRef, QmpForward,
-};
+use super::types::{Allow, ApiErrorBody, Forward, IncomingRequest, IncomingResponse, ListenerRef};
 use crate::admit::registry::{IncomingSpec, Migration, Registry};
-use crate::authz::{AnyVerified, Authz, Decision, ListFile, Simple};
-use crate::net::mtls;
-use crate::net::unix_bind::{self, UnixBindError};
+use crate::authz::{AnyVerified, Authz, ListFile, Simple};
+use crate::daemon::target_qemu::{self, PrepareError};
 use crate::net::Endpoint;
-use crate::qmp::Qmp;
 
 /// Most channels one migration may register: 1 main + QEMU's multifd maximum
 /// would be 256, but more than 64 parallel TLS streams buys nothing.
@@ -40,45 +32,6 @@ pub const MAX_CHANNELS: u32 = 64;
 /// Longest lifetime of an unused ticket: a day. Tickets are for a migration
 /// about to start, not standing credentials.
 pub const MAX_EXPIRES_IN_SECS: u64 = 86_400;
-/// A client that does not finish sending its request headers in this time
-/// is cut (it would otherwise hold a connection forever). Also bounds an
-/// idle keep-alive connection waiting for its next request.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// ... and its request body: API bodies are a few hundred bytes of JSON.
-const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest request body read (axum's default limit, kept).
-const MAX_BODY: usize = 2 << 20;
-/// Connections served at once per API or metrics listener. The API has a
-/// handful of callers (an orchestrator, an operator, Prometheus); beyond
-/// this new connections are closed at once, so that a local client
-/// looping on connect cannot take the descriptors migrations need.
-pub const MAX_HTTP_CONNECTIONS: usize = 64;
-/// The admin TLS handshake.
-const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Connecting to the target QEMU's QMP and preparing it. Each command is
-/// bounded by the QMP client itself; this bounds the whole.
-const QMP_SETUP_TIMEOUT: Duration = Duration::from_secs(60);
-
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    #[error("cannot create the directory {} for the API socket", path.display())]
-    SocketDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("{} exists and is not a socket; refusing to replace it", path.display())]
-    NotASocket { path: PathBuf },
-    #[error("another process is already serving {}", path.display())]
-    InUse { path: PathBuf },
-    #[error("cannot create the API socket {}", path.display())]
-    Bind {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-}
-
 /// What the API needs from the daemon beyond the registry.
 pub trait Control: Send + Sync {
     /// Re-reads the configuration and the files it names; applies it or
@@ -97,11 +50,11 @@ pub struct ApiState {
 
 /// Who is calling, for the audit log lines.
 #[derive(Debug, Clone)]
-struct Caller(Arc<str>);
+pub(super) struct Caller(pub(super) Arc<str>);
 
 /// An error answer: status + sentence.
 #[derive(Debug)]
-pub struct ApiFailure(StatusCode, String);
+pub struct ApiFailure(pub(super) StatusCode, pub(super) String);
 
 impl ApiFailure {
     fn bad(msg: impl Into<String>) -> Self {
@@ -165,7 +118,13 @@ async fn incoming(
             let sock = st
                 .runtime_dir
                 .join(format!("incoming-{}.sock", Uuid::new_v4()));
-            prepare_target_qemu(q, &sock).await?;
+            target_qemu::prepare(q, &sock).await.map_err(|e| {
+                let status = match e {
+                    PrepareError::NotUnix(_) => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::BAD_GATEWAY,
+                };
+                ApiFailure(status, e.to_string())
+            })?;
             (Endpoint::Unix(sock.clone()), Some(sock))
         }
     };
@@ -179,15 +138,7 @@ async fn incoming(
         listeners: listeners.clone(),
     });
     if let (Some(sock), Forward::Qmp(q)) = (qmp_socket, &req.forward) {
-        let qmp_path = q.qmp.trim_start_matches("unix:").to_string();
-        let (registry, mig) = (st.registry.clone(), mig.clone());
-        tokio::spawn(async move {
-            wait_until_ended(&registry, &mig).await;
-            let _ = std::fs::remove_file(&sock);
-            if mig.view().state != super::types::Phase::Cancelled {
-                settle_with_qemu_verdict(&mig, &qmp_path).await;
-            }
-        });
+        target_qemu::settle_when_ended(st.registry.clone(), mig.clone(), q, sock);
     }
     let view = mig.view();
     tracing::info!(
@@ -293,122 +244,6 @@ fn build_allow(allow: &Allow) -> Result<(Arc<dyn Authz>, String), ApiFailure> {
     })
 }
 
-/// Sets the target QEMU's migration capabilities and parameters, then
-/// `migrate-incoming unix:SOCK`, where the gateway will forward.
-async fn prepare_target_qemu(q: &QmpForward, sock: &Path) -> Result<(), ApiFailure> {
-    let path = q
-        .qmp
-        .strip_prefix("unix:")
-        .filter(|p| !p.is_empty())
-        .ok_or_else(|| {
-            ApiFailure::bad(format!(
-                "forward.qmp {:?} is not unix:PATH (the target QEMU's QMP socket)",
-                q.qmp
-            ))
-        })?;
-    let gateway = |msg: String| ApiFailure(StatusCode::BAD_GATEWAY, msg);
-    let work = async {
-        let mut qmp = Qmp::connect_unix(path)
-            .await
-            .map_err(|e| gateway(format!("cannot use the target QEMU's QMP at {path}: {e}")))?;
-        if !q.capabilities.is_empty() {
-            let caps: Vec<_> = q
-                .capabilities
-                .iter()
-                .map(|(k, v)| json!({ "capability": k, "state": v }))
-                .collect();
-            qmp.execute(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": caps })),
-            )
-            .await
-            .map_err(|e| gateway(format!("target {e}")))?;
-        }
-        if !q.parameters.is_empty() {
-            qmp.execute(
-                "migrate-set-parameters",
-                Some(serde_json::Value::Object(q.parameters.clone())),
-            )
-            .await
-            .map_err(|e| gateway(format!("target {e}")))?;
-        }
-        // A socket left by an earlier migration would make QEMU's bind fail.
-        let _ = std::fs::remove_file(sock);
-        qmp.execute(
-            "migrate-incoming",
-            Some(json!({ "uri": format!("unix:{}", sock.display()) })),
-        )
-        .await
-        .map_err(|e| gateway(format!("target {e}")))?;
-        Ok(())
-    };
-    tokio::time::timeout(QMP_SETUP_TIMEOUT, work)
-        .await
-        .map_err(|_| {
-            gateway(format!(
-                "the target QEMU's QMP at {path} did not finish the set-up within {} s",
-                QMP_SETUP_TIMEOUT.as_secs()
-            ))
-        })?
-}
-
-/// Waits until the migration's channels have all ended (or it was
-/// cancelled or expired).
-async fn wait_until_ended(registry: &Registry, mig: &Migration) {
-    let mut changes = registry.subscribe();
-    while !mig.view().state.is_final() {
-        if changes.changed().await.is_err() {
-            break;
-        }
-    }
-}
-
-/// How long the target QEMU may take to finish loading once the sockets
-/// closed (device state is loaded after the last RAM page).
-const QEMU_VERDICT_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Asks the target QEMU how its incoming migration ended and records that:
-/// only QEMU knows whether it loaded the VM. Unreachable QMP (a target
-/// QEMU exits when an incoming migration fails) leaves the channels' verdict,
-/// with a note in the log.
-async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) {
-    let ask = async {
-        let mut qmp = Qmp::connect_unix(qmp_path).await?;
-        loop {
-            let info = qmp.query_migrate().await?;
-            if info.is_terminal() {
-                return Ok::<_, crate::qmp::QmpError>(info);
-            }
-            // Loading the device state after the stream: a short wait.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    };
-    match tokio::time::timeout(QEMU_VERDICT_TIMEOUT, ask).await {
-        Ok(Ok(info)) => {
-            let completed = info.status.as_deref() == Some("completed");
-            let why = info
-                .error_desc
-                .map(|e| format!("target QEMU: {e}"))
-                .or_else(|| {
-                    Some(format!(
-                        "target QEMU: migration {}",
-                        info.status.unwrap_or_default()
-                    ))
-                });
-            mig.settle(completed, if completed { None } else { why });
-        }
-        Ok(Err(e)) => tracing::warn!(
-            migration = %mig.id, error = %e,
-            "cannot ask the target QEMU how the migration ended; keeping the channels' verdict"
-        ),
-        Err(_) => tracing::warn!(
-            migration = %mig.id,
-            "the target QEMU did not finish the incoming migration within {} s",
-            QEMU_VERDICT_TIMEOUT.as_secs()
-        ),
-    }
-}
-
 async fn list(State(st): State<Arc<ApiState>>) -> Json<Vec<super::types::MigrationView>> {
     Json(st.registry.list())
 }
@@ -498,343 +333,4 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
         src = x.source();
     }
     s
-}
-
-/// Creates the API socket with `mode` in force from its first moment (see
-/// [`unix_bind`]). A stale socket (no one accepting) is replaced; a live
-/// one, or a file that is not a socket, is an error.
-pub fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, ServerError> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|source| ServerError::SocketDir {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-    }
-    match unix_bind::bind(path, unix_bind::Access::mode(mode)) {
-        Ok(b) => Ok(b.listener),
-        Err(UnixBindError::NotASocket { path }) => Err(ServerError::NotASocket { path }),
-        Err(UnixBindError::InUse { path }) => Err(ServerError::InUse { path }),
-        Err(other) => Err(ServerError::Bind {
-            path: path.to_path_buf(),
-            source: std::io::Error::other(other),
-        }),
-    }
-}
-
-/// Serves the API on the local socket forever.
-pub async fn serve_unix(listener: UnixListener, app: Router) {
-    let caller = Caller("local socket".into());
-    let mut limit = ConnLimit::new("API");
-    loop {
-        match listener.accept().await {
-            Ok((sock, _)) => {
-                let Some(permit) = limit.admit() else {
-                    continue;
-                };
-                serve_connection(sock, app.clone().layer(Extension(caller.clone())), permit);
-            }
-            Err(e) => limit.accept_failed(&e).await,
-        }
-    }
-}
-
-/// Serves plain HTTP on TCP (the loopback metrics listener) forever, with
-/// the same timeouts and connection limit as the API.
-pub async fn serve_tcp(listener: TcpListener, app: Router, what: &'static str) {
-    let mut limit = ConnLimit::new(what);
-    loop {
-        match listener.accept().await {
-            Ok((sock, _)) => {
-                if let Some(permit) = limit.admit() {
-                    serve_connection(sock, app.clone(), permit);
-                }
-            }
-            Err(e) => limit.accept_failed(&e).await,
-        }
-    }
-}
-
-/// At most [`MAX_HTTP_CONNECTIONS`] connections of one listener at once,
-/// and rate-limited log lines for the ones closed unserved.
-struct ConnLimit {
-    what: &'static str,
-    slots: Arc<tokio::sync::Semaphore>,
-    full_log: crate::outcome::RateLimit,
-    error_log: crate::outcome::RateLimit,
-}
-
-impl ConnLimit {
-    fn new(what: &'static str) -> Self {
-        ConnLimit {
-            what,
-            slots: Arc::new(tokio::sync::Semaphore::new(MAX_HTTP_CONNECTIONS)),
-            full_log: crate::outcome::RateLimit::new(),
-            error_log: crate::outcome::RateLimit::new(),
-        }
-    }
-
-    /// A slot for a new connection, or `None` (the caller drops it).
-    fn admit(&mut self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let permit = self.slots.clone().try_acquire_owned().ok();
-        if permit.is_none() {
-            if let Some(suppressed) = self.full_log.allow() {
-                tracing::warn!(
-                    server = self.what,
-                    suppressed,
-                    "{} connection closed: {MAX_HTTP_CONNECTIONS} connections already open",
-                    self.what
-                );
-            }
-        }
-        permit
-    }
-
-    /// EMFILE and friends: the error repeats until a descriptor is freed;
-    /// back off instead of spinning.
-    async fn accept_failed(&mut self, e: &std::io::Error) {
-        if let Some(suppressed) = self.error_log.allow() {
-            tracing::error!(server = self.what, error = %e, suppressed, "accept failed");
-        }
-        tokio::time::sleep(crate::timeouts::ACCEPT_BACKOFF).await;
-    }
-}
-
-/// The admin TLS configuration and ACL, swapped on reload.
-pub struct AdminTls {
-    current: RwLock<(Arc<ServerConfig>, Arc<dyn Authz>)>,
-}
-
-impl AdminTls {
-    pub fn new(tls: Arc<ServerConfig>, authz: Arc<dyn Authz>) -> Arc<AdminTls> {
-        Arc::new(AdminTls {
-            current: RwLock::new((tls, authz)),
-        })
-    }
-
-    pub fn set(&self, tls: Arc<ServerConfig>, authz: Arc<dyn Authz>) {
-        *self.current.write().unwrap_or_else(|p| p.into_inner()) = (tls, authz);
-    }
-
-    fn get(&self) -> (Arc<ServerConfig>, Arc<dyn Authz>) {
-        self.current
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-}
-
-/// Serves the API on TCP with mutual TLS forever. A verified client whose
-/// DN the admin authz denies gets 403 with the reason on every request.
-pub async fn serve_tls(listener: TcpListener, admin: Arc<AdminTls>, app: Router) {
-    let mut limit = ConnLimit::new("API (TLS)");
-    loop {
-        let (sock, addr) = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                limit.accept_failed(&e).await;
-                continue;
-            }
-        };
-        let Some(permit) = limit.admit() else {
-            continue;
-        };
-        let (config, authz) = admin.get();
-        let app = app.clone();
-        tokio::spawn(async move {
-            let acceptor = tokio_rustls::TlsAcceptor::from(config);
-            let (stream, peer) = match mtls::accept(&acceptor, sock, TLS_HANDSHAKE_TIMEOUT).await {
-                Ok(x) => x,
-                Err(e) => {
-                    tracing::warn!(peer.addr = %addr, reason = %e, "API connection refused");
-                    return;
-                }
-            };
-            let peer = peer.dn;
-            match authz.check(&peer) {
-                Decision::Allow => {
-                    serve_connection(stream, app.layer(Extension(Caller(peer.into()))), permit);
-                }
-                Decision::Deny { reason } => {
-                    tracing::warn!(peer.addr = %addr, peer.dn = peer, reason, "API caller refused");
-                    let deny = Router::new().fallback(move || async move {
-                        ApiFailure(
-                            StatusCode::FORBIDDEN,
-                            format!("not allowed to use this API: {reason}"),
-                        )
-                    });
-                    serve_connection(stream, deny, permit);
-                }
-            }
-        });
-    }
-}
-
-/// Serves one HTTP/1.1 connection, holding its slot until it ends.
-fn serve_connection<S>(stream: S, app: Router, permit: tokio::sync::OwnedSemaphorePermit)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    tokio::spawn(async move {
-        let _permit = permit;
-        let app = app.layer(axum::middleware::from_fn(read_body_in_time));
-        let service = TowerToHyperService::new(app);
-        let conn = hyper::server::conn::http1::Builder::new()
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .serve_connection(TokioIo::new(stream), service);
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "API connection ended with an error");
-        }
-    });
-}
-
-/// Reads the request body under [`BODY_READ_TIMEOUT`] (hyper bounds only
-/// the headers): a client trickling its body is answered 408 and cut.
-async fn read_body_in_time(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
-    let (parts, body) = req.into_parts();
-    let body =
-        match tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, MAX_BODY)).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                return ApiFailure(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("cannot read the request body (at most {MAX_BODY} bytes): {e}"),
-                )
-                .into_response()
-            }
-            Err(_) => {
-                let mut r = ApiFailure(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "the request body did not arrive within {} s",
-                        BODY_READ_TIMEOUT.as_secs()
-                    ),
-                )
-                .into_response();
-                r.headers_mut().insert(
-                    axum::http::header::CONNECTION,
-                    axum::http::HeaderValue::from_static("close"),
-                );
-                return r;
-            }
-        };
-    next.run(axum::extract::Request::from_parts(
-        parts,
-        axum::body::Body::from(body),
-    ))
-    .await
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::os::unix::fs::PermissionsExt;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-    async fn http_server() -> std::net::SocketAddr {
-        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = l.local_addr().unwrap();
-        let app = Router::new().route(
-            "/",
-            post(|b: Bytes| async move { b }).get(|| async { "ok" }),
-        );
-        tokio::spawn(serve_tcp(l, app, "test"));
-        addr
-    }
-
-    /// Sends one GET and reads its answer; the connection stays open.
-    async fn get(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
-        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
-            .await
-            .unwrap();
-        let mut got = Vec::new();
-        let mut buf = [0u8; 512];
-        while !got.ends_with(b"ok") {
-            let n = c.read(&mut buf).await.unwrap();
-            assert!(n > 0, "closed: {}", String::from_utf8_lossy(&got));
-            got.extend_from_slice(&buf[..n]);
-        }
-        c
-    }
-
-    #[tokio::test]
-    async fn http_connections_beyond_the_limit_are_closed_at_once() {
-        let addr = http_server().await;
-        let mut open = Vec::new();
-        for _ in 0..MAX_HTTP_CONNECTIONS {
-            open.push(get(addr).await);
-        }
-        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let _ = extra.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
-        let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
-            .await
-            .expect("the connection over the limit must be closed at once")
-            .unwrap_or(0);
-        assert_eq!(n, 0, "served over the limit");
-        // A slot freed is a slot served.
-        drop(open.pop());
-        tokio::time::timeout(Duration::from_secs(10), async {
-            loop {
-                let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-                let _ = c.write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n").await;
-                if c.read(&mut buf).await.unwrap_or(0) > 0 {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await
-        .expect("a freed slot serves again");
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn slow_request_bodies_and_headers_are_cut() {
-        let addr = http_server().await;
-        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\n{")
-            .await
-            .unwrap();
-        let mut resp = String::new();
-        tokio::time::timeout(BODY_READ_TIMEOUT * 2, c.read_to_string(&mut resp))
-            .await
-            .expect("a trickled body must be cut")
-            .unwrap();
-        assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
-        let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
-        c.write_all(b"GET / HTTP/1.1\r\nHo").await.unwrap();
-        let mut rest = Vec::new();
-        tokio::time::timeout(HEADER_READ_TIMEOUT * 2, c.read_to_end(&mut rest))
-            .await
-            .expect("trickled headers must be cut")
-            .unwrap();
-    }
-
-    #[tokio::test]
-    async fn api_socket_mode_stale_live_and_foreign_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sub/api.sock");
-        let l = bind_unix(&path, 0o600).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o600);
-        // Someone is accepting on it: not ours to replace.
-        assert!(matches!(
-            bind_unix(&path, 0o600),
-            Err(ServerError::InUse { .. })
-        ));
-        // A crashed daemon's socket file is replaced.
-        drop(l);
-        let l = bind_unix(&path, 0o660).unwrap();
-        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, 0o660);
-        drop(l);
-        let file = dir.path().join("not-a-socket");
-        std::fs::write(&file, "x").unwrap();
-        assert!(matches!(
-            bind_unix(&file, 0o600),
-            Err(ServerError::NotASocket { .. })
-        ));
-        assert_eq!(std::fs::read_to_string(&file).unwrap(), "x");
-    }
 }

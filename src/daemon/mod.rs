@@ -5,6 +5,7 @@ pub mod config;
 pub mod metrics;
 pub mod run;
 pub mod rundir;
+pub mod target_qemu;
 
 pub use config::Config;
 pub use run::{run, DaemonError};

@@ -16,7 +16,8 @@ use super::config::{Config, ConfigError};
 use super::metrics::Metrics;
 use super::rundir::{self, RuntimeDirError};
 use crate::admit::registry::Registry;
-use crate::control::server::{self, AdminTls, ApiState, Control, ServerError};
+use crate::control::serve::{self, AdminTls, ServerError};
+use crate::control::server::{self, ApiState, Control};
 use crate::gate::target::{self, Target};
 use crate::outcome::Sink;
 
@@ -126,7 +127,7 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
         None => None,
     };
     let api_socket = config.api.socket.clone();
-    let unix = server::bind_unix(&api_socket, built.socket_mode)?;
+    let unix = serve::bind_unix(&api_socket, built.socket_mode)?;
 
     let registry = Registry::new(Duration::from_secs(config.daemon.retention));
     let metrics = Metrics::new();
@@ -177,7 +178,7 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
             }),
         );
         tasks.spawn(async move {
-            server::serve_tcp(l, app, "metrics").await;
+            serve::serve_tcp(l, app, "metrics").await;
             Ok(())
         });
     }
@@ -185,14 +186,14 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
     tasks.spawn({
         let app = app.clone();
         async move {
-            server::serve_unix(unix, app).await;
+            serve::serve_unix(unix, app).await;
             Ok(())
         }
     });
     if let (Some(l), Some(admin)) = (admin_listener, admin) {
         tracing::info!(listen = %l.local_addr().map_err(DaemonError::Serve)?, "API listening with mutual TLS");
         tasks.spawn(async move {
-            server::serve_tls(l, admin, app).await;
+            serve::serve_tls(l, admin, app).await;
             Ok(())
         });
     }
