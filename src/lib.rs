@@ -1,24 +1,32 @@
 //! miggate: a secure gateway for VM live migration streams.
 //!
-//! The path of one connection, as the module list reads:
-//! `net` (endpoints, HOST:PORT, socket tuning) ->
-//! `gate` (listen, TLS) -> `creds` (peer identity as a DN) -> `authz` (ACL)
-//! -> `wire` (hello/verdict frames, QEMU stream sniffing) -> `admit`
-//! (the decision) -> `relay` (bytes both ways) -> `outcome` (one record).
+//! The modules read in the order of the data path, bottom to top: one
+//! connection goes `net` (sockets, the mTLS accept step) -> `creds` (peer
+//! identity as a DN) -> `authz` (ACL) -> `wire` (hello/verdict frames,
+//! QEMU stream facts) -> `admit` (the whole decision) -> `relay` (bytes
+//! both ways) -> `gate` (the listeners that do the I/O of all this) ->
+//! `outcome` (one record); beside it the control plane: `qmp`, `control`
+//! (the daemon's API), `daemon`, `migrate` (the end-to-end command).
 #![forbid(unsafe_code)]
 
-pub mod admit;
-pub mod authz;
-pub mod bench;
-pub mod control;
-pub mod creds;
-pub mod daemon;
-pub mod gate;
-pub mod lab;
-pub mod migrate;
+// The data path.
 pub mod net;
-pub mod outcome;
-pub mod qmp;
-pub mod relay;
-pub mod timeouts;
+pub mod creds;
+pub mod authz;
 pub mod wire;
+pub mod admit;
+pub mod relay;
+pub mod gate;
+pub mod outcome;
+/// Named durations and limits shared along the path.
+pub mod timeouts;
+
+// The control plane.
+pub mod qmp;
+pub mod control;
+pub mod daemon;
+pub mod migrate;
+
+// Test lab and benchmark (leaving for crates of their own).
+pub mod bench;
+pub mod lab;
