@@ -15,8 +15,8 @@ use serde_json::json;
 use tokio::net::unix::UCred;
 use uuid::Uuid;
 
+use super::args::{host_of, MigrateArgs};
 use super::progress::Reporter;
-use super::{host_of, MigrateArgs};
 use crate::admit::ticket::Ticket;
 use crate::control::client::{api_addr, ApiAddr, ApiClient, ApiError};
 use crate::control::types::{Allow, Forward, IncomingRequest, MigrationView, Phase, QmpForward};

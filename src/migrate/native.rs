@@ -20,8 +20,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
+use super::args::{host_of, MigrateArgs};
+use super::chain;
 use super::progress::Reporter;
-use super::{chain, host_of, MigrateArgs};
 use crate::authz::{Authz, Decision, List, Simple};
 use crate::qmp::{Qmp, QmpError};
 
@@ -31,6 +32,9 @@ pub const AUTHZ_ID: &str = "miggate-authz0";
 /// Where the target QEMU listens unless `--connect` says otherwise: both
 /// QMP sockets are local, so both QEMUs are too.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:0";
+
+/// A completed migration's VM starts on the target a moment later.
+const TARGET_RUNNING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct Native {
     target: Qmp,
@@ -280,7 +284,7 @@ impl Native {
 
     /// Waits (briefly) for the target VM to reach `want`; returns what it is.
     pub async fn target_status(&mut self, want: &str) -> Option<String> {
-        let deadline = tokio::time::Instant::now() + super::TARGET_RUNNING_WAIT;
+        let deadline = tokio::time::Instant::now() + TARGET_RUNNING_WAIT;
         loop {
             let s = self.target.query_status().await.ok()?;
             if s == want || tokio::time::Instant::now() >= deadline {

@@ -1,0 +1,277 @@
+//! The command line of `miggate migrate` and its parsers; arguments built
+//! in code (the demo, tests) get the same bounds from [`MigrateArgs::check`].
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::gate::Endpoint;
+
+/// Default `--x509-dir`: the layout QEMU's `tls-creds-x509` reads, in the
+/// place the README's examples install it (QEMU's own default is
+/// /etc/pki/qemu; a symlink makes both the same).
+pub const DEFAULT_X509_DIR: &str = "/etc/pki/miggate";
+
+/// QEMU's own maximum `downtime-limit` (MAX_MIGRATE_DOWNTIME: 2000 s), in ms.
+pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct MigrateArgs {
+    /// The source QEMU's QMP socket: unix:PATH.
+    #[arg(long, value_parser = parse_qmp)]
+    pub source_qmp: PathBuf,
+    /// The target's miggate daemon: unix:PATH of its API socket, or
+    /// https://HOST:PORT (with --api-x509-dir).
+    #[arg(
+        long,
+        required_unless_present = "native_tls",
+        conflicts_with = "native_tls"
+    )]
+    pub target: Option<String>,
+    /// PKI directory with the admin client certificate for an https:// daemon.
+    #[arg(long)]
+    pub api_x509_dir: Option<PathBuf>,
+    /// The target QEMU's QMP socket, unix:PATH: as the daemon sees it (gateway
+    /// mode: the daemon issues migrate-incoming there), or local (--native-tls).
+    #[arg(long, value_parser = parse_qmp, required_unless_present = "forward")]
+    pub target_qmp: Option<PathBuf>,
+    /// Where the target QEMU already listens (tcp:HOST:PORT or unix:PATH on
+    /// the daemon's host), instead of --target-qmp.
+    #[arg(long, conflicts_with_all = ["target_qmp", "native_tls"])]
+    pub forward: Option<Endpoint>,
+    /// PKI directory in QEMU's layout with this side's client certificate.
+    #[arg(long, default_value = DEFAULT_X509_DIR)]
+    pub x509_dir: PathBuf,
+    /// Gateway mode: the target gateway, HOST:PORT (default: the daemon's
+    /// first listener). --native-tls: where the target QEMU listens
+    /// (default 127.0.0.1 on a free port).
+    #[arg(long)]
+    pub connect: Option<String>,
+    /// Name the target's certificate must carry; default: the host of --connect.
+    #[arg(long)]
+    pub tls_hostname: Option<String>,
+    /// multifd channels (0: a single channel; at most 63, the daemon takes
+    /// 1 + 63 channels per migration).
+    #[arg(long, default_value_t = 0,
+          value_parser = clap::value_parser!(u8).range(0..i64::from(crate::control::server::MAX_CHANNELS)))]
+    pub multifd: u8,
+    /// Bandwidth cap in bytes/s (suffixes K, M, G: powers of 1024); default unlimited.
+    #[arg(long, value_parser = parse_size)]
+    pub max_bandwidth: Option<u64>,
+    /// Longest acceptable pause of the guest at the end, in milliseconds
+    /// (at most 2000000, QEMU's own limit).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=MAX_DOWNTIME_LIMIT_MS))]
+    pub downtime_limit: Option<u64>,
+    /// Seconds the registration (and its ticket) stays valid unused (1 to 86400).
+    #[arg(long, default_value_t = crate::control::types::DEFAULT_EXPIRES_IN_SECS,
+          value_parser = clap::value_parser!(u64).range(1..=crate::control::server::MAX_EXPIRES_IN_SECS))]
+    pub expires_in: u64,
+    /// Seconds a silent peer is tolerated by the source gateway (1 to 3600).
+    #[arg(long, default_value_t = crate::timeouts::DEFAULT_STALL.as_secs(),
+          value_parser = clap::value_parser!(u64).range(1..=crate::timeouts::MAX_STALL_SECS))]
+    pub stall_timeout: u64,
+    /// Refresh each channel's TLS 1.3 keys after every N MiB sent, at most
+    /// one update per 250 ms (as `miggate source --rekey-after-mib`).
+    #[arg(long, value_name = "MIB", conflicts_with = "native_tls",
+          value_parser = clap::value_parser!(u64).range(1..=crate::timeouts::MAX_REKEY_AFTER_MIB))]
+    pub rekey_after_mib: Option<u64>,
+    /// Use QEMU's own TLS on both ends: no gateways, no daemon.
+    #[arg(long)]
+    pub native_tls: bool,
+    /// --native-tls: the target QEMU's PKI directory (default: --x509-dir).
+    #[arg(long, requires = "native_tls")]
+    pub target_x509_dir: Option<PathBuf>,
+    /// --native-tls: allow this DN instead of our client certificate's.
+    #[arg(long, requires = "native_tls", conflicts_with = "authz_list_file")]
+    pub authz_identity: Option<String>,
+    /// --native-tls: QEMU authz-list JSON file for the target's tls-authz.
+    #[arg(long, requires = "native_tls")]
+    pub authz_list_file: Option<PathBuf>,
+    /// One JSON object per line on stdout: steps, progress, and a final result.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl MigrateArgs {
+    /// The options every migration starts from; the demo and tests fill in the rest.
+    pub fn new(source_qmp: PathBuf, x509_dir: PathBuf) -> MigrateArgs {
+        MigrateArgs {
+            source_qmp,
+            target: None,
+            api_x509_dir: None,
+            target_qmp: None,
+            forward: None,
+            x509_dir,
+            connect: None,
+            tls_hostname: None,
+            multifd: 0,
+            max_bandwidth: None,
+            downtime_limit: None,
+            expires_in: crate::control::types::DEFAULT_EXPIRES_IN_SECS,
+            stall_timeout: crate::timeouts::DEFAULT_STALL.as_secs(),
+            rekey_after_mib: None,
+            native_tls: false,
+            target_x509_dir: None,
+            authz_identity: None,
+            authz_list_file: None,
+            json: false,
+        }
+    }
+
+    /// Within range: clap bounds the command line, `check` arguments
+    /// built in code (demo, tests).
+    pub(super) fn stall(&self) -> Duration {
+        Duration::from_secs(self.stall_timeout)
+    }
+
+    pub(super) fn check(&self) -> Result<(), String> {
+        if self.native_tls && self.target_qmp.is_none() {
+            return Err(
+                "--native-tls needs --target-qmp (the target QEMU's local QMP socket)".into(),
+            );
+        }
+        if !self.native_tls && self.target.is_none() {
+            return Err("give --target (the target's miggate daemon) or --native-tls".into());
+        }
+        if !self.native_tls && self.target_qmp.is_none() && self.forward.is_none() {
+            return Err("give --target-qmp or --forward".into());
+        }
+        // The command line's bounds, for arguments built in code.
+        use crate::timeouts::{bounded_secs, MAX_REKEY_AFTER_MIB, MAX_STALL_SECS};
+        bounded_secs("--stall-timeout", self.stall_timeout, 1, MAX_STALL_SECS)
+            .map_err(|e| e.to_string())?;
+        bounded_secs(
+            "--expires-in",
+            self.expires_in,
+            1,
+            crate::control::server::MAX_EXPIRES_IN_SECS,
+        )
+        .map_err(|e| e.to_string())?;
+        if let Some(m) = self
+            .rekey_after_mib
+            .filter(|m| !(1..=MAX_REKEY_AFTER_MIB).contains(m))
+        {
+            return Err(format!(
+                "--rekey-after-mib must be from 1 to {MAX_REKEY_AFTER_MIB} MiB, not {m}"
+            ));
+        }
+        if u32::from(self.multifd) >= crate::control::server::MAX_CHANNELS {
+            return Err(format!(
+                "--multifd must be at most {}, not {}",
+                crate::control::server::MAX_CHANNELS - 1,
+                self.multifd
+            ));
+        }
+        if let Some(ms) = self.downtime_limit.filter(|ms| *ms > MAX_DOWNTIME_LIMIT_MS) {
+            return Err(format!(
+                "--downtime-limit must be at most {MAX_DOWNTIME_LIMIT_MS} ms, not {ms}"
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `unix:PATH` (a bare absolute path is accepted too).
+pub fn parse_qmp(s: &str) -> Result<PathBuf, String> {
+    match s.strip_prefix("unix:").unwrap_or(s) {
+        "" => Err("a QMP socket is unix:PATH".into()),
+        p if s.starts_with("unix:") || p.starts_with('/') => Ok(PathBuf::from(p)),
+        _ => Err(format!("{s:?}: a QMP socket is unix:PATH")),
+    }
+}
+
+/// Bytes, with an optional K/M/G/T suffix (powers of 1024, "iB" optional).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let t = t
+        .strip_suffix("iB")
+        .or_else(|| t.strip_suffix('B'))
+        .unwrap_or(t);
+    let (num, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{s:?}: unknown unit {c:?} (K, M, G, T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size in bytes (e.g. 100M)"))?;
+    match n.checked_shl(shift).filter(|v| v >> shift == n) {
+        Some(0) => Err("a bandwidth of 0 would never finish".into()),
+        Some(v) => Ok(v),
+        None => Err(format!("{s:?} is too large")),
+    }
+}
+
+/// HOST of HOST:PORT (brackets of an IPv6 literal removed).
+pub(crate) fn host_of(addr: &str) -> &str {
+    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
+    host.trim_start_matches('[').trim_end_matches(']')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn arguments_built_in_code_are_bounded_like_the_command_line() {
+        let mut a = MigrateArgs::new("/q".into(), "/pki".into());
+        a.target = Some("unix:/run/miggate/api.sock".into());
+        a.forward = Some(Endpoint::Tcp("127.0.0.1:1".into()));
+        a.check().unwrap();
+        a.stall_timeout = u64::MAX;
+        let e = a.check().unwrap_err();
+        assert!(
+            e.starts_with("--stall-timeout must be from 1 to 3600 seconds"),
+            "{e}"
+        );
+        a.stall_timeout = 30;
+        a.expires_in = 0;
+        assert!(a
+            .check()
+            .unwrap_err()
+            .starts_with("--expires-in must be from 1"));
+        a.expires_in = 60;
+        a.rekey_after_mib = Some(u64::MAX);
+        assert!(a
+            .check()
+            .unwrap_err()
+            .starts_with("--rekey-after-mib must be from 1"));
+        a.rekey_after_mib = None;
+        a.multifd = 64;
+        assert!(a
+            .check()
+            .unwrap_err()
+            .starts_with("--multifd must be at most 63"));
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("1000"), Ok(1000));
+        assert_eq!(parse_size("8M"), Ok(8 << 20));
+        assert_eq!(parse_size("8MiB"), Ok(8 << 20));
+        assert_eq!(parse_size("2g"), Ok(2 << 30));
+        assert_eq!(parse_size("512KB"), Ok(512 << 10));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("8X").is_err());
+        assert!(parse_size("M").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn qmp_addresses() {
+        assert_eq!(parse_qmp("unix:/run/q.sock"), Ok("/run/q.sock".into()));
+        assert_eq!(parse_qmp("/run/q.sock"), Ok("/run/q.sock".into()));
+        assert!(parse_qmp("unix:").is_err());
+        assert!(parse_qmp("tcp:1.2.3.4:5").is_err());
+        assert_eq!(host_of("[::1]:5"), "::1");
+        assert_eq!(host_of("dst.example.org:49152"), "dst.example.org");
+    }
+}
