@@ -12,6 +12,7 @@ pub mod bench;
 pub mod control;
 pub mod creds;
 pub mod daemon;
+pub mod error;
 pub mod gate;
 pub mod lab;
 pub mod migrate;

@@ -30,6 +30,7 @@ use super::types::{
 use crate::admit::registry::{IncomingSpec, Migration, Registry};
 use crate::authz::{AnyVerified, Authz, Decision, ListFile, Simple};
 use crate::creds::{dn, tls};
+use crate::error::chain;
 use crate::gate::unix_bind::{self, UnixBindError};
 use crate::gate::Endpoint;
 use crate::qmp::Qmp;
@@ -486,18 +487,6 @@ async fn reload(
 
 fn caller_name(c: &Option<Extension<Caller>>) -> &str {
     c.as_ref().map_or("local socket", |Extension(c)| &c.0)
-}
-
-/// An error and its sources on one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
 }
 
 /// Creates the API socket with `mode` in force from its first moment (see

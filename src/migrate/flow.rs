@@ -12,8 +12,9 @@ use super::native::Native;
 use super::progress::{bytes, Reporter, Snapshot};
 use super::signals::{Interrupt, Signals};
 use super::summary::{Failure, Summary};
-use super::{cause, chain, EXIT_FAILED, EXIT_USAGE};
+use super::{cause, EXIT_FAILED, EXIT_USAGE};
 use crate::creds::{dn, tls};
+use crate::error::chain;
 use crate::qmp::{MigrationInfo, Qmp, QmpError};
 
 /// `max-bandwidth` unless told: QEMU's own default (32 MiB/s in 7.2) would

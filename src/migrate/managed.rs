@@ -21,6 +21,7 @@ use crate::admit::ticket::Ticket;
 use crate::control::client::{api_addr, ApiAddr, ApiClient, ApiError};
 use crate::control::types::{Allow, Forward, IncomingRequest, MigrationView, Phase, QmpForward};
 use crate::creds::tls;
+use crate::error::chain;
 use crate::gate::source::{self, LocalListener, LocalPeer, SourceConfig};
 use crate::gate::unix_bind::{self, Access};
 use crate::outcome::{Ending, Record, Sink};
@@ -164,7 +165,7 @@ fn local_hop(qemu: &UCred, qmp: &Path) -> Result<(LocalListener, tempfile::TempD
     };
     let path = dir.path().join("source.sock");
     let bound = unix_bind::bind(&path, Access { mode: 0o600, owner })
-        .map_err(|e| format!("cannot listen for the source QEMU: {}", super::chain(&e)))?;
+        .map_err(|e| format!("cannot listen for the source QEMU: {}", chain(&e)))?;
     let listener = LocalListener::Unix {
         listener: bound.listener,
         path,
@@ -190,10 +191,10 @@ impl Managed {
     ) -> Result<Managed, String> {
         let target = args.target.as_deref().unwrap_or_default();
         let addr = api_addr(target, args.api_x509_dir.as_deref()).map_err(|e| e.to_string())?;
-        let api = ApiClient::new(addr).map_err(|e| super::chain(&e))?;
+        let api = ApiClient::new(addr).map_err(|e| chain(&e))?;
         // Everything that can fail locally fails before the daemon is asked.
         let tls = tls::client_config(&args.x509_dir, &[tls::ALPN_MIGGATE])
-            .map_err(|e| format!("source TLS credentials: {}", super::chain(&e)))?;
+            .map_err(|e| format!("source TLS credentials: {}", chain(&e)))?;
         let (listener, local_dir) = local_hop(qemu, &args.source_qmp)?;
         let socket = match &listener {
             LocalListener::Unix { path, .. } => path.clone(),
@@ -392,7 +393,7 @@ impl Managed {
 fn api_reason(e: &ApiError) -> String {
     match e {
         ApiError::Http { status, message } => format!("{message} (HTTP {status})"),
-        other => super::chain(other),
+        other => chain(other),
     }
 }
 

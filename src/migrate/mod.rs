@@ -69,39 +69,3 @@ pub async fn run(args: MigrateArgs) -> u8 {
         }
     }
 }
-
-/// An error and its sources on one line, without repeating a source its
-/// parent's message already includes.
-pub(crate) fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        let text = src.to_string();
-        if !s.contains(&text) {
-            s = format!("{s}: {text}");
-        }
-        cur = src.source();
-    }
-    s
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn error_chains_do_not_repeat() {
-        #[derive(Debug, thiserror::Error)]
-        #[error("outer: inner broke")]
-        struct Outer(#[source] Inner);
-        #[derive(Debug, thiserror::Error)]
-        #[error("inner broke")]
-        struct Inner;
-        #[derive(Debug, thiserror::Error)]
-        #[error("cannot connect")]
-        struct Conn(#[source] std::io::Error);
-        assert_eq!(chain(&Outer(Inner)), "outer: inner broke");
-        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "no such file");
-        assert_eq!(chain(&Conn(io)), "cannot connect: no such file");
-    }
-}

@@ -21,9 +21,9 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value};
 
 use super::args::{host_of, MigrateArgs};
-use super::chain;
 use super::progress::Reporter;
 use crate::authz::{Authz, Decision, List, Simple};
+use crate::error::chain;
 use crate::qmp::{Qmp, QmpError};
 
 pub const CREDS_ID: &str = "miggate-tls0";
