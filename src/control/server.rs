@@ -33,7 +33,7 @@ use crate::creds::{dn, tls};
 use crate::error::chain;
 use crate::gate::unix_bind::{self, UnixBindError};
 use crate::gate::Endpoint;
-use crate::qmp::Qmp;
+use crate::qmp::{MigrationParameters, Qmp};
 
 /// Most channels one migration may register: 1 main + QEMU's multifd maximum
 /// would be 256, but more than 64 parallel TLS streams buys nothing.
@@ -313,34 +313,24 @@ async fn prepare_target_qemu(q: &QmpForward, sock: &Path) -> Result<(), ApiFailu
             .await
             .map_err(|e| gateway(format!("cannot use the target QEMU's QMP at {path}: {e}")))?;
         if !q.capabilities.is_empty() {
-            let caps: Vec<_> = q
-                .capabilities
-                .iter()
-                .map(|(k, v)| json!({ "capability": k, "state": v }))
-                .collect();
-            qmp.execute(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": caps })),
-            )
-            .await
-            .map_err(|e| gateway(format!("target {e}")))?;
+            qmp.set_capabilities(q.capabilities.iter().map(|(c, on)| (c, *on)))
+                .await
+                .map_err(|e| gateway(format!("target {e}")))?;
         }
         if !q.parameters.is_empty() {
-            qmp.execute(
-                "migrate-set-parameters",
-                Some(serde_json::Value::Object(q.parameters.clone())),
-            )
-            .await
-            .map_err(|e| gateway(format!("target {e}")))?;
+            let params = MigrationParameters {
+                other: q.parameters.clone(),
+                ..Default::default()
+            };
+            qmp.set_parameters(&params)
+                .await
+                .map_err(|e| gateway(format!("target {e}")))?;
         }
         // A socket left by an earlier migration would make QEMU's bind fail.
         let _ = std::fs::remove_file(sock);
-        qmp.execute(
-            "migrate-incoming",
-            Some(json!({ "uri": format!("unix:{}", sock.display()) })),
-        )
-        .await
-        .map_err(|e| gateway(format!("target {e}")))?;
+        qmp.migrate_incoming(&format!("unix:{}", sock.display()))
+            .await
+            .map_err(|e| gateway(format!("target {e}")))?;
         Ok(())
     };
     tokio::time::timeout(QMP_SETUP_TIMEOUT, work)

@@ -3,7 +3,6 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::args::MigrateArgs;
@@ -15,12 +14,7 @@ use super::summary::{Failure, Summary};
 use super::{cause, EXIT_FAILED, EXIT_USAGE};
 use crate::creds::{dn, tls};
 use crate::error::chain;
-use crate::qmp::{MigrationInfo, Qmp, QmpError};
-
-/// `max-bandwidth` unless told: QEMU's own default (32 MiB/s in 7.2) would
-/// make a secure migration look slow for no reason. QEMU caps the value at
-/// SIZE_MAX; 1 TiB/s is "unlimited" for any link.
-pub const UNLIMITED_BANDWIDTH: u64 = 1 << 40;
+use crate::qmp::{MigrationInfo, MigrationParameters, Qmp, QmpError, UNLIMITED_BANDWIDTH};
 
 /// How often `query-migrate` is asked for progress.
 pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
@@ -131,11 +125,7 @@ impl Migration<'_> {
             }
         ));
         let started = Instant::now();
-        if let Err(e) = self
-            .src
-            .execute("migrate", Some(json!({ "uri": uri })))
-            .await
-        {
+        if let Err(e) = self.src.migrate(&uri).await {
             return Err(self
                 .not_started(Stop::Cause(format!("source QEMU: {}", chain(&e))))
                 .await);
@@ -184,11 +174,7 @@ impl Migration<'_> {
                 )));
             }
         }
-        let v = self.src.execute("query-uuid", None).await.map_err(q)?;
-        let uuid = v["UUID"]
-            .as_str()
-            .and_then(|s| s.parse::<Uuid>().ok())
-            .filter(|u| !u.is_nil());
+        let uuid = Some(self.src.query_uuid().await.map_err(q)?).filter(|u| !u.is_nil());
         let dn = client_dn(&self.args.x509_dir).map_err(Stop::Cause)?;
         rep.step(&format!(
             "source QEMU at {}: VM {} is {}; this side authenticates as {dn}",
@@ -213,10 +199,11 @@ impl Migration<'_> {
             ))
         } else {
             // Stale native TLS settings would wrap TLS inside the gateway's TLS.
-            self.src
-                .execute("migrate-set-parameters", Some(json!({"tls-creds": ""})))
-                .await
-                .map_err(q)?;
+            let off = MigrationParameters {
+                tls_creds: Some(String::new()),
+                ..Default::default()
+            };
+            self.src.set_parameters(&off).await.map_err(q)?;
             // The QEMU behind the QMP socket is the only process the
             // source gateway will take a stream from.
             let qemu = self.src.peer_cred().map_err(|e| {
@@ -231,35 +218,21 @@ impl Migration<'_> {
             ))
         });
 
-        let caps = [
-            ("return-path", true),
-            ("validate-uuid", uuid.is_some()),
-            ("multifd", self.args.multifd > 0),
-        ];
-        let caps: Vec<Value> = caps
-            .iter()
-            .map(|(c, on)| json!({"capability": c, "state": on}))
-            .collect();
         self.src
-            .execute(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": caps })),
-            )
+            .set_capabilities([
+                ("return-path", true),
+                ("validate-uuid", uuid.is_some()),
+                ("multifd", self.args.multifd > 0),
+            ])
             .await
             .map_err(q)?;
-        let mut params = json!({
-            "max-bandwidth": self.args.max_bandwidth.unwrap_or(UNLIMITED_BANDWIDTH),
-        });
-        if let Some(ms) = self.args.downtime_limit {
-            params["downtime-limit"] = json!(ms);
-        }
-        if self.args.multifd > 0 {
-            params["multifd-channels"] = json!(self.args.multifd);
-        }
-        self.src
-            .execute("migrate-set-parameters", Some(params))
-            .await
-            .map_err(q)?;
+        let params = MigrationParameters {
+            max_bandwidth: Some(self.args.max_bandwidth.unwrap_or(UNLIMITED_BANDWIDTH)),
+            downtime_limit: self.args.downtime_limit,
+            multifd_channels: (self.args.multifd > 0).then_some(self.args.multifd),
+            ..Default::default()
+        };
+        self.src.set_parameters(&params).await.map_err(q)?;
         Ok((uuid, dn))
     }
 
@@ -278,7 +251,7 @@ impl Migration<'_> {
             let _ = m.cancel().await;
         }
         // A `migrate` interrupted while in flight may have started it.
-        let _ = self.src.execute("migrate_cancel", None).await;
+        let _ = self.src.migrate_cancel().await;
         let (vm, now) = self.vm_clause().await;
         let (lead, why, code) = match stop {
             Stop::Cause(c) => ("migration not started", c, EXIT_FAILED),
@@ -359,7 +332,7 @@ impl Migration<'_> {
             },
             _ => String::new(),
         };
-        let source = match self.src.execute("migrate_cancel", None).await {
+        let source = match self.src.migrate_cancel().await {
             Ok(_) => "the source QEMU cancelled it".to_string(),
             Err(e) => format!("migrate_cancel failed ({})", chain(&e)),
         };

@@ -24,7 +24,7 @@ use super::args::{host_of, MigrateArgs};
 use super::progress::Reporter;
 use crate::authz::{Authz, Decision, List, Simple};
 use crate::error::chain;
-use crate::qmp::{Qmp, QmpError};
+use crate::qmp::{MigrationParameters, Qmp, QmpError};
 
 pub const CREDS_ID: &str = "miggate-tls0";
 pub const AUTHZ_ID: &str = "miggate-authz0";
@@ -50,8 +50,8 @@ pub struct Native {
 /// against the same QEMUs replaces the objects of the first.
 async fn replace_object(q: &mut Qmp, props: Value) -> Result<(), QmpError> {
     let id = props["id"].as_str().unwrap_or_default().to_string();
-    let _ = q.execute("object-del", Some(json!({ "id": id }))).await;
-    q.execute("object-add", Some(props)).await.map(drop)
+    let _ = q.object_del(&id).await;
+    q.object_add(props).await
 }
 
 fn tls_creds(dir: &Path, endpoint: &str) -> Result<Value, String> {
@@ -146,31 +146,22 @@ impl Native {
                 Some(format!("its tls-authz refused the TLS session ({reason})"))
             }
         };
-        let (caps, mut params) = super::managed::target_migration_settings(args.multifd);
-        let caps: Vec<Value> = caps
-            .iter()
-            .map(|(c, on)| json!({"capability": c, "state": on}))
-            .collect();
+        let (caps, params) = super::managed::target_migration_settings(args.multifd);
         target
-            .execute(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": caps })),
-            )
+            .set_capabilities(caps.iter().map(|(c, on)| (c, *on)))
             .await
             .map_err(q)?;
-        params.insert("tls-creds".into(), json!(CREDS_ID));
-        params.insert("tls-authz".into(), json!(AUTHZ_ID));
-        target
-            .execute("migrate-set-parameters", Some(Value::Object(params)))
-            .await
-            .map_err(q)?;
+        let params = MigrationParameters {
+            tls_creds: Some(CREDS_ID.into()),
+            tls_authz: Some(AUTHZ_ID.into()),
+            other: params,
+            ..Default::default()
+        };
+        target.set_parameters(&params).await.map_err(q)?;
 
         let listen = args.connect.as_deref().unwrap_or(DEFAULT_LISTEN);
         target
-            .execute(
-                "migrate-incoming",
-                Some(json!({ "uri": format!("tcp:{listen}") })),
-            )
+            .migrate_incoming(&format!("tcp:{listen}"))
             .await
             .map_err(q)?;
         let host = host_of(listen).to_string();
@@ -200,12 +191,12 @@ impl Native {
             .await
             .map_err(qs)?;
         let tls_hostname = args.tls_hostname.clone().unwrap_or_else(|| host.clone());
-        src.execute(
-            "migrate-set-parameters",
-            Some(json!({"tls-creds": CREDS_ID, "tls-hostname": tls_hostname})),
-        )
-        .await
-        .map_err(qs)?;
+        let params = MigrationParameters {
+            tls_creds: Some(CREDS_ID.into()),
+            tls_hostname: Some(tls_hostname.clone()),
+            ..Default::default()
+        };
+        src.set_parameters(&params).await.map_err(qs)?;
         rep.step(&format!(
             "source QEMU: TLS client with {} (identity {dn}), the target must present a certificate for {tls_hostname}",
             args.x509_dir.display()
@@ -247,7 +238,7 @@ impl Native {
             Err(e) => return Err(q(e)),
         };
         target
-            .execute("object-add", Some(authz_list_props(&list)))
+            .object_add(authz_list_props(&list))
             .await
             .map_err(q)?;
         rep.note(&format!(
