@@ -205,7 +205,7 @@ async fn incoming(
         StatusCode::CREATED,
         Json(IncomingResponse {
             id: mig.id.clone(),
-            ticket: ticket.expose().to_string(),
+            ticket,
             expires_at: view.expires_at,
             listen: listeners.iter().map(|&i| st.listen[i].clone()).collect(),
         }),

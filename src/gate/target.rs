@@ -470,7 +470,10 @@ async fn admit(
         buf.drain(..used);
         hello = Some(h);
     }
-    let migration = match hello.as_ref().and_then(|h: &Hello| h.ticket.as_deref()) {
+    let migration = match hello
+        .as_ref()
+        .and_then(|h: &Hello| h.ticket.as_ref().map(frames::HelloTicket::expose))
+    {
         Some(t) => Some(find_migration(target, t)?),
         None => None,
     };

@@ -17,7 +17,6 @@ use uuid::Uuid;
 
 use super::args::{host_of, MigrateArgs};
 use super::progress::Reporter;
-use crate::admit::ticket::Ticket;
 use crate::control::client::{api_addr, ApiAddr, ApiClient, ApiError};
 use crate::control::types::{Allow, Forward, IncomingRequest, MigrationView, Phase, QmpForward};
 use crate::creds::tls;
@@ -234,13 +233,6 @@ impl Managed {
             .register(&req)
             .await
             .map_err(|e| format!("target daemon: {}", api_reason(&e)))?;
-        let ticket = match Ticket::parse(&resp.ticket) {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = api.cancel(&resp.id).await;
-                return Err(format!("the daemon's ticket is unusable: {e}"));
-            }
-        };
         let vm = uuid.map_or_else(|| "any VM UUID".to_string(), |u| format!("VM {u}"));
         rep.step(&format!(
             "registered migration {} with the daemon at {}: a one-shot ticket (kept in memory only) admits {} channel{} of {vm} from {dn} until {}",
@@ -277,7 +269,7 @@ impl Managed {
             server_name,
             stall: args.stall(),
             rekey_after: args.rekey_after_mib.map(|m| m << 20),
-            ticket: Some(ticket),
+            ticket: Some(resp.ticket),
             sink: Some(records.clone()),
         };
         let gateway = tokio::spawn(async move {
