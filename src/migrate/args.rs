@@ -1,7 +1,7 @@
 //! The command line of `miggate migrate` and its parsers; arguments built
 //! in code (the demo, tests) get the same bounds from [`MigrateArgs::check`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::gate::Endpoint;
@@ -123,51 +123,107 @@ impl MigrateArgs {
         Duration::from_secs(self.stall_timeout)
     }
 
-    pub(super) fn check(&self) -> Result<(), String> {
-        if self.native_tls && self.target_qmp.is_none() {
-            return Err(
-                "--native-tls needs --target-qmp (the target QEMU's local QMP socket)".into(),
-            );
-        }
-        if !self.native_tls && self.target.is_none() {
-            return Err("give --target (the target's miggate daemon) or --native-tls".into());
-        }
-        if !self.native_tls && self.target_qmp.is_none() && self.forward.is_none() {
-            return Err("give --target-qmp or --forward".into());
-        }
-        // The command line's bounds, for arguments built in code.
-        use crate::timeouts::{bounded_secs, MAX_REKEY_AFTER_MIB, MAX_STALL_SECS};
-        bounded_secs("--stall-timeout", self.stall_timeout, 1, MAX_STALL_SECS)
-            .map_err(|e| e.to_string())?;
+    /// Checks what clap checks on the command line, for arguments built in
+    /// code too, and says which mode the arguments ask for, so that the
+    /// steps after it need not check again.
+    pub(super) fn check(&self) -> Result<Plan<'_>, ArgsError> {
+        let plan = match (
+            self.native_tls,
+            &self.target,
+            &self.target_qmp,
+            &self.forward,
+        ) {
+            (true, _, Some(qmp), _) => Plan::Native { target_qmp: qmp },
+            (true, _, None, _) => return Err(ArgsError::NativeNeedsTargetQmp),
+            (false, None, _, _) => return Err(ArgsError::NoTarget),
+            (false, Some(t), Some(qmp), _) => Plan::Gateway {
+                target: t,
+                forward: TargetForward::Qmp(qmp),
+            },
+            (false, Some(t), None, Some(ep)) => Plan::Gateway {
+                target: t,
+                forward: TargetForward::Endpoint(ep),
+            },
+            (false, Some(_), None, None) => return Err(ArgsError::NoForward),
+        };
+        use crate::timeouts::{bounded_secs, OutOfRange, MAX_REKEY_AFTER_MIB, MAX_STALL_SECS};
+        bounded_secs("--stall-timeout", self.stall_timeout, 1, MAX_STALL_SECS)?;
         bounded_secs(
             "--expires-in",
             self.expires_in,
             1,
             crate::control::server::MAX_EXPIRES_IN_SECS,
-        )
-        .map_err(|e| e.to_string())?;
+        )?;
         if let Some(m) = self
             .rekey_after_mib
             .filter(|m| !(1..=MAX_REKEY_AFTER_MIB).contains(m))
         {
-            return Err(format!(
-                "--rekey-after-mib must be from 1 to {MAX_REKEY_AFTER_MIB} MiB, not {m}"
-            ));
+            return Err(ArgsError::Range(OutOfRange {
+                field: "--rekey-after-mib".into(),
+                value: m,
+                min: 1,
+                max: MAX_REKEY_AFTER_MIB,
+                unit: "MiB",
+            }));
         }
         if u32::from(self.multifd) >= crate::control::server::MAX_CHANNELS {
-            return Err(format!(
-                "--multifd must be at most {}, not {}",
-                crate::control::server::MAX_CHANNELS - 1,
-                self.multifd
-            ));
+            return Err(ArgsError::AtMost {
+                option: "--multifd",
+                max: u64::from(crate::control::server::MAX_CHANNELS - 1),
+                unit: "",
+                value: self.multifd.into(),
+            });
         }
         if let Some(ms) = self.downtime_limit.filter(|ms| *ms > MAX_DOWNTIME_LIMIT_MS) {
-            return Err(format!(
-                "--downtime-limit must be at most {MAX_DOWNTIME_LIMIT_MS} ms, not {ms}"
-            ));
+            return Err(ArgsError::AtMost {
+                option: "--downtime-limit",
+                max: MAX_DOWNTIME_LIMIT_MS,
+                unit: " ms",
+                value: ms,
+            });
         }
-        Ok(())
+        Ok(plan)
     }
+}
+
+/// Arguments that cannot work together or are out of range (exit code 2).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgsError {
+    #[error("--native-tls needs --target-qmp (the target QEMU's local QMP socket)")]
+    NativeNeedsTargetQmp,
+    #[error("give --target (the target's miggate daemon) or --native-tls")]
+    NoTarget,
+    #[error("give --target-qmp or --forward")]
+    NoForward,
+    #[error(transparent)]
+    Range(#[from] crate::timeouts::OutOfRange),
+    #[error("{option} must be at most {max}{unit}, not {value}")]
+    AtMost {
+        option: &'static str,
+        max: u64,
+        unit: &'static str,
+        value: u64,
+    },
+}
+
+/// The mode the arguments ask for, with what that mode needs.
+#[derive(Debug, Clone, Copy)]
+pub enum Plan<'a> {
+    /// Through the target's miggate daemon (`--target`).
+    Gateway {
+        target: &'a str,
+        forward: TargetForward<'a>,
+    },
+    /// QEMU's own TLS on both ends.
+    Native { target_qmp: &'a Path },
+}
+
+/// Where the daemon sends the stream: a target QEMU it prepares over QMP,
+/// or an endpoint where the target QEMU already listens.
+#[derive(Debug, Clone, Copy)]
+pub enum TargetForward<'a> {
+    Qmp(&'a Path),
+    Endpoint(&'a Endpoint),
 }
 
 /// `unix:PATH` (a bare absolute path is accepted too).
@@ -227,7 +283,7 @@ mod tests {
         a.forward = Some(Endpoint::Tcp("127.0.0.1:1".into()));
         a.check().unwrap();
         a.stall_timeout = u64::MAX;
-        let e = a.check().unwrap_err();
+        let e = a.check().unwrap_err().to_string();
         assert!(
             e.starts_with("--stall-timeout must be from 1 to 3600 seconds"),
             "{e}"
@@ -237,18 +293,21 @@ mod tests {
         assert!(a
             .check()
             .unwrap_err()
+            .to_string()
             .starts_with("--expires-in must be from 1"));
         a.expires_in = 60;
         a.rekey_after_mib = Some(u64::MAX);
         assert!(a
             .check()
             .unwrap_err()
+            .to_string()
             .starts_with("--rekey-after-mib must be from 1"));
         a.rekey_after_mib = None;
         a.multifd = 64;
         assert!(a
             .check()
             .unwrap_err()
+            .to_string()
             .starts_with("--multifd must be at most 63"));
     }
 

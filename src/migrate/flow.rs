@@ -5,7 +5,8 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::args::MigrateArgs;
+use super::args::{MigrateArgs, Plan};
+use super::error::{Cause, ClientDnError};
 use super::managed::Managed;
 use super::native::Native;
 use super::progress::{bytes, Reporter, Snapshot};
@@ -52,7 +53,7 @@ pub async fn execute(args: &MigrateArgs, rep: &mut Reporter) -> Result<Summary, 
         source_status: None,
         migration_id: None,
     };
-    args.check().map_err(|e| usage(format!("{e}.")))?;
+    let plan = args.check().map_err(|e| usage(format!("{e}.")))?;
     let mut signals = Signals::new().map_err(|e| usage(format!("cannot handle signals: {e}.")))?;
     let path = &args.source_qmp;
     let mut src = Qmp::connect_unix(path).await.map_err(|e| Failure {
@@ -81,6 +82,7 @@ pub async fn execute(args: &MigrateArgs, rep: &mut Reporter) -> Result<Summary, 
     };
     let mut m = Migration {
         args,
+        plan,
         src,
         before,
         side: None,
@@ -90,6 +92,7 @@ pub async fn execute(args: &MigrateArgs, rep: &mut Reporter) -> Result<Summary, 
 
 struct Migration<'a> {
     args: &'a MigrateArgs,
+    plan: Plan<'a>,
     src: Qmp,
     /// The source VM's state when we started.
     before: String,
@@ -126,9 +129,7 @@ impl Migration<'_> {
         ));
         let started = Instant::now();
         if let Err(e) = self.src.migrate(&uri).await {
-            return Err(self
-                .not_started(Stop::Cause(format!("source QEMU: {}", chain(&e))))
-                .await);
+            return Err(self.not_started(Stop::Cause(Cause::SourceQemu(e))).await);
         }
 
         // Progress until QEMU's verdict or a signal.
@@ -140,11 +141,7 @@ impl Migration<'_> {
             }
             let info = match self.src.query_migrate().await {
                 Ok(i) => i,
-                Err(e) => {
-                    return Err(self
-                        .failed(rep, Some(format!("source QEMU: {}", chain(&e))), None)
-                        .await)
-                }
+                Err(e) => return Err(self.failed(rep, Some(Cause::SourceQemu(e)), None).await),
             };
             rep.progress(&Snapshot::from_info(&info, started.elapsed()));
             if let Some(Side::Managed(mg)) = &mut self.side {
@@ -165,17 +162,17 @@ impl Migration<'_> {
     /// Everything before `migrate`: the VM, our identity, the target side,
     /// the source's capabilities and parameters.
     async fn prepare(&mut self, rep: &mut Reporter) -> Result<(Option<Uuid>, String), Stop> {
-        let q = |e: QmpError| Stop::Cause(format!("source QEMU: {}", chain(&e)));
+        let q = |e: QmpError| Stop::Cause(Cause::SourceQemu(e));
         let info = self.src.query_migrate().await.map_err(q)?;
         if let Some(status) = info.status.as_deref().filter(|_| !info.is_terminal()) {
             if status != "none" {
-                return Err(Stop::Cause(format!(
-                    "a migration of this VM is already in progress (QEMU status {status})"
-                )));
+                return Err(Stop::Cause(Cause::InProgress {
+                    status: status.to_string(),
+                }));
             }
         }
         let uuid = Some(self.src.query_uuid().await.map_err(q)?).filter(|u| !u.is_nil());
-        let dn = client_dn(&self.args.x509_dir).map_err(Stop::Cause)?;
+        let dn = client_dn(&self.args.x509_dir).map_err(|e| Stop::Cause(e.into()))?;
         rep.step(&format!(
             "source QEMU at {}: VM {} is {}; this side authenticates as {dn}",
             self.args.source_qmp.display(),
@@ -191,31 +188,35 @@ impl Migration<'_> {
             rep.note(&format!("the VM was started without -uuid: the stream cannot prove which VM it is; it is bound to this migration by {bound} only"));
         }
 
-        self.side = Some(if self.args.native_tls {
-            Side::Native(Box::new(
-                Native::prepare(self.args, &mut self.src, &dn, rep)
+        let target = |clause: String| Stop::Cause(Cause::Target(clause));
+        self.side = Some(match self.plan {
+            Plan::Native { target_qmp } => Side::Native(Box::new(
+                Native::prepare(self.args, target_qmp, &mut self.src, &dn, rep)
                     .await
-                    .map_err(Stop::Cause)?,
-            ))
-        } else {
-            // Stale native TLS settings would wrap TLS inside the gateway's TLS.
-            let off = MigrationParameters {
-                tls_creds: Some(String::new()),
-                ..Default::default()
-            };
-            self.src.set_parameters(&off).await.map_err(q)?;
-            // The QEMU behind the QMP socket is the only process the
-            // source gateway will take a stream from.
-            let qemu = self.src.peer_cred().map_err(|e| {
-                Stop::Cause(format!(
-                    "cannot read the source QEMU's credentials from its QMP socket: {e}"
+                    .map_err(target)?,
+            )),
+            Plan::Gateway {
+                target: api,
+                forward,
+            } => {
+                // Stale native TLS settings would wrap TLS inside the gateway's TLS.
+                let off = MigrationParameters {
+                    tls_creds: Some(String::new()),
+                    ..Default::default()
+                };
+                self.src.set_parameters(&off).await.map_err(q)?;
+                // The QEMU behind the QMP socket is the only process the
+                // source gateway will take a stream from.
+                let qemu = self
+                    .src
+                    .peer_cred()
+                    .map_err(|e| Stop::Cause(Cause::SourceCred(e)))?;
+                Side::Managed(Box::new(
+                    Managed::prepare(self.args, api, forward, uuid, &dn, &qemu, rep)
+                        .await
+                        .map_err(target)?,
                 ))
-            })?;
-            Side::Managed(Box::new(
-                Managed::prepare(self.args, uuid, &dn, &qemu, rep)
-                    .await
-                    .map_err(Stop::Cause)?,
-            ))
+            }
         });
 
         self.src
@@ -254,7 +255,7 @@ impl Migration<'_> {
         let _ = self.src.migrate_cancel().await;
         let (vm, now) = self.vm_clause().await;
         let (lead, why, code) = match stop {
-            Stop::Cause(c) => ("migration not started", c, EXIT_FAILED),
+            Stop::Cause(c) => ("migration not started", chain(&c), EXIT_FAILED),
             Stop::Interrupted(sig) => (
                 "migration not started",
                 format!("interrupted by {}", sig.name()),
@@ -273,7 +274,7 @@ impl Migration<'_> {
     async fn failed(
         &mut self,
         rep: &mut Reporter,
-        known: Option<String>,
+        known: Option<Cause>,
         info: Option<&MigrationInfo>,
     ) -> Failure {
         rep.finish_progress();
@@ -287,7 +288,7 @@ impl Migration<'_> {
             Some(Side::Native(n)) => (Vec::new(), None, n.target_error().await),
             None => (Vec::new(), None, None),
         };
-        let why = known.unwrap_or_else(|| {
+        let why = known.map(|c| chain(&c)).unwrap_or_else(|| {
             cause::cause(&cause::Evidence {
                 gateway: &records,
                 daemon: view.as_ref(),
@@ -435,15 +436,17 @@ impl Migration<'_> {
 
 /// Why a migration stopped before it started.
 enum Stop {
-    Cause(String),
+    Cause(Cause),
     Interrupted(Interrupt),
 }
 
 /// The subject DN of `client-cert.pem`, as QEMU's tls-authz will see it.
-pub fn client_dn(x509_dir: &std::path::Path) -> Result<String, String> {
+pub fn client_dn(x509_dir: &std::path::Path) -> Result<String, ClientDnError> {
     use rustls_pki_types::pem::PemObject;
     let path = x509_dir.join(tls::CLIENT_CERT);
-    let cert = rustls_pki_types::CertificateDer::from_pem_file(&path)
-        .map_err(|e| format!("cannot read the client certificate {}: {e}", path.display()))?;
-    dn::subject_dn(&cert).map_err(|e| format!("{}: {}", path.display(), chain(&e)))
+    let cert = match rustls_pki_types::CertificateDer::from_pem_file(&path) {
+        Ok(c) => c,
+        Err(source) => return Err(ClientDnError::Read { path, source }),
+    };
+    dn::subject_dn(&cert).map_err(|source| ClientDnError::Dn { path, source })
 }

@@ -15,7 +15,7 @@ use serde_json::json;
 use tokio::net::unix::UCred;
 use uuid::Uuid;
 
-use super::args::{host_of, MigrateArgs};
+use super::args::{host_of, MigrateArgs, TargetForward};
 use super::progress::Reporter;
 use crate::control::client::{api_addr, ApiAddr, ApiClient, ApiError};
 use crate::control::types::{Allow, Forward, IncomingRequest, MigrationView, Phase, QmpForward};
@@ -183,12 +183,13 @@ impl Managed {
     /// as a clause.
     pub async fn prepare(
         args: &MigrateArgs,
+        target: &str,
+        forward: TargetForward<'_>,
         uuid: Option<Uuid>,
         dn: &str,
         qemu: &UCred,
         rep: &mut Reporter,
     ) -> Result<Managed, String> {
-        let target = args.target.as_deref().unwrap_or_default();
         let addr = api_addr(target, args.api_x509_dir.as_deref()).map_err(|e| e.to_string())?;
         let api = ApiClient::new(addr).map_err(|e| chain(&e))?;
         // Everything that can fail locally fails before the daemon is asked.
@@ -209,8 +210,8 @@ impl Managed {
         ));
 
         let channels = 1 + u32::from(args.multifd);
-        let forward = match (&args.target_qmp, &args.forward) {
-            (Some(qmp), _) => {
+        let forward = match forward {
+            TargetForward::Qmp(qmp) => {
                 let (capabilities, parameters) = target_migration_settings(args.multifd);
                 Forward::Qmp(QmpForward {
                     qmp: format!("unix:{}", qmp.display()),
@@ -218,8 +219,7 @@ impl Managed {
                     parameters,
                 })
             }
-            (None, Some(ep)) => Forward::Endpoint(ep.to_string()),
-            (None, None) => return Err("give --target-qmp or --forward".into()),
+            TargetForward::Endpoint(ep) => Forward::Endpoint(ep.to_string()),
         };
         let req = IncomingRequest {
             vm_uuid: uuid,

@@ -37,6 +37,7 @@
 pub mod args;
 pub mod cause;
 pub mod demo;
+pub mod error;
 mod flow;
 pub mod managed;
 pub mod native;

@@ -92,15 +92,12 @@ impl Native {
     /// Sets up TLS on both QEMUs and starts the target listening.
     pub async fn prepare(
         args: &MigrateArgs,
+        target_qmp: &Path,
         src: &mut Qmp,
         dn: &str,
         rep: &mut Reporter,
     ) -> Result<Native, String> {
-        let Some(path) = args.target_qmp.clone() else {
-            return Err(
-                "--native-tls needs --target-qmp (the target QEMU's local QMP socket)".into(),
-            );
-        };
+        let path = target_qmp.to_path_buf();
         let mut target = Qmp::connect_unix(&path).await.map_err(|e| {
             format!(
                 "cannot connect to the target QEMU's QMP socket {}: {}",
