@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use super::managed::ManagedError;
 use crate::creds::dn::DnError;
 use crate::qmp::QmpError;
 
@@ -18,10 +19,11 @@ pub enum Cause {
     ClientDn(#[from] ClientDnError),
     #[error("cannot read the source QEMU's credentials from its QMP socket")]
     SourceCred(#[source] std::io::Error),
-    /// The target side's preparation (gateway or native TLS mode), worded
-    /// by the module that knows it.
+    #[error(transparent)]
+    Gateway(#[from] ManagedError),
+    /// Native TLS mode's preparation of both QEMUs, worded by `native`.
     #[error("{0}")]
-    Target(String),
+    Native(String),
 }
 
 /// Our identity could not be read from `--x509-dir`.

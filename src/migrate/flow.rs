@@ -188,12 +188,11 @@ impl Migration<'_> {
             rep.note(&format!("the VM was started without -uuid: the stream cannot prove which VM it is; it is bound to this migration by {bound} only"));
         }
 
-        let target = |clause: String| Stop::Cause(Cause::Target(clause));
         self.side = Some(match self.plan {
             Plan::Native { target_qmp } => Side::Native(Box::new(
                 Native::prepare(self.args, target_qmp, &mut self.src, &dn, rep)
                     .await
-                    .map_err(target)?,
+                    .map_err(|clause| Stop::Cause(Cause::Native(clause)))?,
             )),
             Plan::Gateway {
                 target: api,
@@ -214,7 +213,7 @@ impl Migration<'_> {
                 Side::Managed(Box::new(
                     Managed::prepare(self.args, api, forward, uuid, &dn, &qemu, rep)
                         .await
-                        .map_err(target)?,
+                        .map_err(|e| Stop::Cause(e.into()))?,
                 ))
             }
         });
@@ -329,7 +328,7 @@ impl Migration<'_> {
                     v.id,
                     v.state.as_str()
                 ),
-                Err(e) => format!("the target daemon did not confirm ({e}), "),
+                Err(e) => format!("the target daemon did not confirm ({}), ", chain(&e)),
             },
             _ => String::new(),
         };
