@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use super::managed::ManagedError;
+use super::native::NativeError;
 use crate::creds::dn::DnError;
 use crate::qmp::QmpError;
 
@@ -21,9 +22,8 @@ pub enum Cause {
     SourceCred(#[source] std::io::Error),
     #[error(transparent)]
     Gateway(#[from] ManagedError),
-    /// Native TLS mode's preparation of both QEMUs, worded by `native`.
-    #[error("{0}")]
-    Native(String),
+    #[error(transparent)]
+    Native(#[from] NativeError),
 }
 
 /// Our identity could not be read from `--x509-dir`.

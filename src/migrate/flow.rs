@@ -192,7 +192,7 @@ impl Migration<'_> {
             Plan::Native { target_qmp } => Side::Native(Box::new(
                 Native::prepare(self.args, target_qmp, &mut self.src, &dn, rep)
                     .await
-                    .map_err(|clause| Stop::Cause(Cause::Native(clause)))?,
+                    .map_err(|e| Stop::Cause(e.into()))?,
             )),
             Plan::Gateway {
                 target: api,

@@ -54,10 +54,10 @@ async fn replace_object(q: &mut Qmp, props: Value) -> Result<(), QmpError> {
     q.object_add(props).await
 }
 
-fn tls_creds(dir: &Path, endpoint: &str) -> Result<Value, String> {
+fn tls_creds(dir: &Path, endpoint: &str) -> Result<Value, NativeError> {
     let dir = dir
         .to_str()
-        .ok_or_else(|| format!("PKI path {} is not UTF-8", dir.display()))?;
+        .ok_or_else(|| NativeError::PkiPathNotUtf8(dir.to_path_buf()))?;
     Ok(json!({
         "qom-type": "tls-creds-x509",
         "id": CREDS_ID,
@@ -88,6 +88,43 @@ pub fn authz_list_props(list: &List) -> Value {
     })
 }
 
+/// Why native TLS mode could not prepare the two QEMUs.
+#[derive(Debug, thiserror::Error)]
+pub enum NativeError {
+    #[error("cannot connect to the target QEMU's QMP socket {}", path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: QmpError,
+    },
+    #[error("target QEMU")]
+    TargetQemu(#[source] QmpError),
+    #[error("source QEMU")]
+    SourceQemu(#[source] QmpError),
+    #[error(
+        "the target QEMU is {status}, not waiting for a migration (start it with -incoming defer)"
+    )]
+    NotIncoming { status: String },
+    #[error("target QEMU: no listening port in {raw}")]
+    NoPort { raw: Value },
+    #[error("PKI path {} is not UTF-8", .0.display())]
+    PkiPathNotUtf8(PathBuf),
+    #[error("ACL path {} is not UTF-8", .0.display())]
+    AclPathNotUtf8(PathBuf),
+    #[error("cannot read {name}")]
+    ReadAcl {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{name}")]
+    Acl {
+        name: String,
+        #[source]
+        source: crate::authz::AclError,
+    },
+}
+
 impl Native {
     /// Sets up TLS on both QEMUs and starts the target listening.
     pub async fn prepare(
@@ -96,21 +133,18 @@ impl Native {
         src: &mut Qmp,
         dn: &str,
         rep: &mut Reporter,
-    ) -> Result<Native, String> {
+    ) -> Result<Native, NativeError> {
         let path = target_qmp.to_path_buf();
-        let mut target = Qmp::connect_unix(&path).await.map_err(|e| {
-            format!(
-                "cannot connect to the target QEMU's QMP socket {}: {}",
-                path.display(),
-                chain(&e)
-            )
-        })?;
-        let q = |e: QmpError| format!("target QEMU: {}", chain(&e));
+        let mut target = Qmp::connect_unix(&path)
+            .await
+            .map_err(|source| NativeError::Connect {
+                path: path.clone(),
+                source,
+            })?;
+        let q = NativeError::TargetQemu;
         let status = target.query_status().await.map_err(q)?;
         if status != "inmigrate" {
-            return Err(format!(
-                "the target QEMU is {status}, not waiting for a migration (start it with -incoming defer)"
-            ));
+            return Err(NativeError::NotIncoming { status });
         }
         let target_dir = args.target_x509_dir.as_deref().unwrap_or(&args.x509_dir);
         replace_object(&mut target, tls_creds(target_dir, "server")?)
@@ -168,7 +202,7 @@ impl Native {
                 info.raw["socket-address"][0]["port"]
                     .as_str()
                     .map(str::to_owned)
-                    .ok_or_else(|| format!("target QEMU: no listening port in {}", info.raw))?
+                    .ok_or(NativeError::NoPort { raw: info.raw })?
             }
             Some(p) => p.to_string(),
         };
@@ -183,7 +217,7 @@ impl Native {
             target_dir.display()
         ));
 
-        let qs = |e: QmpError| format!("source QEMU: {}", chain(&e));
+        let qs = NativeError::SourceQemu;
         replace_object(src, tls_creds(&args.x509_dir, "client")?)
             .await
             .map_err(qs)?;
@@ -212,14 +246,20 @@ impl Native {
         file: &Path,
         dn: &str,
         rep: &mut Reporter,
-    ) -> Result<(String, Decision), String> {
-        let q = |e: QmpError| format!("target QEMU: {}", chain(&e));
+    ) -> Result<(String, Decision), NativeError> {
+        let q = NativeError::TargetQemu;
         let name = file
             .to_str()
-            .ok_or_else(|| format!("ACL path {} is not UTF-8", file.display()))?;
+            .ok_or_else(|| NativeError::AclPathNotUtf8(file.to_path_buf()))?;
         // Parsed here too: a broken file is reported before QEMU sees it.
-        let text = std::fs::read(file).map_err(|e| format!("cannot read {name}: {e}"))?;
-        let list = List::from_json(name, &text).map_err(|e| format!("{name}: {e}"))?;
+        let text = std::fs::read(file).map_err(|source| NativeError::ReadAcl {
+            name: name.to_string(),
+            source,
+        })?;
+        let list = List::from_json(name, &text).map_err(|source| NativeError::Acl {
+            name: name.to_string(),
+            source,
+        })?;
         let decision = list.check(dn);
         let as_file = json!({
             "qom-type": "authz-list-file", "id": AUTHZ_ID, "filename": name, "refresh": true,
