@@ -226,17 +226,35 @@ pub enum TargetForward<'a> {
     Endpoint(&'a Endpoint),
 }
 
+/// An option value clap could not take (its message ends up after
+/// `invalid value '...' for '--option':`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ValueError {
+    #[error("a QMP socket is unix:PATH")]
+    EmptyQmp,
+    #[error("{0:?}: a QMP socket is unix:PATH")]
+    NotUnix(String),
+    #[error("{given:?}: unknown unit {unit:?} (K, M, G, T)")]
+    Unit { given: String, unit: char },
+    #[error("{0:?} is not a size in bytes (e.g. 100M)")]
+    NotSize(String),
+    #[error("a bandwidth of 0 would never finish")]
+    Zero,
+    #[error("{0:?} is too large")]
+    TooLarge(String),
+}
+
 /// `unix:PATH` (a bare absolute path is accepted too).
-pub fn parse_qmp(s: &str) -> Result<PathBuf, String> {
+pub fn parse_qmp(s: &str) -> Result<PathBuf, ValueError> {
     match s.strip_prefix("unix:").unwrap_or(s) {
-        "" => Err("a QMP socket is unix:PATH".into()),
+        "" => Err(ValueError::EmptyQmp),
         p if s.starts_with("unix:") || p.starts_with('/') => Ok(PathBuf::from(p)),
-        _ => Err(format!("{s:?}: a QMP socket is unix:PATH")),
+        _ => Err(ValueError::NotUnix(s.to_string())),
     }
 }
 
 /// Bytes, with an optional K/M/G/T suffix (powers of 1024, "iB" optional).
-pub fn parse_size(s: &str) -> Result<u64, String> {
+pub fn parse_size(s: &str) -> Result<u64, ValueError> {
     let t = s.trim();
     let t = t
         .strip_suffix("iB")
@@ -249,7 +267,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
                 'M' => 20,
                 'G' => 30,
                 'T' => 40,
-                _ => return Err(format!("{s:?}: unknown unit {c:?} (K, M, G, T)")),
+                _ => {
+                    return Err(ValueError::Unit {
+                        given: s.to_string(),
+                        unit: c,
+                    })
+                }
             };
             (&t[..i], shift)
         }
@@ -258,11 +281,11 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let n: u64 = num
         .trim()
         .parse()
-        .map_err(|_| format!("{s:?} is not a size in bytes (e.g. 100M)"))?;
+        .map_err(|_| ValueError::NotSize(s.to_string()))?;
     match n.checked_shl(shift).filter(|v| v >> shift == n) {
-        Some(0) => Err("a bandwidth of 0 would never finish".into()),
+        Some(0) => Err(ValueError::Zero),
         Some(v) => Ok(v),
-        None => Err(format!("{s:?} is too large")),
+        None => Err(ValueError::TooLarge(s.to_string())),
     }
 }
 
