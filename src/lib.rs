@@ -22,6 +22,8 @@ pub mod outcome;
 pub mod timeouts;
 
 // The control plane.
+/// One rendering of an error chain, for every edge that prints one.
+pub mod error;
 pub mod qmp;
 pub mod control;
 pub mod daemon;

@@ -346,11 +346,14 @@ async fn api_refuses_bad_requests_with_reasons_and_other_users() {
     let r = d
         .register(&request(Some(VM_A), Forward::Endpoint(NOWHERE.into())))
         .await;
-    assert_eq!(r.ticket.len(), 64);
-    Ticket::parse(&r.ticket).unwrap();
+    assert_eq!(r.ticket.expose().len(), 64);
+    Ticket::parse(r.ticket.expose()).unwrap();
     let (status, list) = raw("GET", "/v1/migrations", None).await;
     assert_eq!(status, 200);
-    assert!(list.contains(&r.id) && !list.contains(&r.ticket), "{list}");
+    assert!(
+        list.contains(&r.id) && !list.contains(r.ticket.expose()),
+        "{list}"
+    );
     let v = d.api.migration(&r.id).await.unwrap();
     assert_eq!((v.state, v.vm_uuid), (Phase::Registered, Some(VM_A)));
     assert_eq!(v.allow, format!("identity {SOURCE_DN}"));
@@ -446,7 +449,7 @@ async fn registered_migration_completes_and_its_ticket_is_spent() {
         info.raw
     );
 
-    let sgw = d.source(&pki, "ticket", &r.ticket).await;
+    let sgw = d.source(&pki, "ticket", r.ticket.expose()).await;
     let uri = format!("tcp:{}", sgw.addr);
     migrate_and_expect_completed(&mut src, &mut dst, &uri).await;
     dst.assert_running_and_counting().await;
@@ -528,13 +531,13 @@ async fn expired_wrong_vm_and_unknown_tickets_are_refused() {
     let cases = [
         (
             "expired",
-            expired.ticket.clone(),
+            expired.ticket.expose().to_string(),
             "expired at",
             "ticket expired",
         ),
         (
             "other-vm",
-            other_vm.ticket.clone(),
+            other_vm.ticket.expose().to_string(),
             "VM UUID mismatch",
             "wrong VM",
         ),
@@ -624,8 +627,8 @@ async fn two_migrations_racing_for_one_listener_land_in_their_own_vms() {
 
     let reg_a = d.register(&request(Some(VM_A), endpoint(port_a))).await;
     let reg_b = d.register(&request(Some(VM_B), endpoint(port_b))).await;
-    let sgw_a = d.source(&pki, "ticket-a", &reg_a.ticket).await;
-    let sgw_b = d.source(&pki, "ticket-b", &reg_b.ticket).await;
+    let sgw_a = d.source(&pki, "ticket-a", reg_a.ticket.expose()).await;
+    let sgw_b = d.source(&pki, "ticket-b", reg_b.ticket.expose()).await;
     let (uri_a, uri_b) = (format!("tcp:{}", sgw_a.addr), format!("tcp:{}", sgw_b.addr));
     tokio::join!(
         migrate_and_expect_completed(&mut src_a, &mut dst_a, &uri_a),
@@ -668,7 +671,7 @@ async fn cancel_mid_migration_fails_both_ends_and_the_source_keeps_running() {
     src.assert_running_and_counting().await;
 
     let r = d.register(&request(Some(VM_A), endpoint(port))).await;
-    let sgw = d.source(&pki, "ticket", &r.ticket).await;
+    let sgw = d.source(&pki, "ticket", r.ticket.expose()).await;
     src.migrate(&format!("tcp:{}", sgw.addr)).await;
     d.wait_view(&r.id, "active with bytes flowing", |v| {
         v.state == Phase::Active && v.bytes_sent > 0
@@ -889,7 +892,7 @@ async fn a_stray_multifd_channel_does_not_wedge_its_registration() {
 
     // The stray: a miggate source with the ticket, fed a multifd init
     // packet of the right VM and nothing else.
-    let stray_gw = d.source(&pki, "ticket-stray", &r.ticket).await;
+    let stray_gw = d.source(&pki, "ticket-stray", r.ticket.expose()).await;
     let mut stray = tokio::net::TcpStream::connect(&stray_gw.addr)
         .await
         .unwrap();
@@ -918,7 +921,7 @@ async fn a_stray_multifd_channel_does_not_wedge_its_registration() {
     stray_gw.stop().await;
 
     let hash = src.ram_sha256().await;
-    let sgw = d.source(&pki, "ticket", &r.ticket).await;
+    let sgw = d.source(&pki, "ticket", r.ticket.expose()).await;
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
     assert_eq!(dst.ram_sha256().await, hash);
     let v = d.wait_state(&r.id, Phase::Completed).await;
@@ -973,7 +976,7 @@ async fn a_ticket_is_only_good_on_the_listener_it_was_registered_for() {
 
     // Default: listener A only (`register` checks the answer's `listen`).
     let r = d.register(&request(Some(VM_A), endpoint(port))).await;
-    let f = d.ticket_file("ticket-b", &r.ticket);
+    let f = d.ticket_file("ticket-b", r.ticket.expose());
     let rogue = source_gateway(&pki_b, &addr_b, &["--ticket-file", f.to_str().unwrap()]).await;
     migrate_and_expect_failure(&mut src, &format!("tcp:{}", rogue.addr)).await;
     let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await;
@@ -992,7 +995,7 @@ async fn a_ticket_is_only_good_on_the_listener_it_was_registered_for() {
     rogue.stop().await;
 
     let hash = src.ram_sha256().await;
-    let sgw = d.source(&pki_a, "ticket-a", &r.ticket).await;
+    let sgw = d.source(&pki_a, "ticket-a", r.ticket.expose()).await;
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
     assert_eq!(dst.ram_sha256().await, hash);
     let v = d.wait_state(&r.id, Phase::Completed).await;
@@ -1099,7 +1102,7 @@ async fn source_gateway_killed_mid_stream_fails_the_registered_migration() {
     let mut dst = Qemu::spawn(dst_opts).await;
     let port = dst.migrate_incoming_any_port().await;
     let r = d.register(&request(Some(VM_A), endpoint(port))).await;
-    let sgw = d.source(&pki, "ticket", &r.ticket).await;
+    let sgw = d.source(&pki, "ticket", r.ticket.expose()).await;
     let before = src.query_status().await;
     src.migrate(&format!("tcp:{}", sgw.addr)).await;
     d.wait_view(&r.id, "mid-stream", |v| v.bytes_sent > 2 << 20)

@@ -21,7 +21,7 @@ use super::ticket::Ticket;
 use super::{check_identity, check_stream, Expectation, Refusal, StreamError, TicketRefusal};
 use crate::authz::Authz;
 use crate::net::Endpoint;
-use crate::wire::frames::{self, Hello};
+use crate::wire::frames::{self, Hello, HelloTicket};
 use crate::wire::qemu::{self, SniffError, StreamKind, SNIFF_MAX};
 
 /// Where connections without a ticket go, and who may send them.
@@ -170,7 +170,7 @@ impl<'a> Admission<'a> {
     /// one the static route takes the connection if the DN is authorized,
     /// so an unauthorized peer gets nothing in.
     fn route(&mut self, hello: Option<&Hello>) -> Result<Option<Arc<StaticRoute>>, Refusal> {
-        if let Some(ticket) = hello.and_then(|h| h.ticket.as_deref()) {
+        if let Some(ticket) = hello.and_then(|h| h.ticket.as_ref().map(HelloTicket::expose)) {
             self.migration = Some(self.find_migration(ticket)?);
             return Ok(None);
         }
@@ -295,7 +295,7 @@ mod tests {
         let hello = frames::encode_hello(&Hello {
             version: 1,
             agent: None,
-            ticket: Some("t".into()),
+            ticket: Some(HelloTicket::new("t")),
         });
         let mut a = Admission::new("CN=x", true, offer(route(Arc::new(AnyVerified))));
         assert_eq!(

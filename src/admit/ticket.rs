@@ -1,18 +1,28 @@
 //! One-shot migration tickets: 256 random bits, handed once to whoever
 //! registered the migration; the daemon keeps only their SHA-256 and compares
-//! hashes in constant time.
+//! hashes in constant time. On the source side a [`Ticket`] goes from the
+//! API's answer (parsed as it is decoded) to the hello frame without being
+//! printed, and its text is zeroed when it is dropped.
 
 use std::fmt;
 
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, Zeroizing};
 
 /// Ticket length in bytes (256 bits).
 pub const TICKET_BYTES: usize = 32;
 
-/// The secret itself. Its Debug/Display never print it.
+/// The secret itself. Its Debug never prints it; dropping it zeroes it.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Ticket(String);
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TicketError {
@@ -48,6 +58,20 @@ impl Ticket {
 
     pub fn hash(&self) -> TicketHash {
         TicketHash(Sha256::digest(self.0.as_bytes()).into())
+    }
+}
+
+/// The API's `ticket` member: the text on the way out, parsed on the way in.
+impl Serialize for Ticket {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.expose())
+    }
+}
+
+impl<'de> Deserialize<'de> for Ticket {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Ticket, D::Error> {
+        let text = Zeroizing::new(String::deserialize(d)?);
+        Ticket::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 
@@ -89,5 +113,16 @@ mod tests {
         assert_eq!(format!("{t:?}"), "Ticket(<redacted>)");
         assert_eq!(Ticket::parse("abc"), Err(TicketError::Length(3)));
         assert_eq!(Ticket::parse(&"g".repeat(64)), Err(TicketError::NotHex));
+    }
+
+    #[test]
+    fn json_form_is_the_text_and_is_parsed_on_the_way_in() {
+        let t = Ticket::generate();
+        let json = serde_json::to_string(&t).unwrap();
+        assert_eq!(json, format!("\"{}\"", t.expose()));
+        let back: Ticket = serde_json::from_str(&json).unwrap();
+        assert!(back.hash().matches(&t.hash()));
+        let e = serde_json::from_str::<Ticket>("\"abc\"").unwrap_err();
+        assert!(e.to_string().contains("64 hex digits"), "{e}");
     }
 }

@@ -24,6 +24,7 @@ use super::types::{Allow, ApiErrorBody, Forward, IncomingRequest, IncomingRespon
 use crate::admit::registry::{IncomingSpec, Migration, Registry};
 use crate::authz::{AnyVerified, Authz, ListFile, Simple};
 use crate::daemon::target_qemu::{self, PrepareError};
+use crate::error::chain;
 use crate::net::Endpoint;
 
 /// Most channels one migration may register: 1 main + QEMU's multifd maximum
@@ -155,7 +156,7 @@ async fn incoming(
         StatusCode::CREATED,
         Json(IncomingResponse {
             id: mig.id.clone(),
-            ticket: ticket.expose().to_string(),
+            ticket,
             expires_at: view.expires_at,
             listen: listeners.iter().map(|&i| st.listen[i].clone()).collect(),
         }),
@@ -321,16 +322,4 @@ async fn reload(
 
 fn caller_name(c: &Option<Extension<Caller>>) -> &str {
     c.as_ref().map_or("local socket", |Extension(c)| &c.0)
-}
-
-/// An error and its sources on one line.
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut src = e.source();
-    while let Some(x) = src {
-        s.push_str(": ");
-        s.push_str(&x.to_string());
-        src = x.source();
-    }
-    s
 }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 pub use crate::admit::registry::{MigrationView, Phase};
+use crate::admit::ticket::Ticket;
 
 /// Default lifetime of an unused registration.
 pub const DEFAULT_EXPIRES_IN_SECS: u64 = 300;
@@ -87,11 +88,12 @@ pub struct QmpForward {
     pub parameters: serde_json::Map<String, serde_json::Value>,
 }
 
-/// `201` answer to `POST /v1/incoming`. The ticket is shown this once.
+/// `201` answer to `POST /v1/incoming`. The ticket is shown this once
+/// (and never by `Debug`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IncomingResponse {
     pub id: String,
-    pub ticket: String,
+    pub ticket: Ticket,
     pub expires_at: String,
     /// The migration listeners (HOST:PORT) this registration is bound to,
     /// for the source gateway: its ticket is refused on any other.

@@ -18,6 +18,7 @@ use super::rundir::{self, RuntimeDirError};
 use crate::admit::registry::Registry;
 use crate::control::serve::{self, AdminTls, ServerError};
 use crate::control::server::{self, ApiState, Control};
+use crate::error::chain;
 use crate::gate::target::{self, Target};
 use crate::outcome::Sink;
 
@@ -67,14 +68,14 @@ struct Daemon {
 
 impl Control for Daemon {
     fn reload(&self) -> Result<(), String> {
-        let new = Config::load(&self.path).map_err(|e| server::chain(&e))?;
+        let new = Config::load(&self.path).map_err(|e| chain(&e))?;
         let mut current = self.config.lock().unwrap_or_else(|p| p.into_inner());
         current
             .check_reloadable(&new, &self.path)
-            .map_err(|e| server::chain(&e))?;
+            .map_err(|e| chain(&e))?;
         // Everything is parsed and loaded before anything is swapped: a
         // broken file changes nothing.
-        let built = new.build(&self.path).map_err(|e| server::chain(&e))?;
+        let built = new.build(&self.path).map_err(|e| chain(&e))?;
         for (t, b) in self.targets.iter().zip(built.targets) {
             t.set_tls(b.tls);
             t.set_route(b.route);

@@ -8,11 +8,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::json;
-
 use crate::admit::registry::{Migration, Phase, Registry};
 use crate::control::types::QmpForward;
-use crate::qmp::{Qmp, QmpError};
+use crate::qmp::{MigrationParameters, Qmp, QmpError};
 
 /// Connecting to the target QEMU's QMP and preparing it. Each command is
 /// bounded by the QMP client itself; this bounds the whole.
@@ -57,34 +55,24 @@ pub async fn prepare(q: &QmpForward, sock: &Path) -> Result<(), PrepareError> {
                 error,
             })?;
         if !q.capabilities.is_empty() {
-            let caps: Vec<_> = q
-                .capabilities
-                .iter()
-                .map(|(k, v)| json!({ "capability": k, "state": v }))
-                .collect();
-            qmp.execute(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": caps })),
-            )
-            .await
-            .map_err(PrepareError::Command)?;
+            qmp.set_capabilities(q.capabilities.iter().map(|(c, on)| (c, *on)))
+                .await
+                .map_err(PrepareError::Command)?;
         }
         if !q.parameters.is_empty() {
-            qmp.execute(
-                "migrate-set-parameters",
-                Some(serde_json::Value::Object(q.parameters.clone())),
-            )
-            .await
-            .map_err(PrepareError::Command)?;
+            let params = MigrationParameters {
+                other: q.parameters.clone(),
+                ..Default::default()
+            };
+            qmp.set_parameters(&params)
+                .await
+                .map_err(PrepareError::Command)?;
         }
         // A socket left by an earlier migration would make QEMU's bind fail.
         let _ = std::fs::remove_file(sock);
-        qmp.execute(
-            "migrate-incoming",
-            Some(json!({ "uri": format!("unix:{}", sock.display()) })),
-        )
-        .await
-        .map_err(PrepareError::Command)?;
+        qmp.migrate_incoming(&format!("unix:{}", sock.display()))
+            .await
+            .map_err(PrepareError::Command)?;
         Ok(())
     };
     tokio::time::timeout(QMP_SETUP_TIMEOUT, work)

@@ -255,7 +255,10 @@ async fn handle(
     let mut first = Vec::with_capacity(prefix.len() + 64);
     if miggate_peer {
         let hello = Hello {
-            ticket: cfg.ticket.as_ref().map(|t| t.expose().to_string()),
+            ticket: cfg
+                .ticket
+                .as_ref()
+                .map(|t| frames::HelloTicket::new(t.expose())),
             ..Hello::default()
         };
         first.extend_from_slice(&frames::encode_hello(&hello));

@@ -15,9 +15,8 @@ use serde_json::json;
 use tokio::net::unix::UCred;
 use uuid::Uuid;
 
+use super::args::{host_of, MigrateArgs, TargetForward};
 use super::progress::Reporter;
-use super::{host_of, MigrateArgs};
-use crate::admit::ticket::Ticket;
 use crate::control::client::{api_addr, ApiAddr, ApiClient, ApiError};
 use crate::control::types::{Allow, Forward, IncomingRequest, MigrationView, Phase, QmpForward};
 use crate::creds::tls;
@@ -120,11 +119,8 @@ pub fn reachable(listen: &str, api: &ApiAddr) -> String {
 /// The local hop: a fresh directory (0700) that only miggate and the
 /// source QEMU can enter, and in it a socket (0600) owned by the QEMU's
 /// user, which the source gateway serves to the QEMU's pid alone.
-/// Errors are the cause, as a clause.
-fn local_hop(qemu: &UCred, qmp: &Path) -> Result<(LocalListener, tempfile::TempDir), String> {
-    let pid = qemu
-        .pid()
-        .ok_or("the kernel did not tell the source QEMU's pid (SO_PEERCRED of its QMP socket)")?;
+fn local_hop(qemu: &UCred, qmp: &Path) -> Result<(LocalListener, tempfile::TempDir), ManagedError> {
+    let pid = qemu.pid().ok_or(ManagedError::NoPid)?;
     let uid = qemu.uid();
     // $XDG_RUNTIME_DIR when it is the QEMU's user's own (the same user as
     // ours, or we are root); otherwise the temp directory, which every
@@ -137,34 +133,37 @@ fn local_hop(qemu: &UCred, qmp: &Path) -> Result<(LocalListener, tempfile::TempD
         .prefix("miggate-migrate-")
         .permissions(std::fs::Permissions::from_mode(0o700))
         .tempdir_in(&base)
-        .map_err(|e| {
-            format!(
-                "cannot create a private directory in {} for the source QEMU's socket: {e}",
-                base.display()
-            )
+        .map_err(|source| ManagedError::PrivateDir {
+            base: base.clone(),
+            source,
         })?;
     let ours = std::fs::metadata(dir.path())
-        .map_err(|e| format!("{}: {e}", dir.path().display()))?
+        .map_err(|source| ManagedError::Inspect {
+            path: dir.path().to_path_buf(),
+            source,
+        })?
         .uid();
     let owner = if uid == ours {
         None
     } else {
         // Root gives the directory to the QEMU's user: it may enter, no
         // other user may; root needs no permission to serve it.
-        std::os::unix::fs::chown(dir.path(), Some(uid), None).map_err(|e| {
-            if e.kind() == std::io::ErrorKind::PermissionDenied {
-                format!(
-                    "the source QEMU runs as uid {uid} and miggate as uid {ours}: only root can make a socket that QEMU alone may reach; run miggate migrate as root or as uid {uid}"
-                )
+        std::os::unix::fs::chown(dir.path(), Some(uid), None).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::PermissionDenied {
+                ManagedError::NotRoot { qemu: uid, ours }
             } else {
-                format!("cannot give {} to uid {uid}: {e}", dir.path().display())
+                ManagedError::Chown {
+                    path: dir.path().to_path_buf(),
+                    uid,
+                    source,
+                }
             }
         })?;
         Some(uid)
     };
     let path = dir.path().join("source.sock");
-    let bound = unix_bind::bind(&path, Access { mode: 0o600, owner })
-        .map_err(|e| format!("cannot listen for the source QEMU: {}", super::chain(&e)))?;
+    let bound =
+        unix_bind::bind(&path, Access { mode: 0o600, owner }).map_err(ManagedError::Listen)?;
     let listener = LocalListener::Unix {
         listener: bound.listener,
         path,
@@ -179,21 +178,21 @@ fn local_hop(qemu: &UCred, qmp: &Path) -> Result<(LocalListener, tempfile::TempD
 impl Managed {
     /// Loads the credentials, binds the local listener for the QEMU with
     /// credentials `qemu` (its QMP socket's peer), registers the migration
-    /// and starts the source gateway with its ticket. Errors are the cause,
-    /// as a clause.
+    /// and starts the source gateway with its ticket.
     pub async fn prepare(
         args: &MigrateArgs,
+        target: &str,
+        forward: TargetForward<'_>,
         uuid: Option<Uuid>,
         dn: &str,
         qemu: &UCred,
         rep: &mut Reporter,
-    ) -> Result<Managed, String> {
-        let target = args.target.as_deref().unwrap_or_default();
-        let addr = api_addr(target, args.api_x509_dir.as_deref()).map_err(|e| e.to_string())?;
-        let api = ApiClient::new(addr).map_err(|e| super::chain(&e))?;
+    ) -> Result<Managed, ManagedError> {
+        let addr = api_addr(target, args.api_x509_dir.as_deref())?;
+        let api = ApiClient::new(addr)?;
         // Everything that can fail locally fails before the daemon is asked.
         let tls = tls::client_config(&args.x509_dir, &[tls::ALPN_MIGGATE])
-            .map_err(|e| format!("source TLS credentials: {}", super::chain(&e)))?;
+            .map_err(ManagedError::SourceTls)?;
         let (listener, local_dir) = local_hop(qemu, &args.source_qmp)?;
         let socket = match &listener {
             LocalListener::Unix { path, .. } => path.clone(),
@@ -209,8 +208,8 @@ impl Managed {
         ));
 
         let channels = 1 + u32::from(args.multifd);
-        let forward = match (&args.target_qmp, &args.forward) {
-            (Some(qmp), _) => {
+        let forward = match forward {
+            TargetForward::Qmp(qmp) => {
                 let (capabilities, parameters) = target_migration_settings(args.multifd);
                 Forward::Qmp(QmpForward {
                     qmp: format!("unix:{}", qmp.display()),
@@ -218,8 +217,7 @@ impl Managed {
                     parameters,
                 })
             }
-            (None, Some(ep)) => Forward::Endpoint(ep.to_string()),
-            (None, None) => return Err("give --target-qmp or --forward".into()),
+            TargetForward::Endpoint(ep) => Forward::Endpoint(ep.to_string()),
         };
         let req = IncomingRequest {
             vm_uuid: uuid,
@@ -232,14 +230,7 @@ impl Managed {
         let resp = api
             .register(&req)
             .await
-            .map_err(|e| format!("target daemon: {}", api_reason(&e)))?;
-        let ticket = match Ticket::parse(&resp.ticket) {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = api.cancel(&resp.id).await;
-                return Err(format!("the daemon's ticket is unusable: {e}"));
-            }
-        };
+            .map_err(|e| ManagedError::Register(DaemonSaid(e)))?;
         let vm = uuid.map_or_else(|| "any VM UUID".to_string(), |u| format!("VM {u}"));
         rep.step(&format!(
             "registered migration {} with the daemon at {}: a one-shot ticket (kept in memory only) admits {} channel{} of {vm} from {dn} until {}",
@@ -255,7 +246,7 @@ impl Managed {
             (None, Some(l)) => reachable(l, api.addr()),
             (None, None) => {
                 let _ = api.cancel(&resp.id).await;
-                return Err("the daemon has no migration listener to connect to (and no --connect was given)".into());
+                return Err(ManagedError::NoListener);
             }
         };
         let host = args
@@ -266,7 +257,7 @@ impl Managed {
             Ok(n) => n,
             Err(_) => {
                 let _ = api.cancel(&resp.id).await;
-                return Err(format!("{host:?} is not a valid TLS hostname"));
+                return Err(ManagedError::BadHostname { host });
             }
         };
         let records = Arc::new(Collected::default());
@@ -276,7 +267,7 @@ impl Managed {
             server_name,
             stall: args.stall(),
             rekey_after: args.rekey_after_mib.map(|m| m << 20),
-            ticket: Some(ticket),
+            ticket: Some(resp.ticket),
             sink: Some(records.clone()),
         };
         let gateway = tokio::spawn(async move {
@@ -317,8 +308,8 @@ impl Managed {
 
     /// `DELETE /v1/migrations/{id}`: the daemon cuts every channel and
     /// spends the ticket.
-    pub async fn cancel(&self) -> Result<MigrationView, String> {
-        self.api.cancel(&self.id).await.map_err(|e| api_reason(&e))
+    pub async fn cancel(&self) -> Result<MigrationView, DaemonSaid> {
+        self.api.cancel(&self.id).await.map_err(DaemonSaid)
     }
 
     /// Tells the operator, once, that the target admitted the stream.
@@ -388,17 +379,84 @@ impl Managed {
     }
 }
 
-/// The daemon's own sentence when it gave one, else the error's chain.
-fn api_reason(e: &ApiError) -> String {
-    match e {
-        ApiError::Http { status, message } => format!("{message} (HTTP {status})"),
-        other => super::chain(other),
+/// Why the gateway side of a migration could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ManagedError {
+    #[error("the kernel did not tell the source QEMU's pid (SO_PEERCRED of its QMP socket)")]
+    NoPid,
+    #[error("cannot create a private directory in {} for the source QEMU's socket", base.display())]
+    PrivateDir {
+        base: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", path.display())]
+    Inspect {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the source QEMU runs as uid {qemu} and miggate as uid {ours}: only root can make a socket that QEMU alone may reach; run miggate migrate as root or as uid {qemu}")]
+    NotRoot { qemu: u32, ours: u32 },
+    #[error("cannot give {} to uid {uid}", path.display())]
+    Chown {
+        path: PathBuf,
+        uid: u32,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot listen for the source QEMU")]
+    Listen(#[source] unix_bind::UnixBindError),
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    #[error("source TLS credentials")]
+    SourceTls(#[source] crate::creds::tls::CredsError),
+    #[error("target daemon")]
+    Register(#[source] DaemonSaid),
+    #[error("the daemon has no migration listener to connect to (and no --connect was given)")]
+    NoListener,
+    #[error("{host:?} is not a valid TLS hostname")]
+    BadHostname { host: String },
+}
+
+/// An API error worded as the daemon worded it: its own sentence when it
+/// gave one (`reason (HTTP 409)`), else the client's error.
+#[derive(Debug)]
+pub struct DaemonSaid(pub ApiError);
+
+impl std::fmt::Display for DaemonSaid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            ApiError::Http { status, message } => write!(f, "{message} (HTTP {status})"),
+            other => other.fmt(f),
+        }
+    }
+}
+
+impl std::error::Error for DaemonSaid {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match &self.0 {
+            ApiError::Http { .. } => None,
+            other => other.source(),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_daemons_own_sentence_is_the_cause() {
+        let e = ManagedError::Register(DaemonSaid(ApiError::Http {
+            status: 409,
+            message: "a migration of VM x is already registered".into(),
+        }));
+        assert_eq!(
+            crate::error::chain(&e),
+            "target daemon: a migration of VM x is already registered (HTTP 409)"
+        );
+    }
 
     #[test]
     fn wildcard_listeners_are_reached_at_the_api_host() {

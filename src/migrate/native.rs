@@ -20,10 +20,11 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Value};
 
+use super::args::{host_of, MigrateArgs};
 use super::progress::Reporter;
-use super::{chain, host_of, MigrateArgs};
 use crate::authz::{Authz, Decision, List, Simple};
-use crate::qmp::{Qmp, QmpError};
+use crate::error::chain;
+use crate::qmp::{MigrationParameters, Qmp, QmpError};
 
 pub const CREDS_ID: &str = "miggate-tls0";
 pub const AUTHZ_ID: &str = "miggate-authz0";
@@ -31,6 +32,9 @@ pub const AUTHZ_ID: &str = "miggate-authz0";
 /// Where the target QEMU listens unless `--connect` says otherwise: both
 /// QMP sockets are local, so both QEMUs are too.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:0";
+
+/// A completed migration's VM starts on the target a moment later.
+const TARGET_RUNNING_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 pub struct Native {
     target: Qmp,
@@ -46,14 +50,14 @@ pub struct Native {
 /// against the same QEMUs replaces the objects of the first.
 async fn replace_object(q: &mut Qmp, props: Value) -> Result<(), QmpError> {
     let id = props["id"].as_str().unwrap_or_default().to_string();
-    let _ = q.execute("object-del", Some(json!({ "id": id }))).await;
-    q.execute("object-add", Some(props)).await.map(drop)
+    let _ = q.object_del(&id).await;
+    q.object_add(props).await
 }
 
-fn tls_creds(dir: &Path, endpoint: &str) -> Result<Value, String> {
+fn tls_creds(dir: &Path, endpoint: &str) -> Result<Value, NativeError> {
     let dir = dir
         .to_str()
-        .ok_or_else(|| format!("PKI path {} is not UTF-8", dir.display()))?;
+        .ok_or_else(|| NativeError::PkiPathNotUtf8(dir.to_path_buf()))?;
     Ok(json!({
         "qom-type": "tls-creds-x509",
         "id": CREDS_ID,
@@ -84,32 +88,63 @@ pub fn authz_list_props(list: &List) -> Value {
     })
 }
 
+/// Why native TLS mode could not prepare the two QEMUs.
+#[derive(Debug, thiserror::Error)]
+pub enum NativeError {
+    #[error("cannot connect to the target QEMU's QMP socket {}", path.display())]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: QmpError,
+    },
+    #[error("target QEMU")]
+    TargetQemu(#[source] QmpError),
+    #[error("source QEMU")]
+    SourceQemu(#[source] QmpError),
+    #[error(
+        "the target QEMU is {status}, not waiting for a migration (start it with -incoming defer)"
+    )]
+    NotIncoming { status: String },
+    #[error("target QEMU: no listening port in {raw}")]
+    NoPort { raw: Value },
+    #[error("PKI path {} is not UTF-8", .0.display())]
+    PkiPathNotUtf8(PathBuf),
+    #[error("ACL path {} is not UTF-8", .0.display())]
+    AclPathNotUtf8(PathBuf),
+    #[error("cannot read {name}")]
+    ReadAcl {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{name}")]
+    Acl {
+        name: String,
+        #[source]
+        source: crate::authz::AclError,
+    },
+}
+
 impl Native {
     /// Sets up TLS on both QEMUs and starts the target listening.
     pub async fn prepare(
         args: &MigrateArgs,
+        target_qmp: &Path,
         src: &mut Qmp,
         dn: &str,
         rep: &mut Reporter,
-    ) -> Result<Native, String> {
-        let Some(path) = args.target_qmp.clone() else {
-            return Err(
-                "--native-tls needs --target-qmp (the target QEMU's local QMP socket)".into(),
-            );
-        };
-        let mut target = Qmp::connect_unix(&path).await.map_err(|e| {
-            format!(
-                "cannot connect to the target QEMU's QMP socket {}: {}",
-                path.display(),
-                chain(&e)
-            )
-        })?;
-        let q = |e: QmpError| format!("target QEMU: {}", chain(&e));
+    ) -> Result<Native, NativeError> {
+        let path = target_qmp.to_path_buf();
+        let mut target = Qmp::connect_unix(&path)
+            .await
+            .map_err(|source| NativeError::Connect {
+                path: path.clone(),
+                source,
+            })?;
+        let q = NativeError::TargetQemu;
         let status = target.query_status().await.map_err(q)?;
         if status != "inmigrate" {
-            return Err(format!(
-                "the target QEMU is {status}, not waiting for a migration (start it with -incoming defer)"
-            ));
+            return Err(NativeError::NotIncoming { status });
         }
         let target_dir = args.target_x509_dir.as_deref().unwrap_or(&args.x509_dir);
         replace_object(&mut target, tls_creds(target_dir, "server")?)
@@ -142,31 +177,22 @@ impl Native {
                 Some(format!("its tls-authz refused the TLS session ({reason})"))
             }
         };
-        let (caps, mut params) = super::managed::target_migration_settings(args.multifd);
-        let caps: Vec<Value> = caps
-            .iter()
-            .map(|(c, on)| json!({"capability": c, "state": on}))
-            .collect();
+        let (caps, params) = super::managed::target_migration_settings(args.multifd);
         target
-            .execute(
-                "migrate-set-capabilities",
-                Some(json!({ "capabilities": caps })),
-            )
+            .set_capabilities(caps.iter().map(|(c, on)| (c, *on)))
             .await
             .map_err(q)?;
-        params.insert("tls-creds".into(), json!(CREDS_ID));
-        params.insert("tls-authz".into(), json!(AUTHZ_ID));
-        target
-            .execute("migrate-set-parameters", Some(Value::Object(params)))
-            .await
-            .map_err(q)?;
+        let params = MigrationParameters {
+            tls_creds: Some(CREDS_ID.into()),
+            tls_authz: Some(AUTHZ_ID.into()),
+            other: params,
+            ..Default::default()
+        };
+        target.set_parameters(&params).await.map_err(q)?;
 
         let listen = args.connect.as_deref().unwrap_or(DEFAULT_LISTEN);
         target
-            .execute(
-                "migrate-incoming",
-                Some(json!({ "uri": format!("tcp:{listen}") })),
-            )
+            .migrate_incoming(&format!("tcp:{listen}"))
             .await
             .map_err(q)?;
         let host = host_of(listen).to_string();
@@ -176,7 +202,7 @@ impl Native {
                 info.raw["socket-address"][0]["port"]
                     .as_str()
                     .map(str::to_owned)
-                    .ok_or_else(|| format!("target QEMU: no listening port in {}", info.raw))?
+                    .ok_or(NativeError::NoPort { raw: info.raw })?
             }
             Some(p) => p.to_string(),
         };
@@ -191,17 +217,17 @@ impl Native {
             target_dir.display()
         ));
 
-        let qs = |e: QmpError| format!("source QEMU: {}", chain(&e));
+        let qs = NativeError::SourceQemu;
         replace_object(src, tls_creds(&args.x509_dir, "client")?)
             .await
             .map_err(qs)?;
         let tls_hostname = args.tls_hostname.clone().unwrap_or_else(|| host.clone());
-        src.execute(
-            "migrate-set-parameters",
-            Some(json!({"tls-creds": CREDS_ID, "tls-hostname": tls_hostname})),
-        )
-        .await
-        .map_err(qs)?;
+        let params = MigrationParameters {
+            tls_creds: Some(CREDS_ID.into()),
+            tls_hostname: Some(tls_hostname.clone()),
+            ..Default::default()
+        };
+        src.set_parameters(&params).await.map_err(qs)?;
         rep.step(&format!(
             "source QEMU: TLS client with {} (identity {dn}), the target must present a certificate for {tls_hostname}",
             args.x509_dir.display()
@@ -220,14 +246,20 @@ impl Native {
         file: &Path,
         dn: &str,
         rep: &mut Reporter,
-    ) -> Result<(String, Decision), String> {
-        let q = |e: QmpError| format!("target QEMU: {}", chain(&e));
+    ) -> Result<(String, Decision), NativeError> {
+        let q = NativeError::TargetQemu;
         let name = file
             .to_str()
-            .ok_or_else(|| format!("ACL path {} is not UTF-8", file.display()))?;
+            .ok_or_else(|| NativeError::AclPathNotUtf8(file.to_path_buf()))?;
         // Parsed here too: a broken file is reported before QEMU sees it.
-        let text = std::fs::read(file).map_err(|e| format!("cannot read {name}: {e}"))?;
-        let list = List::from_json(name, &text).map_err(|e| format!("{name}: {e}"))?;
+        let text = std::fs::read(file).map_err(|source| NativeError::ReadAcl {
+            name: name.to_string(),
+            source,
+        })?;
+        let list = List::from_json(name, &text).map_err(|source| NativeError::Acl {
+            name: name.to_string(),
+            source,
+        })?;
         let decision = list.check(dn);
         let as_file = json!({
             "qom-type": "authz-list-file", "id": AUTHZ_ID, "filename": name, "refresh": true,
@@ -243,7 +275,7 @@ impl Native {
             Err(e) => return Err(q(e)),
         };
         target
-            .execute("object-add", Some(authz_list_props(&list)))
+            .object_add(authz_list_props(&list))
             .await
             .map_err(q)?;
         rep.note(&format!(
@@ -280,7 +312,7 @@ impl Native {
 
     /// Waits (briefly) for the target VM to reach `want`; returns what it is.
     pub async fn target_status(&mut self, want: &str) -> Option<String> {
-        let deadline = tokio::time::Instant::now() + super::TARGET_RUNNING_WAIT;
+        let deadline = tokio::time::Instant::now() + TARGET_RUNNING_WAIT;
         loop {
             let s = self.target.query_status().await.ok()?;
             if s == want || tokio::time::Instant::now() >= deadline {

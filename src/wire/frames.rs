@@ -22,7 +22,7 @@ pub const VERDICT_MAGIC: &[u8; 4] = b"MGV1";
 /// Frames are tiny; a bigger length is a broken or hostile peer.
 pub const MAX_FRAME: usize = 16 * 1024;
 
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub version: u32,
     /// Free-form name of the sending gateway, for logs.
@@ -30,16 +30,36 @@ pub struct Hello {
     pub agent: Option<String>,
     /// The one-shot ticket of a registered migration (managed mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ticket: Option<String>,
+    pub ticket: Option<HelloTicket>,
 }
 
-impl std::fmt::Debug for Hello {
+/// The ticket as the hello carries it: the text, not yet judged. The
+/// target's admission parses it (a malformed ticket is a refusal with its
+/// own reason, not a broken hello); never printed by `Debug`, zeroed on drop.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct HelloTicket(String);
+
+impl HelloTicket {
+    pub fn new(text: &str) -> HelloTicket {
+        HelloTicket(text.to_owned())
+    }
+
+    /// The text, for the admission check.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl Drop for HelloTicket {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.0);
+    }
+}
+
+impl std::fmt::Debug for HelloTicket {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Hello")
-            .field("version", &self.version)
-            .field("agent", &self.agent)
-            .field("ticket", &self.ticket.as_ref().map(|_| "<redacted>"))
-            .finish()
+        f.write_str("<redacted>")
     }
 }
 
@@ -192,6 +212,25 @@ mod tests {
         let (hello, used) = parse_hello(&with_tail).unwrap().unwrap();
         assert_eq!(hello, Hello::default());
         assert_eq!(used, bytes.len());
+    }
+
+    #[test]
+    fn hello_carries_the_ticket_text_but_never_prints_it() {
+        let secret = "ab".repeat(32);
+        let hello = Hello {
+            ticket: Some(HelloTicket::new(&secret)),
+            ..Hello::default()
+        };
+        assert!(!format!("{hello:?}").contains(&secret));
+        let (back, _) = parse_hello(&encode_hello(&hello)).unwrap().unwrap();
+        assert_eq!(back.ticket.unwrap().expose(), secret);
+        // Not judged here: a malformed ticket is admission's to refuse.
+        let odd = br#"{"version":1,"ticket":"nope"}"#;
+        let mut frame = HELLO_MAGIC.to_vec();
+        frame.extend_from_slice(&(odd.len() as u16).to_be_bytes());
+        frame.extend_from_slice(odd);
+        let (h, _) = parse_hello(&frame).unwrap().unwrap();
+        assert_eq!(h.ticket.unwrap().expose(), "nope");
     }
 
     #[test]
