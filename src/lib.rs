@@ -8,12 +8,10 @@
 
 pub mod admit;
 pub mod authz;
-pub mod bench;
 pub mod control;
 pub mod creds;
 pub mod daemon;
 pub mod gate;
-pub mod lab;
 pub mod migrate;
 pub mod outcome;
 pub mod qmp;

@@ -35,7 +35,6 @@
 //! only, and the command says so.
 
 pub mod cause;
-pub mod demo;
 pub mod managed;
 pub mod native;
 pub mod progress;

@@ -27,13 +27,12 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 
-use crate::lab::{self, Accel};
+use miggate_lab::{self as lab, Accel};
 
 /// The start of a real QEMU 7.2 main channel (no UUID): what the relay-only
 /// generator and the handshake client send so that the target gateway's
 /// stream check passes.
-pub(crate) const QEMU_PREFIX: &[u8] =
-    include_bytes!("../../tests/fixtures/streams/qemu72-main-plain.bin");
+pub(crate) const QEMU_PREFIX: &[u8] = lab::fixtures::QEMU72_MAIN_PLAIN;
 
 const GIB: f64 = (1u64 << 30) as f64;
 const MIB: f64 = (1u64 << 20) as f64;
@@ -225,9 +224,9 @@ pub async fn run(mut args: BenchArgs) -> Result<()> {
         .tempdir()
         .context("creating a work directory")?;
     let pki = work.path().join("pki");
-    crate::creds::pki::init(
+    miggate::creds::pki::init(
         &pki,
-        &crate::creds::pki::InitOptions {
+        &miggate::creds::pki::InitOptions {
             client_dn: CLIENT_DN.into(),
             ..Default::default()
         },

@@ -88,7 +88,7 @@ impl Sink {
 }
 
 fn pattern() -> Vec<u8> {
-    crate::lab::guest::random_ram(0x5EED_0BE4, PATTERN)
+    miggate_lab::guest::random_ram(0x5EED_0BE4, PATTERN)
 }
 
 /// Streams a QEMU main-channel prefix and then `bytes` random bytes into

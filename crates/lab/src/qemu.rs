@@ -18,11 +18,12 @@ use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 use super::{guest, LabError};
-use crate::qmp::{MigrationInfo, Qmp, QmpError};
+use miggate::qmp::{MigrationInfo, Qmp, QmpError};
 
-/// `max-bandwidth` value that lifts QEMU's default cap (32 MiB/s in 7.2),
-/// so that a timing measures the transport rather than the throttle.
-pub const UNLIMITED_BANDWIDTH: u64 = 1 << 40;
+/// `max-bandwidth` that lifts QEMU's default cap (32 MiB/s in 7.2), so that
+/// a timing measures the transport rather than the throttle: the value
+/// `miggate migrate` sets, defined once in the product.
+pub use miggate::migrate::UNLIMITED_BANDWIDTH;
 
 /// From spawning QEMU to its QMP socket answering.
 const SPAWN_DEADLINE: Duration = Duration::from_secs(15);

@@ -10,11 +10,11 @@ use std::time::{Duration, Instant};
 
 use tokio::process::{Child, Command};
 
-use super::progress::{duration, Reporter};
-use super::{execute, MigrateArgs};
-use crate::control::client::{ApiAddr, ApiClient};
-use crate::creds::pki;
-use crate::lab::{self, Guest, LabError, Qemu, QemuOpts};
+use miggate::control::client::{ApiAddr, ApiClient};
+use miggate::creds::pki;
+use miggate::migrate::progress::{duration, Reporter};
+use miggate::migrate::{execute, MigrateArgs};
+use miggate_lab::{self as lab, Guest, LabError, Qemu, QemuOpts};
 
 /// Client certificate subject of the demo's PKI.
 pub const DEMO_CLIENT_DN: &str = "O=miggate demo,CN=source.demo";

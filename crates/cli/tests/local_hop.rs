@@ -27,7 +27,7 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 
-/// The UUID in the captured stream of tests/fixtures/streams.
+/// The UUID in the captured stream of miggate_lab::fixtures.
 const FIXTURE_UUID: uuid::Uuid = uuid::Uuid::from_u128(0x6f1c2a3b_4d5e_4f60_8a7b_9c0d1e2f3a4b);
 
 /// The first 2 KiB of a real QEMU 7.2 main channel (QEVM, configuration
@@ -35,11 +35,7 @@ const FIXTURE_UUID: uuid::Uuid = uuid::Uuid::from_u128(0x6f1c2a3b_4d5e_4f60_8a7b
 /// carry `uuid`: what an intruder would send to get its own device state
 /// into the target VM.
 fn plausible_qemu_prefix(uuid: uuid::Uuid) -> Vec<u8> {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/streams/qemu72-main-uuid.bin"
-    );
-    let mut bytes = std::fs::read(path).unwrap();
+    let mut bytes = miggate_lab::fixtures::QEMU72_MAIN_UUID.to_vec();
     let at = bytes
         .windows(16)
         .position(|w| w == FIXTURE_UUID.as_bytes())

@@ -1,4 +1,4 @@
-//! Real QEMU processes for integration tests: `miggate::lab::Qemu` with a
+//! Real QEMU processes for integration tests: `miggate_lab::Qemu` with a
 //! panicking API. A test harness should fail loudly and say why; every
 //! `LabError` carries QEMU's stderr. For the `Result` form of any command,
 //! use the lab methods (`Deref`) or the public `qmp` field directly.
@@ -8,12 +8,12 @@ use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use miggate::lab;
 use miggate::qmp::MigrationInfo;
+use miggate_lab as lab;
 use serde_json::Value;
 
-pub use miggate::lab::qemu::{TLS_AUTHZ_ID, TLS_CREDS_ID};
-pub use miggate::lab::{
+pub use miggate_lab::qemu::{TLS_AUTHZ_ID, TLS_CREDS_ID};
+pub use miggate_lab::{
     kvm_available, sha256_hex, Guest, NativeTls, QemuOpts, TlsEndpoint, UNLIMITED_BANDWIDTH,
 };
 
@@ -32,7 +32,7 @@ pub fn qemu_binary() -> PathBuf {
     ok(lab::qemu_binary())
 }
 
-/// The accelerator every test VM uses (see `miggate::lab::accel`).
+/// The accelerator every test VM uses (see `miggate_lab::accel`).
 pub fn accel() -> &'static str {
     ok(lab::accel()).as_str()
 }

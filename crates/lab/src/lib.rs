@@ -9,13 +9,14 @@
 //! Every failure is a [`LabError`] that says what went wrong and, when a
 //! tool is missing, how to install it.
 
+pub mod fixtures;
 pub mod guest;
 pub mod qemu;
 
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::qmp::QmpError;
+use miggate::qmp::QmpError;
 
 pub use guest::{default_cache_dir, random_ram_file};
 pub use qemu::{

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use super::local::Local;
 use super::sys;
-use crate::creds::tls::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
+use miggate::creds::tls::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
 
 /// How long a peer may take to start listening.
 const START_TIMEOUT: Duration = Duration::from_secs(20);

@@ -1,4 +1,8 @@
-//! The `miggate` command line. Everything of substance lives in the library.
+//! The `miggate` command line: argument parsing and wiring. The gateways,
+//! the daemon and `migrate` live in the `miggate` library; `demo` (below)
+//! and `bench` (crate `miggate-bench`) drive the QEMU lab (`miggate-lab`).
+
+mod demo;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -53,12 +57,12 @@ enum Cmd {
         check: bool,
     },
     /// Side-by-side migration benchmark: plain, QEMU TLS, stunnel, socat, miggate.
-    Bench(miggate::bench::BenchArgs),
+    Bench(miggate_bench::BenchArgs),
     /// Migrate a QEMU VM end to end: the target daemon's API, a source
     /// gateway with a one-shot ticket, progress, and a summary or the cause.
     Migrate(miggate::migrate::MigrateArgs),
     /// A complete secure migration of a running guest between two local QEMUs.
-    Demo(miggate::migrate::demo::DemoArgs),
+    Demo(demo::DemoArgs),
 }
 
 #[derive(Subcommand)]
@@ -259,12 +263,12 @@ fn main() -> Result<()> {
             Ok(())
         }
         Cmd::Daemon { config, .. } => Ok(runtime()?.block_on(miggate::daemon::run(&config))?),
-        Cmd::Bench(args) => runtime()?.block_on(miggate::bench::run(args)),
+        Cmd::Bench(args) => runtime()?.block_on(miggate_bench::run(args)),
         Cmd::Migrate(args) => {
             let code = runtime()?.block_on(miggate::migrate::run(args));
             std::process::exit(code.into())
         }
-        Cmd::Demo(args) => Ok(runtime()?.block_on(miggate::migrate::demo::run(args))?),
+        Cmd::Demo(args) => Ok(runtime()?.block_on(demo::run(args))?),
     }
 }
 

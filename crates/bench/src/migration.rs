@@ -13,7 +13,7 @@ use super::flood::Hostiles;
 use super::local::LocalKind;
 use super::peers::{self, Installed, MiggateChecks, TLS_HOSTNAME};
 use super::{sys, Transport, Workload};
-use crate::lab::{Accel, Guest, NativeTls, Qemu, QemuOpts, TlsEndpoint};
+use miggate_lab::{Accel, Guest, NativeTls, Qemu, QemuOpts, TlsEndpoint};
 
 /// Time allowed for one migration (1 GiB through the slowest transport on a
 /// busy 2-core machine takes well under a minute).

@@ -15,8 +15,8 @@ use tokio_rustls::TlsConnector;
 use super::local::{Local, LocalKind};
 use super::peers::{self, Installed, MiggateChecks, TLS_HOSTNAME};
 use super::{sys, QEMU_PREFIX};
-use crate::creds::tls;
-use crate::wire::frames::{self, Hello, Verdict};
+use miggate::creds::tls;
+use miggate::wire::frames::{self, Hello, Verdict};
 
 /// Bytes pushed through each held channel before its RSS is read, so that
 /// the relay's buffers are really in use.

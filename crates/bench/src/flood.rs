@@ -20,7 +20,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinSet;
 
-use crate::creds::{pki, tls};
+use miggate::creds::{pki, tls};
 
 /// DN of the flood's certificate from the right CA that no ACL allows.
 pub const DENIED_DN: &str = "O=miggate flood,CN=denied.flood";

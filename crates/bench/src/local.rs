@@ -112,13 +112,13 @@ impl Local {
     }
 
     /// An async connection (held channels of the memory measurement).
-    pub async fn connect(&self) -> std::io::Result<crate::gate::Plain> {
+    pub async fn connect(&self) -> std::io::Result<miggate::gate::Plain> {
         Ok(match self {
             Local::Tcp(p) => {
-                crate::gate::Plain::Tcp(tokio::net::TcpStream::connect(("127.0.0.1", *p)).await?)
+                miggate::gate::Plain::Tcp(tokio::net::TcpStream::connect(("127.0.0.1", *p)).await?)
             }
             Local::Unix(path) => {
-                crate::gate::Plain::Unix(tokio::net::UnixStream::connect(path).await?)
+                miggate::gate::Plain::Unix(tokio::net::UnixStream::connect(path).await?)
             }
         })
     }
