@@ -5,16 +5,12 @@
 //! does, with its progress bar.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use tokio::process::{Child, Command};
-
-use miggate::control::client::{ApiAddr, ApiClient};
 use miggate::creds::pki;
 use miggate::migrate::progress::{duration, Reporter};
 use miggate::migrate::{execute, MigrateArgs};
-use miggate_lab::{self as lab, Guest, LabError, Qemu, QemuOpts};
+use miggate_lab::{self as lab, Daemon, DaemonOpts, Guest, LabError, Miggate, Qemu, QemuOpts};
 
 /// Client certificate subject of the demo's PKI.
 pub const DEMO_CLIENT_DN: &str = "O=miggate demo,CN=source.demo";
@@ -25,11 +21,6 @@ pub const DEMO_RAM_MIB: u32 = 64;
 /// SeaBIOS reaches the boot sector in a few seconds, even under TCG on a
 /// busy machine; this is the patience for "the guest counts".
 const GUEST_START: Duration = Duration::from_secs(45);
-
-/// The daemon binds its sockets and validates its config in milliseconds.
-const DAEMON_START: Duration = Duration::from_secs(20);
-
-const DAEMON_POLL: Duration = Duration::from_millis(50);
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct DemoArgs {
@@ -68,72 +59,21 @@ fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> DemoError {
     move |source| DemoError::Io { what, source }
 }
 
-/// The daemon process; killed when dropped.
-struct Daemon {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Daemon {
-    async fn start(dir: &Path, pki: &Path) -> Result<(Daemon, ApiClient), DemoError> {
-        let api_sock = dir.join("api.sock");
-        // The daemon creates its runtime directory, private (0700).
-        let run_dir = dir.join("run");
-        let config = dir.join("daemon.toml");
-        // A loopback listener on a port of the kernel's choice; the API
-        // answer tells the source where it is.
-        let text = format!(
-            "[daemon]\nruntime_dir = {run:?}\n\n[api]\nsocket = {api:?}\n\n[[target]]\nlisten = \"127.0.0.1:0\"\nx509_dir = {pki:?}\n",
-            run = run_dir.display().to_string(),
-            api = api_sock.display().to_string(),
-            pki = pki.display().to_string(),
-        );
-        std::fs::write(&config, text).map_err(io("writing the daemon's config"))?;
-        let log = dir.join("daemon.log");
-        let log_file = std::fs::File::create(&log).map_err(io("creating the daemon's log"))?;
-        let exe = std::env::current_exe().map_err(io("finding the miggate binary"))?;
-        let child = Command::new(exe)
-            .args(["--log-format", "json", "daemon", "--config"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log_file)
-            .kill_on_drop(true)
-            .spawn()
-            .map_err(io("starting miggate daemon"))?;
-        let mut d = Daemon { child, log };
-        let api = ApiClient::new(ApiAddr::Unix(api_sock)).map_err(|e| d.failed(e.to_string()))?;
-        let deadline = Instant::now() + DAEMON_START;
-        loop {
-            if let Ok(Some(status)) = d.child.try_wait() {
-                return Err(d.failed(format!("it exited ({status})")));
-            }
-            match api.migrations().await {
-                Ok(_) => return Ok((d, api)),
-                Err(e) if Instant::now() > deadline => {
-                    return Err(d.failed(format!("its API does not answer: {e}")))
-                }
-                Err(_) => tokio::time::sleep(DAEMON_POLL).await,
-            }
-        }
-    }
-
-    fn failed(&self, why: String) -> DemoError {
-        DemoError::Daemon {
-            why,
-            path: self.log.clone(),
-            log: std::fs::read_to_string(&self.log).unwrap_or_default(),
-        }
-    }
-
-    /// The migration listener's address, from the daemon's "listening" log.
-    fn listener(&self) -> Option<String> {
-        let log = std::fs::read_to_string(&self.log).ok()?;
-        log.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .find(|v| v["message"] == "listening" && v["listen"].is_string())
-            .and_then(|v| v["listen"].as_str().map(str::to_owned))
-    }
+/// The target's daemon, its log also in `dir`/daemon.log (kept by `--keep`).
+async fn start_daemon(dir: &Path, pki: &Path) -> Result<Daemon, DemoError> {
+    let log = dir.join("daemon.log");
+    let opts = DaemonOpts {
+        log_file: Some(log.clone()),
+        ..DaemonOpts::default()
+    };
+    Miggate::current_exe()?
+        .daemon(dir, pki, &opts)
+        .await
+        .map_err(|e| DemoError::Daemon {
+            why: e.to_string(),
+            log: std::fs::read_to_string(&log).unwrap_or_default(),
+            path: log,
+        })
 }
 
 /// Runs the demo; `Ok` when the guest runs on the destination afterwards.
@@ -167,19 +107,13 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     let vm_uuid = uuid::Uuid::new_v4();
     let src_qmp = dir.join("source.qmp");
     let dst_qmp = dir.join("target.qmp");
-    let qmp_arg = |p: &Path| {
-        vec![
-            "-qmp".to_string(),
-            format!("unix:{},server=on,wait=off", p.display()),
-        ]
-    };
-    let mut src_opts = QemuOpts::new(Guest::RunningCounter, DEMO_RAM_MIB);
-    src_opts.uuid = Some(vm_uuid);
-    let mut dst_opts = src_opts.as_incoming();
-    src_opts.extra_args = qmp_arg(&src_qmp);
-    dst_opts.extra_args = qmp_arg(&dst_qmp);
-    let (src, dst) = tokio::join!(Qemu::spawn(src_opts), Qemu::spawn(dst_opts));
-    let (mut src, mut dst) = (src?, dst?);
+    let mut opts = QemuOpts::new(Guest::RunningCounter, DEMO_RAM_MIB);
+    opts.uuid = Some(vm_uuid);
+    let (mut src, mut dst) = Qemu::pair(
+        opts.clone().with_qmp(&src_qmp),
+        opts.as_incoming().with_qmp(&dst_qmp),
+    )
+    .await?;
     let accel = lab::accel()?;
     rep.step(&format!(
         "[2/5] QEMU: source (pid {}) boots a guest that counts and dirties its memory; target (pid {}) waits with -incoming defer; both VM {vm_uuid}, {DEMO_RAM_MIB} MiB, {accel}",
@@ -193,12 +127,12 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     ));
 
     // 3. The target's daemon.
-    let (daemon, _api) = Daemon::start(&dir, &pki_dir).await?;
+    let daemon = start_daemon(&dir, &pki_dir).await?;
     rep.step(&format!(
         "[3/5] miggate daemon (pid {}): control API on unix:{}, migration listener {} (TLS, client certificate required)",
-        daemon.child.id().unwrap_or(0),
+        daemon.gw.pid().unwrap_or(0),
         dir.join("api.sock").display(),
-        daemon.listener().unwrap_or_else(|| "up".into())
+        daemon.gw.addr
     ));
 
     // 4. Exactly what `miggate migrate` does.
@@ -219,7 +153,7 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
             rep.result(&serde_json::Value::Null, &f.sentence);
             return Err(DemoError::Migration(format!(
                 "the migration did not complete (daemon log: {})",
-                daemon.log.display()
+                dir.join("daemon.log").display()
             )));
         }
     }

@@ -5,8 +5,8 @@ mod common;
 
 use std::path::Path;
 
-use common::gateway::Gateway;
-use common::qemu::{Guest, Qemu, QemuOpts, UNLIMITED_BANDWIDTH};
+use common::gateway::{miggate, Gateway};
+use common::qemu::{Guest, Qemu, QemuOpts};
 use common::scenario::*;
 use serde_json::json;
 
@@ -29,19 +29,22 @@ fn acl(policy_for_source: &str) -> String {
 }
 
 async fn source_vm(seed: u64) -> Qemu {
-    let mut q = Qemu::spawn(QemuOpts::new(Guest::PausedRandomRam { seed }, 64)).await;
-    q.set_capabilities(&[("return-path", true)]).await;
-    q.set_parameters(json!({ "max-bandwidth": UNLIMITED_BANDWIDTH }))
-        .await;
+    let mut q = Qemu::spawn(QemuOpts::new(Guest::PausedRandomRam { seed }, 64))
+        .await
+        .unwrap();
+    q.set_capabilities(&[("return-path", true)]).await.unwrap();
+    q.set_unlimited_bandwidth().await.unwrap();
     q
 }
 
 async fn target_vm(sock: &Path) -> Qemu {
-    let mut q =
-        Qemu::spawn(QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming()).await;
-    q.set_capabilities(&[("return-path", true)]).await;
+    let mut q = Qemu::spawn(QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming())
+        .await
+        .unwrap();
+    q.set_capabilities(&[("return-path", true)]).await.unwrap();
     q.migrate_incoming(&format!("unix:{}", sock.display()))
-        .await;
+        .await
+        .unwrap();
     q
 }
 
@@ -51,7 +54,9 @@ async fn reloaded(tgw: &mut Gateway, ok: bool) -> serde_json::Value {
     } else {
         "ACL file cannot be loaded; denying every peer until it is fixed"
     };
-    tgw.wait_event(|v| v["message"] == msg, EVENT_TIMEOUT).await
+    tgw.wait_event(|v| v["message"] == msg, EVENT_TIMEOUT)
+        .await
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -63,22 +68,24 @@ async fn acl_file_reload_allow_deny_broken_fixed() {
     let sock = dir.path().join("dst.sock");
     replace(&acl_path, &acl("allow"));
     let forward = format!("unix:{}", sock.display());
-    let mut tgw = Gateway::target(&[
-        "--x509-dir",
-        pki.to_str().unwrap(),
-        "--forward",
-        &forward,
-        "--authz-list-file",
-        acl_path.to_str().unwrap(),
-    ])
-    .await;
+    let mut tgw = miggate()
+        .target(&[
+            "--x509-dir",
+            pki.to_str().unwrap(),
+            "--forward",
+            &forward,
+            "--authz-list-file",
+            acl_path.to_str().unwrap(),
+        ])
+        .await
+        .unwrap();
     let sgw = source_gateway(&pki, &tgw.addr, &[]).await;
     let uri = format!("tcp:{}", sgw.addr);
 
     // 1. Allowed.
     let (mut src, mut dst) = tokio::join!(source_vm(1), target_vm(&sock));
     migrate_and_expect_completed(&mut src, &mut dst, &uri).await;
-    let rec = tgw.wait_outcome(EVENT_TIMEOUT).await;
+    let rec = tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(rec["outcome"], "completed", "{rec}");
     drop((src, dst));
 
@@ -87,7 +94,7 @@ async fn acl_file_reload_allow_deny_broken_fixed() {
     reloaded(&mut tgw, true).await;
     let (mut src, mut dst) = tokio::join!(source_vm(2), target_vm(&sock));
     migrate_and_expect_failure(&mut src, &uri).await;
-    let rec = tgw.wait_outcome(EVENT_TIMEOUT).await;
+    let rec = tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(rec["outcome"], "refused", "{rec}");
     let reason = rec["reason"].as_str().unwrap();
     assert!(
@@ -101,7 +108,7 @@ async fn acl_file_reload_allow_deny_broken_fixed() {
     replace(&acl_path, "{ \"rules\": [ { \"match\": ");
     reloaded(&mut tgw, false).await;
     migrate_and_expect_failure(&mut src, &uri).await;
-    let rec = tgw.wait_outcome(EVENT_TIMEOUT).await;
+    let rec = tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(rec["outcome"], "refused", "{rec}");
     let reason = rec["reason"].as_str().unwrap();
     assert!(
@@ -113,6 +120,6 @@ async fn acl_file_reload_allow_deny_broken_fixed() {
     replace(&acl_path, &acl("allow"));
     reloaded(&mut tgw, true).await;
     migrate_and_expect_completed(&mut src, &mut dst, &uri).await;
-    let rec = tgw.wait_outcome(EVENT_TIMEOUT).await;
+    let rec = tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(rec["outcome"], "completed", "{rec}");
 }

@@ -58,7 +58,7 @@ fn assert_figure(cell: &str, name: &str, out: &str) {
 #[test]
 fn quick_bench_measures_every_transport() {
     // Fails with the install hint when QEMU is missing, like every QEMU test.
-    common::qemu::qemu_binary();
+    common::qemu::qemu_binary().unwrap();
     let run = Command::new(BIN)
         .args(["bench", "--quick"])
         .output()

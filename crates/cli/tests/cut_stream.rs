@@ -22,18 +22,20 @@ async fn source_gateway_killed_mid_stream_fails_on_the_target() {
     let (mut src, mut dst, port) = qemu_pair(&opts).await;
     capabilities(&mut src, &mut dst, &[("return-path", true)]).await;
     src.set_parameters(json!({ "max-bandwidth": CRAWL_BANDWIDTH }))
-        .await;
+        .await
+        .unwrap();
     let mut tgw = target_gateway(&pki, port, &["--authz-identity", SOURCE_DN]).await;
     let sgw = source_gateway(&pki, &tgw.addr, &[]).await;
 
-    let before = src.query_status().await;
-    src.migrate(&format!("tcp:{}", sgw.addr)).await;
+    let before = src.query_status().await.unwrap();
+    src.migrate(&format!("tcp:{}", sgw.addr)).await.unwrap();
     tgw.wait_event(|v| v["message"] == "admitted", EVENT_TIMEOUT)
-        .await;
+        .await
+        .unwrap();
     // Mid-stream: a few MiB of RAM have gone through both gateways.
     let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
     loop {
-        let info = src.query_migrate().await;
+        let info = src.query_migrate().await.unwrap();
         let sent = info.ram.as_ref().map_or(0, |r| r.transferred);
         if sent > 2 << 20 {
             break;
@@ -47,17 +49,17 @@ async fn source_gateway_killed_mid_stream_fails_on_the_target() {
     }
     sgw.stop().await;
 
-    let rec = tgw.wait_outcome(EVENT_TIMEOUT).await;
+    let rec = tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(rec["outcome"], "failed", "{rec}");
     assert_eq!(
         rec["reason"], "source->target: the source's TLS stream was cut without close_notify",
         "{rec}"
     );
     assert!(rec["bytes_sent"].as_u64().unwrap() > 2 << 20, "{rec}");
-    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await;
+    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
     assert_eq!(s.status.as_deref(), Some("failed"), "{:?}", s.raw);
     assert_eq!(
-        src.query_status().await,
+        src.query_status().await.unwrap(),
         before,
         "the source VM changed state"
     );

@@ -9,9 +9,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::gateway::Gateway;
+use common::gateway::{miggate, Gateway};
 use common::nobody::connect_as_nobody;
-use common::qemu::{Guest, Qemu, QemuOpts};
+use common::qemu::{Guest, Qemu, QemuExt, QemuOpts};
 use common::scenario::*;
 use miggate::admit::ticket::Ticket;
 use miggate::control::types::{
@@ -19,6 +19,7 @@ use miggate::control::types::{
     QmpForward,
 };
 use miggate::control::{ApiAddr, ApiClient, ApiError};
+use miggate_lab::DaemonOpts;
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use uuid::Uuid;
@@ -57,29 +58,20 @@ impl Daemon {
             .tempdir()
             .unwrap();
         let dir = tmp.path().to_path_buf();
-        let socket = dir.join("run/api.sock");
-        let config = dir.join("daemon.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "[daemon]\nruntime_dir = \"{run}\"\n\n[api]\nsocket = \"{sock}\"\n\n\
-                 [metrics]\nlisten = \"127.0.0.1:0\"\n\n\
-                 [[target]]\nlisten = \"127.0.0.1:0\"\nx509_dir = \"{pki}\"\nstall_timeout = 10\n{extra}",
-                run = dir.join("run").display(),
-                sock = socket.display(),
-                pki = pki.display()
-            ),
-        )
-        .unwrap();
-        let mut gw = Gateway::spawn(&["daemon", "--config", config.to_str().unwrap()]).await;
-        let m = gw
-            .wait_event(|v| v["message"] == "metrics listening", EVENT_TIMEOUT)
-            .await;
-        let metrics = m["listen"].as_str().unwrap().to_string();
-        let api_ev = gw
-            .wait_event(|v| v["message"] == "API listening", EVENT_TIMEOUT)
-            .await;
-        assert_eq!(api_ev["socket"], socket.to_str().unwrap(), "{api_ev}");
+        let opts = DaemonOpts {
+            // Inside the runtime directory: the test checks its mode.
+            api_socket: "run/api.sock".into(),
+            metrics: true,
+            target_extra: format!("stall_timeout = 10\n{extra}"),
+            log_file: None,
+        };
+        let miggate_lab::Daemon {
+            gw,
+            api: socket,
+            config,
+            metrics,
+        } = miggate().daemon(&dir, pki, &opts).await.unwrap();
+        let metrics = metrics.unwrap();
         let api = ApiClient::new(ApiAddr::Unix(socket.clone())).unwrap();
         Daemon {
             _dir: tmp,
@@ -201,16 +193,16 @@ fn endpoint(port: u16) -> Forward {
 async fn source_vm(guest: Guest, uuid: Uuid) -> Qemu {
     let mut opts = QemuOpts::new(guest, 64);
     opts.uuid = Some(uuid);
-    let mut q = Qemu::spawn(opts).await;
+    let mut q = Qemu::spawn(opts).await.unwrap();
     q.set_capabilities(&[("return-path", true), ("validate-uuid", true)])
-        .await;
-    q.set_parameters(json!({ "max-bandwidth": common::qemu::UNLIMITED_BANDWIDTH }))
-        .await;
+        .await
+        .unwrap();
+    q.set_unlimited_bandwidth().await.unwrap();
     q
 }
 
 async fn query_uuid(q: &mut Qemu) -> String {
-    q.cmd("query-uuid", Value::Null).await["UUID"]
+    q.cmd("query-uuid", Value::Null).await.unwrap()["UUID"]
         .as_str()
         .unwrap()
         .to_string()
@@ -423,7 +415,7 @@ async fn registered_migration_completes_and_its_ticket_is_spent() {
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", qmp2.display()),
     ];
-    let mut dst = Qemu::spawn(dst_opts).await;
+    let mut dst = Qemu::spawn(dst_opts).await.unwrap();
     src.assert_running_and_counting().await;
 
     let forward = Forward::Qmp(QmpForward {
@@ -434,7 +426,7 @@ async fn registered_migration_completes_and_its_ticket_is_spent() {
     let r = d.register(&request(Some(VM_A), forward)).await;
     // The daemon's migrate-incoming: the target QEMU listens where the
     // registration forwards.
-    let info = dst.query_migrate().await;
+    let info = dst.query_migrate().await.unwrap();
     let forward = d.api.migration(&r.id).await.unwrap().forward;
     assert_eq!(
         Some(forward.as_str()),
@@ -469,7 +461,8 @@ async fn registered_migration_completes_and_its_ticket_is_spent() {
             |v| v["target"] == "miggate::outcome" && v["outcome"] == "refused",
             EVENT_TIMEOUT,
         )
-        .await;
+        .await
+        .unwrap();
     assert!(
         rec["reason"]
             .as_str()
@@ -548,14 +541,14 @@ async fn expired_wrong_vm_and_unknown_tickets_are_refused() {
     for (name, ticket, reason, told) in cases {
         let mut sgw = d.source(&pki, name, &ticket).await;
         migrate_and_expect_failure(&mut src, &format!("tcp:{}", sgw.addr)).await;
-        let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await;
+        let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
         assert_eq!(rec["outcome"], "refused", "{name}: {rec}");
         assert_eq!(rec["bytes_sent"], 0, "{name}: {rec}");
         assert!(
             rec["reason"].as_str().unwrap().contains(reason),
             "{name}: {rec}"
         );
-        let srec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+        let srec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
         assert_eq!(srec["reason"], format!("target refused: {told}"), "{name}");
         sgw.stop().await;
     }
@@ -614,12 +607,16 @@ async fn two_migrations_racing_for_one_listener_land_in_their_own_vms() {
         spawn_dst(VM_A),
         spawn_dst(VM_B),
     );
-    let (mut src_a, mut src_b, mut dst_a, mut dst_b) = (src_a, src_b, dst_a, dst_b);
+    let (mut src_a, mut src_b, mut dst_a, mut dst_b) =
+        (src_a, src_b, dst_a.unwrap(), dst_b.unwrap());
     let (port_a, port_b) = (
-        dst_a.migrate_incoming_any_port().await,
-        dst_b.migrate_incoming_any_port().await,
+        dst_a.migrate_incoming_any_port().await.unwrap(),
+        dst_b.migrate_incoming_any_port().await.unwrap(),
     );
-    let (hash_a, hash_b) = (src_a.ram_sha256().await, src_b.ram_sha256().await);
+    let (hash_a, hash_b) = (
+        src_a.ram_sha256().await.unwrap(),
+        src_b.ram_sha256().await.unwrap(),
+    );
     assert_ne!(hash_a, hash_b);
 
     let reg_a = d.register(&request(Some(VM_A), endpoint(port_a))).await;
@@ -635,12 +632,12 @@ async fn two_migrations_racing_for_one_listener_land_in_their_own_vms() {
     assert_eq!(query_uuid(&mut dst_a).await, VM_A.to_string());
     assert_eq!(query_uuid(&mut dst_b).await, VM_B.to_string());
     assert_eq!(
-        dst_a.ram_sha256().await,
+        dst_a.ram_sha256().await.unwrap(),
         hash_a,
         "VM A's RAM did not arrive in VM A"
     );
     assert_eq!(
-        dst_b.ram_sha256().await,
+        dst_b.ram_sha256().await.unwrap(),
         hash_b,
         "VM B's RAM did not arrive in VM B"
     );
@@ -660,16 +657,17 @@ async fn cancel_mid_migration_fails_both_ends_and_the_source_keeps_running() {
     let d = Daemon::start(&pki).await;
     let mut src = source_vm(Guest::RunningCounter, VM_A).await;
     src.set_parameters(json!({ "max-bandwidth": CRAWL_BANDWIDTH }))
-        .await;
+        .await
+        .unwrap();
     let mut dst_opts = QemuOpts::new(Guest::RunningCounter, 64).as_incoming();
     dst_opts.uuid = Some(VM_A);
-    let mut dst = Qemu::spawn(dst_opts).await;
-    let port = dst.migrate_incoming_any_port().await;
+    let mut dst = Qemu::spawn(dst_opts).await.unwrap();
+    let port = dst.migrate_incoming_any_port().await.unwrap();
     src.assert_running_and_counting().await;
 
     let r = d.register(&request(Some(VM_A), endpoint(port))).await;
     let sgw = d.source(&pki, "ticket", &r.ticket).await;
-    src.migrate(&format!("tcp:{}", sgw.addr)).await;
+    src.migrate(&format!("tcp:{}", sgw.addr)).await.unwrap();
     d.wait_view(&r.id, "active with bytes flowing", |v| {
         v.state == Phase::Active && v.bytes_sent > 0
     })
@@ -682,6 +680,7 @@ async fn cancel_mid_migration_fails_both_ends_and_the_source_keeps_running() {
         src.wait_migration_end(MIGRATION_TIMEOUT),
         dst.wait_migration_end(MIGRATION_TIMEOUT)
     );
+    let (s, t) = (s.unwrap(), t.unwrap());
     assert_eq!(s.status.as_deref(), Some("failed"), "source: {:?}", s.raw);
     assert_eq!(
         t.status.as_deref(),
@@ -734,7 +733,8 @@ async fn remote_api_needs_an_admin_certificate_the_admin_acl_allows() {
             |v| v["message"] == "API listening with mutual TLS",
             EVENT_TIMEOUT,
         )
-        .await;
+        .await
+        .unwrap();
     let url = format!(
         "https://localhost:{}",
         ev["listen"].as_str().unwrap().rsplit_once(':').unwrap().1
@@ -778,7 +778,8 @@ async fn remote_api_needs_an_admin_certificate_the_admin_acl_allows() {
     );
     let log =
         d.gw.wait_event(|v| v["message"] == "API connection refused", EVENT_TIMEOUT)
-            .await;
+            .await
+            .unwrap();
     assert!(log["reason"].as_str().unwrap().contains("CA"), "{log}");
 }
 
@@ -793,8 +794,8 @@ async fn sighup_reload_keeps_the_previous_configuration_on_error() {
     let mut src = source_vm(Guest::PausedRandomRam { seed: 3 }, VM_A).await;
     let mut dst_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming();
     dst_opts.uuid = Some(VM_A);
-    let mut dst = Qemu::spawn(dst_opts).await;
-    let port = dst.migrate_incoming_any_port().await;
+    let mut dst = Qemu::spawn(dst_opts).await.unwrap();
+    let port = dst.migrate_incoming_any_port().await.unwrap();
     let pid = d.gw.pid().unwrap().to_string();
     let hup = || {
         let status = std::process::Command::new("kill")
@@ -812,7 +813,8 @@ async fn sighup_reload_keeps_the_previous_configuration_on_error() {
             |v| v["level"] == "ERROR" || v["message"] == "configuration reloaded",
             EVENT_TIMEOUT,
         )
-        .await;
+        .await
+        .unwrap();
     let reason = ev["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("target[0].forward: a static route needs"),
@@ -824,7 +826,7 @@ async fn sighup_reload_keeps_the_previous_configuration_on_error() {
     let sgw = source_gateway(&pki, &d.gw.addr, &[]).await;
     let uri = format!("tcp:{}", sgw.addr);
     migrate_and_expect_failure(&mut src, &uri).await;
-    let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await;
+    let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert!(
         rec["reason"]
             .as_str()
@@ -840,12 +842,13 @@ async fn sighup_reload_keeps_the_previous_configuration_on_error() {
     .unwrap();
     hup();
     d.gw.wait_event(|v| v["message"] == "configuration reloaded", EVENT_TIMEOUT)
-        .await;
+        .await
+        .unwrap();
     // In force: the new static route admits the same source, no ticket.
-    let hash = src.ram_sha256().await;
+    let hash = src.ram_sha256().await.unwrap();
     migrate_and_expect_completed(&mut src, &mut dst, &uri).await;
-    assert_eq!(dst.ram_sha256().await, hash);
-    let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await;
+    assert_eq!(dst.ram_sha256().await.unwrap(), hash);
+    let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(rec["outcome"], "completed", "{rec}");
     assert_eq!(rec["peer.dn"], SOURCE_DN, "{rec}");
 }
@@ -874,14 +877,14 @@ async fn a_stray_multifd_channel_does_not_wedge_its_registration() {
     let caps = [("multifd", true)];
     let params = json!({ "multifd-channels": 1 });
     let mut src = source_vm(Guest::PausedRandomRam { seed: 2 }, VM_A).await;
-    src.set_capabilities(&caps).await;
-    src.set_parameters(params.clone()).await;
+    src.set_capabilities(&caps).await.unwrap();
+    src.set_parameters(params.clone()).await.unwrap();
     let mut dst_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming();
     dst_opts.uuid = Some(VM_A);
-    let mut dst = Qemu::spawn(dst_opts).await;
-    dst.set_capabilities(&caps).await;
-    dst.set_parameters(params).await;
-    let port = dst.migrate_incoming_any_port().await;
+    let mut dst = Qemu::spawn(dst_opts).await.unwrap();
+    dst.set_capabilities(&caps).await.unwrap();
+    dst.set_parameters(params).await.unwrap();
+    let port = dst.migrate_incoming_any_port().await.unwrap();
 
     let mut req = request(Some(VM_A), endpoint(port));
     req.channels = 2;
@@ -917,10 +920,10 @@ async fn a_stray_multifd_channel_does_not_wedge_its_registration() {
     let _ = stray.read_to_end(&mut rest).await;
     stray_gw.stop().await;
 
-    let hash = src.ram_sha256().await;
+    let hash = src.ram_sha256().await.unwrap();
     let sgw = d.source(&pki, "ticket", &r.ticket).await;
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
-    assert_eq!(dst.ram_sha256().await, hash);
+    assert_eq!(dst.ram_sha256().await.unwrap(), hash);
     let v = d.wait_state(&r.id, Phase::Completed).await;
     assert_eq!((v.channels_seen, v.channels_open), (2, 0), "{v:?}");
 }
@@ -944,8 +947,8 @@ async fn a_ticket_is_only_good_on_the_listener_it_was_registered_for() {
     let mut src = source_vm(Guest::PausedRandomRam { seed: 4 }, VM_A).await;
     let mut dst_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming();
     dst_opts.uuid = Some(VM_A);
-    let mut dst = Qemu::spawn(dst_opts).await;
-    let port = dst.migrate_incoming_any_port().await;
+    let mut dst = Qemu::spawn(dst_opts).await.unwrap();
+    let port = dst.migrate_incoming_any_port().await.unwrap();
 
     // Listener B's address: from the log, and from a registration bound
     // to it; an unknown listener is a bad request.
@@ -976,7 +979,7 @@ async fn a_ticket_is_only_good_on_the_listener_it_was_registered_for() {
     let f = d.ticket_file("ticket-b", &r.ticket);
     let rogue = source_gateway(&pki_b, &addr_b, &["--ticket-file", f.to_str().unwrap()]).await;
     migrate_and_expect_failure(&mut src, &format!("tcp:{}", rogue.addr)).await;
-    let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await;
+    let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(rec["outcome"], "refused", "{rec}");
     assert_eq!(rec["bytes_sent"], 0, "{rec}");
     assert!(
@@ -991,10 +994,10 @@ async fn a_ticket_is_only_good_on_the_listener_it_was_registered_for() {
     assert_eq!(v.refusals.len(), 1, "{v:?}");
     rogue.stop().await;
 
-    let hash = src.ram_sha256().await;
+    let hash = src.ram_sha256().await.unwrap();
     let sgw = d.source(&pki_a, "ticket-a", &r.ticket).await;
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
-    assert_eq!(dst.ram_sha256().await, hash);
+    assert_eq!(dst.ram_sha256().await.unwrap(), hash);
     let v = d.wait_state(&r.id, Phase::Completed).await;
     assert_eq!(v.peer_dn.as_deref(), Some(SOURCE_DN));
 }
@@ -1016,7 +1019,7 @@ async fn another_user_cannot_reach_the_target_qemus_incoming_socket() {
         "-qmp".into(),
         format!("unix:{},server=on,wait=off", qmp2.display()),
     ];
-    let _dst = Qemu::spawn(dst_opts).await;
+    let _dst = Qemu::spawn(dst_opts).await.unwrap();
     let forward = Forward::Qmp(QmpForward {
         qmp: format!("unix:{}", qmp2.display()),
         capabilities: BTreeMap::new(),
@@ -1093,15 +1096,16 @@ async fn source_gateway_killed_mid_stream_fails_the_registered_migration() {
     let mut src = source_vm(Guest::PausedRandomRam { seed: 0xc07 }, VM_A).await;
     // 64 MiB of random RAM at 2 MiB/s: mid-stream for half a minute.
     src.set_parameters(json!({ "max-bandwidth": 2 << 20 }))
-        .await;
+        .await
+        .unwrap();
     let mut dst_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0 }, 64).as_incoming();
     dst_opts.uuid = Some(VM_A);
-    let mut dst = Qemu::spawn(dst_opts).await;
-    let port = dst.migrate_incoming_any_port().await;
+    let mut dst = Qemu::spawn(dst_opts).await.unwrap();
+    let port = dst.migrate_incoming_any_port().await.unwrap();
     let r = d.register(&request(Some(VM_A), endpoint(port))).await;
     let sgw = d.source(&pki, "ticket", &r.ticket).await;
-    let before = src.query_status().await;
-    src.migrate(&format!("tcp:{}", sgw.addr)).await;
+    let before = src.query_status().await.unwrap();
+    src.migrate(&format!("tcp:{}", sgw.addr)).await.unwrap();
     d.wait_view(&r.id, "mid-stream", |v| v.bytes_sent > 2 << 20)
         .await;
     sgw.stop().await;
@@ -1113,10 +1117,10 @@ async fn source_gateway_killed_mid_stream_fails_the_registered_migration() {
         Some("source->target: the source's TLS stream was cut without close_notify"),
         "{v:?}"
     );
-    let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await;
+    let rec = d.gw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(rec["outcome"], "failed", "{rec}");
-    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await;
+    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
     assert_eq!(s.status.as_deref(), Some("failed"), "{:?}", s.raw);
-    assert_eq!(src.query_status().await, before);
+    assert_eq!(src.query_status().await.unwrap(), before);
     assert_eq!(d.metric("miggate_migrations{state=\"failed\"}").await, 1.0);
 }

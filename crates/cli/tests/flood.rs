@@ -19,11 +19,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::gateway::Gateway;
-use common::qemu::{Guest, QemuOpts};
+use common::gateway::miggate;
+use common::qemu::{Guest, QemuExt, QemuOpts};
 use common::scenario::*;
 use miggate::creds::tls;
 use miggate_bench::flood::Hostiles;
+use miggate_lab::DaemonOpts;
 use rustls::pki_types::ServerName;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -95,35 +96,31 @@ async fn flood_of_hostile_connections_does_not_stop_a_migration() {
     let (mut src, mut dst, port) = qemu_pair(&opts).await;
     let caps = [("return-path", true), ("validate-uuid", true)];
     capabilities(&mut src, &mut dst, &caps).await;
-    src.set_parameters(json!({ "max-bandwidth": CRAWL })).await;
+    src.set_parameters(json!({ "max-bandwidth": CRAWL }))
+        .await
+        .unwrap();
     src.assert_running_and_counting().await;
 
-    let config = tmp.path().join("daemon.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[daemon]\nruntime_dir = \"{run}\"\n[api]\nsocket = \"{run}/api.sock\"\n\
-             [metrics]\nlisten = \"127.0.0.1:0\"\n\
-             [[target]]\nlisten = \"127.0.0.1:0\"\nx509_dir = \"{pki}\"\n\
-             forward = \"tcp:127.0.0.1:{port}\"\nauthz_identity = \"{SOURCE_DN}\"\n\
+    let opts = DaemonOpts {
+        api_socket: "run/api.sock".into(),
+        metrics: true,
+        target_extra: format!(
+            "forward = \"tcp:127.0.0.1:{port}\"\nauthz_identity = \"{SOURCE_DN}\"\n\
              expect_uuid = \"{VM}\"\nstall_timeout = 10\nhandshake_timeout = 1\n\
-             max_pending = {MAX_PENDING}\nmax_pending_per_ip = {MAX_PENDING_PER_IP}\n",
-            run = tmp.path().join("run").display(),
-            pki = pki.display(),
+             max_pending = {MAX_PENDING}\nmax_pending_per_ip = {MAX_PENDING_PER_IP}\n"
         ),
-    )
-    .unwrap();
-    let mut tgw = Gateway::spawn(&["daemon", "--config", config.to_str().unwrap()]).await;
-    let m = tgw
-        .wait_event(|v| v["message"] == "metrics listening", EVENT_TIMEOUT)
-        .await;
-    let metrics_addr = m["listen"].as_str().unwrap().to_string();
+        log_file: None,
+    };
+    let daemon = miggate().daemon(tmp.path(), &pki, &opts).await.unwrap();
+    let metrics_addr = daemon.metrics.unwrap();
+    let mut tgw = daemon.gw;
     let pid = tgw.pid().unwrap();
     let sgw = source_gateway(&pki, &tgw.addr, &[]).await;
 
-    src.migrate(&format!("tcp:{}", sgw.addr)).await;
+    src.migrate(&format!("tcp:{}", sgw.addr)).await.unwrap();
     tgw.wait_event(|v| v["message"] == "admitted", EVENT_TIMEOUT)
-        .await;
+        .await
+        .unwrap();
     let (rss_before, fds_before) = (rss_kib(pid), fds(pid));
 
     // The flood, with the target's memory and descriptors sampled throughout.
@@ -152,20 +149,19 @@ async fn flood_of_hostile_connections_does_not_stop_a_migration() {
     );
 
     // The migration survived the flood and is still relaying; let it finish.
-    let during = src.query_migrate().await;
+    let during = src.query_migrate().await.unwrap();
     assert_eq!(
         during.status.as_deref(),
         Some("active"),
         "the migration should still be running after the flood: {:?}",
         during.raw
     );
-    src.set_parameters(json!({ "max-bandwidth": common::qemu::UNLIMITED_BANDWIDTH }))
-        .await;
-    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await;
-    let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await;
+    src.set_unlimited_bandwidth().await.unwrap();
+    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+    let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
     assert_eq!(s.status.as_deref(), Some("completed"), "{:?}", s.raw);
     assert_eq!(d.status.as_deref(), Some("completed"), "{:?}", d.raw);
-    dst.wait_status("running", EVENT_TIMEOUT).await;
+    dst.wait_status("running", EVENT_TIMEOUT).await.unwrap();
     dst.assert_running_and_counting().await;
 
     // Bounded cost.
@@ -303,7 +299,8 @@ async fn target_out_of_descriptors_backs_off_and_recovers() {
         held.push(tokio::net::TcpStream::connect(&tgw.addr).await.unwrap());
     }
     tgw.wait_event(|v| v["message"] == "accept failed", EVENT_TIMEOUT)
-        .await;
+        .await
+        .unwrap();
     let before = cpu_seconds(pid);
     let window = Duration::from_secs(2);
     tokio::time::sleep(window).await; // measuring an interval, not waiting for an event

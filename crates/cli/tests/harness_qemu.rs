@@ -6,9 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::guest;
-use common::qemu::{
-    accel, zero_sha256, Guest, NativeTls, Qemu, QemuOpts, TlsEndpoint, UNLIMITED_BANDWIDTH,
-};
+use common::qemu::{accel, zero_sha256, Guest, NativeTls, Qemu, QemuExt, QemuOpts, TlsEndpoint};
 use miggate::qmp::{Qmp, QmpError};
 use serde_json::json;
 
@@ -16,8 +14,7 @@ const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Both VMs of a migration: same configuration, the second one incoming.
 async fn pair(opts: QemuOpts) -> (Qemu, Qemu) {
-    let (src, dst) = tokio::join!(Qemu::spawn(opts.clone()), Qemu::spawn(opts.as_incoming()));
-    (src, dst)
+    Qemu::pair(opts.clone(), opts.as_incoming()).await.unwrap()
 }
 
 #[tokio::test]
@@ -28,19 +25,19 @@ async fn direct_migration_of_paused_random_ram() {
     let spawned = t0.elapsed();
 
     // -S: "prelaunch" (never started), not "paused".
-    assert_eq!(src.query_status().await, "prelaunch");
-    assert_eq!(dst.query_status().await, "inmigrate");
-    let src_hash = src.ram_sha256().await;
+    assert_eq!(src.query_status().await.unwrap(), "prelaunch");
+    assert_eq!(dst.query_status().await.unwrap(), "inmigrate");
+    let src_hash = src.ram_sha256().await.unwrap();
 
-    src.set_parameters(json!({ "max-bandwidth": UNLIMITED_BANDWIDTH }))
-        .await;
-    let port = dst.migrate_incoming_any_port().await;
+    src.set_unlimited_bandwidth().await.unwrap();
+    let port = dst.migrate_incoming_any_port().await.unwrap();
     let t = Instant::now();
-    src.migrate(&format!("tcp:127.0.0.1:{port}")).await;
+    src.migrate(&format!("tcp:127.0.0.1:{port}")).await.unwrap();
     let (s, d) = tokio::join!(
         src.wait_migration_end(MIGRATION_TIMEOUT),
         dst.wait_migration_end(MIGRATION_TIMEOUT)
     );
+    let (s, d) = (s.unwrap(), d.unwrap());
     let took = t.elapsed();
     assert_eq!(s.status.as_deref(), Some("completed"), "source: {s:?}");
     assert_eq!(d.status.as_deref(), Some("completed"), "destination: {d:?}");
@@ -56,12 +53,12 @@ async fn direct_migration_of_paused_random_ram() {
 
     // The destination stays paused: the source was not running.
     // The run state migrates: a never-started guest stays "prelaunch".
-    assert_eq!(dst.query_status().await, "prelaunch");
-    assert_eq!(src.query_status().await, "postmigrate");
-    let dst_hash = dst.ram_sha256().await;
+    assert_eq!(dst.query_status().await.unwrap(), "prelaunch");
+    assert_eq!(src.query_status().await.unwrap(), "postmigrate");
+    let dst_hash = dst.ram_sha256().await.unwrap();
     assert_eq!(src_hash, dst_hash, "RAM differs after migration");
-    assert_ne!(dst_hash, zero_sha256(128 << 20).await, "RAM is all zeros");
-    let dst_dump = dst.ram_dump().await;
+    assert_ne!(dst_hash, zero_sha256(128 << 20), "RAM is all zeros");
+    let dst_dump = dst.ram_dump().await.unwrap();
 
     // Outside the legacy window 0xA0000..0x100000 the dump is exactly the
     // seeded file: the random bytes really are guest RAM.
@@ -76,32 +73,33 @@ async fn running_counter_guest_migrates_live_and_keeps_counting() {
     let t0 = Instant::now();
     let (mut src, mut dst) = pair(QemuOpts::new(Guest::RunningCounter, 64)).await;
     src.assert_running_and_counting().await;
-    let before = src.guest_counter().await;
+    let before = src.guest_counter().await.unwrap();
 
-    let port = dst.migrate_incoming_any_port().await;
+    let port = dst.migrate_incoming_any_port().await.unwrap();
     let t = Instant::now();
-    src.migrate(&format!("tcp:127.0.0.1:{port}")).await;
+    src.migrate(&format!("tcp:127.0.0.1:{port}")).await.unwrap();
     let (s, d) = tokio::join!(
         src.wait_migration_end(MIGRATION_TIMEOUT),
         dst.wait_migration_end(MIGRATION_TIMEOUT)
     );
+    let (s, d) = (s.unwrap(), d.unwrap());
     assert_eq!(s.status.as_deref(), Some("completed"), "source: {s:?}");
     assert_eq!(d.status.as_deref(), Some("completed"), "destination: {d:?}");
     let ram = s.ram.as_ref().expect("ram stats");
     eprintln!(
         "live migration of the counter guest (64 MiB, {}): {:?}, downtime {:?} ms, \
          dirty-sync-count {}, {} bytes",
-        accel(),
+        accel().unwrap(),
         t.elapsed(),
         s.downtime,
         ram.dirty_sync_count,
         ram.transferred
     );
 
-    assert_eq!(src.query_status().await, "postmigrate");
+    assert_eq!(src.query_status().await.unwrap(), "postmigrate");
     dst.assert_running_and_counting().await;
     // The destination continues from where the source was, not from zero.
-    let after = dst.guest_counter().await;
+    let after = dst.guest_counter().await.unwrap();
     assert!(
         after.wrapping_sub(before) < 1 << 31,
         "counter went back: {before:#x} -> {after:#x}"
@@ -112,7 +110,7 @@ async fn running_counter_guest_migrates_live_and_keeps_counting() {
 #[tokio::test]
 async fn qmp_errors_and_events() {
     let t0 = Instant::now();
-    let mut vm = Qemu::spawn(QemuOpts::default()).await;
+    let mut vm = Qemu::spawn(QemuOpts::default()).await.unwrap();
     let (major, minor, _) = vm.qmp.qemu_version().expect("version in greeting");
     assert!(major >= 7, "QEMU {major}.{minor}");
 
@@ -145,9 +143,9 @@ async fn qmp_errors_and_events() {
 
     // Still usable after errors, and events arriving around a command are
     // queued rather than lost: `stop` emits STOP before its response.
-    assert_eq!(vm.query_status().await, "prelaunch");
-    vm.cmd("cont", json!(null)).await;
-    vm.cmd("stop", json!(null)).await;
+    assert_eq!(vm.query_status().await.unwrap(), "prelaunch");
+    vm.cmd("cont", json!(null)).await.unwrap();
+    vm.cmd("stop", json!(null)).await.unwrap();
     let mut names = Vec::new();
     while names.len() < 2 {
         let ev = vm
@@ -162,7 +160,7 @@ async fn qmp_errors_and_events() {
     assert_eq!(names, ["RESUME", "STOP"]);
 
     // A QEMU that goes away surfaces as Closed, not as a hang.
-    vm.cmd("quit", json!(null)).await;
+    vm.cmd("quit", json!(null)).await.unwrap();
     match vm.qmp.query_status().await {
         Err(QmpError::Closed) => {}
         other => panic!("expected QmpError::Closed after quit, got {other:?}"),
@@ -246,22 +244,27 @@ async fn native_tls_migration_with_authz() {
         opts.tls = Some(tls(TlsEndpoint::Client, None));
         let mut dst_opts = opts.as_incoming();
         dst_opts.tls = Some(tls(TlsEndpoint::Server, Some(identity)));
-        let (mut src, mut dst) = tokio::join!(Qemu::spawn(opts), Qemu::spawn(dst_opts));
-        src.set_native_tls_parameters(Some("localhost")).await;
-        dst.set_native_tls_parameters(None).await;
-        let port = dst.migrate_incoming_any_port().await;
-        src.migrate(&format!("tcp:127.0.0.1:{port}")).await;
-        let s = src.wait_migration_end(MIGRATION_TIMEOUT).await;
+        let (mut src, mut dst) = Qemu::pair(opts, dst_opts).await.unwrap();
+        src.set_native_tls_parameters(Some("localhost"))
+            .await
+            .unwrap();
+        dst.set_native_tls_parameters(None).await.unwrap();
+        let port = dst.migrate_incoming_any_port().await.unwrap();
+        src.migrate(&format!("tcp:127.0.0.1:{port}")).await.unwrap();
+        let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
         if admitted {
             assert_eq!(s.status.as_deref(), Some("completed"), "source: {s:?}");
-            let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await;
+            let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
             assert_eq!(d.status.as_deref(), Some("completed"), "destination: {d:?}");
-            assert_eq!(src.ram_sha256().await, dst.ram_sha256().await);
+            assert_eq!(
+                src.ram_sha256().await.unwrap(),
+                dst.ram_sha256().await.unwrap()
+            );
         } else {
             assert_eq!(s.status.as_deref(), Some("failed"), "source: {s:?}");
             // The destination neither exits nor fails: it keeps listening,
             // with no migration status at all.
-            let d = dst.query_migrate().await;
+            let d = dst.query_migrate().await.unwrap();
             assert_eq!(d.status, None, "destination: {:?}", d.raw);
             assert!(dst.stderr_text().contains("is denied"));
             eprintln!(
@@ -281,8 +284,10 @@ async fn native_tls_migration_with_authz() {
 async fn destination_that_exits_reports_failed() {
     use tokio::io::AsyncWriteExt;
     let t0 = Instant::now();
-    let mut dst = Qemu::spawn(QemuOpts::new(Guest::RunningCounter, 64).as_incoming()).await;
-    let port = dst.migrate_incoming_any_port().await;
+    let mut dst = Qemu::spawn(QemuOpts::new(Guest::RunningCounter, 64).as_incoming())
+        .await
+        .unwrap();
+    let port = dst.migrate_incoming_any_port().await.unwrap();
     let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
         .unwrap();
@@ -290,7 +295,7 @@ async fn destination_that_exits_reports_failed() {
         .await
         .unwrap();
     drop(conn);
-    let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await;
+    let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
     assert_eq!(d.status.as_deref(), Some("failed"), "{d:?}");
     let desc = d.error_desc.unwrap_or_default();
     eprintln!("destination fed garbage: {desc}");

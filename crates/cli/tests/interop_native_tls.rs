@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::qemu::{Guest, NativeTls, Qemu, QemuOpts, TlsEndpoint, UNLIMITED_BANDWIDTH};
+use common::qemu::{Guest, NativeTls, Qemu, QemuOpts, TlsEndpoint};
 use common::scenario::*;
 use serde_json::json;
 
@@ -18,19 +18,22 @@ async fn qemu_native_tls_source_to_miggate_target() {
         authz_identity: None,
         priority: None,
     });
-    let (mut src, mut dst) = tokio::join!(
-        Qemu::spawn(src_opts.clone()),
-        Qemu::spawn(QemuOpts::new(Guest::PausedRandomRam { seed: 41 }, 128).as_incoming())
-    );
-    src.set_parameters(json!({ "max-bandwidth": UNLIMITED_BANDWIDTH }))
-        .await;
-    src.set_native_tls_parameters(Some("127.0.0.1")).await;
-    let port = dst.migrate_incoming_any_port().await;
+    let (mut src, mut dst) = Qemu::pair(
+        src_opts.clone(),
+        QemuOpts::new(Guest::PausedRandomRam { seed: 41 }, 128).as_incoming(),
+    )
+    .await
+    .unwrap();
+    src.set_unlimited_bandwidth().await.unwrap();
+    src.set_native_tls_parameters(Some("127.0.0.1"))
+        .await
+        .unwrap();
+    let port = dst.migrate_incoming_any_port().await.unwrap();
     let mut tgw = target_gateway(&pki, port, &["--authz-identity", SOURCE_DN]).await;
-    let hash = src.ram_sha256().await;
+    let hash = src.ram_sha256().await.unwrap();
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", tgw.addr)).await;
-    assert_eq!(dst.ram_sha256().await, hash);
-    let rec = tgw.wait_outcome(EVENT_TIMEOUT).await;
+    assert_eq!(dst.ram_sha256().await.unwrap(), hash);
+    let rec = tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(rec["outcome"], "completed", "{rec}");
     // QEMU's GnuTLS renders the same DN miggate authorized.
     assert_eq!(rec["peer.dn"], SOURCE_DN);
@@ -45,10 +48,10 @@ async fn miggate_source_to_qemu_native_tls_target_allowed() {
     let pki = pki_dir(&pki);
     let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None).await;
     let mut sgw = source_gateway(&pki, &format!("127.0.0.1:{tls_port}"), &[]).await;
-    let hash = src.ram_sha256().await;
+    let hash = src.ram_sha256().await.unwrap();
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
-    assert_eq!(dst.ram_sha256().await, hash);
-    let rec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+    assert_eq!(dst.ram_sha256().await.unwrap(), hash);
+    let rec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(rec["outcome"], "completed", "{rec}");
 }
 
@@ -62,17 +65,18 @@ async fn miggate_source_key_updates_into_qemu_native_tls_target() {
     let pki = pki_dir(&pki);
     let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None).await;
     src.set_parameters(json!({ "max-bandwidth": 64u64 << 20 }))
-        .await;
+        .await
+        .unwrap();
     let mut sgw = source_gateway(
         &pki,
         &format!("127.0.0.1:{tls_port}"),
         &["--rekey-after-mib", "1"],
     )
     .await;
-    let hash = src.ram_sha256().await;
+    let hash = src.ram_sha256().await.unwrap();
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
-    assert_eq!(dst.ram_sha256().await, hash);
-    let rec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+    assert_eq!(dst.ram_sha256().await.unwrap(), hash);
+    let rec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(rec["outcome"], "completed", "{rec}");
     // ~2 s of stream, one key update per 250 ms at most.
     let updates = rec["key_updates"].as_u64().unwrap_or(0);
@@ -98,7 +102,7 @@ async fn rekeying_source_refuses_a_tls12_target_up_front() {
     )
     .await;
     migrate_and_expect_failure(&mut src, &format!("tcp:{}", sgw.addr)).await;
-    let rec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+    let rec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(rec["outcome"], "failed", "{rec}");
     let reason = rec["reason"].as_str().unwrap_or_default();
     assert!(reason.contains("needs TLS 1.3"), "{rec}");
@@ -115,7 +119,7 @@ async fn miggate_source_to_qemu_native_tls_target_denied() {
     let mut sgw = source_gateway(&pki, &format!("127.0.0.1:{tls_port}"), &[]).await;
     let err = migrate_and_expect_failure(&mut src, &format!("tcp:{}", sgw.addr)).await;
     assert!(!err.is_empty(), "QEMU should describe the failure");
-    let rec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+    let rec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     // QEMU's native TLS has no way to tell the gateway why it closed, and
     // both ends may close cleanly: the gateway's record cannot always say
     // "refused". What it can say: the target sent nothing back (no return
@@ -146,12 +150,11 @@ async fn native_target(
         authz_identity: Some(allowed_dn.to_string()),
         priority: priority.map(str::to_owned),
     });
-    let (mut src, mut dst) = tokio::join!(Qemu::spawn(opts), Qemu::spawn(dst_opts));
+    let (mut src, mut dst) = Qemu::pair(opts, dst_opts).await.unwrap();
     // return-path: the source only reports success once the target loaded it.
     capabilities(&mut src, &mut dst, &[("return-path", true)]).await;
-    src.set_parameters(json!({ "max-bandwidth": UNLIMITED_BANDWIDTH }))
-        .await;
-    dst.set_native_tls_parameters(None).await;
-    let port = dst.migrate_incoming_any_port().await;
+    src.set_unlimited_bandwidth().await.unwrap();
+    dst.set_native_tls_parameters(None).await.unwrap();
+    let port = dst.migrate_incoming_any_port().await.unwrap();
     (src, dst, port)
 }

@@ -14,10 +14,9 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use common::daemon::Daemon;
-use common::gateway::{Gateway, BIN};
+use common::gateway::{miggate, BIN};
 use common::nobody::{assert_root, connect_as_nobody};
-use common::qemu::{qemu_with_qmp, Guest, Qemu, QemuOpts, UNLIMITED_BANDWIDTH};
+use common::qemu::{Guest, Qemu, QemuExt, QemuOpts};
 use common::scenario::{
     migrate_and_expect_completed, outcomes, pki, pki_dir, target_gateway, EVENT_TIMEOUT,
     MIGRATION_TIMEOUT, SOURCE_DN,
@@ -145,19 +144,19 @@ async fn source_gateway_serves_the_source_qemu_alone() {
     let mut opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0x10ca1 }, 64);
     opts.uuid = Some(uuid);
     let sq = dir.path().join("source.qmp");
-    let (src, dst) = tokio::join!(
-        qemu_with_qmp(opts.clone(), &sq),
-        Qemu::spawn(opts.as_incoming())
-    );
-    let (mut src, mut dst) = (src, dst);
+    let (mut src, mut dst) = Qemu::pair(opts.clone().with_qmp(&sq), opts.as_incoming())
+        .await
+        .unwrap();
     for q in [&mut src, &mut dst] {
         q.set_capabilities(&[("multifd", true), ("validate-uuid", true)])
-            .await;
-        q.set_parameters(json!({ "multifd-channels": 2 })).await;
+            .await
+            .unwrap();
+        q.set_parameters(json!({ "multifd-channels": 2 }))
+            .await
+            .unwrap();
     }
-    src.set_parameters(json!({ "max-bandwidth": UNLIMITED_BANDWIDTH }))
-        .await;
-    let port = dst.migrate_incoming_any_port().await;
+    src.set_unlimited_bandwidth().await.unwrap();
+    let port = dst.migrate_incoming_any_port().await.unwrap();
     let uuid_s = uuid.to_string();
     let mut tgw = target_gateway(
         &pki,
@@ -169,21 +168,23 @@ async fn source_gateway_serves_the_source_qemu_alone() {
     let sock = dir.path().join("source.sock");
     let listen = format!("unix:{}", sock.display());
     let qmp = format!("unix:{}", sq.display());
-    let mut sgw = Gateway::spawn_with_umask(
-        "000",
-        &[
-            "source",
-            "--listen",
-            &listen,
-            "--source-qmp",
-            &qmp,
-            "--x509-dir",
-            pki.to_str().unwrap(),
-            "--connect",
-            &tgw.addr,
-        ],
-    )
-    .await;
+    let mut sgw = miggate()
+        .gateway_with_umask(
+            "000",
+            &[
+                "source",
+                "--listen",
+                &listen,
+                "--source-qmp",
+                &qmp,
+                "--x509-dir",
+                pki.to_str().unwrap(),
+                "--connect",
+                &tgw.addr,
+            ],
+        )
+        .await
+        .unwrap();
     let qemu_pid = src.pid().unwrap();
     assert_eq!(mode(&sock), 0o600, "socket mode under umask 000");
     assert!(
@@ -200,7 +201,7 @@ async fn source_gateway_serves_the_source_qemu_alone() {
     // The same user, not the QEMU, first: refused by pid, nothing forwarded.
     let intruder = UnixStream::connect(&sock).await.unwrap();
     intrude(intruder, &plausible_qemu_prefix(uuid)).await;
-    let r = sgw.wait_outcome(EVENT_TIMEOUT).await;
+    let r = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(r["outcome"], "refused", "{r}");
     let reason = r["reason"].as_str().unwrap();
     assert!(
@@ -216,9 +217,13 @@ async fn source_gateway_serves_the_source_qemu_alone() {
     );
 
     // The real migration: every channel comes from the QEMU's pid.
-    let hash = src.ram_sha256().await;
+    let hash = src.ram_sha256().await.unwrap();
     migrate_and_expect_completed(&mut src, &mut dst, &listen).await;
-    assert_eq!(dst.ram_sha256().await, hash, "destination RAM differs");
+    assert_eq!(
+        dst.ram_sha256().await.unwrap(),
+        hash,
+        "destination RAM differs"
+    );
     let mut channels: Vec<String> = outcomes(&mut tgw, 3)
         .await
         .iter()
@@ -254,13 +259,12 @@ async fn migrate_local_hop_is_a_private_unix_socket() {
     let mut opts = QemuOpts::new(Guest::RunningCounter, 64);
     opts.uuid = Some(uuid);
     let (sq, tq) = (dir.path().join("source.qmp"), dir.path().join("target.qmp"));
-    let (src, dst) = tokio::join!(
-        qemu_with_qmp(opts.clone(), &sq),
-        qemu_with_qmp(opts.as_incoming(), &tq)
-    );
-    let (mut src, mut dst) = (src, dst);
+    let (mut src, mut dst) =
+        Qemu::pair(opts.clone().with_qmp(&sq), opts.as_incoming().with_qmp(&tq))
+            .await
+            .unwrap();
     src.assert_running_and_counting().await;
-    let daemon = Daemon::start(dir.path(), &pki).await;
+    let daemon = common::daemon::start(dir.path(), &pki).await;
 
     // The daemon's migrate-incoming waits for the target QEMU: the
     // registration, and so the source QEMU's `migrate`, wait with it.
@@ -384,7 +388,7 @@ async fn migrate_local_hop_is_a_private_unix_socket() {
     assert_eq!(completed, 3, "{records:?}");
 
     let id = result["migration_id"].as_str().unwrap();
-    let view = daemon.client().migration(id).await.unwrap();
+    let view = daemon.client().unwrap().migration(id).await.unwrap();
     assert_eq!(view.state, Phase::Completed, "{view:?}");
     assert_eq!(view.channels_seen, 3, "{view:?}");
     assert!(view.refusals.is_empty(), "{view:?}");
@@ -421,12 +425,12 @@ async fn stale_socket_replaced_live_socket_refused() {
     let a = args(&listen);
     let a: Vec<&str> = a.iter().map(String::as_str).collect();
 
-    let first = Gateway::spawn(&a).await;
+    let first = miggate().gateway(&a).await.unwrap();
     first.stop().await; // SIGKILL: no cleanup
     let meta = std::fs::symlink_metadata(&sock).expect("a killed gateway leaves its socket");
     assert!(meta.file_type().is_socket());
 
-    let mut second = Gateway::spawn_with_umask("077", &a).await;
+    let mut second = miggate().gateway_with_umask("077", &a).await.unwrap();
     let log = second.log_text();
     assert!(
         log.lines().any(|l| {
@@ -464,7 +468,7 @@ async fn stale_socket_replaced_live_socket_refused() {
     // ... and the live one still has it: a connection reaches it.
     let probe = UnixStream::connect(&sock).await.unwrap();
     drop(probe);
-    second.wait_outcome(EVENT_TIMEOUT).await;
+    second.wait_outcome(EVENT_TIMEOUT).await.unwrap();
 
     // Not a socket: left alone.
     let file = dir.path().join("notes.sock");

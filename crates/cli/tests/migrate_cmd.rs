@@ -8,7 +8,7 @@ use std::process::{Output, Stdio};
 
 use common::daemon::Daemon;
 use common::gateway::{pki_init, BIN};
-use common::qemu::{qemu_with_qmp, Guest, Qemu, QemuOpts};
+use common::qemu::{Guest, Qemu, QemuExt, QemuOpts};
 use common::scenario::{pki, pki_dir, MIGRATION_TIMEOUT, SOURCE_DN};
 use miggate::control::types::Phase;
 use serde_json::Value;
@@ -20,10 +20,9 @@ use tokio::process::Command;
 /// each with a spare QMP socket in `dir`.
 async fn qemu_pair(opts: &QemuOpts, dir: &Path) -> (Qemu, Qemu, PathBuf, PathBuf) {
     let (sq, tq) = (dir.join("source.qmp"), dir.join("target.qmp"));
-    let (src, dst) = tokio::join!(
-        qemu_with_qmp(opts.clone(), &sq),
-        qemu_with_qmp(opts.as_incoming(), &tq)
-    );
+    let (src, dst) = Qemu::pair(opts.clone().with_qmp(&sq), opts.as_incoming().with_qmp(&tq))
+        .await
+        .unwrap();
     (src, dst, sq, tq)
 }
 
@@ -86,7 +85,7 @@ async fn migrate_through_daemon_running_guest_keeps_counting() {
     opts.uuid = Some(uuid::Uuid::new_v4());
     let (mut src, mut dst, sq, tq) = qemu_pair(&opts, dir.path()).await;
     src.assert_running_and_counting().await;
-    let daemon = Daemon::start(dir.path(), &pki).await;
+    let daemon = common::daemon::start(dir.path(), &pki).await;
     let t0 = std::time::Instant::now();
     let out = migrate(&[
         "--source-qmp",
@@ -111,8 +110,8 @@ async fn migrate_through_daemon_running_guest_keeps_counting() {
         "{text}"
     );
     dst.assert_running_and_counting().await;
-    assert_eq!(src.query_status().await, "postmigrate");
-    let all = daemon.client().migrations().await.unwrap();
+    assert_eq!(src.query_status().await.unwrap(), "postmigrate");
+    let all = daemon.client().unwrap().migrations().await.unwrap();
     assert_eq!(all.len(), 1);
     assert_eq!(all[0].state, Phase::Completed, "{:?}", all[0]);
     assert_eq!(all[0].peer_dn.as_deref(), Some(SOURCE_DN));
@@ -140,9 +139,13 @@ async fn migrate_json_paused_guest_ram_intact() {
     assert!(lines[..lines.len() - 1]
         .iter()
         .all(|l| l["type"] != "result"));
-    assert_eq!(dst.ram_sha256().await, hash, "destination RAM differs");
+    assert_eq!(
+        dst.ram_sha256().await.unwrap(),
+        hash,
+        "destination RAM differs"
+    );
     let id = last["migration_id"].as_str().unwrap();
-    let view = daemon.client().migration(id).await.unwrap();
+    let view = daemon.client().unwrap().migration(id).await.unwrap();
     assert_eq!(view.state, Phase::Completed, "{view:?}");
     assert_eq!(view.channels_seen, 1, "{view:?}");
 }
@@ -159,9 +162,13 @@ async fn migrate_json_multifd_paused_guest_ram_intact() {
     } = migrate_paused_guest(2).await;
     let last = json_lines(&out).pop().unwrap();
     assert_eq!(last["channels"], 3);
-    assert_eq!(dst.ram_sha256().await, hash, "destination RAM differs");
+    assert_eq!(
+        dst.ram_sha256().await.unwrap(),
+        hash,
+        "destination RAM differs"
+    );
     let id = last["migration_id"].as_str().unwrap();
-    let view = daemon.client().migration(id).await.unwrap();
+    let view = daemon.client().unwrap().migration(id).await.unwrap();
     assert_eq!(view.state, Phase::Completed, "{view:?}");
     assert_eq!(view.channels_seen, 3, "{view:?}");
 }
@@ -184,8 +191,8 @@ async fn migrate_paused_guest(multifd: u8) -> Paused {
     let mut opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0x4d16 }, 128);
     opts.uuid = Some(uuid::Uuid::new_v4());
     let (mut src, dst, sq, tq) = qemu_pair(&opts, dir.path()).await;
-    let hash = src.ram_sha256().await;
-    let daemon = Daemon::start(dir.path(), &pki).await;
+    let hash = src.ram_sha256().await.unwrap();
+    let daemon = common::daemon::start(dir.path(), &pki).await;
     let n = multifd.to_string();
     let out = migrate(&[
         "--json",
@@ -250,7 +257,10 @@ async fn migrate_native_tls_running_guest_keeps_counting() {
     assert!(text.contains("is running on the target"), "{text}");
     dst.assert_running_and_counting().await;
     // QEMU's own view: the target used the TLS objects miggate created.
-    let params = dst.cmd("query-migrate-parameters", Value::Null).await;
+    let params = dst
+        .cmd("query-migrate-parameters", Value::Null)
+        .await
+        .unwrap();
     assert_eq!(params["tls-creds"], "miggate-tls0");
     assert_eq!(params["tls-authz"], "miggate-authz0");
 }
@@ -311,7 +321,7 @@ async fn migrate_native_tls_acl_file_falls_back_to_authz_list() {
     .unwrap();
     let opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0xac1 }, 64);
     let (mut src, mut dst, sq, tq) = qemu_pair(&opts, dir.path()).await;
-    let hash = src.ram_sha256().await;
+    let hash = src.ram_sha256().await.unwrap();
     let out = migrate(&[
         "--native-tls",
         "--json",
@@ -339,7 +349,7 @@ async fn migrate_native_tls_acl_file_falls_back_to_authz_list() {
             .any(|n| n.contains("cannot create authz-list-file") && n.contains("1 rule(s)")),
         "{notes:?}"
     );
-    assert_eq!(dst.ram_sha256().await, hash);
+    assert_eq!(dst.ram_sha256().await.unwrap(), hash);
 }
 
 /// Gateway mode with the source's credentials from another CA: the TLS
@@ -356,7 +366,7 @@ async fn migrate_with_foreign_ca_fails_with_cause_and_vm_keeps_running() {
     opts.uuid = Some(uuid::Uuid::new_v4());
     let (mut src, _dst, sq, tq) = qemu_pair(&opts, dir.path()).await;
     src.assert_running_and_counting().await;
-    let daemon = Daemon::start(dir.path(), &pki).await;
+    let daemon = common::daemon::start(dir.path(), &pki).await;
     let out = migrate(&[
         "--json",
         "--source-qmp",
@@ -399,7 +409,7 @@ async fn sigint_cancels_on_both_sides() {
     opts.uuid = Some(uuid::Uuid::new_v4());
     let (mut src, _dst, sq, tq) = qemu_pair(&opts, dir.path()).await;
     src.assert_running_and_counting().await;
-    let daemon = Daemon::start(dir.path(), &pki).await;
+    let daemon = common::daemon::start(dir.path(), &pki).await;
     let mut child = migrate_cmd(&[
         "--json",
         "--max-bandwidth",
@@ -458,11 +468,11 @@ async fn sigint_cancels_on_both_sides() {
         "{sentence}"
     );
     let id = last["migration_id"].as_str().unwrap();
-    let view = daemon.client().migration(id).await.unwrap();
+    let view = daemon.client().unwrap().migration(id).await.unwrap();
     assert_eq!(view.state, Phase::Cancelled, "{view:?}");
     // The daemon cuts the channels first, so QEMU may see them fail before
     // its own migrate_cancel: either way the migration is over on the source.
-    let info = src.query_migrate().await;
+    let info = src.query_migrate().await.unwrap();
     assert!(
         matches!(info.status.as_deref(), Some("cancelled" | "failed")),
         "{:?}",

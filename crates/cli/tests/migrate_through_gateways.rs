@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::qemu::{Guest, QemuOpts};
+use common::qemu::{Guest, QemuExt, QemuOpts};
 use common::scenario::*;
 use serde_json::json;
 
@@ -23,16 +23,16 @@ async fn paused_guest_ram_arrives_intact() {
     let (mut src, mut dst, port) = qemu_pair(&opts).await;
     let mut tgw = target_gateway(&pki, port, &["--authz-identity", SOURCE_DN]).await;
     let mut sgw = source_gateway(&pki, &tgw.addr, &[]).await;
-    let src_hash = src.ram_sha256().await;
+    let src_hash = src.ram_sha256().await.unwrap();
     assert_ne!(
         src_hash,
-        common::qemu::zero_sha256(src.ram_bytes()).await,
+        common::qemu::zero_sha256(src.ram_bytes()),
         "the source guest's RAM should hold random bytes"
     );
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
     let gated = src.migration_duration().expect("gated migration duration");
     assert_eq!(
-        dst.ram_sha256().await,
+        dst.ram_sha256().await.unwrap(),
         src_hash,
         "destination RAM differs from source RAM"
     );
@@ -59,7 +59,7 @@ async fn running_guest_keeps_running_after_migration() {
     let mut tgw = target_gateway(&pki, port, &["--allow-any-verified-peer"]).await;
     let sgw = source_gateway(&pki, &tgw.addr, &[]).await;
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
-    dst.wait_status("running", EVENT_TIMEOUT).await;
+    dst.wait_status("running", EVENT_TIMEOUT).await.unwrap();
     dst.assert_running_and_counting().await;
     let t = outcomes(&mut tgw, 1).await.remove(0);
     assert_eq!(t["outcome"], "completed", "{t}");
@@ -77,8 +77,12 @@ async fn multifd_four_channels_with_uuid_check() {
     let (mut src, mut dst, port) = qemu_pair(&opts).await;
     let caps = [("multifd", true), ("validate-uuid", true)];
     capabilities(&mut src, &mut dst, &caps).await;
-    src.set_parameters(json!({ "multifd-channels": 4 })).await;
-    dst.set_parameters(json!({ "multifd-channels": 4 })).await;
+    src.set_parameters(json!({ "multifd-channels": 4 }))
+        .await
+        .unwrap();
+    dst.set_parameters(json!({ "multifd-channels": 4 }))
+        .await
+        .unwrap();
     let uuid_s = uuid.to_string();
     let mut tgw = target_gateway(
         &pki,
@@ -87,9 +91,9 @@ async fn multifd_four_channels_with_uuid_check() {
     )
     .await;
     let sgw = source_gateway(&pki, &tgw.addr, &[]).await;
-    let src_hash = src.ram_sha256().await;
+    let src_hash = src.ram_sha256().await.unwrap();
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
-    assert_eq!(dst.ram_sha256().await, src_hash);
+    assert_eq!(dst.ram_sha256().await.unwrap(), src_hash);
 
     let records = outcomes(&mut tgw, 5).await;
     let mut channels: Vec<String> = records
@@ -119,13 +123,14 @@ async fn key_updates_every_mib_keep_the_stream_intact() {
     let opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0x4e4b }, 64);
     let (mut src, mut dst, port) = qemu_pair(&opts).await;
     src.set_parameters(json!({ "max-bandwidth": 32u64 << 20 }))
-        .await;
+        .await
+        .unwrap();
     let mut tgw = target_gateway(&pki, port, &["--authz-identity", SOURCE_DN]).await;
     let mut sgw = source_gateway(&pki, &tgw.addr, &["--rekey-after-mib", "1"]).await;
-    let src_hash = src.ram_sha256().await;
+    let src_hash = src.ram_sha256().await.unwrap();
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
     assert_eq!(
-        dst.ram_sha256().await,
+        dst.ram_sha256().await.unwrap(),
         src_hash,
         "RAM differs after key updates"
     );

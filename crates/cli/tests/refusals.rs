@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::gateway::{pki_issue, Gateway};
-use common::qemu::{Guest, NativeTls, Qemu, QemuOpts, TlsEndpoint};
+use common::qemu::{Guest, NativeTls, Qemu, QemuExt, QemuOpts, TlsEndpoint};
 use common::scenario::*;
 use miggate::creds::tls;
 use serde_json::{json, Value};
@@ -38,12 +38,11 @@ impl Bench {
         let pki = pki_dir(&pki_tmp);
         let mut dst_opts = QemuOpts::new(Guest::RunningCounter, 64).as_incoming();
         dst_opts.uuid = Some(VM);
-        let (mut src, mut dst) = tokio::join!(Qemu::spawn(src_opts), Qemu::spawn(dst_opts));
+        let (mut src, mut dst) = Qemu::pair(src_opts, dst_opts).await.unwrap();
         let caps = [("return-path", true), ("validate-uuid", true)];
         capabilities(&mut src, &mut dst, &caps).await;
-        src.set_parameters(json!({ "max-bandwidth": common::qemu::UNLIMITED_BANDWIDTH }))
-            .await;
-        let port = dst.migrate_incoming_any_port().await;
+        src.set_unlimited_bandwidth().await.unwrap();
+        let port = dst.migrate_incoming_any_port().await.unwrap();
         let vm = VM.to_string();
         let tgw = target_gateway(
             &pki,
@@ -73,7 +72,7 @@ impl Bench {
 
     /// The target gateway's record of the refused connection.
     async fn refused(&mut self) -> Value {
-        let rec = self.tgw.wait_outcome(EVENT_TIMEOUT).await;
+        let rec = self.tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
         assert_eq!(rec["outcome"], "refused", "{rec}");
         assert_eq!(rec["bytes_sent"], 0, "nothing may be forwarded: {rec}");
         rec
@@ -82,13 +81,22 @@ impl Bench {
     /// The right source now migrates into the same target QEMU.
     async fn then_the_right_migration_completes(mut self) {
         let sgw = source_gateway(&self.pki(), &self.tgw.addr, &[]).await;
-        self.src.set_capabilities(&[("validate-uuid", true)]).await;
-        self.src.set_parameters(json!({ "tls-creds": "" })).await;
+        self.src
+            .set_capabilities(&[("validate-uuid", true)])
+            .await
+            .unwrap();
+        self.src
+            .set_parameters(json!({ "tls-creds": "" }))
+            .await
+            .unwrap();
         migrate_and_expect_completed(&mut self.src, &mut self.dst, &format!("tcp:{}", sgw.addr))
             .await;
-        self.dst.wait_status("running", EVENT_TIMEOUT).await;
+        self.dst
+            .wait_status("running", EVENT_TIMEOUT)
+            .await
+            .unwrap();
         self.dst.assert_running_and_counting().await;
-        let rec = self.tgw.wait_outcome(EVENT_TIMEOUT).await;
+        let rec = self.tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
         assert_eq!(rec["outcome"], "completed", "{rec}");
     }
 }
@@ -133,7 +141,7 @@ async fn target_refuses_dn_not_in_acl() {
     );
     // The source gateway is told which check failed, and no more: not the
     // ACL, its rules or where it lives.
-    let srec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+    let srec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(srec["outcome"], "refused", "{srec}");
     assert_eq!(
         reason(&srec),
@@ -154,7 +162,7 @@ async fn target_refuses_certificate_from_another_ca() {
     migrate_and_expect_failure(&mut b.src, &format!("tcp:{}", sgw.addr)).await;
     let rec = b.refused().await;
     assert!(reason(&rec).contains("not issued by our CA"), "{rec}");
-    let srec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+    let srec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert!(
         reason(&srec).contains("rejected our certificate")
             || reason(&srec).contains("does not trust our CA"),
@@ -184,7 +192,10 @@ async fn target_refuses_client_without_certificate() {
         priority: None,
     });
     let mut b = Bench::with_pki(pki_tmp, opts).await;
-    b.src.set_native_tls_parameters(Some("127.0.0.1")).await;
+    b.src
+        .set_native_tls_parameters(Some("127.0.0.1"))
+        .await
+        .unwrap();
     migrate_and_expect_failure(&mut b.src, &format!("tcp:{}", b.tgw.addr)).await;
     let rec = b.refused().await;
     assert!(reason(&rec).contains("no client certificate"), "{rec}");
@@ -212,7 +223,7 @@ async fn target_refuses_revoked_certificate() {
     migrate_and_expect_failure(&mut b.src, &format!("tcp:{}", sgw.addr)).await;
     let rec = b.refused().await;
     assert!(reason(&rec).contains("revoked"), "{rec}");
-    let srec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+    let srec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert!(reason(&srec).contains("revoked"), "{srec}");
     b.then_the_right_migration_completes().await;
 }
@@ -227,7 +238,7 @@ async fn source_refuses_target_with_wrong_hostname() {
     )
     .await;
     migrate_and_expect_failure(&mut b.src, &format!("tcp:{}", sgw.addr)).await;
-    let srec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+    let srec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert!(
         reason(&srec).contains("certificate does not match the hostname dst.example.org"),
         "{srec}"
@@ -252,11 +263,14 @@ async fn target_refuses_wrong_vm_uuid() {
         format!("VM UUID mismatch: expected {VM}, stream carries {other}")
     );
     // The source learns it is the wrong VM, not which VM is expected.
-    let srec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+    let srec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(reason(&srec), "target refused: wrong VM", "{srec}");
     // The right VM (same target QEMU) still gets in.
-    let mut right = Qemu::spawn(running_source(Some(VM))).await;
-    right.set_capabilities(&[("return-path", true)]).await;
+    let mut right = Qemu::spawn(running_source(Some(VM))).await.unwrap();
+    right
+        .set_capabilities(&[("return-path", true)])
+        .await
+        .unwrap();
     std::mem::swap(&mut b.src, &mut right);
     b.then_the_right_migration_completes().await;
 }
@@ -264,7 +278,10 @@ async fn target_refuses_wrong_vm_uuid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn target_refuses_stream_without_uuid() {
     let mut b = Bench::new(running_source(Some(VM))).await;
-    b.src.set_capabilities(&[("validate-uuid", false)]).await;
+    b.src
+        .set_capabilities(&[("validate-uuid", false)])
+        .await
+        .unwrap();
     let sgw = source_gateway(&b.pki(), &b.tgw.addr, &[]).await;
     migrate_and_expect_failure(&mut b.src, &format!("tcp:{}", sgw.addr)).await;
     let rec = b.refused().await;

@@ -11,6 +11,7 @@
 
 pub mod fixtures;
 pub mod guest;
+pub mod launch;
 pub mod qemu;
 
 use std::path::PathBuf;
@@ -19,6 +20,7 @@ use std::time::Duration;
 use miggate::qmp::QmpError;
 
 pub use guest::{default_cache_dir, random_ram_file};
+pub use launch::{split_host_port, Daemon, DaemonOpts, Gateway, Miggate};
 pub use qemu::{
     accel, file_sha256, kvm_available, qemu_binary, sha256_hex, zero_sha256, Accel, Guest,
     NativeTls, Qemu, QemuOpts, TlsEndpoint, UNLIMITED_BANDWIDTH,
@@ -27,7 +29,9 @@ pub use qemu::{
 /// How to get QEMU on the Debian machines this project targets.
 pub const INSTALL_QEMU: &str = "apt-get install --no-install-recommends qemu-system-x86";
 
-#[derive(Debug, thiserror::Error)]
+/// `Debug` prints the message (QEMU's stderr included, unescaped), so
+/// that a test's `.unwrap()` fails with what went wrong.
+#[derive(thiserror::Error)]
 pub enum LabError {
     #[error("qemu-system-x86_64 not found in PATH, /usr/bin or /usr/local/bin (or $QEMU_SYSTEM_X86_64): install it with 'sudo {INSTALL_QEMU}'")]
     QemuMissing,
@@ -74,6 +78,13 @@ pub enum LabError {
         after: Duration,
         stderr: String,
     },
+}
+
+impl std::fmt::Debug for LabError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Every variant's message already carries its source.
+        write!(f, "{self}")
+    }
 }
 
 impl LabError {

@@ -192,6 +192,16 @@ impl QemuOpts {
             ..self.clone()
         }
     }
+
+    /// With a second QMP socket at `path`, for `miggate migrate` or the
+    /// daemon: a QMP socket serves one client, and [`Qemu`] keeps the first.
+    pub fn with_qmp(mut self, path: &Path) -> Self {
+        self.extra_args.extend([
+            "-qmp".to_string(),
+            format!("unix:{},server=on,wait=off", path.display()),
+        ]);
+        self
+    }
 }
 
 pub const TLS_CREDS_ID: &str = "tls0";
@@ -210,6 +220,13 @@ pub struct Qemu {
 }
 
 impl Qemu {
+    /// Both QEMUs of one migration, started together: `src`, and `dst`
+    /// (usually `src.as_incoming()`).
+    pub async fn pair(src: QemuOpts, dst: QemuOpts) -> Result<(Qemu, Qemu), LabError> {
+        let (src, dst) = tokio::join!(Qemu::spawn(src), Qemu::spawn(dst));
+        Ok((src?, dst?))
+    }
+
     pub async fn spawn(opts: QemuOpts) -> Result<Qemu, LabError> {
         let binary = qemu_binary()?;
         let accel = match opts.accel {

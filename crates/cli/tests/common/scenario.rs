@@ -4,11 +4,11 @@
 use std::path::Path;
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
 use tempfile::TempDir;
 
-use super::gateway::{pki_init, Gateway};
-use super::qemu::{Qemu, QemuOpts, UNLIMITED_BANDWIDTH};
+use super::gateway::{miggate, pki_init, Gateway};
+use super::qemu::{Qemu, QemuExt, QemuOpts};
 
 /// Time allowed for one small-guest migration, generous for TCG on a busy
 /// 2-core machine.
@@ -39,7 +39,7 @@ pub async fn target_gateway(pki: &Path, qemu_port: u16, extra: &[&str]) -> Gatew
     let forward = format!("tcp:127.0.0.1:{qemu_port}");
     let mut args = vec!["--x509-dir", pki.to_str().unwrap(), "--forward", &forward];
     args.extend_from_slice(extra);
-    Gateway::target(&args).await
+    miggate().target(&args).await.unwrap()
 }
 
 /// Starts a source gateway connecting to `target_addr`.
@@ -51,33 +51,31 @@ pub async fn source_gateway(pki: &Path, target_addr: &str, extra: &[&str]) -> Ga
         target_addr,
     ];
     args.extend_from_slice(extra);
-    Gateway::source(&args).await
+    miggate().source(&args).await.unwrap()
 }
 
 /// Source and destination QEMUs for `opts`; the destination listens on a
 /// port of its choosing, which is returned.
 pub async fn qemu_pair(opts: &QemuOpts) -> (Qemu, Qemu, u16) {
-    let (src, dst) = tokio::join!(Qemu::spawn(opts.clone()), Qemu::spawn(opts.as_incoming()));
-    let (mut src, mut dst) = (src, dst);
-    src.set_parameters(json!({ "max-bandwidth": UNLIMITED_BANDWIDTH }))
-        .await;
-    let port = dst.migrate_incoming_any_port().await;
+    let (mut src, mut dst) = Qemu::pair(opts.clone(), opts.as_incoming()).await.unwrap();
+    src.set_unlimited_bandwidth().await.unwrap();
+    let port = dst.migrate_incoming_any_port().await.unwrap();
     (src, dst, port)
 }
 
 /// Enables the same migration capabilities on both QEMUs.
 pub async fn capabilities(src: &mut Qemu, dst: &mut Qemu, caps: &[(&str, bool)]) {
-    src.set_capabilities(caps).await;
-    dst.set_capabilities(caps).await;
+    src.set_capabilities(caps).await.unwrap();
+    dst.set_capabilities(caps).await.unwrap();
 }
 
 /// Migrates `src` to `uri` and waits for both ends; returns the source's
 /// final query-migrate (raw JSON), asserting that both completed.
 pub async fn migrate_and_expect_completed(src: &mut Qemu, dst: &mut Qemu, uri: &str) -> Value {
     forget_old_events(src).await;
-    src.migrate(uri).await;
-    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await;
-    let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await;
+    src.migrate(uri).await.unwrap();
+    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+    let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
     assert_eq!(
         s.status.as_deref(),
         Some("completed"),
@@ -100,10 +98,10 @@ pub async fn migrate_and_expect_completed(src: &mut Qemu, dst: &mut Qemu, uri: &
 /// running source VM must still be running (and counting) afterwards.
 /// Returns QEMU's error description.
 pub async fn migrate_and_expect_failure(src: &mut Qemu, uri: &str) -> String {
-    let was_running = src.query_status().await == "running";
+    let was_running = src.query_status().await.unwrap() == "running";
     forget_old_events(src).await;
-    src.migrate(uri).await;
-    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await;
+    src.migrate(uri).await.unwrap();
+    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
     assert_eq!(
         s.status.as_deref(),
         Some("failed"),
@@ -120,7 +118,7 @@ pub async fn migrate_and_expect_failure(src: &mut Qemu, uri: &str) -> String {
 /// end of the next one cannot return an old "failed". A command round trip
 /// first: QMP delivers every event emitted before a response ahead of it.
 async fn forget_old_events(q: &mut Qemu) {
-    let _ = q.query_status().await;
+    let _ = q.query_status().await.unwrap();
     q.qmp.take_queued_events();
 }
 
@@ -128,7 +126,7 @@ async fn forget_old_events(q: &mut Qemu) {
 pub async fn outcomes(gw: &mut Gateway, n: usize) -> Vec<Value> {
     let mut v = Vec::new();
     for _ in 0..n {
-        v.push(gw.wait_outcome(EVENT_TIMEOUT).await);
+        v.push(gw.wait_outcome(EVENT_TIMEOUT).await.unwrap());
     }
     v
 }
