@@ -4,14 +4,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Context, Result};
-use tokio::io::{AsyncBufReadExt, BufReader};
+use anyhow::{anyhow, Context, Result};
 use tokio::process::{Child, Command};
-use tokio::sync::watch;
 use uuid::Uuid;
+
+use miggate_lab::{split_host_port, Gateway, Miggate};
 
 use super::local::Local;
 use super::sys;
@@ -21,8 +20,6 @@ use miggate::creds::tls::{CA_CERT, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 /// The name the server certificate carries (`miggate pki init` default).
 pub const TLS_HOSTNAME: &str = "localhost";
-/// Log lines of a miggate gateway kept for error messages.
-const LOG_KEEP: usize = 200;
 
 /// OpenSSL configuration for stunnel and socat: TLS 1.3 with AES-128-GCM,
 /// the suite miggate prefers, so that the comparison is between
@@ -58,24 +55,30 @@ impl Installed {
 /// One peer process; killed on drop.
 struct Proc {
     name: String,
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-    log_file: Option<PathBuf>,
+    run: Running,
+}
+
+enum Running {
+    /// stunnel, socat: output in a file.
+    Logged { child: Child, log_file: PathBuf },
+    /// A miggate gateway, its JSON log read by the lab.
+    Miggate(Gateway),
 }
 
 impl Proc {
     fn pid(&self) -> Option<u32> {
-        self.child.id()
+        match &self.run {
+            Running::Logged { child, .. } => child.id(),
+            Running::Miggate(gw) => gw.pid(),
+        }
     }
 
     fn log_text(&self) -> String {
-        match &self.log_file {
-            Some(f) => std::fs::read_to_string(f).unwrap_or_default(),
-            None => self
-                .log
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .join("\n"),
+        match &self.run {
+            Running::Logged { log_file, .. } => {
+                std::fs::read_to_string(log_file).unwrap_or_default()
+            }
+            Running::Miggate(gw) => gw.log_text(),
         }
     }
 }
@@ -136,9 +139,7 @@ fn spawn_logged(
         .with_context(|| format!("starting {}", program.display()))?;
     Ok(Proc {
         name: name.into(),
-        child,
-        log: Arc::default(),
-        log_file: Some(log_file),
+        run: Running::Logged { child, log_file },
     })
 }
 
@@ -300,9 +301,7 @@ pub async fn miggate(
         targs.extend(["--expect-uuid".into(), u.to_string()]);
     }
     let (target, listen) = spawn_gateway(bin, &targs, "miggate-target").await?;
-    let tport = listen
-        .rsplit_once(':')
-        .and_then(|(_, p)| p.parse::<u16>().ok())
+    let (_, tport) = split_host_port(&listen)
         .ok_or_else(|| anyhow!("the target gateway listens on {listen:?}: no port"))?;
     let sargs = vec![
         "source".to_string(),
@@ -323,60 +322,18 @@ pub async fn miggate(
     })
 }
 
-/// Starts a gateway with JSON logs and waits for its "listening" event;
-/// returns where it listens (`HOST:PORT`, or `unix:PATH`).
+/// Starts a gateway with JSON logs, once it is listening; returns where
+/// it listens (`HOST:PORT`, or `unix:PATH`).
 async fn spawn_gateway(bin: &Path, args: &[String], name: &str) -> Result<(Proc, String)> {
-    let mut child = Command::new(bin)
-        .arg("--log-format")
-        .arg("json")
-        .args(args)
-        .env("RUST_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .with_context(|| format!("starting {}", bin.display()))?;
-    let stderr = child
-        .stderr
-        .take()
-        .ok_or_else(|| anyhow!("no stderr pipe"))?;
-    let log: Arc<Mutex<Vec<String>>> = Arc::default();
-    let (tx, mut rx) = watch::channel(None::<String>);
-    {
-        let log = log.clone();
-        // Keeps draining after "listening": a full pipe would block the gateway.
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                    if v["message"] == "listening" {
-                        let listen = v["listen"].as_str().unwrap_or_default();
-                        tx.send_replace(Some(listen.trim_start_matches("tcp:").to_owned()));
-                    }
-                }
-                let mut l = log.lock().unwrap_or_else(|p| p.into_inner());
-                if l.len() >= LOG_KEEP {
-                    l.remove(0);
-                }
-                l.push(line);
-            }
-        });
-    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let gw = Miggate::new(bin)
+        .gateway(&args)
+        .await
+        .with_context(|| format!("starting {name}"))?;
+    let addr = gw.addr.clone();
     let proc = Proc {
         name: name.into(),
-        child,
-        log,
-        log_file: None,
-    };
-    let addr = tokio::time::timeout(START_TIMEOUT, rx.wait_for(Option::is_some)).await;
-    let addr = match addr {
-        Ok(Ok(a)) => a.clone().unwrap_or_default(),
-        Ok(Err(_)) => bail!("{name} exited before listening:\n{}", proc.log_text()),
-        Err(_) => bail!(
-            "{name} not listening after {START_TIMEOUT:?}:\n{}",
-            proc.log_text()
-        ),
+        run: Running::Miggate(gw),
     };
     Ok((proc, addr))
 }

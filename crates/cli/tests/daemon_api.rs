@@ -19,7 +19,7 @@ use miggate::control::types::{
     QmpForward,
 };
 use miggate::control::{ApiAddr, ApiClient, ApiError};
-use miggate_lab::DaemonOpts;
+use miggate_lab::{split_host_port, DaemonOpts};
 use serde_json::{json, Value};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use uuid::Uuid;
@@ -737,7 +737,7 @@ async fn remote_api_needs_an_admin_certificate_the_admin_acl_allows() {
         .unwrap();
     let url = format!(
         "https://localhost:{}",
-        ev["listen"].as_str().unwrap().rsplit_once(':').unwrap().1
+        split_host_port(ev["listen"].as_str().unwrap()).unwrap().1
     );
     let client = |dir: &Path| {
         let addr: ApiAddr = url.parse().unwrap();

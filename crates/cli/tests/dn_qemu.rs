@@ -417,7 +417,7 @@ impl Qemu {
         q.next(Instant::now() + STEP); // greeting
         q.ok(json!({"execute": "qmp_capabilities"}));
         q.ok(json!({"execute": "migrate-set-capabilities",
-                    "arguments": {"capabilities": [{"capability": "events", "state": true}]}}));
+                    "arguments": miggate_lab::qemu::capabilities(&[("events", true)])}));
         q
     }
 

@@ -204,6 +204,15 @@ impl QemuOpts {
     }
 }
 
+/// The arguments of `migrate-set-capabilities`, built in this one place.
+pub fn capabilities(caps: &[(&str, bool)]) -> Value {
+    let caps: Vec<Value> = caps
+        .iter()
+        .map(|(c, on)| json!({"capability": c, "state": on}))
+        .collect();
+    json!({ "capabilities": caps })
+}
+
 pub const TLS_CREDS_ID: &str = "tls0";
 pub const TLS_AUTHZ_ID: &str = "authz0";
 
@@ -449,11 +458,7 @@ impl Qemu {
     }
 
     pub async fn set_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<(), LabError> {
-        let caps: Vec<Value> = caps
-            .iter()
-            .map(|(c, on)| json!({"capability": c, "state": on}))
-            .collect();
-        self.cmd("migrate-set-capabilities", json!({ "capabilities": caps }))
+        self.cmd("migrate-set-capabilities", capabilities(caps))
             .await
             .map(drop)
     }
