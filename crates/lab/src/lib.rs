@@ -1,10 +1,15 @@
-//! A migration lab: real QEMU processes with known guests, for the
-//! integration tests, the demo and `miggate bench`.
+//! A migration lab: real QEMU processes with known guests and the real
+//! `miggate` binary, for the integration tests, `miggate demo` and
+//! `miggate bench`. Not part of the product: the `miggate` library does
+//! not depend on it.
 //!
 //! - [`guest`]: what runs inside the VMs (seeded random RAM, cached as files;
 //!   a boot sector that counts and dirties memory forever);
-//! - [`qemu`]: a QEMU process driven over QMP (spawn, native TLS objects,
-//!   migrate helpers, RAM hashing, the guest's counter).
+//! - [`qemu`]: a QEMU process driven over QMP (spawn, a VM pair, native TLS
+//!   objects, migrate helpers, RAM hashing, the guest's counter);
+//! - [`launch`]: `miggate` gateways and daemons with their JSON logs read
+//!   as events, and `miggate pki`;
+//! - [`fixtures`]: captured QEMU migration streams.
 //!
 //! Every failure is a [`LabError`] that says what went wrong and, when a
 //! tool is missing, how to install it.

@@ -1,4 +1,6 @@
-//! Shared test harness: real QEMU processes, the real miggate binary.
+//! Shared test harness: the lab's real QEMU processes and launchers
+//! (`miggate-lab`) run with this package's `miggate` binary, panicking
+//! where the lab returns an error, and the scenarios built from them.
 #![allow(dead_code)]
 
 pub mod daemon;
