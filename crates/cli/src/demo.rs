@@ -105,15 +105,9 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     // 2. Two QEMUs. Each gets a second QMP socket: the lab keeps the first,
     // `migrate` uses the source's, the daemon the target's.
     let vm_uuid = uuid::Uuid::new_v4();
-    let src_qmp = dir.join("source.qmp");
-    let dst_qmp = dir.join("target.qmp");
     let mut opts = QemuOpts::new(Guest::RunningCounter, DEMO_RAM_MIB);
     opts.uuid = Some(vm_uuid);
-    let (mut src, mut dst) = Qemu::pair(
-        opts.clone().with_qmp(&src_qmp),
-        opts.as_incoming().with_qmp(&dst_qmp),
-    )
-    .await?;
+    let (mut src, mut dst, src_qmp, dst_qmp) = Qemu::pair_with_qmp(&opts, &dir).await?;
     let accel = lab::accel()?;
     rep.step(&format!(
         "[2/5] QEMU: source (pid {}) boots a guest that counts and dirties its memory; target (pid {}) waits with -incoming defer; both VM {vm_uuid}, {DEMO_RAM_MIB} MiB, {accel}",

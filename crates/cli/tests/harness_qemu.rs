@@ -12,16 +12,12 @@ use serde_json::json;
 
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Both VMs of a migration: same configuration, the second one incoming.
-async fn pair(opts: QemuOpts) -> (Qemu, Qemu) {
-    Qemu::pair(opts.clone(), opts.as_incoming()).await.unwrap()
-}
-
 #[tokio::test]
 async fn direct_migration_of_paused_random_ram() {
     let t0 = Instant::now();
     let seed = 0x5eed_0001;
-    let (mut src, mut dst) = pair(QemuOpts::new(Guest::PausedRandomRam { seed }, 128)).await;
+    let opts = QemuOpts::new(Guest::PausedRandomRam { seed }, 128);
+    let (mut src, mut dst) = Qemu::pair(opts.clone(), opts.as_incoming()).await.unwrap();
     let spawned = t0.elapsed();
 
     // -S: "prelaunch" (never started), not "paused".
@@ -71,7 +67,8 @@ async fn direct_migration_of_paused_random_ram() {
 #[tokio::test]
 async fn running_counter_guest_migrates_live_and_keeps_counting() {
     let t0 = Instant::now();
-    let (mut src, mut dst) = pair(QemuOpts::new(Guest::RunningCounter, 64)).await;
+    let opts = QemuOpts::new(Guest::RunningCounter, 64);
+    let (mut src, mut dst) = Qemu::pair(opts.clone(), opts.as_incoming()).await.unwrap();
     src.assert_running_and_counting().await;
     let before = src.guest_counter().await.unwrap();
 

@@ -258,11 +258,7 @@ async fn migrate_local_hop_is_a_private_unix_socket() {
     let uuid = uuid::Uuid::new_v4();
     let mut opts = QemuOpts::new(Guest::RunningCounter, 64);
     opts.uuid = Some(uuid);
-    let (sq, tq) = (dir.path().join("source.qmp"), dir.path().join("target.qmp"));
-    let (mut src, mut dst) =
-        Qemu::pair(opts.clone().with_qmp(&sq), opts.as_incoming().with_qmp(&tq))
-            .await
-            .unwrap();
+    let (mut src, mut dst, sq, tq) = Qemu::pair_with_qmp(&opts, dir.path()).await.unwrap();
     src.assert_running_and_counting().await;
     let daemon = common::daemon::start(dir.path(), &pki).await;
 

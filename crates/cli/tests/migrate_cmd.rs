@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Output, Stdio};
 
 use common::daemon::Daemon;
@@ -15,16 +15,6 @@ use serde_json::Value;
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
-
-/// A source and a target QEMU (the target waiting with -incoming defer),
-/// each with a spare QMP socket in `dir`.
-async fn qemu_pair(opts: &QemuOpts, dir: &Path) -> (Qemu, Qemu, PathBuf, PathBuf) {
-    let (sq, tq) = (dir.join("source.qmp"), dir.join("target.qmp"));
-    let (src, dst) = Qemu::pair(opts.clone().with_qmp(&sq), opts.as_incoming().with_qmp(&tq))
-        .await
-        .unwrap();
-    (src, dst, sq, tq)
-}
 
 fn migrate_cmd(args: &[&str]) -> Command {
     let mut c = Command::new(BIN);
@@ -83,7 +73,7 @@ async fn migrate_through_daemon_running_guest_keeps_counting() {
     let dir = tmp();
     let mut opts = QemuOpts::new(Guest::RunningCounter, 64);
     opts.uuid = Some(uuid::Uuid::new_v4());
-    let (mut src, mut dst, sq, tq) = qemu_pair(&opts, dir.path()).await;
+    let (mut src, mut dst, sq, tq) = Qemu::pair_with_qmp(&opts, dir.path()).await.unwrap();
     src.assert_running_and_counting().await;
     let daemon = common::daemon::start(dir.path(), &pki).await;
     let t0 = std::time::Instant::now();
@@ -190,7 +180,7 @@ async fn migrate_paused_guest(multifd: u8) -> Paused {
     let dir = tmp();
     let mut opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0x4d16 }, 128);
     opts.uuid = Some(uuid::Uuid::new_v4());
-    let (mut src, dst, sq, tq) = qemu_pair(&opts, dir.path()).await;
+    let (mut src, dst, sq, tq) = Qemu::pair_with_qmp(&opts, dir.path()).await.unwrap();
     let hash = src.ram_sha256().await.unwrap();
     let daemon = common::daemon::start(dir.path(), &pki).await;
     let n = multifd.to_string();
@@ -236,7 +226,7 @@ async fn migrate_native_tls_running_guest_keeps_counting() {
     let dir = tmp();
     let mut opts = QemuOpts::new(Guest::RunningCounter, 64);
     opts.uuid = Some(uuid::Uuid::new_v4());
-    let (mut src, mut dst, sq, tq) = qemu_pair(&opts, dir.path()).await;
+    let (mut src, mut dst, sq, tq) = Qemu::pair_with_qmp(&opts, dir.path()).await.unwrap();
     src.assert_running_and_counting().await;
     let out = migrate(&[
         "--native-tls",
@@ -273,7 +263,7 @@ async fn migrate_native_tls_denied_dn_keeps_vm_on_source() {
     let pki = pki_dir(&pki_t);
     let dir = tmp();
     let opts = QemuOpts::new(Guest::RunningCounter, 64);
-    let (mut src, _dst, sq, tq) = qemu_pair(&opts, dir.path()).await;
+    let (mut src, _dst, sq, tq) = Qemu::pair_with_qmp(&opts, dir.path()).await.unwrap();
     src.assert_running_and_counting().await;
     let out = migrate(&[
         "--native-tls",
@@ -320,7 +310,7 @@ async fn migrate_native_tls_acl_file_falls_back_to_authz_list() {
     )
     .unwrap();
     let opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0xac1 }, 64);
-    let (mut src, mut dst, sq, tq) = qemu_pair(&opts, dir.path()).await;
+    let (mut src, mut dst, sq, tq) = Qemu::pair_with_qmp(&opts, dir.path()).await.unwrap();
     let hash = src.ram_sha256().await.unwrap();
     let out = migrate(&[
         "--native-tls",
@@ -364,7 +354,7 @@ async fn migrate_with_foreign_ca_fails_with_cause_and_vm_keeps_running() {
     let dir = tmp();
     let mut opts = QemuOpts::new(Guest::RunningCounter, 64);
     opts.uuid = Some(uuid::Uuid::new_v4());
-    let (mut src, _dst, sq, tq) = qemu_pair(&opts, dir.path()).await;
+    let (mut src, _dst, sq, tq) = Qemu::pair_with_qmp(&opts, dir.path()).await.unwrap();
     src.assert_running_and_counting().await;
     let daemon = common::daemon::start(dir.path(), &pki).await;
     let out = migrate(&[
@@ -407,7 +397,7 @@ async fn sigint_cancels_on_both_sides() {
     let dir = tmp();
     let mut opts = QemuOpts::new(Guest::RunningCounter, 64);
     opts.uuid = Some(uuid::Uuid::new_v4());
-    let (mut src, _dst, sq, tq) = qemu_pair(&opts, dir.path()).await;
+    let (mut src, _dst, sq, tq) = Qemu::pair_with_qmp(&opts, dir.path()).await.unwrap();
     src.assert_running_and_counting().await;
     let daemon = common::daemon::start(dir.path(), &pki).await;
     let mut child = migrate_cmd(&[

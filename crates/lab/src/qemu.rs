@@ -236,6 +236,19 @@ impl Qemu {
         Ok((src?, dst?))
     }
 
+    /// [`Qemu::pair`] of `opts` and `opts.as_incoming()`, each with a spare
+    /// QMP socket in `dir` ([`QemuOpts::with_qmp`]): `source.qmp` and
+    /// `target.qmp`, returned with them.
+    pub async fn pair_with_qmp(
+        opts: &QemuOpts,
+        dir: &Path,
+    ) -> Result<(Qemu, Qemu, PathBuf, PathBuf), LabError> {
+        let (sq, tq) = (dir.join("source.qmp"), dir.join("target.qmp"));
+        let (src, dst) =
+            Qemu::pair(opts.clone().with_qmp(&sq), opts.as_incoming().with_qmp(&tq)).await?;
+        Ok((src, dst, sq, tq))
+    }
+
     pub async fn spawn(opts: QemuOpts) -> Result<Qemu, LabError> {
         let binary = qemu_binary()?;
         let accel = match opts.accel {
