@@ -18,8 +18,8 @@ use common::gateway::{miggate, BIN};
 use common::nobody::{assert_root, connect_as_nobody};
 use common::qemu::{Guest, Qemu, QemuExt, QemuOpts};
 use common::scenario::{
-    migrate_and_expect_completed, outcomes, pki, pki_dir, target_gateway, EVENT_TIMEOUT,
-    MIGRATION_TIMEOUT, SOURCE_DN,
+    checking_target_gateway, migrate_and_expect_completed, outcomes, pki, pki_dir, EVENT_TIMEOUT,
+    MIGRATION_TIMEOUT,
 };
 use miggate::control::types::Phase;
 use serde_json::{json, Value};
@@ -157,13 +157,7 @@ async fn source_gateway_serves_the_source_qemu_alone() {
     }
     src.set_unlimited_bandwidth().await.unwrap();
     let port = dst.migrate_incoming_any_port().await.unwrap();
-    let uuid_s = uuid.to_string();
-    let mut tgw = target_gateway(
-        &pki,
-        port,
-        &["--authz-identity", SOURCE_DN, "--expect-uuid", &uuid_s],
-    )
-    .await;
+    let mut tgw = checking_target_gateway(&pki, port, uuid).await;
 
     let sock = dir.path().join("source.sock");
     let listen = format!("unix:{}", sock.display());

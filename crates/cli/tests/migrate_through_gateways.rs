@@ -84,12 +84,7 @@ async fn multifd_four_channels_with_uuid_check() {
         .await
         .unwrap();
     let uuid_s = uuid.to_string();
-    let mut tgw = target_gateway(
-        &pki,
-        port,
-        &["--authz-identity", SOURCE_DN, "--expect-uuid", &uuid_s],
-    )
-    .await;
+    let mut tgw = checking_target_gateway(&pki, port, uuid).await;
     let sgw = source_gateway(&pki, &tgw.addr, &[]).await;
     let src_hash = src.ram_sha256().await.unwrap();
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;

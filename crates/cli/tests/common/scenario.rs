@@ -42,6 +42,14 @@ pub async fn target_gateway(pki: &Path, qemu_port: u16, extra: &[&str]) -> Gatew
     miggate().target(&args).await.unwrap()
 }
 
+/// A target gateway that checks the peer's DN ([`SOURCE_DN`]) and the VM's
+/// UUID in the stream.
+pub async fn checking_target_gateway(pki: &Path, qemu_port: u16, uuid: uuid::Uuid) -> Gateway {
+    let uuid = uuid.to_string();
+    let args = ["--authz-identity", SOURCE_DN, "--expect-uuid", &uuid];
+    target_gateway(pki, qemu_port, &args).await
+}
+
 /// Starts a source gateway connecting to `target_addr`.
 pub async fn source_gateway(pki: &Path, target_addr: &str, extra: &[&str]) -> Gateway {
     let mut args = vec![
