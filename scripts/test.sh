@@ -4,8 +4,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
-cargo build --locked --all-targets
-cargo clippy --locked --all-targets -- -D warnings
-cargo fmt --check
+cargo build --locked --workspace --all-targets
+cargo clippy --locked --workspace --all-targets -- -D warnings
+cargo fmt --all --check
 # Two test threads: QEMUs, gateways and tests share two cores.
-cargo test --locked -- --test-threads=2
+cargo test --locked --workspace -- --test-threads=2

@@ -28,7 +28,3 @@ pub mod qmp;
 pub mod control;
 pub mod daemon;
 pub mod migrate;
-
-// Test lab and benchmark (leaving for crates of their own).
-pub mod bench;
-pub mod lab;

@@ -36,7 +36,6 @@
 
 pub mod args;
 pub mod cause;
-pub mod demo;
 pub mod error;
 mod flow;
 pub mod managed;

@@ -42,7 +42,7 @@
 //! only known once the byte after the last subsection is seen.
 //!
 //! Captured from QEMU 7.2 with `-uuid` and validate-uuid
-//! (tests/fixtures/streams/qemu72-main-uuid.bin):
+//! (crates/lab/fixtures/streams/qemu72-main-uuid.bin):
 //!
 //! ```text
 //! 51 45 56 4d 00 00 00 03 07 00 00 00 0d "pc-i440fx-7.2"
@@ -474,7 +474,7 @@ mod tests {
 
     fn fixture(name: &str) -> Vec<u8> {
         let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/streams")
+            .join("crates/lab/fixtures/streams")
             .join(name);
         std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
     }

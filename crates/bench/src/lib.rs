@@ -1,0 +1,683 @@
+//! `miggate bench`: in one run, with interleaved rounds, migrates the same
+//! guest through every transport (plain TCP, QEMU's native TLS with one or
+//! N channels, stunnel, socat, miggate with one or N channels) and prints
+//! the median time, throughput, ratio to plain and the CPU the security
+//! layer spent per GiB; then streams bytes through the layers without QEMU
+//! (relay-only), and measures the target gateway's handshake + admission
+//! latency and the gateways' memory.
+//!
+//! Every peer is a real process (QEMU, stunnel, socat, this very binary as
+//! source and target gateway), started fresh for each round so that no
+//! round inherits another's state; CPU time is read from /proc before and
+//! after each migration. A peer that is not installed is reported as
+//! skipped, never silently left out.
+
+pub mod flood;
+mod handshake;
+mod local;
+mod migration;
+mod peers;
+mod relay_only;
+mod sys;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::ValueEnum;
+
+use miggate_lab::{self as lab, Accel};
+
+/// The start of a real QEMU 7.2 main channel (no UUID): what the relay-only
+/// generator and the handshake client send so that the target gateway's
+/// stream check passes.
+pub(crate) const QEMU_PREFIX: &[u8] = lab::fixtures::QEMU72_MAIN_PLAIN;
+
+const GIB: f64 = (1u64 << 30) as f64;
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// DN of the benchmark PKI's client certificate (checked by the target side).
+const CLIENT_DN: &str = "O=miggate bench,CN=source.bench";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, ValueEnum)]
+pub enum Transport {
+    Plain,
+    /// Plain with multifd: what QEMU's multifd costs without any security
+    /// layer, the reference for the *-multifd rows.
+    PlainMultifd,
+    QemuTls,
+    QemuTlsMultifd,
+    Stunnel,
+    Socat,
+    Miggate,
+    MiggateMultifd,
+    /// miggate while hostile connections flood the target gateway
+    /// (`--flood`): the same migration as `miggate`, side by side.
+    MiggateFlood,
+}
+
+impl Transport {
+    fn native_tls(self) -> bool {
+        matches!(self, Transport::QemuTls | Transport::QemuTlsMultifd)
+    }
+    /// Whether a security layer (processes of its own) sits between the QEMUs.
+    fn layered(self) -> bool {
+        !matches!(
+            self,
+            Transport::Plain
+                | Transport::PlainMultifd
+                | Transport::QemuTls
+                | Transport::QemuTlsMultifd
+        )
+    }
+    fn multifd(self) -> bool {
+        matches!(
+            self,
+            Transport::PlainMultifd | Transport::QemuTlsMultifd | Transport::MiggateMultifd
+        )
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Transport::Plain => "plain",
+            Transport::PlainMultifd => "plain-multifd",
+            Transport::QemuTls => "qemu-tls",
+            Transport::QemuTlsMultifd => "qemu-tls-multifd",
+            Transport::Stunnel => "stunnel",
+            Transport::Socat => "socat",
+            Transport::Miggate => "miggate",
+            Transport::MiggateMultifd => "miggate-multifd",
+            Transport::MiggateFlood => "miggate-flood",
+        }
+    }
+}
+
+impl std::fmt::Display for Transport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Workload {
+    /// Paused guest, RAM of random bytes: pure transport throughput.
+    Paused,
+    /// Running guest that keeps dirtying memory.
+    Running,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AccelArg {
+    Kvm,
+    Tcg,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Guest RAM in MiB, filled with random bytes (nothing compresses or is
+    /// skipped as a zero page).
+    #[arg(long, default_value_t = 1024)]
+    pub ram_mib: u32,
+    /// Measured rounds; each round migrates through every transport once,
+    /// after one warm-up round that is not counted.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Channels of the *-multifd transports.
+    #[arg(long, default_value_t = 2)]
+    pub channels: u32,
+    /// Transports to migrate through, comma-separated (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub transports: Vec<Transport>,
+    /// Also migrate a running guest that keeps dirtying its memory.
+    #[arg(long)]
+    pub running: bool,
+    /// No QEMU migrations (relay-only, handshakes and memory only).
+    #[arg(long)]
+    pub no_migration: bool,
+    /// MiB streamed per round in relay-only mode; 0 skips it.
+    #[arg(long, default_value_t = 2048)]
+    pub relay_mib: u64,
+    /// Connections for the handshake + admission latency; 0 skips it and
+    /// the memory figures.
+    #[arg(long, default_value_t = 200)]
+    pub handshakes: usize,
+    /// Hostile connections sent at the target gateway during each
+    /// `miggate-flood` migration: half at once when it starts, the rest 16
+    /// at a time (a round ends with its migration, whatever is left).
+    #[arg(long, default_value_t = 1000)]
+    pub flood: usize,
+    /// Channels held open through the gateways to measure memory per channel.
+    #[arg(long, default_value_t = 32)]
+    pub rss_channels: usize,
+    /// No warm-up round.
+    #[arg(long)]
+    pub no_warmup: bool,
+    /// QEMU accelerator (default: $MIGGATE_ACCEL, else KVM when usable).
+    #[arg(long, value_enum)]
+    pub accel: Option<AccelArg>,
+    /// Cache of guest RAM files (default: $XDG_CACHE_HOME/miggate or ~/.cache/miggate).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+    /// How QEMU (or the relay-only generator and sink) reaches the source
+    /// and target sides of stunnel, socat and miggate: unix sockets (the
+    /// README's deployment, also closed to other local users) or TCP on
+    /// 127.0.0.1. The hop between the two sides is TCP either way.
+    #[arg(long, value_enum, default_value = "unix")]
+    pub local: local::LocalKind,
+    /// CI smoke run: 64 MiB guest, 1 round, no warm-up, 64 MiB relay-only,
+    /// 20 handshakes, 4 held channels, a flood of 200. Overrides those options.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+impl BenchArgs {
+    fn apply_quick(&mut self) {
+        if self.quick {
+            self.ram_mib = 64;
+            self.rounds = 1;
+            self.no_warmup = true;
+            self.relay_mib = 64;
+            self.handshakes = 20;
+            self.rss_channels = 4;
+            self.flood = 200;
+        }
+    }
+}
+
+/// Every transport, in table order.
+const ALL: [Transport; 9] = [
+    Transport::Plain,
+    Transport::PlainMultifd,
+    Transport::QemuTls,
+    Transport::QemuTlsMultifd,
+    Transport::Stunnel,
+    Transport::Socat,
+    Transport::Miggate,
+    Transport::MiggateMultifd,
+    Transport::MiggateFlood,
+];
+
+/// Why a transport has no figures.
+fn missing(t: Transport, inst: &peers::Installed, qemu: bool) -> Option<String> {
+    if !qemu {
+        return Some(format!(
+            "skipped: not installed (qemu-system-x86_64; {})",
+            lab::INSTALL_QEMU
+        ));
+    }
+    match t {
+        Transport::Stunnel if inst.stunnel.is_none() => {
+            Some("skipped: not installed (stunnel4)".into())
+        }
+        Transport::Socat if inst.socat.is_none() => Some("skipped: not installed (socat)".into()),
+        _ => None,
+    }
+}
+
+/// Runs the whole benchmark and prints its tables on stdout (progress on
+/// stderr).
+pub async fn run(mut args: BenchArgs) -> Result<()> {
+    args.apply_quick();
+    let inst = peers::Installed::probe()?;
+    let work = tempfile::Builder::new()
+        .prefix("miggate-bench-")
+        .tempdir()
+        .context("creating a work directory")?;
+    let pki = work.path().join("pki");
+    miggate::creds::pki::init(
+        &pki,
+        &miggate::creds::pki::InitOptions {
+            client_dn: CLIENT_DN.into(),
+            ..Default::default()
+        },
+    )?;
+    let accel = match args.accel {
+        Some(AccelArg::Kvm) => Some(Accel::Kvm),
+        Some(AccelArg::Tcg) => Some(Accel::Tcg),
+        None => None,
+    };
+    let qemu_bin = lab::qemu_binary().ok();
+    println!("{}", machine(qemu_bin.as_deref(), accel));
+
+    if !args.no_migration {
+        let transports: Vec<Transport> = if args.transports.is_empty() {
+            ALL.to_vec()
+        } else {
+            ALL.into_iter()
+                .filter(|t| args.transports.contains(t))
+                .collect()
+        };
+        let mut workloads = vec![Workload::Paused];
+        if args.running {
+            workloads.push(Workload::Running);
+        }
+        for w in workloads {
+            let table = migrations(
+                &args,
+                w,
+                &transports,
+                &inst,
+                qemu_bin.is_some(),
+                &pki,
+                work.path(),
+                accel,
+            )
+            .await;
+            println!("{table}");
+        }
+    }
+    if args.relay_mib > 0 {
+        println!("{}", relay_table(&args, &inst, &pki, work.path()).await);
+    }
+    if args.handshakes > 0 {
+        let r = handshake::run(
+            &inst,
+            &pki,
+            work.path(),
+            args.local,
+            CLIENT_DN,
+            args.handshakes,
+            args.rss_channels,
+        )
+        .await?;
+        println!("{}", handshake_text(&r));
+    }
+    Ok(())
+}
+
+fn machine(qemu: Option<&std::path::Path>, accel: Option<Accel>) -> String {
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|m| m.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let qemu_version = qemu
+        .and_then(|q| std::process::Command::new(q).arg("--version").output().ok())
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned()
+        })
+        .unwrap_or_else(|| "QEMU not installed".into());
+    let accel = accel.map_or_else(
+        || lab::accel().map_or_else(|e| e.to_string(), |a| a.to_string()),
+        |a| a.to_string(),
+    );
+    format!(
+        "miggate {} bench on {cpus} CPUs ({model}), Linux {}, {qemu_version}, accel {accel}, loopback\n",
+        env!("CARGO_PKG_VERSION"),
+        kernel.trim()
+    )
+}
+
+/// Round order: interleaved, each round starting one transport later so
+/// that no transport always runs first (right after a cold start) or last.
+fn round_order<T: Copy>(items: &[T], round: usize) -> Vec<T> {
+    let n = items.len().max(1);
+    (0..items.len()).map(|i| items[(i + round) % n]).collect()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn migrations(
+    args: &BenchArgs,
+    w: Workload,
+    transports: &[Transport],
+    inst: &peers::Installed,
+    qemu: bool,
+    pki: &std::path::Path,
+    workdir: &std::path::Path,
+    accel: Option<Accel>,
+) -> String {
+    let setup = migration::Setup {
+        installed: inst,
+        pki,
+        client_dn: CLIENT_DN,
+        workdir,
+        ram_mib: args.ram_mib,
+        channels: args.channels,
+        accel,
+        ram_cache: args.cache_dir.as_deref(),
+        local: args.local,
+        flood: args.flood,
+    };
+    let runnable: Vec<Transport> = transports
+        .iter()
+        .copied()
+        .filter(|t| missing(*t, inst, qemu).is_none())
+        .collect();
+    let warmup = usize::from(!args.no_warmup);
+    let rounds = args.rounds as usize + warmup;
+    let mut samples: BTreeMap<Transport, Vec<migration::Sample>> = BTreeMap::new();
+    let mut errors: BTreeMap<Transport, String> = BTreeMap::new();
+    for round in 0..rounds {
+        for t in round_order(&runnable, round) {
+            if errors.contains_key(&t) {
+                continue;
+            }
+            let label = if round < warmup {
+                "warm-up".to_string()
+            } else {
+                format!("round {}", round - warmup + 1)
+            };
+            match migration::migrate_once(t, w, &setup).await {
+                Ok(s) => {
+                    eprintln!(
+                        "{label}: {t}: {:.3} s, layer {:.2} CPU-s, QEMU {:.2} CPU-s",
+                        s.seconds, s.layer_cpu, s.qemu_cpu
+                    );
+                    if round >= warmup {
+                        samples.entry(t).or_default().push(s);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("{label}: {t}: FAILED: {e:#}");
+                    errors.insert(t, format!("failed: {}", first_line(&format!("{e:#}"))));
+                }
+            }
+        }
+    }
+
+    let what = match w {
+        Workload::Paused => format!("paused guest, {} MiB of random RAM", args.ram_mib),
+        Workload::Running => format!("running guest dirtying memory, {} MiB RAM", args.ram_mib),
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Migration: {what}; median of {} interleaved round(s){}; multifd: {} channels; \
+         local hops of stunnel, socat, miggate: {}",
+        args.rounds,
+        if warmup > 0 {
+            " after a warm-up round"
+        } else {
+            ""
+        },
+        args.channels,
+        args.local.describe()
+    );
+    let _ = writeln!(
+        out,
+        "{:<18} {:>9} {:>8} {:>8} {:>16} {:>15}",
+        "transport", "median s", "MiB/s", "x plain", "layer CPU-s/GiB", "QEMU CPU-s/GiB"
+    );
+    let med = |t: Transport, f: fn(&migration::Sample) -> f64| {
+        samples
+            .get(&t)
+            .and_then(|v| sys::median(&v.iter().map(f).collect::<Vec<_>>()))
+    };
+    let per_gib = |s: &migration::Sample, cpu: f64| cpu / (s.bytes.max(1) as f64 / GIB);
+    let plain = med(Transport::Plain, |s| s.seconds);
+    for &t in transports {
+        if let Some(why) = missing(t, inst, qemu).or_else(|| errors.get(&t).cloned()) {
+            let _ = writeln!(out, "{:<18} {why}", t.name());
+            continue;
+        }
+        let Some(secs) = med(t, |s| s.seconds) else {
+            let _ = writeln!(out, "{:<18} no measured round", t.name());
+            continue;
+        };
+        let v = &samples[&t];
+        let layer = if !t.layered() {
+            "-".to_string()
+        } else {
+            let c = sys::median(
+                &v.iter()
+                    .map(|s| per_gib(s, s.layer_cpu))
+                    .collect::<Vec<_>>(),
+            );
+            format!("{:.2}", c.unwrap_or(f64::NAN))
+        };
+        let q = sys::median(&v.iter().map(|s| per_gib(s, s.qemu_cpu)).collect::<Vec<_>>());
+        let ratio = plain.map_or("-".to_string(), |p| format!("{:.2}", p / secs));
+        let _ = writeln!(
+            out,
+            "{:<18} {:>9.3} {:>8.0} {:>8} {:>16} {:>15.2}",
+            t.name(),
+            secs,
+            f64::from(args.ram_mib) / secs,
+            ratio,
+            layer,
+            q.unwrap_or(f64::NAN)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "x plain: plain's median time / this one's (higher is faster). layer CPU: user+system \
+         time of the security layer's processes (both sides) per GiB sent; QEMU's native TLS \
+         runs inside QEMU (see its column)."
+    );
+    if let (Some(calm), Some(flood)) = (
+        samples.get(&Transport::Miggate),
+        samples.get(&Transport::MiggateFlood),
+    ) {
+        let _ = writeln!(out, "{}", flood_line(calm, flood));
+    }
+    out
+}
+
+/// The flood's cost: median and spread of the same migration with and
+/// without hostile connections.
+fn flood_line(calm: &[migration::Sample], flood: &[migration::Sample]) -> String {
+    let secs = |v: &[migration::Sample]| v.iter().map(|s| s.seconds).collect::<Vec<_>>();
+    let (c, f) = (secs(calm), secs(flood));
+    let spread = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{lo:.3}-{hi:.3}")
+    };
+    let (mc, mf) = (
+        sys::median(&c).unwrap_or(f64::NAN),
+        sys::median(&f).unwrap_or(f64::NAN),
+    );
+    let med = |v: &[migration::Sample], f: fn(&migration::Sample) -> f64| {
+        sys::median(&v.iter().map(f).collect::<Vec<_>>()).unwrap_or(f64::NAN)
+    };
+    let hostile = med(flood, |s| s.hostile as f64);
+    format!(
+        "flood: miggate-flood {mf:.3} s (spread {}) vs miggate {mc:.3} s (spread {}): \
+         {:+.1} % with a median of {hostile:.0} hostile connections during the migration; \
+         median CPU-s of the gateways {:.2} vs {:.2}, of the hostile clients (this process) \
+         {:.2} vs {:.2}",
+        spread(&f),
+        spread(&c),
+        (mf / mc - 1.0) * 100.0,
+        med(flood, |s| s.layer_cpu),
+        med(calm, |s| s.layer_cpu),
+        med(flood, |s| s.bench_cpu),
+        med(calm, |s| s.bench_cpu),
+    )
+}
+
+/// The relay-only paths, in table order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum RelayPath {
+    Raw,
+    Miggate,
+    Stunnel,
+    Socat,
+}
+
+impl RelayPath {
+    fn name(self) -> &'static str {
+        match self {
+            RelayPath::Raw => "raw loopback",
+            RelayPath::Miggate => "miggate",
+            RelayPath::Stunnel => "stunnel",
+            RelayPath::Socat => "socat",
+        }
+    }
+}
+
+async fn relay_round(
+    p: RelayPath,
+    args: &BenchArgs,
+    inst: &peers::Installed,
+    pki: &std::path::Path,
+    workdir: &std::path::Path,
+) -> Result<relay_only::RelaySample> {
+    let dir = tempfile::Builder::new()
+        .prefix("relay-")
+        .tempdir_in(workdir)?;
+    // Raw loopback is the TCP limit whatever the layers' local hops.
+    let sink_kind = if p == RelayPath::Raw {
+        local::LocalKind::Tcp
+    } else {
+        args.local
+    };
+    let sink = relay_only::Sink::start(sink_kind, dir.path())?;
+    let entry = args.local.fresh(dir.path(), "entry")?;
+    let layer = match p {
+        RelayPath::Raw => None,
+        RelayPath::Miggate => {
+            let checks = peers::MiggateChecks {
+                client_dn: CLIENT_DN,
+                expect_uuid: None,
+            };
+            Some(peers::miggate(&inst.miggate, pki, entry, &sink.addr, &checks).await?)
+        }
+        RelayPath::Stunnel => {
+            let bin = inst.stunnel.as_deref().context("stunnel not installed")?;
+            Some(peers::stunnel(bin, pki, dir.path(), entry, &sink.addr).await?)
+        }
+        RelayPath::Socat => {
+            let bin = inst.socat.as_deref().context("socat not installed")?;
+            Some(peers::socat(bin, pki, dir.path(), entry, &sink.addr).await?)
+        }
+    };
+    let entry = layer
+        .as_ref()
+        .map_or_else(|| sink.addr.clone(), |l| l.entry.clone());
+    let pids = layer.as_ref().map(|l| l.pids()).unwrap_or_default();
+    let r = relay_only::run_once(entry, sink, args.relay_mib << 20, &pids).await;
+    r.with_context(|| layer.as_ref().map(|l| l.logs()).unwrap_or_default())
+}
+
+async fn relay_table(
+    args: &BenchArgs,
+    inst: &peers::Installed,
+    pki: &std::path::Path,
+    workdir: &std::path::Path,
+) -> String {
+    let all = [
+        RelayPath::Raw,
+        RelayPath::Miggate,
+        RelayPath::Stunnel,
+        RelayPath::Socat,
+    ];
+    let skip = |p: RelayPath| match p {
+        RelayPath::Stunnel if inst.stunnel.is_none() => Some("skipped: not installed (stunnel4)"),
+        RelayPath::Socat if inst.socat.is_none() => Some("skipped: not installed (socat)"),
+        _ => None,
+    };
+    let runnable: Vec<RelayPath> = all.into_iter().filter(|p| skip(*p).is_none()).collect();
+    let warmup = usize::from(!args.no_warmup);
+    let mut samples: BTreeMap<RelayPath, Vec<relay_only::RelaySample>> = BTreeMap::new();
+    let mut errors: BTreeMap<RelayPath, String> = BTreeMap::new();
+    for round in 0..args.rounds as usize + warmup {
+        for p in round_order(&runnable, round) {
+            if errors.contains_key(&p) {
+                continue;
+            }
+            match relay_round(p, args, inst, pki, workdir).await {
+                Ok(s) => {
+                    eprintln!(
+                        "relay-only {}: {}: {:.3} s, {:.2} CPU-s",
+                        if round < warmup { "warm-up" } else { "round" },
+                        p.name(),
+                        s.seconds,
+                        s.layer_cpu
+                    );
+                    if round >= warmup {
+                        samples.entry(p).or_default().push(s);
+                    }
+                }
+                Err(e) => {
+                    eprintln!("relay-only: {}: FAILED: {e:#}", p.name());
+                    errors.insert(p, format!("failed: {}", first_line(&format!("{e:#}"))));
+                }
+            }
+        }
+    }
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Relay only (no QEMU): generator -> source side -> target side -> sink, {} MiB per round, median of {} round(s); local hops: {}",
+        args.relay_mib, args.rounds, args.local.describe()
+    );
+    let _ = writeln!(
+        out,
+        "{:<18} {:>9} {:>8} {:>8} {:>16}",
+        "path", "median s", "GB/s", "x raw", "layer CPU-s/GiB"
+    );
+    let med = |p: RelayPath, f: fn(&relay_only::RelaySample) -> f64| {
+        samples
+            .get(&p)
+            .and_then(|v| sys::median(&v.iter().map(f).collect::<Vec<_>>()))
+    };
+    let raw = med(RelayPath::Raw, |s| s.seconds);
+    for p in all {
+        if let Some(why) = skip(p)
+            .map(str::to_owned)
+            .or_else(|| errors.get(&p).cloned())
+        {
+            let _ = writeln!(out, "{:<18} {why}", p.name());
+            continue;
+        }
+        let Some(secs) = med(p, |s| s.seconds) else {
+            let _ = writeln!(out, "{:<18} no measured round", p.name());
+            continue;
+        };
+        let cpu = if p == RelayPath::Raw {
+            "-".to_string()
+        } else {
+            format!(
+                "{:.2}",
+                med(p, |s| s.layer_cpu / (s.bytes.max(1) as f64 / GIB)).unwrap_or(f64::NAN)
+            )
+        };
+        let bytes = (args.relay_mib as f64) * MIB;
+        let _ = writeln!(
+            out,
+            "{:<18} {:>9.3} {:>8.2} {:>8} {:>16}",
+            p.name(),
+            secs,
+            bytes / secs / 1e9,
+            raw.map_or("-".into(), |r| format!("{:.2}", r / secs)),
+            cpu
+        );
+    }
+    out
+}
+
+fn handshake_text(r: &handshake::Report) -> String {
+    format!(
+        "Handshake + admission (TCP connect, TLS 1.3 mTLS, hello + QEMU stream prefix, DN and \
+         stream checks, connect to the target, verdict), {} sequential connections:\n  \
+         p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms\n\
+         Gateway memory (VmRSS): target {:.1} MiB idle, source {:.1} MiB idle; per open channel \
+         ({} held, 1 MiB relayed each): target {:.0} KiB, source {:.0} KiB; per handshake \
+         stalled after its ClientHello ({} held): target {:.1} KiB\n",
+        r.connections,
+        r.p50_ms,
+        r.p99_ms,
+        r.max_ms,
+        r.target_idle_kib as f64 / 1024.0,
+        r.source_idle_kib as f64 / 1024.0,
+        r.channels,
+        r.target_per_channel_kib,
+        r.source_per_channel_kib,
+        r.stalled,
+        r.target_per_stalled_kib
+    )
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().next().unwrap_or(s)
+}

@@ -1,0 +1,81 @@
+//! CI smoke run of `miggate bench --quick`: the benchmark must keep
+//! running end to end, with a figure for every transport. `scripts/test.sh`
+//! installs every peer (QEMU, stunnel4, socat), so a transport the bench
+//! skips as "not installed" fails this test with the install hint instead
+//! of passing unmeasured. No timing assertions: CI machines are too noisy
+//! for that; the README's table comes from full runs.
+
+mod common;
+
+use std::process::Command;
+
+const BIN: &str = env!("CARGO_BIN_EXE_miggate");
+
+const TRANSPORTS: [&str; 9] = [
+    "plain",
+    "plain-multifd",
+    "qemu-tls",
+    "qemu-tls-multifd",
+    "stunnel",
+    "socat",
+    "miggate",
+    "miggate-multifd",
+    "miggate-flood",
+];
+const RELAY_PATHS: [&str; 4] = ["raw loopback", "miggate", "stunnel", "socat"];
+
+/// The row of `name` in the table whose header starts with `header`: the
+/// text after the name.
+fn row<'a>(out: &'a str, header: &str, name: &str) -> &'a str {
+    let table = out
+        .split_once(header)
+        .unwrap_or_else(|| panic!("no table {header:?} in:\n{out}"))
+        .1;
+    table
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .find_map(|l| {
+            l.strip_prefix(name)
+                .filter(|rest| rest.starts_with("  "))
+                .map(str::trim)
+        })
+        .unwrap_or_else(|| panic!("no row for {name:?} under {header:?} in:\n{out}"))
+}
+
+fn assert_figure(cell: &str, name: &str, out: &str) {
+    assert!(
+        !cell.starts_with("skipped"),
+        "{name} was not measured ({cell}): scripts/setup.sh installs every peer \
+         (apt-get install --no-install-recommends qemu-system-x86 stunnel4 socat)\n{out}"
+    );
+    let first = cell.split_whitespace().next().unwrap_or("");
+    assert!(
+        first.parse::<f64>().is_ok(),
+        "{name}: {cell:?} is not a figure\n{out}"
+    );
+}
+
+#[test]
+fn quick_bench_measures_every_transport() {
+    // Fails with the install hint when QEMU is missing, like every QEMU test.
+    common::qemu::qemu_binary().unwrap();
+    let run = Command::new(BIN)
+        .args(["bench", "--quick"])
+        .output()
+        .expect("run miggate bench");
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "miggate bench --quick failed:\n{out}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for t in TRANSPORTS {
+        assert_figure(row(&out, "Migration:", t), t, &out);
+    }
+    for p in RELAY_PATHS {
+        assert_figure(row(&out, "Relay only", p), p, &out);
+    }
+    assert!(out.contains("p50 ") && out.contains("p99 "), "{out}");
+    assert!(out.contains("per open channel"), "{out}");
+    assert!(out.contains("per handshake stalled"), "{out}");
+}

@@ -1,0 +1,11 @@
+//! Shared test harness: the lab's real QEMU processes and launchers
+//! (`miggate-lab`) run with this package's `miggate` binary, panicking
+//! where the lab returns an error, and the scenarios built from them.
+#![allow(dead_code)]
+
+pub mod daemon;
+pub mod gateway;
+pub mod guest;
+pub mod nobody;
+pub mod qemu;
+pub mod scenario;
