@@ -5,6 +5,7 @@ mod common;
 use common::qemu::{Guest, NativeTls, Qemu, QemuOpts, TlsEndpoint, UNLIMITED_BANDWIDTH};
 use common::scenario::*;
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 
 /// QEMU native TLS source -> miggate target gateway -> plain target QEMU.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -172,6 +173,50 @@ async fn miggate_source_multifd_2_into_qemu_native_tls_target_main_last() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miggate_source_multifd_4_into_qemu_native_tls_target_with_return_path() {
     miggate_source_multifd_into_qemu_native_tls(4, true).await;
+}
+
+/// A multifd channel whose main channel never comes is cut at the stall
+/// timeout with that reason, without reaching the target QEMU (a TLS
+/// connection there would become its main channel, and one that sends
+/// nothing blocks its main loop); the real migration then completes
+/// through the same gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_multifd_channel_waits_for_a_main_channel_then_gives_up() {
+    let pki = pki();
+    let pki = pki_dir(&pki);
+    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None, Some(2)).await;
+    let mut sgw = source_gateway(
+        &pki,
+        &format!("127.0.0.1:{tls_port}"),
+        &["--stall-timeout", "2"],
+    )
+    .await;
+    let mut stray = tokio::net::TcpStream::connect(&sgw.addr).await.unwrap();
+    stray.write_all(&multifd_init_packet(0)).await.unwrap();
+    let rec = sgw.wait_outcome(EVENT_TIMEOUT).await;
+    assert_eq!(rec["outcome"], "failed", "{rec}");
+    assert_eq!(rec["channel"], "multifd/0", "{rec}");
+    let reason = rec["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("no main channel"), "{rec}");
+    assert_eq!(rec["bytes_sent"], 0, "{rec}");
+    assert_eq!(rec["peer.dn"], "-", "the target was never contacted: {rec}");
+    drop(stray);
+
+    let hash = src.ram_sha256().await;
+    migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
+    assert_eq!(dst.ram_sha256().await, hash, "RAM differs on arrival");
+}
+
+/// The 64-byte multifd init packet a source QEMU without `-uuid` sends
+/// first on multifd channel `channel` (src/wire/qemu.rs has the layout).
+fn multifd_init_packet(channel: u8) -> Vec<u8> {
+    let mut p = Vec::with_capacity(64);
+    p.extend_from_slice(&0x1122_3344u32.to_be_bytes());
+    p.extend_from_slice(&1u32.to_be_bytes());
+    p.extend_from_slice(&[0; 16]);
+    p.push(channel);
+    p.resize(64, 0);
+    p
 }
 
 /// A paused source with random RAM and a target QEMU with native TLS that
