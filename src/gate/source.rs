@@ -14,6 +14,55 @@
 //! from any other pid is refused at accept, before a byte is read: the
 //! ticket and the client certificate are the operator's, and only the
 //! source QEMU of this migration may use them.
+//!
+//! ## Main channel first, into a target QEMU with native TLS
+//!
+//! A target QEMU with TLS (7.2 and 10.0.2 alike) takes the first channel
+//! whose TLS handshake completes as the main channel and every later one
+//! as a multifd (or postcopy preempt) channel:
+//! `migration_ioc_process_incoming()` in migration/migration.c, reached
+//! from the handshake callback `migration_tls_incoming_handshake()`
+//! (migration/tls.c), decides by `!mis->from_src_file`. 7.2 knows nothing
+//! else; 8.0 to 10.0 peek the channel's magic (QEVM or multifd) only when
+//! it has `QIO_CHANNEL_FEATURE_READ_MSG_PEEK`, which plain sockets have
+//! (io/channel-socket.c) and `QIOChannelTLS` does not. A multifd channel
+//! that becomes "main" fails the migration; a main stream read as a
+//! multifd init packet is 7.2's "multifd: received packet magic 5145564d
+//! expected 11223344" (`multifd_recv_initial_packet()`, migration/multifd.c).
+//!
+//! And the handshakes do not overlap: `qio_channel_socket_accept()` leaves
+//! the accepted socket blocking, and `qio_channel_tls_handshake()` starts
+//! at once, so GnuTLS's reads block QEMU's main loop (QMP included) from
+//! the accept until the handshake is done. Tried on 7.2 and 10.0.2: while
+//! a TCP client that sends nothing is connected, QMP does not answer; and
+//! a multifd channel held after its ClientHello kept the main channel's
+//! handshake from ever running. So nothing may connect early "just to be
+//! ready", nor pause in a handshake.
+//!
+//! The source QEMU may send a multifd channel's first bytes before the main
+//! channel's (7.2 without `return-path` flushes the main stream's header
+//! only after every multifd channel sent its sync packet: `ram_save_setup()`
+//! in migration/ram.c). So a multifd channel connects to the target only
+//! once a main channel's TLS handshake with it has completed: our client
+//! Finished is then in QEMU's socket (loopback and a LAN keep the order),
+//! and QEMU, blocked in that handshake until it reads it, registers the
+//! main channel before it accepts the next connection. Whether the target
+//! is a miggate gateway (which orders channels itself) is known only from
+//! a handshake (ALPN), so the rule holds for both: it costs a multifd
+//! channel one TCP + TLS handshake at the start of a migration (about a
+//! millisecond on loopback, two round trips across a WAN), during which
+//! the target gateway would have kept it waiting for the main channel's
+//! admission anyway.
+//!
+//! The wait ends at the stall timeout, with the reason in the outcome
+//! record; the local connection is then closed, so the source QEMU's
+//! migration fails and its VM keeps running. A main channel counts while
+//! its connection lives, as on the target gateway. A local process that
+//! could open connections here could fake a main channel (to release the
+//! multifd channels, or to keep one open so that the next migration's are
+//! not held), but it could also feed the target anything with the
+//! operator's certificate: `--source-qmp` leaves only the source QEMU's
+//! own connections.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -23,6 +72,7 @@ use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream, UnixListener};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
@@ -36,7 +86,7 @@ use crate::outcome::{Ending, Outcome, Sink};
 use crate::relay::rekey::Rekeying;
 use crate::relay::Close;
 use crate::wire::frames::{self, FrameError, Hello, Verdict};
-use crate::wire::qemu::SNIFF_MAX;
+use crate::wire::qemu::{StreamKind, SNIFF_MAX};
 
 pub struct SourceConfig {
     pub tls: Arc<ClientConfig>,
@@ -132,8 +182,26 @@ impl Drop for LocalListener {
     }
 }
 
+/// Counts this gateway's main channels whose TLS handshake with the target
+/// completed, while they live: see the module comment.
+struct MainGuard(watch::Sender<usize>);
+
+impl MainGuard {
+    fn new(tx: &watch::Sender<usize>) -> Self {
+        tx.send_modify(|n| *n += 1);
+        MainGuard(tx.clone())
+    }
+}
+
+impl Drop for MainGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
+}
+
 pub async fn serve(listener: LocalListener, cfg: SourceConfig) -> std::io::Result<()> {
     let cfg = Arc::new(cfg);
+    let mains = watch::Sender::new(0usize);
     loop {
         let accepted = match listener.accept().await {
             Ok(x) => x,
@@ -153,11 +221,11 @@ pub async fn serve(listener: LocalListener, cfg: SourceConfig) -> std::io::Resul
                 continue;
             }
         };
-        let cfg = cfg.clone();
+        let (cfg, mains) = (cfg.clone(), mains.clone());
         tokio::spawn(async move {
             let mut out = Outcome::new("source", addr);
             out.sink = cfg.sink.clone();
-            match handle(local, &cfg, &mut out).await {
+            match handle(local, &cfg, &mains, &mut out).await {
                 Ok(()) => out.finish(Ending::Completed, None),
                 Err((ending, reason)) => out.finish(ending, Some(&reason)),
             }
@@ -176,6 +244,7 @@ fn hostname(name: &ServerName<'_>) -> String {
 async fn handle(
     mut local: Plain,
     cfg: &SourceConfig,
+    mains: &watch::Sender<usize>,
     out: &mut Outcome,
 ) -> Result<(), (Ending, String)> {
     let failed = |msg: String| (Ending::Failed, msg);
@@ -183,7 +252,7 @@ async fn handle(
     let mut prefix = Vec::with_capacity(SNIFF_MAX);
     // Knowing the channel is for the log; the target makes the decision, so
     // a stream we do not recognise is still passed on for it to judge.
-    match read_until(
+    let kind = match read_until(
         &mut local,
         &mut prefix,
         deadline,
@@ -196,9 +265,24 @@ async fn handle(
         Ok(Ok(kind)) => {
             out.channel = Some(admit::channel_label(&kind));
             out.vm = admit::stream_uuid(&kind).map(|u| u.to_string());
+            Some(kind)
         }
-        Ok(Err(_)) | Err(Refusal::Stream(_)) => {}
+        Ok(Err(_)) | Err(Refusal::Stream(_)) => None,
         Err(r) => return Err(failed(format!("source QEMU: {r}"))),
+    };
+
+    // Main channel first: see the module comment.
+    if let Some(StreamKind::Multifd { .. }) = kind {
+        let mut rx = mains.subscribe();
+        let main = rx.wait_for(|n| *n > 0);
+        if tokio::time::timeout(cfg.stall, main).await.is_err() {
+            return Err(failed(format!(
+                "multifd channel: no main channel of the migration was connected to {} within {} s, \
+                 and a multifd channel may not connect before it",
+                cfg.connect,
+                cfg.stall.as_secs()
+            )));
+        }
     }
 
     let deadline = Instant::now() + cfg.stall;
@@ -246,6 +330,8 @@ async fn handle(
             tls.get_ref().1.protocol_version()
         )));
     }
+    // Lives until the channel ends.
+    let _main = matches!(kind, Some(StreamKind::Main { .. })).then(|| MainGuard::new(mains));
     let miggate_peer = {
         let conn = tls.get_ref().1;
         out.peer_dn = tls::peer_leaf(conn.peer_certificates()).and_then(|c| dn::subject_dn(c).ok());

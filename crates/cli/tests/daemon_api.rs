@@ -893,16 +893,24 @@ async fn a_stray_multifd_channel_does_not_wedge_its_registration() {
     req.channels = 2;
     let r = d.register(&req).await;
 
-    // The stray: a miggate source with the ticket, fed a multifd init
-    // packet of the right VM and nothing else.
-    let stray_gw = d.source(&pki, "ticket-stray", r.ticket.expose()).await;
-    let mut stray = tokio::net::TcpStream::connect(&stray_gw.addr)
-        .await
-        .unwrap();
-    stray
-        .write_all(&multifd_init_packet(VM_A, 0))
-        .await
-        .unwrap();
+    // The stray: a miggate source's hello with the ticket, then a multifd
+    // init packet of the right VM and nothing else. Sent by hand: a miggate
+    // source gateway itself holds a multifd channel until its main channel
+    // is connected (tests/interop_native_tls.rs), so this one would never
+    // reach the target.
+    let config =
+        miggate::creds::tls::client_config(&pki, &[miggate::creds::tls::ALPN_MIGGATE]).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let sock = tokio::net::TcpStream::connect(&d.gw.addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut stray = connector.connect(name, sock).await.unwrap();
+    let hello = miggate::wire::frames::Hello {
+        ticket: Some(miggate::wire::frames::HelloTicket::new(r.ticket.expose())),
+        ..Default::default()
+    };
+    let mut first = miggate::wire::frames::encode_hello(&hello);
+    first.extend_from_slice(&multifd_init_packet(VM_A, 0));
+    stray.write_all(&first).await.unwrap();
     d.wait_view(&r.id, "holding the stray multifd channel", |v| {
         v.state == Phase::Active && v.channels_open == 1
     })
@@ -921,7 +929,6 @@ async fn a_stray_multifd_channel_does_not_wedge_its_registration() {
     );
     let mut rest = Vec::new();
     let _ = stray.read_to_end(&mut rest).await;
-    stray_gw.stop().await;
 
     let hash = src.ram_sha256().await.unwrap();
     let sgw = d.source(&pki, "ticket", r.ticket.expose()).await;

@@ -5,6 +5,7 @@ mod common;
 use common::qemu::{Guest, NativeTls, Qemu, QemuOpts, TlsEndpoint};
 use common::scenario::*;
 use serde_json::json;
+use tokio::io::AsyncWriteExt;
 
 /// QEMU native TLS source -> miggate target gateway -> plain target QEMU.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -46,7 +47,7 @@ async fn qemu_native_tls_source_to_miggate_target() {
 async fn miggate_source_to_qemu_native_tls_target_allowed() {
     let pki = pki();
     let pki = pki_dir(&pki);
-    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None).await;
+    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None, None).await;
     let mut sgw = source_gateway(&pki, &format!("127.0.0.1:{tls_port}"), &[]).await;
     let hash = src.ram_sha256().await.unwrap();
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
@@ -63,7 +64,7 @@ async fn miggate_source_to_qemu_native_tls_target_allowed() {
 async fn miggate_source_key_updates_into_qemu_native_tls_target() {
     let pki = pki();
     let pki = pki_dir(&pki);
-    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None).await;
+    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None, None).await;
     src.set_parameters(json!({ "max-bandwidth": 64u64 << 20 }))
         .await
         .unwrap();
@@ -94,7 +95,7 @@ async fn rekeying_source_refuses_a_tls12_target_up_front() {
     let pki = pki();
     let pki = pki_dir(&pki);
     let (mut src, _dst, tls_port) =
-        native_target(&pki, SOURCE_DN, Some("NORMAL:-VERS-TLS1.3")).await;
+        native_target(&pki, SOURCE_DN, Some("NORMAL:-VERS-TLS1.3"), None).await;
     let mut sgw = source_gateway(
         &pki,
         &format!("127.0.0.1:{tls_port}"),
@@ -115,7 +116,7 @@ async fn miggate_source_to_qemu_native_tls_target_denied() {
     let pki = pki();
     let pki = pki_dir(&pki);
     let (mut src, mut dst, tls_port) =
-        native_target(&pki, "O=miggate tests,CN=someone-else", None).await;
+        native_target(&pki, "O=miggate tests,CN=someone-else", None, None).await;
     let mut sgw = source_gateway(&pki, &format!("127.0.0.1:{tls_port}"), &[]).await;
     let err = migrate_and_expect_failure(&mut src, &format!("tcp:{}", sgw.addr)).await;
     assert!(!err.is_empty(), "QEMU should describe the failure");
@@ -134,13 +135,112 @@ async fn miggate_source_to_qemu_native_tls_target_denied() {
     let _ = &mut dst;
 }
 
+/// miggate source gateway -> target QEMU with native TLS, tls-authz and
+/// multifd: QEMU takes the first channel whose TLS handshake completes as
+/// the main one, so the gateway must not let a multifd channel finish its
+/// handshake before the main channel's (see `miggate::gate::source`).
+/// Before that rule the target failed with "multifd: received packet
+/// magic 5145564d expected 11223344": always without `return-path` (QEMU
+/// 7.2 then flushes the main stream's first bytes only after every multifd
+/// channel has sent its sync packet, so the main channel came last), about
+/// one run in four with it (the main channel's first bytes race the
+/// multifd channels').
+async fn miggate_source_multifd_into_qemu_native_tls(channels: u8, return_path: bool) {
+    let pki = pki();
+    let pki = pki_dir(&pki);
+    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None, Some(channels)).await;
+    // The source decides: the target opens the return path when told to.
+    src.set_capabilities(&[("return-path", return_path)])
+        .await
+        .unwrap();
+    let mut sgw = source_gateway(&pki, &format!("127.0.0.1:{tls_port}"), &[]).await;
+    let hash = src.ram_sha256().await.unwrap();
+    migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
+    assert_eq!(
+        dst.ram_sha256().await.unwrap(),
+        hash,
+        "RAM differs on arrival"
+    );
+    let mut seen: Vec<String> = outcomes(&mut sgw, 1 + usize::from(channels))
+        .await
+        .iter()
+        .map(|r| {
+            assert_eq!(r["outcome"], "completed", "{r}");
+            r["channel"].as_str().unwrap_or("-").to_string()
+        })
+        .collect();
+    seen.sort();
+    let mut expected = vec!["main".to_string()];
+    expected.extend((0..channels).map(|i| format!("multifd/{i}")));
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miggate_source_multifd_2_into_qemu_native_tls_target_main_last() {
+    miggate_source_multifd_into_qemu_native_tls(2, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miggate_source_multifd_4_into_qemu_native_tls_target_with_return_path() {
+    miggate_source_multifd_into_qemu_native_tls(4, true).await;
+}
+
+/// A multifd channel whose main channel never comes is cut at the stall
+/// timeout with that reason, without reaching the target QEMU (a TLS
+/// connection there would become its main channel, and one that sends
+/// nothing blocks its main loop); the real migration then completes
+/// through the same gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_multifd_channel_waits_for_a_main_channel_then_gives_up() {
+    let pki = pki();
+    let pki = pki_dir(&pki);
+    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None, Some(2)).await;
+    let mut sgw = source_gateway(
+        &pki,
+        &format!("127.0.0.1:{tls_port}"),
+        &["--stall-timeout", "2"],
+    )
+    .await;
+    let mut stray = tokio::net::TcpStream::connect(&sgw.addr).await.unwrap();
+    stray.write_all(&multifd_init_packet(0)).await.unwrap();
+    let rec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+    assert_eq!(rec["outcome"], "failed", "{rec}");
+    assert_eq!(rec["channel"], "multifd/0", "{rec}");
+    let reason = rec["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("no main channel"), "{rec}");
+    assert_eq!(rec["bytes_sent"], 0, "{rec}");
+    assert_eq!(rec["peer.dn"], "-", "the target was never contacted: {rec}");
+    drop(stray);
+
+    let hash = src.ram_sha256().await.unwrap();
+    migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
+    assert_eq!(
+        dst.ram_sha256().await.unwrap(),
+        hash,
+        "RAM differs on arrival"
+    );
+}
+
+/// The 64-byte multifd init packet a source QEMU without `-uuid` sends
+/// first on multifd channel `channel` (src/wire/qemu.rs has the layout).
+fn multifd_init_packet(channel: u8) -> Vec<u8> {
+    let mut p = Vec::with_capacity(64);
+    p.extend_from_slice(&0x1122_3344u32.to_be_bytes());
+    p.extend_from_slice(&1u32.to_be_bytes());
+    p.extend_from_slice(&[0; 16]);
+    p.push(channel);
+    p.resize(64, 0);
+    p
+}
+
 /// A paused source with random RAM and a target QEMU with native TLS that
-/// allows `allowed_dn` (and the GnuTLS `priority`, if any); returns the
-/// target's TLS port.
+/// allows `allowed_dn` (and the GnuTLS `priority`, if any), with `multifd`
+/// channels if given; returns the target's TLS port.
 async fn native_target(
     pki: &std::path::Path,
     allowed_dn: &str,
     priority: Option<&str>,
+    multifd: Option<u8>,
 ) -> (Qemu, Qemu, u16) {
     let opts = QemuOpts::new(Guest::PausedRandomRam { seed: 42 }, 128);
     let mut dst_opts = opts.as_incoming();
@@ -153,6 +253,14 @@ async fn native_target(
     let (mut src, mut dst) = Qemu::pair(opts, dst_opts).await.unwrap();
     // return-path: the source only reports success once the target loaded it.
     capabilities(&mut src, &mut dst, &[("return-path", true)]).await;
+    if let Some(n) = multifd {
+        capabilities(&mut src, &mut dst, &[("multifd", true)]).await;
+        for q in [&mut src, &mut dst] {
+            q.set_parameters(json!({ "multifd-channels": n }))
+                .await
+                .unwrap();
+        }
+    }
     src.set_unlimited_bandwidth().await.unwrap();
     dst.set_native_tls_parameters(None).await.unwrap();
     let port = dst.migrate_incoming_any_port().await.unwrap();
