@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -21,6 +21,7 @@ use crate::control::client::{api_addr, ApiAddr, ApiClient, ApiError};
 use crate::control::types::{Allow, Forward, IncomingRequest, MigrationView, Phase, QmpForward};
 use crate::creds::tls;
 use crate::gate::source::{self, LocalListener, LocalPeer, SourceConfig};
+use crate::net::private_dir::{PrivateDir, PrivateDirError};
 use crate::net::unix_bind::{self, Access};
 use crate::outcome::{Ending, Record, Sink};
 
@@ -66,7 +67,7 @@ pub struct Managed {
     /// The source QEMU's socket, in `_local_dir`.
     socket: PathBuf,
     /// Removed (with the socket) when the migration ends.
-    _local_dir: tempfile::TempDir,
+    _local_dir: PrivateDir,
     admitted: bool,
     last_poll: Option<Instant>,
 }
@@ -119,7 +120,7 @@ pub fn reachable(listen: &str, api: &ApiAddr) -> String {
 /// The local hop: a fresh directory (0700) that only miggate and the
 /// source QEMU can enter, and in it a socket (0600) owned by the QEMU's
 /// user, which the source gateway serves to the QEMU's pid alone.
-fn local_hop(qemu: &UCred, qmp: &Path) -> Result<(LocalListener, tempfile::TempDir), ManagedError> {
+fn local_hop(qemu: &UCred, qmp: &Path) -> Result<(LocalListener, PrivateDir), ManagedError> {
     let pid = qemu.pid().ok_or(ManagedError::NoPid)?;
     let uid = qemu.uid();
     // $XDG_RUNTIME_DIR when it is the QEMU's user's own (the same user as
@@ -129,14 +130,7 @@ fn local_hop(qemu: &UCred, qmp: &Path) -> Result<(LocalListener, tempfile::TempD
         .map(PathBuf::from)
         .filter(|d| std::fs::metadata(d).is_ok_and(|m| m.is_dir() && m.uid() == uid))
         .unwrap_or_else(std::env::temp_dir);
-    let dir = tempfile::Builder::new()
-        .prefix("miggate-migrate-")
-        .permissions(std::fs::Permissions::from_mode(0o700))
-        .tempdir_in(&base)
-        .map_err(|source| ManagedError::PrivateDir {
-            base: base.clone(),
-            source,
-        })?;
+    let dir = PrivateDir::create_in(&base, "miggate-migrate-").map_err(ManagedError::PrivateDir)?;
     let ours = std::fs::metadata(dir.path())
         .map_err(|source| ManagedError::Inspect {
             path: dir.path().to_path_buf(),
@@ -384,12 +378,8 @@ impl Managed {
 pub enum ManagedError {
     #[error("the kernel did not tell the source QEMU's pid (SO_PEERCRED of its QMP socket)")]
     NoPid,
-    #[error("cannot create a private directory in {} for the source QEMU's socket", base.display())]
-    PrivateDir {
-        base: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("no private directory for the source QEMU's socket")]
+    PrivateDir(#[source] PrivateDirError),
     #[error("{}", path.display())]
     Inspect {
         path: PathBuf,

@@ -1,9 +1,10 @@
 //! The socket vocabulary, at the bottom of the data path: endpoints
 //! (`tcp:`/`unix:`), `HOST:PORT`, the plain stream type, socket tuning,
-//! private unix sockets ([`unix_bind`]) and the one mTLS accept step
+//! private directories ([`private_dir`]), private unix sockets ([`unix_bind`]) and the one mTLS accept step
 //! ([`mtls`]) of every TLS listener.
 
 pub mod mtls;
+pub mod private_dir;
 pub mod socket;
 pub mod unix_bind;
 

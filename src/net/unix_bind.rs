@@ -33,6 +33,8 @@ use std::path::{Path, PathBuf};
 
 use tokio::net::UnixListener;
 
+use super::private_dir::{PrivateDir, PrivateDirError};
+
 #[derive(Debug, thiserror::Error)]
 pub enum UnixBindError {
     #[error("{} exists and is not a socket; refusing to replace it", path.display())]
@@ -47,12 +49,11 @@ pub enum UnixBindError {
     },
     #[error("{} has no file name to bind", path.display())]
     NoFileName { path: PathBuf },
-    #[error("cannot create a private directory in {} to bind {} in", dir.display(), path.display())]
+    #[error("no private directory to bind {} in", path.display())]
     PrivateDir {
         path: PathBuf,
-        dir: PathBuf,
         #[source]
-        source: io::Error,
+        source: PrivateDirError,
     },
     #[error("cannot bind a unix socket for {}", path.display())]
     Bind {
@@ -126,18 +127,9 @@ pub fn bind(path: &Path, access: Access) -> Result<Bound, UnixBindError> {
         _ => Path::new("."),
     };
     // A short name: the temporary path must fit sun_path (108 bytes) too.
-    let private = tempfile::Builder::new()
-        .prefix(".mgb")
-        .permissions(std::fs::Permissions::from_mode(0o700))
-        .tempdir_in(parent)
-        .and_then(|d| {
-            // The umask can only have removed bits; make it exactly 0700.
-            std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o700))?;
-            Ok(d)
-        })
-        .map_err(|source| UnixBindError::PrivateDir {
+    let private =
+        PrivateDir::create_in(parent, ".mgb").map_err(|source| UnixBindError::PrivateDir {
             path: path.to_path_buf(),
-            dir: parent.to_path_buf(),
             source,
         })?;
     let tmp = private.path().join("s");
