@@ -230,7 +230,7 @@ mod tests {
 
     fn route(authz: Arc<dyn Authz>) -> Option<Arc<StaticRoute>> {
         Some(Arc::new(StaticRoute {
-            forward: Endpoint::Tcp("127.0.0.1:1".into()),
+            forward: Endpoint::Tcp("127.0.0.1:1".parse().unwrap()),
             authz,
             expect: Expectation::default(),
         }))

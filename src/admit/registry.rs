@@ -648,7 +648,7 @@ mod tests {
             vm_uuid: vm,
             allow: Arc::new(Simple::new(DN)),
             allow_desc: format!("identity {DN}"),
-            forward: Endpoint::Tcp("127.0.0.1:1".into()),
+            forward: Endpoint::Tcp("127.0.0.1:1".parse().unwrap()),
             channels,
             ttl,
             listeners: vec![0],

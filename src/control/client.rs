@@ -21,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::types::{ApiErrorBody, IncomingRequest, IncomingResponse, MigrationView};
 use crate::creds::tls;
+use crate::net::{HostPort, HostPortError};
 
 /// Connecting to the daemon: local, or one LAN hop away.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -98,19 +99,12 @@ impl FromStr for ApiAddr {
             return Err(bad("expected unix:PATH or https://HOST:PORT"));
         };
         let rest = rest.trim_end_matches('/');
-        let Some((host, port)) = rest.rsplit_once(':') else {
-            return Err(bad("https:// needs HOST:PORT"));
-        };
-        if port.parse::<u16>().is_err() {
-            return Err(bad("the port is not a number from 0 to 65535"));
-        }
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(bad("https:// needs a host"));
-        }
+        let hp: HostPort = rest
+            .parse()
+            .map_err(|e: HostPortError| bad(&e.to_string()))?;
         Ok(ApiAddr::Tls {
             addr: rest.to_string(),
-            server_name: host.to_string(),
+            server_name: hp.host,
             x509_dir: PathBuf::new(),
         })
     }

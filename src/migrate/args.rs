@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::net::Endpoint;
+use crate::net::{Endpoint, HostPort};
 
 /// Default `--x509-dir`: the layout QEMU's `tls-creds-x509` reads, in the
 /// place the README's examples install it (QEMU's own default is
@@ -289,10 +289,11 @@ pub fn parse_size(s: &str) -> Result<u64, ValueError> {
     }
 }
 
-/// HOST of HOST:PORT (brackets of an IPv6 literal removed).
-pub(crate) fn host_of(addr: &str) -> &str {
-    let host = addr.rsplit_once(':').map_or(addr, |(h, _)| h);
-    host.trim_start_matches('[').trim_end_matches(']')
+/// HOST of HOST:PORT (brackets of an IPv6 literal removed); a string that
+/// is not HOST:PORT is returned whole, to fail where it is used.
+pub(crate) fn host_of(addr: &str) -> String {
+    addr.parse::<HostPort>()
+        .map_or_else(|_| addr.to_string(), |hp| hp.host)
 }
 
 #[cfg(test)]
@@ -303,7 +304,7 @@ mod tests {
     fn arguments_built_in_code_are_bounded_like_the_command_line() {
         let mut a = MigrateArgs::new("/q".into(), "/pki".into());
         a.target = Some("unix:/run/miggate/api.sock".into());
-        a.forward = Some(Endpoint::Tcp("127.0.0.1:1".into()));
+        a.forward = Some(Endpoint::Tcp("127.0.0.1:1".parse().unwrap()));
         a.check().unwrap();
         a.stall_timeout = u64::MAX;
         let e = a.check().unwrap_err().to_string();

@@ -23,6 +23,7 @@ use crate::creds::tls;
 use crate::gate::source::{self, LocalListener, LocalPeer, SourceConfig};
 use crate::net::private_dir::{PrivateDir, PrivateDirError};
 use crate::net::unix_bind::{self, Access};
+use crate::net::HostPort;
 use crate::outcome::{Ending, Record, Sink};
 
 /// How often the progress loop asks the daemon whether the target admitted
@@ -99,22 +100,15 @@ pub fn target_migration_settings(
 /// wildcard address is reached at the API's own host (or loopback when the
 /// API is a local socket).
 pub fn reachable(listen: &str, api: &ApiAddr) -> String {
-    let Some((host, port)) = listen.rsplit_once(':') else {
-        return listen.to_string();
+    let port = match listen.parse::<HostPort>() {
+        Ok(hp) if hp.is_wildcard() => hp.port,
+        _ => return listen.to_string(),
     };
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    let wildcard = matches!(bare, "0.0.0.0" | "::" | "");
-    if !wildcard {
-        return listen.to_string();
-    }
     let host = match api {
         ApiAddr::Unix(_) => Ipv4Addr::LOCALHOST.to_string(),
-        ApiAddr::Tls { addr, .. } => match addr.rsplit_once(':') {
-            Some((h, _)) => h.to_string(),
-            None => addr.clone(),
-        },
+        ApiAddr::Tls { server_name, .. } => server_name.clone(),
     };
-    format!("{host}:{port}")
+    HostPort { host, port }.to_string()
 }
 
 /// The local hop: a fresh directory (0700) that only miggate and the
@@ -246,7 +240,7 @@ impl Managed {
         let host = args
             .tls_hostname
             .clone()
-            .unwrap_or_else(|| host_of(&connect).to_string());
+            .unwrap_or_else(|| host_of(&connect));
         let server_name = match ServerName::try_from(host.clone()) {
             Ok(n) => n,
             Err(_) => {

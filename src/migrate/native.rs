@@ -24,6 +24,7 @@ use super::args::{host_of, MigrateArgs};
 use super::progress::Reporter;
 use crate::authz::{Authz, Decision, List, Simple};
 use crate::error::chain;
+use crate::net::HostPort;
 use crate::qmp::{MigrationParameters, Qmp, QmpError};
 
 pub const CREDS_ID: &str = "miggate-tls0";
@@ -195,22 +196,20 @@ impl Native {
             .migrate_incoming(&format!("tcp:{listen}"))
             .await
             .map_err(q)?;
-        let host = host_of(listen).to_string();
-        let port = match listen.rsplit_once(':').map(|(_, p)| p) {
-            Some("0") | None => {
+        let host = host_of(listen);
+        let port = match listen.parse::<HostPort>() {
+            Ok(hp) if hp.port != 0 => hp.port,
+            // Port 0 (or an address QEMU took that is not HOST:PORT): ask
+            // QEMU where it listens.
+            _ => {
                 let info = target.query_migrate().await.map_err(q)?;
-                info.raw["socket-address"][0]["port"]
+                let port = info.raw["socket-address"][0]["port"]
                     .as_str()
-                    .map(str::to_owned)
-                    .ok_or(NativeError::NoPort { raw: info.raw })?
+                    .and_then(|p| p.parse::<u16>().ok());
+                port.ok_or(NativeError::NoPort { raw: info.raw })?
             }
-            Some(p) => p.to_string(),
         };
-        let addr = if host.contains(':') {
-            format!("[{host}]:{port}")
-        } else {
-            format!("{host}:{port}")
-        };
+        let addr = HostPort { host, port };
         rep.step(&format!(
             "target QEMU at {}: TLS server with {} (verify-peer on), {authz}, listening on {addr}",
             path.display(),
@@ -221,7 +220,10 @@ impl Native {
         replace_object(src, tls_creds(&args.x509_dir, "client")?)
             .await
             .map_err(qs)?;
-        let tls_hostname = args.tls_hostname.clone().unwrap_or_else(|| host.clone());
+        let tls_hostname = args
+            .tls_hostname
+            .clone()
+            .unwrap_or_else(|| addr.host.clone());
         let params = MigrationParameters {
             tls_creds: Some(CREDS_ID.into()),
             tls_hostname: Some(tls_hostname.clone()),

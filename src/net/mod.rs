@@ -78,7 +78,7 @@ impl HostPort {
 /// A plain (local) endpoint: QEMU's `tcp:HOST:PORT` or `unix:PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
-    Tcp(String),
+    Tcp(HostPort),
     Unix(PathBuf),
 }
 
@@ -93,7 +93,7 @@ impl std::str::FromStr for Endpoint {
         }
         let addr = s.strip_prefix("tcp:").unwrap_or(s);
         match addr.parse::<HostPort>() {
-            Ok(_) => Ok(Endpoint::Tcp(addr.to_string())),
+            Ok(hp) => Ok(Endpoint::Tcp(hp)),
             Err(_) => Err(format!("{s:?} is not tcp:HOST:PORT or unix:PATH")),
         }
     }
@@ -119,7 +119,7 @@ impl Endpoint {
         let fut = async {
             match self {
                 Endpoint::Tcp(a) => {
-                    let s = tokio::net::TcpStream::connect(a).await?;
+                    let s = tokio::net::TcpStream::connect((a.host.as_str(), a.port)).await?;
                     tune(&s);
                     Ok(Plain::Tcp(s))
                 }

@@ -15,7 +15,7 @@ use miggate::admit::Expectation;
 use miggate::authz::AuthzConfig;
 use miggate::creds::{pki, tls};
 use miggate::gate::{source, target};
-use miggate::net::{unix_bind, Endpoint};
+use miggate::net::{unix_bind, Endpoint, HostPort};
 
 #[derive(Parser)]
 #[command(
@@ -374,9 +374,9 @@ async fn run_source(a: SourceArgs) -> Result<()> {
     let stall = stall(a.stall_timeout)?;
     let host = match &a.tls_hostname {
         Some(h) => h.clone(),
-        None => match a.connect.rsplit_once(':') {
-            Some((h, _)) => h.trim_start_matches('[').trim_end_matches(']').to_string(),
-            None => bail!("--connect {:?} is not HOST:PORT", a.connect),
+        None => match a.connect.parse::<HostPort>() {
+            Ok(hp) => hp.host,
+            Err(e) => bail!("--connect {e}"),
         },
     };
     let server_name = ServerName::try_from(host.clone())
@@ -387,7 +387,7 @@ async fn run_source(a: SourceArgs) -> Result<()> {
     }
     let listener = match &a.listen {
         Endpoint::Tcp(addr) => {
-            let sockaddr = tokio::net::lookup_host(addr)
+            let sockaddr = tokio::net::lookup_host((addr.host.as_str(), addr.port))
                 .await
                 .with_context(|| format!("cannot resolve {addr}"))?
                 .next()
