@@ -1,5 +1,6 @@
 //! The listeners: the target side (TLS in, plain out) and the source side
-//! (plain in, TLS out), and what they share: bounded reads.
+//! (plain in, TLS out), and what they share: bounded reads and the count
+//! of live main channels.
 
 pub mod source;
 pub mod target;
@@ -7,6 +8,7 @@ pub mod target;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::admit::{Refusal, StreamError};
@@ -70,4 +72,22 @@ where
     };
     buf.extend_from_slice(&chunk[..n]);
     Ok(())
+}
+
+/// Counts a main channel while it lives. The source gateway counts those
+/// whose TLS handshake with the target completed (multifd channels wait for
+/// one: see `source`); the target gateway counts those it forwarded.
+pub(crate) struct MainGuard(watch::Sender<usize>);
+
+impl MainGuard {
+    pub(crate) fn new(tx: &watch::Sender<usize>) -> Self {
+        tx.send_modify(|n| *n += 1);
+        MainGuard(tx.clone())
+    }
+}
+
+impl Drop for MainGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n -= 1);
+    }
 }

@@ -76,7 +76,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use super::read_until;
+use super::{read_until, MainGuard};
 use crate::admit::decide::sniff_decider;
 use crate::admit::ticket::Ticket;
 use crate::admit::{self, Refusal};
@@ -179,23 +179,6 @@ impl Drop for LocalListener {
         if let LocalListener::Unix { path, .. } = self {
             let _ = std::fs::remove_file(path);
         }
-    }
-}
-
-/// Counts this gateway's main channels whose TLS handshake with the target
-/// completed, while they live: see the module comment.
-struct MainGuard(watch::Sender<usize>);
-
-impl MainGuard {
-    fn new(tx: &watch::Sender<usize>) -> Self {
-        tx.send_modify(|n| *n += 1);
-        MainGuard(tx.clone())
-    }
-}
-
-impl Drop for MainGuard {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
     }
 }
 

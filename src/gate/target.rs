@@ -39,7 +39,7 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use super::read_more;
+use super::{read_more, MainGuard};
 // The static route is admission's policy; re-exported because a listener
 // is built with one.
 pub use crate::admit::decide::StaticRoute;
@@ -261,22 +261,6 @@ enum Failure {
 impl From<Refusal> for End {
     fn from(r: Refusal) -> Self {
         End::Refused(r)
-    }
-}
-
-/// Keeps the count of forwarded main channels while it lives.
-struct MainGuard(watch::Sender<usize>);
-
-impl MainGuard {
-    fn new(tx: &watch::Sender<usize>) -> Self {
-        tx.send_modify(|n| *n += 1);
-        MainGuard(tx.clone())
-    }
-}
-
-impl Drop for MainGuard {
-    fn drop(&mut self) {
-        self.0.send_modify(|n| *n -= 1);
     }
 }
 
