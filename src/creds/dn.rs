@@ -445,7 +445,7 @@ impl<'a> Der<'a> {
 #[cfg(test)]
 mod tests {
     //! Every expected string below was produced by libgnutls 3.7.9's
-    //! `gnutls_x509_crt_get_dn()` on the same DER (tests/dn_qemu.rs checks
+    //! `gnutls_x509_crt_get_dn()` on the same DER (crates/cli/tests/dn_qemu.rs checks
     //! the ordinary cases against QEMU itself).
     use super::*;
     use rcgen::{

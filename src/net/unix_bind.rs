@@ -7,8 +7,8 @@
 //! cannot change it safely for one call) and needs `unsafe`. Instead:
 //!
 //! ```text
-//! PARENT/.mgbXXXXXX/        fresh directory, 0700: nobody else can enter
-//! PARENT/.mgbXXXXXX/s       bind here, chmod MODE (and chown) in private
+//! PARENT/.mgbXXXXXXXX/      fresh directory, 0700: nobody else can enter
+//! PARENT/.mgbXXXXXXXX/s     bind here, chmod MODE (and chown) in private
 //! PARENT/NAME               link(2) (or rename(2) over a stale socket)
 //! ```
 //!

@@ -73,9 +73,10 @@
 //! Captured from 7.2: the source connects the main channel first, but the
 //! multifd init packets often reach the wire *before* the main channel's first
 //! byte. A 7.2 target takes the first accepted connection as the main channel
-//! (`migration_ioc_process_incoming()`; 8.0+ peeks at the magic instead), so a
-//! relay must sniff each connection on its own and connect the main channel to
-//! a 7.2 target first.
+//! (`migration_ioc_process_incoming()`; 8.0+ peeks at the magic instead, on a
+//! plain socket only), so a relay must sniff each connection on its own and
+//! connect the main channel to a 7.2 target first. With TLS every version
+//! takes the first completed handshake as main: see `gate::source`.
 //!
 //! Not recognised: the postcopy-preempt channel, which carries no magic in 7.2
 //! ([`SniffError::NotQemu`]); recent QEMU patches give it `POSTCOPY_MAGIC`,

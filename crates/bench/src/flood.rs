@@ -2,7 +2,7 @@
 //! network can make them: garbage bytes, TLS without a client certificate,
 //! a certificate from another CA, a denied DN, and clients that send a
 //! ClientHello and then stall mid-handshake. Used by the `miggate-flood`
-//! transport of the benchmark and by `tests/flood.rs`.
+//! transport of the benchmark and by `crates/cli/tests/flood.rs`.
 //!
 //! Connections come from loopback addresses other than 127.0.0.1
 //! (127.0.0.2 and up, which Linux routes to lo), so that the gateway's
