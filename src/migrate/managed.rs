@@ -106,7 +106,11 @@ pub fn reachable(listen: &str, api: &ApiAddr) -> String {
     };
     let host = match api {
         ApiAddr::Unix(_) => Ipv4Addr::LOCALHOST.to_string(),
-        ApiAddr::Tls { server_name, .. } => server_name.clone(),
+        // The host we connect to, which may differ from the name its
+        // certificate is checked for.
+        ApiAddr::Tls { addr, .. } => addr
+            .parse::<HostPort>()
+            .map_or_else(|_| addr.clone(), |api| api.host),
     };
     HostPort { host, port }.to_string()
 }
