@@ -71,10 +71,21 @@ async fn paused_guest_ram_arrives_intact_qemu72_to_qemu10() {
 /// Test 2: a running guest migrates live and keeps running on the destination.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_guest_keeps_running_after_migration() {
+    running_guest_through_gateways(Versions::Q72).await;
+}
+
+/// The upgrade case: a running guest leaves QEMU 7.2 for QEMU 10.0
+/// (machine type pc-i440fx-7.2) and keeps counting there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_guest_keeps_running_qemu72_to_qemu10() {
+    running_guest_through_gateways(Versions::Q72ToQ10).await;
+}
+
+async fn running_guest_through_gateways(versions: Versions) {
     let pki = pki();
     let pki = pki_dir(&pki);
     let opts = QemuOpts::new(Guest::RunningCounter, 64);
-    let (mut src, mut dst, port) = qemu_pair(&opts).await;
+    let (mut src, mut dst, port) = qemu_pair_with(&opts, versions, &[], None).await;
     src.assert_running_and_counting().await;
     let mut tgw = target_gateway(&pki, port, &["--allow-any-verified-peer"]).await;
     let sgw = source_gateway(&pki, &tgw.addr, &[]).await;
