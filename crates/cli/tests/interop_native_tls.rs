@@ -33,8 +33,8 @@ async fn qemu_native_tls_multifd_source_to_miggate_target_on_qemu10() {
 /// Known bug, for the step that fixes the product: with `return-path` and
 /// multifd, the migration completes and RAM arrives intact, but the target
 /// gateway records the main channel as `failed`, reason "source->target:
-/// Connection reset by peer" (QEMU 10.0.2: 4 runs in 4; 7.2: about 1 in
-/// 4). The source QEMU closes its main channel with records from the
+/// Connection reset by peer" (QEMU 10.0.2: 4 runs in 4; 7.2: 2 in 4).
+/// The source QEMU closes its main channel with records from the
 /// gateway still unread (the return path's last bytes or the close_notify
 /// sent when the target QEMU closed), so its kernel answers with RST, and
 /// the relay takes that reset on a channel whose target side had already
