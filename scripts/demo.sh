@@ -5,6 +5,6 @@
 # Extra arguments go to `miggate demo` (e.g. --multifd 2, --keep).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
+scripts/setup.sh --qemu10-optional
 cargo build --release --locked --quiet
 exec target/release/miggate demo "$@"

@@ -10,6 +10,51 @@ use tokio::io::AsyncWriteExt;
 /// QEMU native TLS source -> miggate target gateway -> plain target QEMU.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu_native_tls_source_to_miggate_target() {
+    qemu_native_tls_source_into_miggate_target(Versions::Q72, None, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_native_tls_source_to_miggate_target_on_qemu10() {
+    qemu_native_tls_source_into_miggate_target(Versions::Q10, None, false).await;
+}
+
+/// The same with multifd (2 channels): each channel is a TLS connection
+/// from QEMU's GnuTLS, admitted on its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_native_tls_multifd_source_to_miggate_target() {
+    qemu_native_tls_source_into_miggate_target(Versions::Q72, Some(2), false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_native_tls_multifd_source_to_miggate_target_on_qemu10() {
+    qemu_native_tls_source_into_miggate_target(Versions::Q10, Some(2), false).await;
+}
+
+/// Known bug, for the step that fixes the product: with `return-path` and
+/// multifd, the migration completes and RAM arrives intact, but the target
+/// gateway records the main channel as `failed`, reason "source->target:
+/// Connection reset by peer" (QEMU 10.0.2: 4 runs in 4; 7.2: 2 in 4).
+/// The source QEMU closes its main channel with records from the
+/// gateway still unread (the return path's last bytes or the close_notify
+/// sent when the target QEMU closed), so its kernel answers with RST, and
+/// the relay takes that reset on a channel whose target side had already
+/// ended cleanly for a failure. Without `return-path` (the tests above)
+/// every record says `completed`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: main channel recorded failed (reset by the source QEMU) after a completed migration"]
+async fn qemu_native_tls_multifd_return_path_source_to_miggate_target_on_qemu10() {
+    qemu_native_tls_source_into_miggate_target(Versions::Q10, Some(2), true).await;
+}
+
+/// QEMU with native TLS (and `multifd` channels if given) migrates into a
+/// miggate target gateway: both QEMUs complete, RAM arrives intact, and
+/// every channel's record says `completed` with the DN QEMU's GnuTLS
+/// presented.
+async fn qemu_native_tls_source_into_miggate_target(
+    versions: Versions,
+    multifd: Option<u8>,
+    return_path: bool,
+) {
     let pki = pki();
     let pki = pki_dir(&pki);
     let mut src_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 41 }, 128);
@@ -19,35 +64,60 @@ async fn qemu_native_tls_source_to_miggate_target() {
         authz_identity: None,
         priority: None,
     });
-    let (mut src, mut dst) = Qemu::pair(
-        src_opts.clone(),
-        QemuOpts::new(Guest::PausedRandomRam { seed: 41 }, 128).as_incoming(),
-    )
-    .await
-    .unwrap();
+    let mut dst_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 41 }, 128).as_incoming();
+    versions.apply(&mut src_opts, &mut dst_opts);
+    let (mut src, mut dst) = Qemu::pair(src_opts, dst_opts).await.unwrap();
     src.set_unlimited_bandwidth().await.unwrap();
     src.set_native_tls_parameters(Some("127.0.0.1"))
         .await
         .unwrap();
+    capabilities(&mut src, &mut dst, &[("return-path", return_path)]).await;
+    if let Some(n) = multifd {
+        capabilities(&mut src, &mut dst, &[("multifd", true)]).await;
+        for q in [&mut src, &mut dst] {
+            q.set_parameters(json!({ "multifd-channels": n }))
+                .await
+                .unwrap();
+        }
+    }
     let port = dst.migrate_incoming_any_port().await.unwrap();
     let mut tgw = target_gateway(&pki, port, &["--authz-identity", SOURCE_DN]).await;
     let hash = src.ram_sha256().await.unwrap();
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", tgw.addr)).await;
     assert_eq!(dst.ram_sha256().await.unwrap(), hash);
-    let rec = tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
-    assert_eq!(rec["outcome"], "completed", "{rec}");
-    // QEMU's GnuTLS renders the same DN miggate authorized.
-    assert_eq!(rec["peer.dn"], SOURCE_DN);
-    assert_eq!(rec["channel"], "main");
+    let channels = 1 + usize::from(multifd.unwrap_or(0));
+    let mut seen: Vec<String> = outcomes(&mut tgw, channels)
+        .await
+        .iter()
+        .map(|rec| {
+            assert_eq!(rec["outcome"], "completed", "{rec}");
+            // QEMU's GnuTLS renders the same DN miggate authorized.
+            assert_eq!(rec["peer.dn"], SOURCE_DN, "{rec}");
+            rec["channel"].as_str().unwrap_or("-").to_string()
+        })
+        .collect();
+    seen.sort();
+    let mut expected = vec!["main".to_string()];
+    expected.extend((0..multifd.unwrap_or(0)).map(|i| format!("multifd/{i}")));
+    assert_eq!(seen, expected);
 }
 
 /// miggate source gateway -> target QEMU with native TLS and tls-authz
 /// (authz-simple on the client DN): the allowed DN completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miggate_source_to_qemu_native_tls_target_allowed() {
+    miggate_source_into_qemu_native_tls_allowed(Versions::Q72).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miggate_source_to_qemu_native_tls_target_allowed_on_qemu10() {
+    miggate_source_into_qemu_native_tls_allowed(Versions::Q10).await;
+}
+
+async fn miggate_source_into_qemu_native_tls_allowed(versions: Versions) {
     let pki = pki();
     let pki = pki_dir(&pki);
-    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None, None).await;
+    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None, None, versions).await;
     let mut sgw = source_gateway(&pki, &format!("127.0.0.1:{tls_port}"), &[]).await;
     let hash = src.ram_sha256().await.unwrap();
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
@@ -64,7 +134,8 @@ async fn miggate_source_to_qemu_native_tls_target_allowed() {
 async fn miggate_source_key_updates_into_qemu_native_tls_target() {
     let pki = pki();
     let pki = pki_dir(&pki);
-    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None, None).await;
+    let (mut src, mut dst, tls_port) =
+        native_target(&pki, SOURCE_DN, None, None, Versions::Q72).await;
     src.set_parameters(json!({ "max-bandwidth": 64u64 << 20 }))
         .await
         .unwrap();
@@ -94,8 +165,14 @@ async fn miggate_source_key_updates_into_qemu_native_tls_target() {
 async fn rekeying_source_refuses_a_tls12_target_up_front() {
     let pki = pki();
     let pki = pki_dir(&pki);
-    let (mut src, _dst, tls_port) =
-        native_target(&pki, SOURCE_DN, Some("NORMAL:-VERS-TLS1.3"), None).await;
+    let (mut src, _dst, tls_port) = native_target(
+        &pki,
+        SOURCE_DN,
+        Some("NORMAL:-VERS-TLS1.3"),
+        None,
+        Versions::Q72,
+    )
+    .await;
     let mut sgw = source_gateway(
         &pki,
         &format!("127.0.0.1:{tls_port}"),
@@ -113,10 +190,25 @@ async fn rekeying_source_refuses_a_tls12_target_up_front() {
 /// ... and a DN the target QEMU's tls-authz does not allow fails on the source.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miggate_source_to_qemu_native_tls_target_denied() {
+    miggate_source_into_qemu_native_tls_denied(Versions::Q72).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miggate_source_to_qemu_native_tls_target_denied_on_qemu10() {
+    miggate_source_into_qemu_native_tls_denied(Versions::Q10).await;
+}
+
+async fn miggate_source_into_qemu_native_tls_denied(versions: Versions) {
     let pki = pki();
     let pki = pki_dir(&pki);
-    let (mut src, mut dst, tls_port) =
-        native_target(&pki, "O=miggate tests,CN=someone-else", None, None).await;
+    let (mut src, mut dst, tls_port) = native_target(
+        &pki,
+        "O=miggate tests,CN=someone-else",
+        None,
+        None,
+        versions,
+    )
+    .await;
     let mut sgw = source_gateway(&pki, &format!("127.0.0.1:{tls_port}"), &[]).await;
     let err = migrate_and_expect_failure(&mut src, &format!("tcp:{}", sgw.addr)).await;
     assert!(!err.is_empty(), "QEMU should describe the failure");
@@ -145,10 +237,15 @@ async fn miggate_source_to_qemu_native_tls_target_denied() {
 /// channel has sent its sync packet, so the main channel came last), about
 /// one run in four with it (the main channel's first bytes race the
 /// multifd channels').
-async fn miggate_source_multifd_into_qemu_native_tls(channels: u8, return_path: bool) {
+async fn miggate_source_multifd_into_qemu_native_tls(
+    channels: u8,
+    return_path: bool,
+    versions: Versions,
+) {
     let pki = pki();
     let pki = pki_dir(&pki);
-    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None, Some(channels)).await;
+    let (mut src, mut dst, tls_port) =
+        native_target(&pki, SOURCE_DN, None, Some(channels), versions).await;
     // The source decides: the target opens the return path when told to.
     src.set_capabilities(&[("return-path", return_path)])
         .await
@@ -177,12 +274,22 @@ async fn miggate_source_multifd_into_qemu_native_tls(channels: u8, return_path: 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miggate_source_multifd_2_into_qemu_native_tls_target_main_last() {
-    miggate_source_multifd_into_qemu_native_tls(2, false).await;
+    miggate_source_multifd_into_qemu_native_tls(2, false, Versions::Q72).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miggate_source_multifd_2_into_qemu_native_tls_target_main_last_on_qemu10() {
+    miggate_source_multifd_into_qemu_native_tls(2, false, Versions::Q10).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn miggate_source_multifd_4_into_qemu_native_tls_target_with_return_path() {
-    miggate_source_multifd_into_qemu_native_tls(4, true).await;
+    miggate_source_multifd_into_qemu_native_tls(4, true, Versions::Q72).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn miggate_source_multifd_4_into_qemu_native_tls_target_with_return_path_on_qemu10() {
+    miggate_source_multifd_into_qemu_native_tls(4, true, Versions::Q10).await;
 }
 
 /// A multifd channel whose main channel never comes is cut at the stall
@@ -194,7 +301,8 @@ async fn miggate_source_multifd_4_into_qemu_native_tls_target_with_return_path()
 async fn stray_multifd_channel_waits_for_a_main_channel_then_gives_up() {
     let pki = pki();
     let pki = pki_dir(&pki);
-    let (mut src, mut dst, tls_port) = native_target(&pki, SOURCE_DN, None, Some(2)).await;
+    let (mut src, mut dst, tls_port) =
+        native_target(&pki, SOURCE_DN, None, Some(2), Versions::Q72).await;
     let mut sgw = source_gateway(
         &pki,
         &format!("127.0.0.1:{tls_port}"),
@@ -235,15 +343,17 @@ fn multifd_init_packet(channel: u8) -> Vec<u8> {
 
 /// A paused source with random RAM and a target QEMU with native TLS that
 /// allows `allowed_dn` (and the GnuTLS `priority`, if any), with `multifd`
-/// channels if given; returns the target's TLS port.
+/// channels if given, on `versions`; returns the target's TLS port.
 async fn native_target(
     pki: &std::path::Path,
     allowed_dn: &str,
     priority: Option<&str>,
     multifd: Option<u8>,
+    versions: Versions,
 ) -> (Qemu, Qemu, u16) {
-    let opts = QemuOpts::new(Guest::PausedRandomRam { seed: 42 }, 128);
+    let mut opts = QemuOpts::new(Guest::PausedRandomRam { seed: 42 }, 128);
     let mut dst_opts = opts.as_incoming();
+    versions.apply(&mut opts, &mut dst_opts);
     dst_opts.tls = Some(NativeTls {
         dir: pki.to_path_buf(),
         endpoint: TlsEndpoint::Server,

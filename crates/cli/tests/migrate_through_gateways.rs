@@ -5,14 +5,13 @@ mod common;
 use common::qemu::{Guest, QemuExt, QemuOpts};
 use common::scenario::*;
 use serde_json::json;
+use std::time::Duration;
 
 /// Test 1: a paused guest with known random RAM; both ends complete and the
 /// destination's RAM equals the source's. Also migrates an identical pair
 /// directly, and prints both times (the figure for the notes).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paused_guest_ram_arrives_intact() {
-    let pki = pki();
-    let pki = pki_dir(&pki);
     let opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0x5eed }, 128);
 
     let (mut src, mut dst, port) = qemu_pair(&opts).await;
@@ -20,7 +19,17 @@ async fn paused_guest_ram_arrives_intact() {
     let direct = src.migration_duration().expect("direct migration duration");
     drop((src, dst));
 
-    let (mut src, mut dst, port) = qemu_pair(&opts).await;
+    let gated = paused_guest_through_gateways(&opts, Versions::Q72).await;
+    eprintln!("FIGURE test1 128 MiB paused guest: direct {direct:?}, through gateways {gated:?}");
+}
+
+/// Test 1's migration through both gateways on `versions`: RAM arrives
+/// bit-identical, the DN is checked, both gateways record `completed`.
+/// Returns the migration's duration.
+async fn paused_guest_through_gateways(opts: &QemuOpts, versions: Versions) -> Duration {
+    let pki = pki();
+    let pki = pki_dir(&pki);
+    let (mut src, mut dst, port) = qemu_pair_with(opts, versions, &[], None).await;
     let mut tgw = target_gateway(&pki, port, &["--authz-identity", SOURCE_DN]).await;
     let mut sgw = source_gateway(&pki, &tgw.addr, &[]).await;
     let src_hash = src.ram_sha256().await.unwrap();
@@ -44,17 +53,39 @@ async fn paused_guest_ram_arrives_intact() {
     assert!(t["bytes_sent"].as_u64().unwrap() > 128 << 20, "{t}");
     let s = outcomes(&mut sgw, 1).await.remove(0);
     assert_eq!(s["outcome"], "completed", "{s}");
+    gated
+}
 
-    eprintln!("FIGURE test1 128 MiB paused guest: direct {direct:?}, through gateways {gated:?}");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_guest_ram_arrives_intact_on_qemu10() {
+    let opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0x5eed }, 128);
+    paused_guest_through_gateways(&opts, Versions::Q10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_guest_ram_arrives_intact_qemu72_to_qemu10() {
+    let opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0x5eed }, 128);
+    paused_guest_through_gateways(&opts, Versions::Q72ToQ10).await;
 }
 
 /// Test 2: a running guest migrates live and keeps running on the destination.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn running_guest_keeps_running_after_migration() {
+    running_guest_through_gateways(Versions::Q72).await;
+}
+
+/// The upgrade case: a running guest leaves QEMU 7.2 for QEMU 10.0
+/// (machine type pc-i440fx-7.2) and keeps counting there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_guest_keeps_running_qemu72_to_qemu10() {
+    running_guest_through_gateways(Versions::Q72ToQ10).await;
+}
+
+async fn running_guest_through_gateways(versions: Versions) {
     let pki = pki();
     let pki = pki_dir(&pki);
     let opts = QemuOpts::new(Guest::RunningCounter, 64);
-    let (mut src, mut dst, port) = qemu_pair(&opts).await;
+    let (mut src, mut dst, port) = qemu_pair_with(&opts, versions, &[], None).await;
     src.assert_running_and_counting().await;
     let mut tgw = target_gateway(&pki, port, &["--allow-any-verified-peer"]).await;
     let sgw = source_gateway(&pki, &tgw.addr, &[]).await;
@@ -69,20 +100,27 @@ async fn running_guest_keeps_running_after_migration() {
 /// checked on every channel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multifd_four_channels_with_uuid_check() {
+    multifd_four_channels(Versions::Q72).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multifd_four_channels_with_uuid_check_on_qemu10() {
+    multifd_four_channels(Versions::Q10).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multifd_four_channels_with_uuid_check_qemu72_to_qemu10() {
+    multifd_four_channels(Versions::Q72ToQ10).await;
+}
+
+async fn multifd_four_channels(versions: Versions) {
     let pki = pki();
     let pki = pki_dir(&pki);
     let uuid = uuid::Uuid::from_u128(0x5eed_0000_0000_4000_8000_0000_0000_0003);
     let mut opts = QemuOpts::new(Guest::PausedRandomRam { seed: 3 }, 128);
     opts.uuid = Some(uuid);
-    let (mut src, mut dst, port) = qemu_pair(&opts).await;
     let caps = [("multifd", true), ("validate-uuid", true)];
-    capabilities(&mut src, &mut dst, &caps).await;
-    src.set_parameters(json!({ "multifd-channels": 4 }))
-        .await
-        .unwrap();
-    dst.set_parameters(json!({ "multifd-channels": 4 }))
-        .await
-        .unwrap();
+    let (mut src, mut dst, port) = qemu_pair_with(&opts, versions, &caps, Some(4)).await;
     let uuid_s = uuid.to_string();
     let mut tgw = checking_target_gateway(&pki, port, uuid).await;
     let sgw = source_gateway(&pki, &tgw.addr, &[]).await;

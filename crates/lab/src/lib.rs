@@ -28,7 +28,7 @@ pub use guest::{default_cache_dir, random_ram_file};
 pub use launch::{split_host_port, Daemon, DaemonOpts, Gateway, Miggate};
 pub use qemu::{
     accel, file_sha256, kvm_available, qemu_binary, sha256_hex, zero_sha256, Accel, Guest,
-    NativeTls, Qemu, QemuOpts, TlsEndpoint, UNLIMITED_BANDWIDTH,
+    NativeTls, Qemu, QemuOpts, QemuVersion, TlsEndpoint, UNLIMITED_BANDWIDTH,
 };
 
 /// How to get QEMU on the Debian machines this project targets.
@@ -40,6 +40,8 @@ pub const INSTALL_QEMU: &str = "apt-get install --no-install-recommends qemu-sys
 pub enum LabError {
     #[error("qemu-system-x86_64 not found in PATH, /usr/bin or /usr/local/bin (or $QEMU_SYSTEM_X86_64): install it with 'sudo {INSTALL_QEMU}'")]
     QemuMissing,
+    #[error("QEMU 10.0 not found ({}): run scripts/setup.sh, which unpacks Debian's bookworm-backports qemu-system-x86 10.0 there (or set $MIGGATE_QEMU10_DIR to where it is)", binary.display())]
+    Qemu10Missing { binary: PathBuf },
     #[error("cannot start {}: {source}", binary.display())]
     Spawn {
         binary: PathBuf,

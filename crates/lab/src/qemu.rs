@@ -59,6 +59,66 @@ pub fn qemu_binary() -> Result<PathBuf, LabError> {
     Err(LabError::QemuMissing)
 }
 
+/// Where `scripts/setup.sh` unpacks QEMU 10.0 (Debian's bookworm-backports
+/// `qemu-system-x86`, `-common`, `-data` under `root/`); the same variable
+/// as the script's overrides it.
+pub const QEMU_10_DIR: &str = "/opt/miggate/qemu-10.0";
+pub const QEMU_10_DIR_ENV: &str = "MIGGATE_QEMU10_DIR";
+
+/// Which QEMU runs a VM. A migration's two sides may differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum QemuVersion {
+    /// The system's, from [`qemu_binary`]: QEMU 7.2 on Debian 12.
+    #[default]
+    System,
+    /// QEMU 10.0 as `scripts/setup.sh` unpacks it into [`QEMU_10_DIR`].
+    V10_0,
+}
+
+impl QemuVersion {
+    /// The binary and the arguments it needs before any other.
+    ///
+    /// An unpacked QEMU's compiled-in data directory is the system's
+    /// `/usr/share/qemu` (7.2's option ROMs), so the lab puts its own data
+    /// first with `-L`, then SeaBIOS (the Debian package links
+    /// `bios-256k.bin` there, and `dpkg -x` leaves that link dangling).
+    /// Done here rather than by a wrapper script: the arguments show in
+    /// every [`LabError::EarlyExit`], and there is nothing to install
+    /// besides the unpacked tree.
+    pub fn command(self) -> Result<(PathBuf, Vec<String>), LabError> {
+        match self {
+            QemuVersion::System => Ok((qemu_binary()?, Vec::new())),
+            QemuVersion::V10_0 => {
+                let dir = std::env::var_os(QEMU_10_DIR_ENV)
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from(QEMU_10_DIR));
+                let root = dir.join("root");
+                let binary = root.join("usr/bin/qemu-system-x86_64");
+                if !binary.is_file() {
+                    return Err(LabError::Qemu10Missing { binary });
+                }
+                let data = root.join("usr/share/qemu");
+                let args = vec![
+                    "-L".into(),
+                    data.display().to_string(),
+                    "-L".into(),
+                    "/usr/share/seabios".into(),
+                ];
+                Ok((binary, args))
+            }
+        }
+    }
+}
+
+impl fmt::Display for QemuVersion {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            QemuVersion::System => "system QEMU",
+            QemuVersion::V10_0 => "QEMU 10.0",
+        })
+    }
+}
+
 /// Whether /dev/kvm can be opened read-write.
 pub fn kvm_available() -> bool {
     OpenOptions::new()
@@ -158,6 +218,12 @@ pub struct QemuOpts {
     pub accel: Option<Accel>,
     /// Where random RAM files are cached; None: [`guest::default_cache_dir`].
     pub ram_cache: Option<PathBuf>,
+    /// Which QEMU binary runs this VM.
+    pub qemu: QemuVersion,
+    /// Machine type of a PC guest (`-machine`); None: `pc`, the binary's
+    /// newest. Across versions both sides need the older one, e.g.
+    /// `pc-i440fx-7.2`.
+    pub machine: Option<String>,
     pub extra_args: Vec<String>,
 }
 
@@ -171,6 +237,8 @@ impl Default for QemuOpts {
             tls: None,
             accel: None,
             ram_cache: None,
+            qemu: QemuVersion::System,
+            machine: None,
             extra_args: Vec::new(),
         }
     }
@@ -250,7 +318,7 @@ impl Qemu {
     }
 
     pub async fn spawn(opts: QemuOpts) -> Result<Qemu, LabError> {
-        let binary = qemu_binary()?;
+        let (binary, mut args) = opts.qemu.command()?;
         let accel = match opts.accel {
             Some(a) => a,
             None => accel()?,
@@ -264,7 +332,11 @@ impl Qemu {
         let ram = format!("{}M", opts.ram_mib);
         let ram_bytes = u64::from(opts.ram_mib) << 20;
 
-        let mut args: Vec<String> = vec![
+        let machine = format!(
+            "{},memory-backend=ram0",
+            opts.machine.as_deref().unwrap_or("pc")
+        );
+        let common: Vec<String> = vec![
             "-nodefaults".into(),
             "-no-user-config".into(),
             "-display".into(),
@@ -276,6 +348,7 @@ impl Qemu {
             "-m".into(),
             ram.clone(),
         ];
+        args.extend(common);
         let mut push = |a: &[&str]| args.extend(a.iter().map(|s| s.to_string()));
         match opts.guest {
             Guest::PausedRandomRam { seed } => {
@@ -300,7 +373,7 @@ impl Qemu {
                         file.display()
                     )
                 };
-                push(&["-object", &backend, "-machine", "pc,memory-backend=ram0"]);
+                push(&["-object", &backend, "-machine", &machine]);
                 push(&["-S"]);
             }
             Guest::RunningCounter => {
@@ -313,7 +386,7 @@ impl Qemu {
                     "-object",
                     &format!("memory-backend-ram,id=ram0,size={ram}"),
                     "-machine",
-                    "pc,memory-backend=ram0",
+                    &machine,
                     "-drive",
                     &format!("file={},format=raw,if=ide,index=0", disk.display()),
                     "-boot",

@@ -8,7 +8,7 @@ use std::time::Duration;
 pub use miggate_lab::qemu::{TLS_AUTHZ_ID, TLS_CREDS_ID};
 pub use miggate_lab::{
     accel, file_sha256, kvm_available, qemu_binary, sha256_hex, zero_sha256, Guest, NativeTls,
-    Qemu, QemuOpts, TlsEndpoint,
+    Qemu, QemuOpts, QemuVersion, TlsEndpoint,
 };
 
 /// Time a running guest gets to show its counter moving. Generous: SeaBIOS
