@@ -151,13 +151,28 @@ where
     .await
 }
 
+/// Which side of a pump failed: reading its source or writing its sink.
+#[derive(Debug)]
+enum PumpError {
+    Read(std::io::Error),
+    Write(std::io::Error),
+}
+
+impl PumpError {
+    fn into_io(self) -> std::io::Error {
+        match self {
+            PumpError::Read(e) | PumpError::Write(e) => e,
+        }
+    }
+}
+
 async fn pump<R, W>(
     mut r: R,
     mut w: W,
     close: Close,
     count: &AtomicU64,
     act: &Activity,
-) -> std::io::Result<()>
+) -> Result<(), PumpError>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -175,7 +190,7 @@ where
             biased;
             r = read_available(&mut r, &mut buf, &mut deferred) => r,
             r = w.flush(), if unflushed => {
-                r?;
+                r.map_err(PumpError::Write)?;
                 unflushed = false;
                 continue;
             }
@@ -188,28 +203,28 @@ where
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => match close {
                 Close::AnyEof => break,
                 Close::CloseNotify { peer } => {
-                    return Err(std::io::Error::new(
+                    return Err(PumpError::Read(std::io::Error::new(
                         std::io::ErrorKind::UnexpectedEof,
                         format!("the {peer}'s TLS stream was cut without close_notify"),
-                    ))
+                    )))
                 }
             },
-            Err(e) => return Err(e),
+            Err(e) => return Err(PumpError::Read(e)),
         };
         act.touch();
-        w.write_all(&buf[..n]).await?;
+        w.write_all(&buf[..n]).await.map_err(PumpError::Write)?;
         unflushed = true;
         count.fetch_add(n as u64, Ordering::Relaxed);
         act.touch();
     }
-    w.flush().await?;
-    w.shutdown().await
+    w.flush().await.map_err(PumpError::Write)?;
+    w.shutdown().await.map_err(PumpError::Write)
 }
 
-/// A reset from `b` once everything towards `b` was delivered and closed is
-/// how QEMU says goodbye (it closes its socket with our close_notify, or a
-/// multifd channel's last bytes, unread): an ending. Before that, or on
-/// the way towards `b`, it is a failure.
+/// A reset from a peer once everything towards it was delivered and closed
+/// is how QEMU says goodbye (it closes its socket with our close_notify, the
+/// return path's last bytes, or a multifd channel's last bytes, unread): an
+/// ending. Before that it is a failure.
 fn ending(r: std::io::Result<()>, other_done: bool) -> std::io::Result<()> {
     use std::io::ErrorKind::{BrokenPipe, ConnectionReset};
     match r {
@@ -248,13 +263,19 @@ where
         tokio::select! {
             r = &mut fwd, if !fwd_done => {
                 fwd_done = true;
-                // Data towards `b` that `b` refused (it had closed and
-                // resets what we still send): a failure, never a goodbye.
+                let r = match r {
+                    // `a` reset once our side towards it had ended: see `ending`.
+                    Err(PumpError::Read(e)) => ending(Err(e), back_done),
+                    // Data towards `b` that `b` refused (it had closed and
+                    // resets what we still send): a failure, never a goodbye.
+                    r => r.map_err(PumpError::into_io),
+                };
                 r.map_err(|source| RelayError::Io { direction: names.0, source })?;
             }
             r = &mut back, if !back_done => {
                 back_done = true;
-                ending(r, fwd_done).map_err(|source| RelayError::Io { direction: names.1, source })?;
+                ending(r.map_err(PumpError::into_io), fwd_done)
+                    .map_err(|source| RelayError::Io { direction: names.1, source })?;
             }
             _ = tokio::time::sleep_until(deadline) => {
                 if act.last() + stall <= Instant::now() {
@@ -335,7 +356,8 @@ mod tests {
         let strict = Close::tls_peer(true, "source");
         let err = pump(cut(), tokio::io::sink(), strict, &count, &act)
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .into_io();
         assert_eq!(
             err.to_string(),
             "the source's TLS stream was cut without close_notify"
@@ -347,6 +369,94 @@ mod tests {
         pump(clean, tokio::io::sink(), strict, &count, &act)
             .await
             .unwrap();
+    }
+
+    /// A peer that answers our last bytes with a reset: reads fail once its
+    /// write side was shut down by us (or at once), writes succeed.
+    struct ResetsAfterOurClose {
+        shut: bool,
+        waker: Option<std::task::Waker>,
+    }
+
+    impl AsyncRead for ResetsAfterOurClose {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if self.shut {
+                return Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+            }
+            self.waker = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    impl AsyncWrite for ResetsAfterOurClose {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            mut self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            self.shut = true;
+            if let Some(w) = self.waker.take() {
+                w.wake();
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// QEMU's native TLS source closes its main channel with our last
+    /// records (the return path's, our close_notify) unread: its reset
+    /// after the target side ended is a goodbye; a reset before is not.
+    #[tokio::test]
+    async fn a_reset_from_the_source_after_the_target_ended_is_an_ending() {
+        let (b, server) = duplex(64);
+        drop(server); // the target QEMU has finished and closed
+        let a = ResetsAfterOurClose {
+            shut: false,
+            waker: None,
+        };
+        let closes = (Close::AnyEof, Close::AnyEof);
+        relay(
+            a,
+            b,
+            ("a->b", "b->a"),
+            closes,
+            Duration::from_secs(5),
+            Arc::default(),
+        )
+        .await
+        .unwrap();
+
+        let (b, _server) = duplex(64); // the target is still there
+        let a = ResetsAfterOurClose {
+            shut: true,
+            waker: None,
+        };
+        let err = relay(
+            a,
+            b,
+            ("a->b", "b->a"),
+            closes,
+            Duration::from_secs(5),
+            Arc::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().starts_with("a->b: "), "{err}");
     }
 
     #[tokio::test]
