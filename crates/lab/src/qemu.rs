@@ -18,7 +18,7 @@ use tokio::process::{Child, Command};
 use uuid::Uuid;
 
 use super::{guest, LabError};
-use miggate::qmp::{MigrationInfo, Qmp, QmpError};
+use miggate::qmp::{MigrationInfo, MigrationParameters, Qmp, QmpError};
 
 /// `max-bandwidth` that lifts QEMU's default cap (32 MiB/s in 7.2), so that
 /// a timing measures the transport rather than the throttle: the value
@@ -272,13 +272,9 @@ impl QemuOpts {
     }
 }
 
-/// The arguments of `migrate-set-capabilities`, built in this one place.
+/// The arguments of `migrate-set-capabilities` (the product's builder).
 pub fn capabilities(caps: &[(&str, bool)]) -> Value {
-    let caps: Vec<Value> = caps
-        .iter()
-        .map(|(c, on)| json!({"capability": c, "state": on}))
-        .collect();
-    json!({ "capabilities": caps })
+    miggate::qmp::capabilities_args(caps.iter().copied())
 }
 
 pub const TLS_CREDS_ID: &str = "tls0";
@@ -544,19 +540,44 @@ impl Qemu {
     }
 
     pub async fn set_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<(), LabError> {
-        self.cmd("migrate-set-capabilities", capabilities(caps))
-            .await
-            .map(drop)
+        match self.qmp.set_capabilities(caps.iter().copied()).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.qmp_err(format!("migrate-set-capabilities {caps:?}"), e)),
+        }
     }
 
+    /// `migrate-set-parameters` with the members of `params` (a JSON object,
+    /// as the tests write them).
     pub async fn set_parameters(&mut self, params: Value) -> Result<(), LabError> {
-        self.cmd("migrate-set-parameters", params).await.map(drop)
+        let Value::Object(other) = params else {
+            return Err(
+                self.unexpected(format!("migration parameters must be an object: {params}"))
+            );
+        };
+        self.set_typed_parameters(&MigrationParameters {
+            other,
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn set_typed_parameters(
+        &mut self,
+        params: &MigrationParameters,
+    ) -> Result<(), LabError> {
+        match self.qmp.set_parameters(params).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.qmp_err(format!("migrate-set-parameters {params:?}"), e)),
+        }
     }
 
     /// Lifts QEMU's default bandwidth cap.
     pub async fn set_unlimited_bandwidth(&mut self) -> Result<(), LabError> {
-        self.set_parameters(json!({ "max-bandwidth": UNLIMITED_BANDWIDTH }))
-            .await
+        self.set_typed_parameters(&MigrationParameters {
+            max_bandwidth: Some(UNLIMITED_BANDWIDTH),
+            ..Default::default()
+        })
+        .await
     }
 
     /// Points migration at the `NativeTls` objects: tls-creds, plus
@@ -582,9 +603,10 @@ impl Qemu {
     }
 
     pub async fn migrate_incoming(&mut self, uri: &str) -> Result<(), LabError> {
-        self.cmd("migrate-incoming", json!({ "uri": uri }))
-            .await
-            .map(drop)
+        match self.qmp.migrate_incoming(uri).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.qmp_err(format!("migrate-incoming {uri}"), e)),
+        }
     }
 
     /// `migrate-incoming tcp:127.0.0.1:0` and returns the port QEMU bound.
@@ -602,7 +624,10 @@ impl Qemu {
     pub async fn migrate(&mut self, uri: &str) -> Result<(), LabError> {
         self.migrate_started = Some(SystemTime::now());
         self.migration_ended = None;
-        self.cmd("migrate", json!({ "uri": uri })).await.map(drop)
+        match self.qmp.migrate(uri).await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.qmp_err(format!("migrate {uri}"), e)),
+        }
     }
 
     /// Wall time of the last outgoing migration: from the `migrate` call to
