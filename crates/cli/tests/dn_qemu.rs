@@ -14,21 +14,22 @@
 //! Certificates come from the openssl CLI (and certtool for a value that is
 //! not a string, which openssl cannot write); the TLS client is gnutls-cli.
 
-use std::collections::VecDeque;
+mod common;
+
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{channel, Receiver, Sender};
-use std::thread;
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::qemu::{NativeTls, Qemu, QemuOpts, TlsEndpoint, TLS_AUTHZ_ID};
 use miggate::creds::dn::subject_dn;
-use serde_json::{json, Value};
+use serde_json::json;
 
-const QEMU: &str = "qemu-system-x86_64";
+/// How long QEMU may take to decide about one TLS client.
 const STEP: Duration = Duration::from_secs(30);
+/// Period of the stderr polls while awaiting a decision (see
+/// `Target::await_decision`).
+const POLL: Duration = Duration::from_millis(20);
 
 /// One client certificate to probe, and the DN we expect for it.
 struct Case {
@@ -107,8 +108,8 @@ const CASES: &[Case] = &[
     },
 ];
 
-#[test]
-fn qemu_authorizes_exactly_our_dn() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_authorizes_exactly_our_dn() {
     require_tools();
     let pki = Pki::new();
     let certs: Vec<(&Case, PathBuf, String)> = CASES
@@ -124,32 +125,32 @@ fn qemu_authorizes_exactly_our_dn() {
         .collect();
 
     // Wrong strings are denied, and QEMU reports computing exactly ours.
-    let mut qemu = Qemu::start(pki.dir());
-    let port = qemu.listen();
+    let mut target = Target::start(pki.dir(), "CN=replaced before each probe").await;
     for (case, cert, ours) in &certs {
-        qemu.set_authz(&wrong_variant(ours));
-        match qemu.probe(port, &pki, cert) {
+        target.set_authz(&wrong_variant(ours)).await;
+        match target.probe(pki.dir(), cert).await {
             Decision::Denied(reported) => assert_eq!(&reported, ours, "{}", case.label),
             Decision::Allowed => panic!("{}: QEMU allowed a wrong DN", case.label),
         }
     }
-    drop(qemu);
+    drop(target);
 
     // Our exact string is allowed (one target each, started side by side).
-    thread::scope(|s| {
-        for (case, cert, ours) in &certs {
-            let pki = &pki;
-            s.spawn(move || {
-                let mut qemu = Qemu::start(pki.dir());
-                qemu.set_authz(ours);
-                let port = qemu.listen();
-                match qemu.probe(port, pki, cert) {
-                    Decision::Allowed => eprintln!("QEMU allowed {:40} {ours}", case.label),
-                    Decision::Denied(dn) => panic!("{}: QEMU denied; it computed {dn}", case.label),
-                }
-            });
-        }
-    });
+    let mut probes = tokio::task::JoinSet::new();
+    for (case, cert, ours) in &certs {
+        let (label, dir, cert, ours) =
+            (case.label, pki.dir().to_owned(), cert.clone(), ours.clone());
+        probes.spawn(async move {
+            let mut target = Target::start(&dir, &ours).await;
+            match target.probe(&dir, &cert).await {
+                Decision::Allowed => eprintln!("QEMU allowed {label:40} {ours}"),
+                Decision::Denied(dn) => panic!("{label}: QEMU denied; it computed {dn}"),
+            }
+        });
+    }
+    while let Some(done) = probes.join_next().await {
+        done.unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    }
 }
 
 /// The RDNs in reverse (what `certtool -i` prints), or, for a single RDN,
@@ -184,10 +185,6 @@ fn require_tools() {
             .status()
             .is_ok()
     };
-    assert!(
-        ok(QEMU, "--version"),
-        "{QEMU} not found: apt-get install --no-install-recommends qemu-system-x86"
-    );
     assert!(
         ok("openssl", "version"),
         "openssl not found: apt-get install openssl"
@@ -336,182 +333,109 @@ enum Decision {
     Denied(String),
 }
 
-/// Everything a QEMU says: QMP messages and stderr lines, in arrival order.
-enum Said {
-    Qmp(Value),
-    Stderr(String),
+/// A lab QEMU (`-machine none`, `-incoming defer`) listening for a native
+/// TLS migration with tls-authz, and how much of its stderr has been read.
+struct Target {
+    qemu: Qemu,
+    /// The TLS migration listener's.
+    port: u16,
+    /// Bytes of the stderr log already looked at by `denial_on_stderr`.
+    stderr_read: usize,
 }
 
-/// A paused `-incoming defer` QEMU driven over QMP; killed on drop.
-struct Qemu {
-    child: Child,
-    qmp: UnixStream,
-    said: Receiver<Said>,
-    events: VecDeque<Value>,
-    stderr: Vec<String>,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn forward<R: std::io::Read + Send + 'static>(r: R, tx: Sender<Said>, qmp: bool) {
-    thread::spawn(move || {
-        for line in BufReader::new(r).lines().map_while(Result::ok) {
-            let msg = match qmp {
-                true => Said::Qmp(serde_json::from_str(&line).expect("QMP sends JSON lines")),
-                false => Said::Stderr(line),
-            };
-            if tx.send(msg).is_err() {
-                break;
-            }
-        }
-    });
-}
-
-impl Qemu {
-    fn start(pki: &Path) -> Qemu {
-        let dir = tempfile::tempdir().unwrap();
-        let sock = dir.path().join("qmp.sock");
-        let creds = format!(
-            "tls-creds-x509,id=tls0,dir={},endpoint=server,verify-peer=on",
-            pki.display()
-        );
-        let mut child = Command::new(QEMU)
-            .args(["-machine", "none", "-nodefaults", "-display", "none", "-S"])
-            .args(["-incoming", "defer", "-object", &creds, "-qmp"])
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("{QEMU}: {e}"));
-        let (tx, said) = channel();
-        forward(child.stderr.take().unwrap(), tx.clone(), false);
-        let deadline = Instant::now() + STEP;
-        let qmp = loop {
-            match UnixStream::connect(&sock) {
-                Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => {
-                    if let Some(status) = child.try_wait().unwrap() {
-                        panic!("{QEMU} exited early: {status}");
-                    }
-                    thread::sleep(Duration::from_millis(20)); // wait for the socket file
-                }
-                Err(e) => panic!("QMP socket {sock:?}: {e}"),
-            }
-        };
-        forward(qmp.try_clone().unwrap(), tx, true);
-        let mut q = Qemu {
-            child,
-            qmp,
-            said,
-            events: VecDeque::new(),
-            stderr: Vec::new(),
-            _dir: dir,
-        };
-        q.next(Instant::now() + STEP); // greeting
-        q.ok(json!({"execute": "qmp_capabilities"}));
-        q.ok(json!({"execute": "migrate-set-capabilities",
-                    "arguments": miggate_lab::qemu::capabilities(&[("events", true)])}));
-        q
-    }
-
-    fn next(&mut self, deadline: Instant) -> Said {
-        let left = deadline.saturating_duration_since(Instant::now());
-        self.said
-            .recv_timeout(left)
-            .unwrap_or_else(|e| panic!("QEMU said nothing ({e}); stderr so far: {:?}", self.stderr))
-    }
-
-    fn cmd(&mut self, cmd: Value) -> Value {
-        writeln!(self.qmp, "{cmd}").unwrap();
-        let deadline = Instant::now() + STEP;
-        loop {
-            match self.next(deadline) {
-                Said::Qmp(m) if m.get("event").is_some() => self.events.push_back(m),
-                Said::Qmp(m) => return m,
-                Said::Stderr(line) => self.stderr.push(line),
-            }
+impl Target {
+    async fn start(pki: &Path, identity: &str) -> Target {
+        let mut opts = QemuOpts::default().as_incoming();
+        opts.tls = Some(NativeTls {
+            dir: pki.to_owned(),
+            endpoint: TlsEndpoint::Server,
+            authz_identity: Some(identity.to_owned()),
+            priority: None,
+        });
+        let mut qemu = Qemu::spawn(opts).await.unwrap();
+        qemu.set_native_tls_parameters(None).await.unwrap();
+        let port = qemu.migrate_incoming_any_port().await.unwrap();
+        Target {
+            qemu,
+            port,
+            stderr_read: 0,
         }
     }
 
-    fn ok(&mut self, cmd: Value) -> Value {
-        let reply = self.cmd(cmd.clone());
-        reply
-            .get("return")
-            .cloned()
-            .unwrap_or_else(|| panic!("{cmd} -> {reply}"))
+    /// Replaces the authz-simple object: QEMU looks tls-authz up at each use.
+    async fn set_authz(&mut self, identity: &str) {
+        self.qemu
+            .cmd("object-del", json!({ "id": TLS_AUTHZ_ID }))
+            .await
+            .unwrap();
+        self.qemu
+            .cmd(
+                "object-add",
+                json!({"qom-type": "authz-simple", "id": TLS_AUTHZ_ID, "identity": identity}),
+            )
+            .await
+            .unwrap();
     }
 
-    /// Replaces authz-simple `auth0`: QEMU looks tls-authz up at each use.
-    fn set_authz(&mut self, identity: &str) {
-        self.cmd(json!({"execute": "object-del", "arguments": {"id": "auth0"}}));
-        self.ok(json!({"execute": "object-add", "arguments":
-            {"qom-type": "authz-simple", "id": "auth0", "identity": identity}}));
-    }
-
-    /// Starts the TLS incoming listener on an ephemeral port.
-    fn listen(&mut self) -> u16 {
-        self.ok(json!({"execute": "migrate-set-parameters",
-                       "arguments": {"tls-creds": "tls0", "tls-authz": "auth0"}}));
-        self.ok(json!({"execute": "migrate-incoming", "arguments": {"uri": "tcp:127.0.0.1:0"}}));
-        let info = self.ok(json!({"execute": "query-migrate"}));
-        let port = &info["socket-address"][0]["port"];
-        port.as_str()
-            .map(str::to_owned)
-            .unwrap_or_else(|| port.to_string())
-            .parse()
-            .unwrap_or_else(|_| panic!("no port in {info}"))
-    }
-
-    /// Connects with `cert` and waits for QEMU's verdict.
-    fn probe(&mut self, port: u16, pki: &Pki, cert: &Path) -> Decision {
-        let mut client = Command::new("gnutls-cli")
-            .current_dir(pki.dir())
-            .args([
-                "--x509cafile",
-                "ca-cert.pem",
-                "--x509keyfile",
-                "client-key.pem",
-            ])
+    /// Connects gnutls-cli with `cert` and awaits QEMU's verdict.
+    async fn probe(&mut self, pki: &Path, cert: &Path) -> Decision {
+        let mut client = tokio::process::Command::new("gnutls-cli")
+            .current_dir(pki)
+            .args(["--x509cafile", "ca-cert.pem"])
+            .args(["--x509keyfile", "client-key.pem"])
             .arg("--x509certfile")
             .arg(cert)
-            .args(["-p", &port.to_string(), "127.0.0.1"])
+            .args(["-p", &self.port.to_string(), "127.0.0.1"])
             .stdin(Stdio::piped()) // held open: EOF would end the session
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .kill_on_drop(true)
             .spawn()
             .expect("gnutls-cli");
-        let decision = self.await_decision();
-        let _ = client.kill();
-        let _ = client.wait();
+        let decision = self.await_decision().await;
+        let _ = client.kill().await;
         decision
     }
 
-    fn await_decision(&mut self) -> Decision {
-        let deadline = Instant::now() + STEP;
+    /// An allowed peer shows as the MIGRATION event `active`; a denial only
+    /// as a line on QEMU's stderr, which nothing signals: between waits for
+    /// events of at most POLL, the stderr log is read again, until STEP.
+    async fn await_decision(&mut self) -> Decision {
+        let deadline = tokio::time::Instant::now() + STEP;
         loop {
-            while let Some(ev) = self.events.pop_front() {
-                if ev["event"] == "MIGRATION" && ev["data"]["status"] == "active" {
-                    return Decision::Allowed;
-                }
+            if let Some(decision) = self.denial_on_stderr() {
+                return decision;
             }
-            match self.next(deadline) {
-                Said::Qmp(m) => self.events.push_back(m),
-                Said::Stderr(line) => {
-                    if let Some(dn) = denied_dn(&line) {
-                        return Decision::Denied(dn.to_owned());
-                    }
-                    assert!(!line.contains("TLS"), "unexpected TLS failure: {line}");
-                    self.stderr.push(line);
+            if tokio::time::Instant::now() > deadline {
+                panic!(
+                    "QEMU decided nothing in {STEP:?}; stderr:\n{}",
+                    self.qemu.stderr_text()
+                );
+            }
+            match self.qemu.qmp.next_event_within(POLL).await {
+                Ok(Some(ev)) if ev.name == "MIGRATION" && ev.data["status"] == "active" => {
+                    return Decision::Allowed
                 }
+                Ok(_) => {}
+                Err(e) => panic!("QMP: {e}; stderr:\n{}", self.qemu.stderr_text()),
             }
         }
+    }
+
+    /// The first denial among the stderr lines not read yet; any other TLS
+    /// error there fails the test.
+    fn denial_on_stderr(&mut self) -> Option<Decision> {
+        let text = self.qemu.stderr_text();
+        // Whole lines only: QEMU may be half-way through writing one.
+        while let Some(len) = text.get(self.stderr_read..)?.find('\n') {
+            let line = &text[self.stderr_read..self.stderr_read + len];
+            self.stderr_read += len + 1;
+            if let Some(dn) = denied_dn(line) {
+                return Some(Decision::Denied(dn.to_owned()));
+            }
+            assert!(!line.contains("TLS"), "unexpected TLS failure: {line}");
+        }
+        None
     }
 }
 
