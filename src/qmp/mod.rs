@@ -200,16 +200,6 @@ pub struct MigrationParameters {
     pub other: serde_json::Map<String, Value>,
 }
 
-/// The arguments of `migrate-set-capabilities`, built in this one place
-/// (also for the test lab's raw QMP clients).
-pub fn capabilities_args<S: AsRef<str>>(caps: impl IntoIterator<Item = (S, bool)>) -> Value {
-    let caps: Vec<Value> = caps
-        .into_iter()
-        .map(|(c, on)| json!({ "capability": c.as_ref(), "state": on }))
-        .collect();
-    json!({ "capabilities": caps })
-}
-
 /// The credentials (pid, uid) of the process serving the QMP socket at
 /// `path`, without speaking QMP: the kernel hands the listener's
 /// credentials to every connection, even one QEMU has not accepted yet
@@ -399,9 +389,16 @@ impl Qmp {
         &mut self,
         caps: impl IntoIterator<Item = (S, bool)>,
     ) -> Result<(), QmpError> {
-        self.execute("migrate-set-capabilities", Some(capabilities_args(caps)))
-            .await
-            .map(drop)
+        let caps: Vec<Value> = caps
+            .into_iter()
+            .map(|(c, on)| json!({ "capability": c.as_ref(), "state": on }))
+            .collect();
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": caps })),
+        )
+        .await
+        .map(drop)
     }
 
     /// `migrate-set-parameters`: only the members that are set.

@@ -272,11 +272,6 @@ impl QemuOpts {
     }
 }
 
-/// The arguments of `migrate-set-capabilities` (the product's builder).
-pub fn capabilities(caps: &[(&str, bool)]) -> Value {
-    miggate::qmp::capabilities_args(caps.iter().copied())
-}
-
 pub const TLS_CREDS_ID: &str = "tls0";
 pub const TLS_AUTHZ_ID: &str = "authz0";
 
