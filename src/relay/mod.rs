@@ -151,17 +151,20 @@ where
     .await
 }
 
-/// Which side of a pump failed: reading its source or writing its sink.
+/// Which step of a pump failed: reading its source, writing its sink, or
+/// closing the sink (the last flush and the FIN / close_notify) after the
+/// source ended.
 #[derive(Debug)]
 enum PumpError {
     Read(std::io::Error),
     Write(std::io::Error),
+    Close(std::io::Error),
 }
 
 impl PumpError {
     fn into_io(self) -> std::io::Error {
         match self {
-            PumpError::Read(e) | PumpError::Write(e) => e,
+            PumpError::Read(e) | PumpError::Write(e) | PumpError::Close(e) => e,
         }
     }
 }
@@ -217,8 +220,8 @@ where
         count.fetch_add(n as u64, Ordering::Relaxed);
         act.touch();
     }
-    w.flush().await.map_err(PumpError::Write)?;
-    w.shutdown().await.map_err(PumpError::Write)
+    w.flush().await.map_err(PumpError::Close)?;
+    w.shutdown().await.map_err(PumpError::Close)
 }
 
 /// A reset from a peer once everything towards it was delivered and closed
@@ -266,6 +269,12 @@ where
                 let r = match r {
                     // `a` reset once our side towards it had ended: see `ending`.
                     Err(PumpError::Read(e)) => ending(Err(e), back_done),
+                    // `a` ended and `b` had already closed when our end of
+                    // the stream reached it (a target QEMU shuts a multifd
+                    // channel down as soon as it has loaded the VM): `b`'s
+                    // goodbye. Its own direction, still judged, says whether
+                    // it ended well.
+                    Err(PumpError::Close(e)) => ending(Err(e), true),
                     // Data towards `b` that `b` refused (it had closed and
                     // resets what we still send): a failure, never a goodbye.
                     r => r.map_err(PumpError::into_io),
@@ -457,6 +466,71 @@ mod tests {
         .await
         .unwrap_err();
         assert!(err.to_string().starts_with("a->b: "), "{err}");
+    }
+
+    /// A target that shut its side once it had everything: it reads EOF
+    /// towards us and refuses our FIN / close_notify.
+    struct GoneAtOurClose {
+        refuse_data: bool,
+    }
+
+    impl AsyncRead for GoneAtOurClose {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            _: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for GoneAtOurClose {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            if self.refuse_data {
+                return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+            }
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(
+            self: Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()))
+        }
+    }
+
+    /// Our close refused by a target that already closed is its goodbye;
+    /// data it refuses is still a failure.
+    #[tokio::test]
+    async fn a_target_gone_at_our_close_is_an_ending_but_not_when_data_is_refused() {
+        let closes = (Close::AnyEof, Close::AnyEof);
+        for (refuse_data, ok) in [(false, true), (true, false)] {
+            let (client, a) = duplex(1024);
+            let (_cr, mut cw) = tokio::io::split(client);
+            cw.write_all(b"last bytes").await.unwrap();
+            cw.shutdown().await.unwrap();
+            let b = GoneAtOurClose { refuse_data };
+            let r = relay(
+                a,
+                b,
+                ("a->b", "b->a"),
+                closes,
+                Duration::from_secs(5),
+                Arc::default(),
+            )
+            .await;
+            assert_eq!(r.is_ok(), ok, "refuse_data={refuse_data}: {r:?}");
+        }
     }
 
     #[tokio::test]
