@@ -380,111 +380,48 @@ mod tests {
             .unwrap();
     }
 
-    /// A peer that answers our last bytes with a reset: reads fail once its
-    /// write side was shut down by us (or at once), writes succeed.
-    struct ResetsAfterOurClose {
+    /// A QEMU at the end of a migration, as the relay meets it: its reads
+    /// end (EOF, or a reset once we have shut our side towards it), and it
+    /// may refuse our data or our FIN / close_notify.
+    struct EndingPeer {
+        /// Reads: `false` EOF at once; `true` a reset once `shut`.
+        resets: bool,
         shut: bool,
+        refuse_data: bool,
+        refuse_close: bool,
         waker: Option<std::task::Waker>,
     }
 
-    impl AsyncRead for ResetsAfterOurClose {
+    impl EndingPeer {
+        fn new() -> Self {
+            EndingPeer {
+                resets: false,
+                shut: false,
+                refuse_data: false,
+                refuse_close: false,
+                waker: None,
+            }
+        }
+    }
+
+    impl AsyncRead for EndingPeer {
         fn poll_read(
             mut self: Pin<&mut Self>,
             cx: &mut std::task::Context<'_>,
             _: &mut ReadBuf<'_>,
         ) -> Poll<std::io::Result<()>> {
-            if self.shut {
-                return Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into()));
+            match (self.resets, self.shut) {
+                (false, _) => Poll::Ready(Ok(())),
+                (true, true) => Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into())),
+                (true, false) => {
+                    self.waker = Some(cx.waker().clone());
+                    Poll::Pending
+                }
             }
-            self.waker = Some(cx.waker().clone());
-            Poll::Pending
         }
     }
 
-    impl AsyncWrite for ResetsAfterOurClose {
-        fn poll_write(
-            self: Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-            buf: &[u8],
-        ) -> Poll<std::io::Result<usize>> {
-            Poll::Ready(Ok(buf.len()))
-        }
-        fn poll_flush(
-            self: Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-        fn poll_shutdown(
-            mut self: Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            self.shut = true;
-            if let Some(w) = self.waker.take() {
-                w.wake();
-            }
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    /// QEMU's native TLS source closes its main channel with our last
-    /// records (the return path's, our close_notify) unread: its reset
-    /// after the target side ended is a goodbye; a reset before is not.
-    #[tokio::test]
-    async fn a_reset_from_the_source_after_the_target_ended_is_an_ending() {
-        let (b, server) = duplex(64);
-        drop(server); // the target QEMU has finished and closed
-        let a = ResetsAfterOurClose {
-            shut: false,
-            waker: None,
-        };
-        let closes = (Close::AnyEof, Close::AnyEof);
-        relay(
-            a,
-            b,
-            ("a->b", "b->a"),
-            closes,
-            Duration::from_secs(5),
-            Arc::default(),
-        )
-        .await
-        .unwrap();
-
-        let (b, _server) = duplex(64); // the target is still there
-        let a = ResetsAfterOurClose {
-            shut: true,
-            waker: None,
-        };
-        let err = relay(
-            a,
-            b,
-            ("a->b", "b->a"),
-            closes,
-            Duration::from_secs(5),
-            Arc::default(),
-        )
-        .await
-        .unwrap_err();
-        assert!(err.to_string().starts_with("a->b: "), "{err}");
-    }
-
-    /// A target that shut its side once it had everything: it reads EOF
-    /// towards us and refuses our FIN / close_notify.
-    struct GoneAtOurClose {
-        refuse_data: bool,
-    }
-
-    impl AsyncRead for GoneAtOurClose {
-        fn poll_read(
-            self: Pin<&mut Self>,
-            _: &mut std::task::Context<'_>,
-            _: &mut ReadBuf<'_>,
-        ) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Ok(()))
-        }
-    }
-
-    impl AsyncWrite for GoneAtOurClose {
+    impl AsyncWrite for EndingPeer {
         fn poll_write(
             self: Pin<&mut Self>,
             _: &mut std::task::Context<'_>,
@@ -502,29 +439,82 @@ mod tests {
             Poll::Ready(Ok(()))
         }
         fn poll_shutdown(
-            self: Pin<&mut Self>,
+            mut self: Pin<&mut Self>,
             _: &mut std::task::Context<'_>,
         ) -> Poll<std::io::Result<()>> {
-            Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()))
+            if self.refuse_close {
+                return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into()));
+            }
+            self.shut = true;
+            if let Some(w) = self.waker.take() {
+                w.wake();
+            }
+            Poll::Ready(Ok(()))
         }
+    }
+
+    const LENIENT: (Close, Close) = (Close::AnyEof, Close::AnyEof);
+
+    /// QEMU's native TLS source closes its main channel with our last
+    /// records (the return path's, our close_notify) unread: its reset
+    /// after the target side ended is a goodbye; a reset before is not.
+    #[tokio::test]
+    async fn a_reset_from_the_source_after_the_target_ended_is_an_ending() {
+        let (b, server) = duplex(64);
+        drop(server); // the target QEMU has finished and closed
+        let a = EndingPeer {
+            resets: true,
+            ..EndingPeer::new()
+        };
+        relay(
+            a,
+            b,
+            ("a->b", "b->a"),
+            LENIENT,
+            Duration::from_secs(5),
+            Arc::default(),
+        )
+        .await
+        .unwrap();
+
+        let (b, _server) = duplex(64); // the target is still there
+        let a = EndingPeer {
+            resets: true,
+            shut: true,
+            ..EndingPeer::new()
+        };
+        let err = relay(
+            a,
+            b,
+            ("a->b", "b->a"),
+            LENIENT,
+            Duration::from_secs(5),
+            Arc::default(),
+        )
+        .await
+        .unwrap_err();
+        assert!(err.to_string().starts_with("a->b: "), "{err}");
     }
 
     /// Our close refused by a target that already closed is its goodbye;
     /// data it refuses is still a failure.
     #[tokio::test]
     async fn a_target_gone_at_our_close_is_an_ending_but_not_when_data_is_refused() {
-        let closes = (Close::AnyEof, Close::AnyEof);
         for (refuse_data, ok) in [(false, true), (true, false)] {
             let (client, a) = duplex(1024);
             let (_cr, mut cw) = tokio::io::split(client);
             cw.write_all(b"last bytes").await.unwrap();
             cw.shutdown().await.unwrap();
-            let b = GoneAtOurClose { refuse_data };
+            let b = EndingPeer {
+                refuse_data,
+                refuse_close: true,
+                ..EndingPeer::new()
+            };
             let r = relay(
                 a,
                 b,
                 ("a->b", "b->a"),
-                closes,
+                LENIENT,
                 Duration::from_secs(5),
                 Arc::default(),
             )
