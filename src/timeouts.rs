@@ -102,6 +102,13 @@ pub const MAX_PENDING: usize = 65_536;
 /// by itself.
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Idle limit of a channel joined to a main channel (postcopy preempt):
+/// it is silent whenever the target faults on no page, for as long as the
+/// migration lasts, so silence is normal; it ends with its main channel
+/// instead (and the stall timeout after that at most). Only a bound for
+/// the relay's arithmetic.
+pub const JOINED_IDLE: Duration = Duration::from_secs(30 * 86_400);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,18 +10,23 @@
 //!   static route: expected UUID      registered migration: peer, UUID, slot
 //! ```
 //!
+//! A channel whose hello joins a main channel (the postcopy preempt
+//! channel: no header, no UUID) is admitted on its route and binding
+//! alone, before any of its bytes ([`super::binding`]).
+//!
 //! Each call answers [`Step::Read`] (read more, up to a byte cap),
 //! [`Step::Refused`] or [`Step::Admitted`]. Nothing here does I/O or waits;
 //! only a ticket's admission changes state, in the [`Registry`].
 
 use std::sync::Arc;
 
+use super::binding::{Bindings, Joined, Scope};
 use super::registry::{ChannelGuard, Migration, Registry};
 use super::ticket::Ticket;
 use super::{check_identity, check_stream, Expectation, Refusal, StreamError, TicketRefusal};
 use crate::authz::Authz;
 use crate::net::Endpoint;
-use crate::wire::frames::{self, Hello, HelloTicket};
+use crate::wire::frames::{self, Hello, Secret};
 use crate::wire::qemu::{self, SniffError, StreamKind, SNIFF_MAX};
 
 /// Where connections without a ticket go, and who may send them.
@@ -37,6 +42,8 @@ pub struct Offer<'a> {
     pub route: Option<Arc<StaticRoute>>,
     pub registry: Option<&'a Registry>,
     pub listener: usize,
+    /// Live main channels that other channels may join.
+    pub bindings: Option<&'a Bindings>,
 }
 
 /// Where an admitted channel goes.
@@ -89,6 +96,9 @@ pub struct Admission<'a> {
     state: State,
     migration: Option<Arc<Migration>>,
     kind: Option<StreamKind>,
+    /// The hello asked for a binding token (a main channel's).
+    bind: bool,
+    joined: Option<Joined>,
 }
 
 impl<'a> Admission<'a> {
@@ -101,7 +111,19 @@ impl<'a> Admission<'a> {
             state: State::Start { miggate_peer },
             migration: None,
             kind: None,
+            bind: false,
+            joined: None,
         }
+    }
+
+    /// The peer asked for a binding token with this channel.
+    pub fn bind_requested(&self) -> bool {
+        self.bind
+    }
+
+    /// The main channel an admitted joining channel belongs to.
+    pub fn take_joined(&mut self) -> Option<Joined> {
+        self.joined.take()
     }
 
     /// The registered migration the peer's ticket named, once known.
@@ -128,10 +150,26 @@ impl<'a> Admission<'a> {
                         }
                         Ok(None) => return Step::Refused(unrecognised(buf.len())),
                         Err(e) => return Step::Refused(StreamError::from(e).into()),
-                        Ok(Some((hello, used))) => match self.route(Some(&hello)) {
-                            Ok(route) => self.state = State::Stream { from: used, route },
-                            Err(r) => return Step::Refused(r),
-                        },
+                        Ok(Some((hello, used))) => {
+                            let route = match self.route(Some(&hello)) {
+                                Ok(route) => route,
+                                Err(r) => return Step::Refused(r),
+                            };
+                            self.bind = hello.bind;
+                            let Some(token) = &hello.join else {
+                                self.state = State::Stream { from: used, route };
+                                continue;
+                            };
+                            self.kind = Some(StreamKind::Preempt);
+                            return match self.join(route, token.expose()) {
+                                Ok(route) => Step::Admitted {
+                                    from: used,
+                                    kind: StreamKind::Preempt,
+                                    route,
+                                },
+                                Err(r) => Step::Refused(r),
+                            };
+                        }
                     }
                 }
                 State::Start {
@@ -170,7 +208,7 @@ impl<'a> Admission<'a> {
     /// one the static route takes the connection if the DN is authorized,
     /// so an unauthorized peer gets nothing in.
     fn route(&mut self, hello: Option<&Hello>) -> Result<Option<Arc<StaticRoute>>, Refusal> {
-        if let Some(ticket) = hello.and_then(|h| h.ticket.as_ref().map(HelloTicket::expose)) {
+        if let Some(ticket) = hello.and_then(|h| h.ticket.as_ref().map(Secret::expose)) {
             self.migration = Some(self.find_migration(ticket)?);
             return Ok(None);
         }
@@ -189,6 +227,29 @@ impl<'a> Admission<'a> {
         let mig = registry.find_by_ticket(&ticket)?;
         mig.check_listener(self.offer.listener)?;
         Ok(mig)
+    }
+
+    /// A channel joining a live main channel of the same peer, on the same
+    /// route (static) or migration (ticket), which takes its preempt slot.
+    fn join(&mut self, route: Option<Arc<StaticRoute>>, token: &str) -> Result<Route, Refusal> {
+        let bindings = self
+            .offer
+            .bindings
+            .ok_or(super::binding::JoinRefusal::Unknown)?;
+        let (route, joined) = match (route, &self.migration) {
+            (Some(route), _) => {
+                let j = bindings.join(token, self.peer_dn, &Scope::Static)?;
+                (Route::Static(route), j)
+            }
+            (None, Some(m)) => {
+                let j = bindings.join(token, self.peer_dn, &Scope::Migration(m.id.clone()))?;
+                let g = m.admit_channel(self.peer_dn, &StreamKind::Preempt)?;
+                (Route::Ticket(g), j)
+            }
+            (None, None) => unreachable!("a connection has a route or a migration"),
+        };
+        self.joined = Some(joined);
+        Ok(route)
     }
 
     /// The stream's own checks: the static route's expected UUID, or the
@@ -241,6 +302,7 @@ mod tests {
             route,
             registry: None,
             listener: 0,
+            bindings: None,
         }
     }
 
@@ -273,6 +335,7 @@ mod tests {
             version: 1,
             agent: None,
             ticket: None,
+            ..Hello::default()
         });
         let mut a = Admission::new("CN=x", true, offer(route(Arc::new(AnyVerified))));
         for end in 0..hello.len() {
@@ -295,7 +358,8 @@ mod tests {
         let hello = frames::encode_hello(&Hello {
             version: 1,
             agent: None,
-            ticket: Some(HelloTicket::new("t")),
+            ticket: Some(Secret::new("t")),
+            ..Hello::default()
         });
         let mut a = Admission::new("CN=x", true, offer(route(Arc::new(AnyVerified))));
         assert_eq!(

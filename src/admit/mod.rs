@@ -5,6 +5,7 @@
 //! decision changes is a registered migration's (tickets spent, slots
 //! taken), under the registry's lock.
 
+pub mod binding;
 pub mod decide;
 pub mod registry;
 pub mod ticket;
@@ -56,6 +57,9 @@ pub enum Refusal {
     Stalled { secs: u64, bytes: usize },
     #[error("peer closed the connection after {0} bytes, before its stream could be recognised")]
     ClosedEarly(usize),
+    /// A channel that joins a main channel (postcopy preempt) it may not.
+    #[error("{0}")]
+    Join(#[from] binding::JoinRefusal),
 }
 
 /// A DN the route's or the registration's authz does not let in.
@@ -157,6 +161,8 @@ pub enum TicketRefusal {
     Cancelled { migration: String },
     #[error("migration {migration} already has its main channel")]
     MainTaken { migration: String },
+    #[error("migration {migration} already has its postcopy preempt channel")]
+    PreemptTaken { migration: String },
     #[error("migration {migration} was registered with {channels} channel(s) (1 main + {} multifd) and all its multifd channels have connected", .channels.saturating_sub(1))]
     SlotsFull { migration: String, channels: u32 },
     #[error("migration {migration} is not registered on this listener")]
@@ -176,6 +182,7 @@ impl TicketRefusal {
             TicketRefusal::Expired { .. } => "ticket expired",
             TicketRefusal::Spent { .. }
             | TicketRefusal::MainTaken { .. }
+            | TicketRefusal::PreemptTaken { .. }
             | TicketRefusal::SlotsFull { .. } => "ticket already used",
             TicketRefusal::Cancelled { .. } => "migration cancelled",
             TicketRefusal::WrongListener { .. } => "ticket not valid on this listener",
@@ -195,6 +202,7 @@ impl TicketRefusal {
             TicketRefusal::Spent { .. } => "spent",
             TicketRefusal::Cancelled { .. } => "cancelled",
             TicketRefusal::MainTaken { .. } => "main_taken",
+            TicketRefusal::PreemptTaken { .. } => "preempt_taken",
             TicketRefusal::SlotsFull { .. } => "slots_full",
             TicketRefusal::WrongListener { .. } => "wrong_listener",
             TicketRefusal::NoRegistry => "no_registry",
@@ -205,12 +213,13 @@ impl TicketRefusal {
 
 impl Refusal {
     /// A bounded class of the refusal, for metrics labels: `tls`, `authz`,
-    /// `ticket`, `uuid`, `stream` or `stalled`.
+    /// `ticket`, `binding`, `uuid`, `stream` or `stalled`.
     pub fn class(&self) -> &'static str {
         match self {
             Refusal::Tls(_) => "tls",
             Refusal::NotAuthorized(_) => "authz",
             Refusal::Ticket(_) => "ticket",
+            Refusal::Join(_) => "binding",
             Refusal::UuidMismatch { .. } | Refusal::UuidMissing { .. } => "uuid",
             Refusal::Stream(_)
             | Refusal::NoMainChannel(_)
@@ -240,6 +249,7 @@ impl Refusal {
             Refusal::TargetUnreachable { .. } => "target_unreachable",
             Refusal::ClosedEarly(_) => "closed_early",
             Refusal::Ticket(t) => t.cause(),
+            Refusal::Join(j) => j.cause(),
             Refusal::Silent(_) => "silent",
             Refusal::Stalled { .. } => "stalled",
         }
@@ -259,6 +269,7 @@ impl Refusal {
             Refusal::NoMainChannel(_) => "multifd channel without an admitted main channel".into(),
             Refusal::TargetUnreachable { .. } => "the target is not ready for this migration".into(),
             Refusal::Ticket(t) => t.public().into(),
+            Refusal::Join(j) => j.public().into(),
             // About the peer's own behaviour: nothing to hide.
             Refusal::Silent(_) | Refusal::Stalled { .. } | Refusal::ClosedEarly(_) => {
                 self.to_string()
@@ -286,6 +297,8 @@ pub fn check_stream(expect: &Expectation, kind: &StreamKind) -> Result<(), Refus
     };
     // QEMU puts the nil UUID in multifd packets when it has no -uuid.
     let (got, channel) = match kind {
+        // Its VM is the main channel's it joined, checked there.
+        StreamKind::Preempt => return Ok(()),
         StreamKind::Main { uuid, .. } => (uuid.filter(|u| !u.is_nil()), "main channel"),
         StreamKind::Multifd { uuid, .. } => {
             (Some(*uuid).filter(|u| !u.is_nil()), "multifd channel")
@@ -303,6 +316,7 @@ pub fn channel_label(kind: &StreamKind) -> String {
     match kind {
         StreamKind::Main { .. } => "main".into(),
         StreamKind::Multifd { channel, .. } => format!("multifd/{channel}"),
+        StreamKind::Preempt => "postcopy-preempt".into(),
     }
 }
 
@@ -310,6 +324,7 @@ pub fn stream_uuid(kind: &StreamKind) -> Option<Uuid> {
     match kind {
         StreamKind::Main { uuid, .. } => *uuid,
         StreamKind::Multifd { uuid, .. } => Some(*uuid),
+        StreamKind::Preempt => None,
     }
 }
 

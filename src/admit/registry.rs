@@ -109,6 +109,8 @@ struct Inner {
     main_seen: bool,
     /// Multifd channels admitted (slots taken); at most channels - 1.
     multifd_seen: u32,
+    /// The postcopy preempt channel (joined to the main channel) came.
+    preempt_seen: bool,
     main_result: Option<Result<(), String>>,
     started: Option<(SystemTime, Instant)>,
     ended: Option<SystemTime>,
@@ -295,8 +297,10 @@ impl Migration {
             return Err(self.refuse(&mut inner, r, true));
         }
         // One slot per kind: a multifd channel cannot take the main
-        // channel's, nor the other way round.
+        // channel's, nor the other way round. The preempt channel joined
+        // a live main channel (see `binding`), so it never comes first.
         let is_main = matches!(kind, StreamKind::Main { .. });
+        let is_preempt = matches!(kind, StreamKind::Preempt);
         let multifd_slots = self.spec.channels.saturating_sub(1);
         if is_main && inner.main_seen {
             let r = TicketRefusal::MainTaken {
@@ -305,7 +309,14 @@ impl Migration {
             .into();
             return Err(self.refuse(&mut inner, r, false));
         }
-        if !is_main && inner.multifd_seen >= multifd_slots {
+        if is_preempt && (inner.preempt_seen || !inner.main_seen) {
+            let r = TicketRefusal::PreemptTaken {
+                migration: self.id.clone(),
+            }
+            .into();
+            return Err(self.refuse(&mut inner, r, false));
+        }
+        if !is_main && !is_preempt && inner.multifd_seen >= multifd_slots {
             let r = TicketRefusal::SlotsFull {
                 migration: self.id.clone(),
                 channels: self.spec.channels,
@@ -319,7 +330,8 @@ impl Migration {
         inner.seen += 1;
         inner.open += 1;
         inner.main_seen |= is_main;
-        inner.multifd_seen += u32::from(!is_main);
+        inner.preempt_seen |= is_preempt;
+        inner.multifd_seen += u32::from(!is_main && !is_preempt);
         let counters = Arc::new(Counters::default());
         inner.counters.push(counters.clone());
         self.changed.send_modify(|g| *g += 1);
@@ -559,6 +571,7 @@ impl Registry {
                 open: 0,
                 main_seen: false,
                 multifd_seen: 0,
+                preempt_seen: false,
                 main_result: None,
                 started: None,
                 ended: None,

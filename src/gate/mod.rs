@@ -2,9 +2,11 @@
 //! (plain in, TLS out), and what they share: bounded reads and the count
 //! of live main channels.
 
+pub mod joinable;
 pub mod source;
 pub mod target;
 
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt};
@@ -89,5 +91,39 @@ impl MainGuard {
 impl Drop for MainGuard {
     fn drop(&mut self) {
         self.0.send_modify(|n| *n -= 1);
+    }
+}
+
+/// How a channel joined to a main channel ended, if not by itself.
+#[derive(Debug)]
+pub(crate) enum JoinedEnd {
+    Relay(crate::relay::RelayError),
+    /// Still open `grace` after its main channel ended.
+    MainEnded(Duration),
+}
+
+/// Runs `relay`; for a joined channel (`main_ended` given), its lifetime
+/// is its main channel's: once that has ended, it may finish within
+/// `grace` (QEMU closes both at once), then it is cut.
+pub(crate) async fn bounded_by_main<F, M>(
+    relay: F,
+    main_ended: Option<M>,
+    grace: Duration,
+) -> Result<(), JoinedEnd>
+where
+    F: Future<Output = Result<(), crate::relay::RelayError>>,
+    M: Future<Output = ()>,
+{
+    let Some(main_ended) = main_ended else {
+        return relay.await.map_err(JoinedEnd::Relay);
+    };
+    tokio::pin!(relay);
+    tokio::select! {
+        r = &mut relay => return r.map_err(JoinedEnd::Relay),
+        () = main_ended => {}
+    }
+    match tokio::time::timeout(grace, relay).await {
+        Ok(r) => r.map_err(JoinedEnd::Relay),
+        Err(_) => Err(JoinedEnd::MainEnded(grace)),
     }
 }

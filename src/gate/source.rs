@@ -76,7 +76,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
-use super::{read_until, MainGuard};
+use super::joinable::{JoinBy, Joinable, MainInfo, NoJoin, PostcopyTap};
+use super::{bounded_by_main, read_until, JoinedEnd, MainGuard};
 use crate::admit::decide::sniff_decider;
 use crate::admit::ticket::Ticket;
 use crate::admit::{self, Refusal};
@@ -86,7 +87,7 @@ use crate::outcome::{Ending, Outcome, Sink};
 use crate::relay::rekey::Rekeying;
 use crate::relay::Close;
 use crate::wire::frames::{self, FrameError, Hello, Verdict};
-use crate::wire::qemu::{StreamKind, SNIFF_MAX};
+use crate::wire::qemu::{postcopy_advised, StreamKind, SNIFF_MAX};
 
 pub struct SourceConfig {
     pub tls: Arc<ClientConfig>,
@@ -185,6 +186,7 @@ impl Drop for LocalListener {
 pub async fn serve(listener: LocalListener, cfg: SourceConfig) -> std::io::Result<()> {
     let cfg = Arc::new(cfg);
     let mains = watch::Sender::new(0usize);
+    let joinable = Joinable::default();
     loop {
         let accepted = match listener.accept().await {
             Ok(x) => x,
@@ -204,11 +206,11 @@ pub async fn serve(listener: LocalListener, cfg: SourceConfig) -> std::io::Resul
                 continue;
             }
         };
-        let (cfg, mains) = (cfg.clone(), mains.clone());
+        let (cfg, mains, joinable) = (cfg.clone(), mains.clone(), joinable.clone());
         tokio::spawn(async move {
             let mut out = Outcome::new("source", addr);
             out.sink = cfg.sink.clone();
-            match handle(local, &cfg, &mains, &mut out).await {
+            match handle(local, &cfg, &mains, &joinable, &mut out).await {
                 Ok(()) => out.finish(Ending::Completed, None),
                 Err((ending, reason)) => out.finish(ending, Some(&reason)),
             }
@@ -224,35 +226,102 @@ fn hostname(name: &ServerName<'_>) -> String {
     }
 }
 
+/// What a local connection is.
+enum Class {
+    /// Recognised from its first bytes (`None`: unrecognised, passed on
+    /// for the target to judge).
+    Stream(Option<StreamKind>),
+    /// The postcopy preempt channel of this main channel: see `joinable`.
+    Preempt(MainInfo),
+}
+
+/// Reads the first bytes of a local connection until they say what it is,
+/// or until it turns out to be the silent preempt channel of a postcopy
+/// main channel from the same process.
+async fn classify(
+    local: &mut Plain,
+    prefix: &mut Vec<u8>,
+    pid: Option<i32>,
+    joinable: &Joinable,
+    cfg: &SourceConfig,
+    deadline: Instant,
+) -> Result<Class, (Ending, String)> {
+    let failed = |msg: String| (Ending::Failed, msg);
+    enum First {
+        Read(Result<Result<StreamKind, Refusal>, Refusal>),
+        Main(Result<MainInfo, NoJoin>),
+    }
+    let first = tokio::select! {
+        r = read_until(local, prefix, deadline, cfg.stall, SNIFF_MAX, sniff_decider(0)) => First::Read(r),
+        m = joinable.wait_for_main(pid) => First::Main(m),
+    };
+    match first {
+        First::Read(Ok(Ok(kind))) => Ok(Class::Stream(Some(kind))),
+        // Not a QEMU header: 7.2's preempt channel sends a bare RAM_SAVE_FLAG_EOS
+        // when postcopy starts, maybe before its main channel was admitted.
+        First::Read(Ok(Err(_)) | Err(Refusal::Stream(_))) => {
+            match tokio::time::timeout_at(deadline, joinable.wait_for_main(pid)).await {
+                Ok(Ok(main)) => Ok(Class::Preempt(main)),
+                Ok(Err(e)) => Err(failed(format!("source QEMU: {e}"))),
+                Err(_) => Ok(Class::Stream(None)),
+            }
+        }
+        First::Read(Err(r)) => Err(failed(format!("source QEMU: {r}"))),
+        First::Main(found) => match crate::wire::qemu::sniff(prefix) {
+            // Part of a QEMU header arrived: it is not the preempt channel.
+            Err(crate::wire::qemu::SniffError::Incomplete) if !prefix.is_empty() => {
+                match read_until(
+                    local,
+                    prefix,
+                    deadline,
+                    cfg.stall,
+                    SNIFF_MAX,
+                    sniff_decider(0),
+                )
+                .await
+                {
+                    Ok(Ok(kind)) => Ok(Class::Stream(Some(kind))),
+                    Ok(Err(_)) | Err(Refusal::Stream(_)) => Ok(Class::Stream(None)),
+                    Err(r) => Err(failed(format!("source QEMU: {r}"))),
+                }
+            }
+            Ok(kind) => Ok(Class::Stream(Some(kind))),
+            Err(_) => found
+                .map(Class::Preempt)
+                .map_err(|e| failed(format!("source QEMU: {e}"))),
+        },
+    }
+}
+
 async fn handle(
     mut local: Plain,
     cfg: &SourceConfig,
     mains: &watch::Sender<usize>,
+    joinable: &Joinable,
     out: &mut Outcome,
 ) -> Result<(), (Ending, String)> {
     let failed = |msg: String| (Ending::Failed, msg);
     let deadline = Instant::now() + cfg.stall;
-    let mut prefix = Vec::with_capacity(SNIFF_MAX);
-    // Knowing the channel is for the log; the target makes the decision, so
-    // a stream we do not recognise is still passed on for it to judge.
-    let kind = match read_until(
-        &mut local,
-        &mut prefix,
-        deadline,
-        cfg.stall,
-        SNIFF_MAX,
-        sniff_decider(0),
-    )
-    .await
-    {
-        Ok(Ok(kind)) => {
-            out.channel = Some(admit::channel_label(&kind));
-            out.vm = admit::stream_uuid(&kind).map(|u| u.to_string());
-            Some(kind)
-        }
-        Ok(Err(_)) | Err(Refusal::Stream(_)) => None,
-        Err(r) => return Err(failed(format!("source QEMU: {r}"))),
+    let pid = match &local {
+        Plain::Unix(s) => s.peer_cred().ok().and_then(|c| c.pid()),
+        Plain::Tcp(_) => None,
     };
+    let mut prefix = Vec::with_capacity(SNIFF_MAX);
+    // Knowing the channel is for the log (and the preempt channel); the
+    // target makes the decision, so a stream we do not recognise is still
+    // passed on for it to judge.
+    let (kind, preempt_of) =
+        match classify(&mut local, &mut prefix, pid, joinable, cfg, deadline).await? {
+            Class::Stream(kind) => (kind, None),
+            Class::Preempt(main) => (Some(StreamKind::Preempt), Some(main)),
+        };
+    if let Some(kind) = &kind {
+        out.channel = Some(admit::channel_label(kind));
+        out.vm = admit::stream_uuid(kind).map(|u| u.to_string());
+    }
+    // A main channel a preempt channel may join, while it lives.
+    let entry = matches!(kind, Some(StreamKind::Main { .. }))
+        .then(|| Arc::new(joinable.register(pid, postcopy_advised(&prefix))));
 
     // Main channel first: see the module comment.
     if let Some(StreamKind::Multifd { .. }) = kind {
@@ -321,16 +390,45 @@ async fn handle(
         conn.alpn_protocol() == Some(tls::ALPN_MIGGATE)
     };
 
+    // A preempt channel joins its main channel the way the target took it.
+    let join = match (&preempt_of, miggate_peer) {
+        (None, _) => None,
+        (Some(main), _) => match (main.join(), miggate_peer) {
+            (Some(JoinBy::Token(t)), true) => Some(t.clone()),
+            (Some(JoinBy::Native), false) => None,
+            (Some(JoinBy::Unsupported), _) => {
+                return Err(failed(format!(
+                    "postcopy preempt channel: the target gateway at {} admitted the main channel without a binding token (an older miggate); it cannot take a preempt channel",
+                    cfg.connect
+                )))
+            }
+            (_, true) => {
+                return Err(failed(format!(
+                    "postcopy preempt channel: {} is a miggate gateway but its main channel went to a QEMU with native TLS",
+                    cfg.connect
+                )))
+            }
+            (_, false) => {
+                return Err(failed(format!(
+                    "postcopy preempt channel: {} is a QEMU with native TLS but its main channel went to a miggate gateway",
+                    cfg.connect
+                )))
+            }
+        },
+    };
     let mut first = Vec::with_capacity(prefix.len() + 64);
     if miggate_peer {
         let hello = Hello {
-            ticket: cfg
-                .ticket
-                .as_ref()
-                .map(|t| frames::HelloTicket::new(t.expose())),
+            ticket: cfg.ticket.as_ref().map(|t| frames::Secret::new(t.expose())),
+            // Every main channel: whether a preempt channel will follow is
+            // known only from the stream, maybe after the verdict.
+            bind: entry.is_some(),
+            join,
             ..Hello::default()
         };
         first.extend_from_slice(&frames::encode_hello(&hello));
+    } else if let Some(e) = &entry {
+        e.admitted(JoinBy::Native);
     }
     first.extend_from_slice(&prefix);
     tls.write_all(&first).await.map_err(|e| {
@@ -356,7 +454,18 @@ async fn handle(
                     cfg.stall.as_secs()
                 )))
             }
-            Ok(Ok(Verdict::Admitted)) => out.admitted(),
+            Ok(Ok(Verdict::Admitted)) => {
+                if let Some(e) = &entry {
+                    e.admitted(JoinBy::Unsupported);
+                }
+                out.admitted()
+            }
+            Ok(Ok(Verdict::Bound { token })) => {
+                if let Some(e) = &entry {
+                    e.admitted(JoinBy::Token(token));
+                }
+                out.admitted()
+            }
             Ok(Ok(Verdict::Refused { reason })) => {
                 return Err((Ending::Refused, format!("target refused: {reason}")))
             }
@@ -379,6 +488,19 @@ async fn handle(
     }
     let names = ("source->target", "target->source");
     let closes = (Close::AnyEof, Close::tls_peer(miggate_peer, "target"));
+    // A main channel's stream says whether a preempt channel may join it;
+    // `entry` itself lives until the channel ends.
+    let local = match &entry {
+        Some(e) => PostcopyTap::new(local, &prefix, e.clone()),
+        None => PostcopyTap::passthrough(local),
+    };
+    // A preempt channel is idle whenever the target faults on no page: it
+    // lives as long as its main channel instead.
+    let idle = match &preempt_of {
+        Some(_) => crate::timeouts::JOINED_IDLE,
+        None => cfg.stall,
+    };
+    let main_ended = preempt_of.as_ref().map(|m| joinable.ended(m));
     let relayed = match cfg.rekey_after {
         Some(every) => {
             let tls = Rekeying::new(
@@ -387,11 +509,19 @@ async fn handle(
                 crate::timeouts::MIN_REKEY_GAP,
                 out.counters.clone(),
             );
-            crate::relay::relay(local, tls, names, closes, cfg.stall, out.counters.clone()).await
+            let relay = crate::relay::relay(local, tls, names, closes, idle, out.counters.clone());
+            bounded_by_main(relay, main_ended, cfg.stall).await
         }
         None => {
-            crate::relay::relay(local, tls, names, closes, cfg.stall, out.counters.clone()).await
+            let relay = crate::relay::relay(local, tls, names, closes, idle, out.counters.clone());
+            bounded_by_main(relay, main_ended, cfg.stall).await
         }
     };
-    relayed.map_err(|e| failed(e.to_string()))
+    relayed.map_err(|e| match e {
+        JoinedEnd::Relay(e) => failed(e.to_string()),
+        JoinedEnd::MainEnded(grace) => failed(format!(
+            "postcopy preempt channel still open {} s after its main channel ended",
+            grace.as_secs()
+        )),
+    })
 }

@@ -42,6 +42,7 @@ use tokio_rustls::TlsAcceptor;
 use super::{read_more, MainGuard};
 // The static route is admission's policy; re-exported because a listener
 // is built with one.
+use crate::admit::binding::{BindGuard, Bindings, Joined, Scope};
 pub use crate::admit::decide::StaticRoute;
 use crate::admit::decide::{Admission, Offer, Route, Step};
 use crate::admit::registry::Registry;
@@ -119,6 +120,8 @@ pub struct Target {
     mains: watch::Sender<usize>,
     limits: Limits,
     pending: Mutex<PendingCount>,
+    /// Main channels a postcopy preempt channel may join.
+    bindings: Arc<Bindings>,
 }
 
 impl Target {
@@ -146,6 +149,7 @@ impl Target {
             mains: watch::Sender::new(0),
             limits,
             pending: Mutex::default(),
+            bindings: Arc::default(),
         })
     }
 
@@ -256,6 +260,8 @@ enum Failure {
     Relay(crate::relay::RelayError),
     #[error("migration cancelled by the operator")]
     Cancelled,
+    #[error("its main channel ended {} s ago and this channel is still open", .0.as_secs())]
+    MainEnded(Duration),
 }
 
 impl From<Refusal> for End {
@@ -283,14 +289,19 @@ async fn handle(
     let miggate_peer = peer.is_miggate();
     // The stall timeout covers the hello and the stream's first bytes.
     let deadline = Instant::now() + stall;
-    let (prefix, kind, admitted) =
-        match admit(&mut tls, &peer.dn, miggate_peer, target, deadline, out).await {
-            Ok(x) => x,
-            Err(refusal) => {
-                refuse(&mut tls, miggate_peer, &refusal).await;
-                return Err(refusal.into());
-            }
-        };
+    let Admitted {
+        prefix,
+        kind,
+        route: admitted,
+        bind,
+        joined,
+    } = match admit(&mut tls, &peer.dn, miggate_peer, target, deadline, out).await {
+        Ok(x) => x,
+        Err(refusal) => {
+            refuse(&mut tls, miggate_peer, &refusal).await;
+            return Err(refusal.into());
+        }
+    };
     // Admitted: the relay's read buffer now, and the pending slot is free.
     tls.get_mut().0.grow();
     drop(pending);
@@ -302,7 +313,9 @@ async fn handle(
     };
     let is_main = matches!(kind, StreamKind::Main { .. });
     match kind {
-        StreamKind::Main { .. } => {}
+        // A joined channel's main channel is already forwarded: it got
+        // its token with its verdict, sent once the target was connected.
+        StreamKind::Main { .. } | StreamKind::Preempt => {}
         StreamKind::Multifd { .. } => {
             let mut rx = mains.subscribe();
             let wait = tokio::time::timeout_at(deadline, rx.wait_for(|n| *n > 0));
@@ -344,8 +357,21 @@ async fn handle(
     // Only now that the main channel's connection to the target QEMU is
     // established (first in its accept queue) may multifd channels connect.
     let _main_guard = is_main.then(|| MainGuard::new(&mains));
+    // Lives as long as the main channel: see `admit::binding`.
+    let mut _binding: Option<BindGuard> = None;
+    let verdict = if is_main && bind {
+        let scope = match &admitted {
+            Route::Static(_) => Scope::Static,
+            Route::Ticket(g) => Scope::Migration(g.migration().id.clone()),
+        };
+        let (token, guard) = target.bindings.bind(&peer.dn, scope);
+        _binding = Some(guard);
+        Verdict::Bound { token }
+    } else {
+        Verdict::Admitted
+    };
     if miggate_peer {
-        if let Err(e) = frames::write_verdict(&mut tls, &Verdict::Admitted).await {
+        if let Err(e) = frames::write_verdict(&mut tls, &verdict).await {
             return Err(fail(admitted, Failure::Verdict(e)));
         }
     }
@@ -363,20 +389,26 @@ async fn handle(
     out.counters
         .forward
         .fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let idle = if joined.is_some() {
+        crate::timeouts::JOINED_IDLE
+    } else {
+        stall
+    };
     let relay = crate::relay::relay(
         tls,
         backend,
         ("source->target", "target->source"),
         (Close::tls_peer(miggate_peer, "source"), Close::AnyEof),
-        stall,
+        idle,
         out.counters.clone(),
     );
+    let relay = super::bounded_by_main(relay, joined.as_ref().map(Joined::main_ended), stall);
     let result = match &admitted {
-        Route::Static(_) => relay.await.map_err(Failure::Relay),
+        Route::Static(_) => relay.await.map_err(Failure::from),
         Route::Ticket(g) => {
             let mig = g.migration().clone();
             tokio::select! {
-                r = relay => r.map_err(Failure::Relay),
+                r = relay => r.map_err(Failure::from),
                 // Dropping the relay closes both sockets: both QEMUs see
                 // the migration fail; the source VM keeps running.
                 _ = mig.cancelled() => Err(Failure::Cancelled),
@@ -408,9 +440,29 @@ fn fail(admitted: Route, failure: Failure) -> End {
     End::Failed(failure)
 }
 
+impl From<super::JoinedEnd> for Failure {
+    fn from(e: super::JoinedEnd) -> Self {
+        match e {
+            super::JoinedEnd::Relay(e) => Failure::Relay(e),
+            super::JoinedEnd::MainEnded(grace) => Failure::MainEnded(grace),
+        }
+    }
+}
+
+/// An admitted channel, as [`admit`] read it.
+struct Admitted {
+    /// The bytes read from the QEMU stream so far (to replay).
+    prefix: Vec<u8>,
+    kind: StreamKind,
+    route: Route,
+    /// The source asked for a binding token (a main channel's).
+    bind: bool,
+    /// The main channel this channel joined (postcopy preempt).
+    joined: Option<Joined>,
+}
+
 /// Reads what admission needs (the hello, the stream's first bytes) and
-/// asks [`Admission`] at each step. Returns the bytes read from the QEMU
-/// stream so far (to replay), what the stream is, and its route.
+/// asks [`Admission`] at each step.
 async fn admit(
     tls: &mut TlsStream<crate::net::TlsSocket>,
     peer_dn: &str,
@@ -418,11 +470,12 @@ async fn admit(
     target: &Target,
     deadline: Instant,
     out: &mut Outcome,
-) -> Result<(Vec<u8>, StreamKind, Route), Refusal> {
+) -> Result<Admitted, Refusal> {
     let offer = Offer {
         route: target.current_route(),
         registry: target.registry.as_deref(),
         listener: target.listener,
+        bindings: Some(&target.bindings),
     };
     let mut admission = Admission::new(peer_dn, miggate_peer, offer);
     let mut buf = Vec::with_capacity(SNIFF_MAX);
@@ -447,7 +500,13 @@ async fn admit(
         out.counters = g.counters();
     }
     buf.drain(..from);
-    Ok((buf, kind, route))
+    Ok(Admitted {
+        prefix: buf,
+        kind,
+        route,
+        bind: admission.bind_requested(),
+        joined: admission.take_joined(),
+    })
 }
 
 /// Tells the peer which check failed ([`Refusal::public`]; a miggate

@@ -13,6 +13,18 @@
 //! The source starts sending the stream right after its hello, because the
 //! target can only check the VM UUID in the stream itself; on refusal the
 //! target discards what it read, so nothing reaches the target QEMU.
+//!
+//! A channel that carries no VM identity of its own (postcopy preempt)
+//! joins a main channel instead: the main channel's hello asks for a
+//! binding (`bind`), the target answers with a bound verdict carrying a
+//! random token, and the joining channel's hello presents it (`join`):
+//!
+//! ```text
+//!   |-- hello {bind: true} + QEVM... ------------------>|  main: uuid checked
+//!   |<- verdict: "MGV1" | 2=bound | be16 len | token ---|
+//!   |-- hello {join: token} (no stream bytes needed) -->|  same peer, live main
+//!   |<- verdict: "MGV1" | 0=admitted | 0 ---------------|
+//! ```
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -30,19 +42,27 @@ pub struct Hello {
     pub agent: Option<String>,
     /// The one-shot ticket of a registered migration (managed mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ticket: Option<HelloTicket>,
+    pub ticket: Option<Secret>,
+    /// A main channel asking for a binding token (in a [`Verdict::Bound`])
+    /// that its postcopy preempt channel will present.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub bind: bool,
+    /// The token of the main channel this channel joins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub join: Option<Secret>,
 }
 
-/// The ticket as the hello carries it: the text, not yet judged. The
-/// target's admission parses it (a malformed ticket is a refusal with its
-/// own reason, not a broken hello); never printed by `Debug`, zeroed on drop.
+/// A secret as a frame carries it (a ticket, a binding token): the text,
+/// not yet judged. The target's admission parses it (a malformed ticket is
+/// a refusal with its own reason, not a broken hello); never printed by
+/// `Debug`, zeroed on drop.
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
-pub struct HelloTicket(String);
+pub struct Secret(String);
 
-impl HelloTicket {
-    pub fn new(text: &str) -> HelloTicket {
-        HelloTicket(text.to_owned())
+impl Secret {
+    pub fn new(text: &str) -> Secret {
+        Secret(text.to_owned())
     }
 
     /// The text, for the admission check.
@@ -51,13 +71,13 @@ impl HelloTicket {
     }
 }
 
-impl Drop for HelloTicket {
+impl Drop for Secret {
     fn drop(&mut self) {
         zeroize::Zeroize::zeroize(&mut self.0);
     }
 }
 
-impl std::fmt::Debug for HelloTicket {
+impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("<redacted>")
     }
@@ -69,6 +89,8 @@ impl Default for Hello {
             version: 1,
             agent: Some(format!("miggate/{}", env!("CARGO_PKG_VERSION"))),
             ticket: None,
+            bind: false,
+            join: None,
         }
     }
 }
@@ -76,7 +98,13 @@ impl Default for Hello {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Admitted,
-    Refused { reason: String },
+    Refused {
+        reason: String,
+    },
+    /// Admitted, and other channels may join this one with `token`.
+    Bound {
+        token: Secret,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +175,7 @@ pub fn encode_verdict(v: &Verdict) -> Vec<u8> {
     let (code, reason) = match v {
         Verdict::Admitted => (0u8, ""),
         Verdict::Refused { reason } => (1u8, reason.as_str()),
+        Verdict::Bound { token } => (2u8, token.expose()),
     };
     // Truncate on a char boundary so a long reason still fits the frame.
     let mut end = reason.len().min(MAX_FRAME);
@@ -193,6 +222,9 @@ pub async fn read_verdict<R: AsyncRead + Unpin>(r: &mut R) -> Result<Verdict, Fr
         1 => Ok(Verdict::Refused {
             reason: String::from_utf8_lossy(&reason).into_owned(),
         }),
+        2 => Ok(Verdict::Bound {
+            token: Secret::new(&String::from_utf8_lossy(&reason)),
+        }),
         c => Err(FrameError::BadVerdict(c)),
     }
 }
@@ -218,7 +250,7 @@ mod tests {
     fn hello_carries_the_ticket_text_but_never_prints_it() {
         let secret = "ab".repeat(32);
         let hello = Hello {
-            ticket: Some(HelloTicket::new(&secret)),
+            ticket: Some(Secret::new(&secret)),
             ..Hello::default()
         };
         assert!(!format!("{hello:?}").contains(&secret));
@@ -231,6 +263,26 @@ mod tests {
         frame.extend_from_slice(odd);
         let (h, _) = parse_hello(&frame).unwrap().unwrap();
         assert_eq!(h.ticket.unwrap().expose(), "nope");
+    }
+
+    /// An older gateway's hello (no bind, no join) still parses, and the
+    /// new fields are left out when unused.
+    #[test]
+    fn binding_fields_are_optional() {
+        let old = br#"{"version":1,"agent":"miggate/0.1.0"}"#;
+        let mut frame = HELLO_MAGIC.to_vec();
+        frame.extend_from_slice(&(old.len() as u16).to_be_bytes());
+        frame.extend_from_slice(old);
+        let (h, _) = parse_hello(&frame).unwrap().unwrap();
+        assert!(!h.bind && h.join.is_none());
+        let plain = encode_hello(&Hello::default());
+        assert!(!String::from_utf8_lossy(&plain).contains("bind"));
+        let joining = Hello {
+            join: Some(Secret::new("ab")),
+            ..Hello::default()
+        };
+        let (back, _) = parse_hello(&encode_hello(&joining)).unwrap().unwrap();
+        assert_eq!(back.join.unwrap().expose(), "ab");
     }
 
     #[test]
@@ -261,6 +313,12 @@ mod tests {
         assert_eq!(r, b"rest");
         let mut r = &encode_verdict(&Verdict::Admitted)[..];
         assert_eq!(read_verdict(&mut r).await.unwrap(), Verdict::Admitted);
+        let bound = Verdict::Bound {
+            token: Secret::new("0f".repeat(32).as_str()),
+        };
+        let mut r = &encode_verdict(&bound)[..];
+        assert_eq!(read_verdict(&mut r).await.unwrap(), bound);
+        assert!(!format!("{bound:?}").contains("0f0f"));
         let mut short = &encode_verdict(&v)[..5];
         assert!(matches!(
             read_verdict(&mut short).await,

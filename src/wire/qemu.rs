@@ -78,9 +78,21 @@
 //! connect the main channel to a 7.2 target first. With TLS every version
 //! takes the first completed handshake as main: see `gate::source`.
 //!
-//! Not recognised: the postcopy-preempt channel, which carries no magic in 7.2
-//! ([`SniffError::NotQemu`]); recent QEMU patches give it `POSTCOPY_MAGIC`,
-//! reported as [`SniffError::Unsupported`].
+//! # Postcopy preempt channel
+//!
+//! It carries no magic and no VM identity in 7.2 and 10.0 (later QEMU
+//! gives it `POSTCOPY_MAGIC`, reported as [`SniffError::Unsupported`]),
+//! and it is silent until the target faults on a page during postcopy.
+//! Captured through a plain relay (paused guest, postcopy started after
+//! 1.5 s): 7.2 connects it at the start of the migration, right after the
+//! main channel and before the main channel's first byte, and sends 8
+//! bytes (`RAM_SAVE_FLAG_EOS`) when postcopy starts; 10.0 connects it
+//! only when postcopy starts and sent nothing at all. Either target QEMU
+//! takes the second connection as the preempt channel. So it is never
+//! sniffed: it is recognised by the main channel it belongs to, whose
+//! stream advises postcopy ([`postcopy_advised`]), and a miggate source
+//! declares it to the target gateway by joining that main channel
+//! (see `wire::frames`).
 
 use std::fmt::Write as _;
 
@@ -118,6 +130,12 @@ const QEMU_VM_SECTION_FULL: u8 = 0x04;
 const QEMU_VM_SUBSECTION: u8 = 0x05;
 const QEMU_VM_CONFIGURATION: u8 = 0x07;
 const QEMU_VM_COMMAND: u8 = 0x08;
+/// `MIG_CMD_POSTCOPY_ADVISE`, migration/savevm.c: the source may switch
+/// to postcopy, so the target must be ready for it.
+const MIG_CMD_POSTCOPY_ADVISE: u16 = 3;
+/// Commands looked through after the header: open return path, ping and
+/// the advise come first (`migration_thread()`), in that order.
+const MAX_LEADING_COMMANDS: usize = 8;
 
 /// `QEMU_VM_FILE_VERSION_COMPAT`: recognised only to say why it is refused.
 const QEVM_VERSION_COMPAT: u32 = 2;
@@ -161,6 +179,9 @@ pub enum StreamKind {
     },
     /// A multifd channel's init packet. `uuid` is nil when the source QEMU has no `-uuid`.
     Multifd { uuid: Uuid, channel: u8 },
+    /// The postcopy preempt channel: never sniffed (it has no header), but
+    /// known from the main channel it joined; its VM is that channel's.
+    Preempt,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -203,7 +224,7 @@ pub fn sniff(prefix: &[u8]) -> Result<StreamKind, SniffError> {
         pos: 0,
     };
     match c.be32()? {
-        QEVM_MAGIC => sniff_main(&mut c),
+        QEVM_MAGIC => sniff_main(&mut c).map(|(kind, _)| kind),
         MULTIFD_MAGIC => sniff_multifd(&mut c),
         _ => Err(unsupported(
             0,
@@ -212,7 +233,51 @@ pub fn sniff(prefix: &[u8]) -> Result<StreamKind, SniffError> {
     }
 }
 
-fn sniff_main(c: &mut Cursor) -> Result<StreamKind, SniffError> {
+/// The main channel after its magic; also returns where what follows the
+/// header and configuration starts, as far as the sniffer read.
+/// Whether a main channel's stream advises postcopy: the commands that
+/// follow the header and configuration (`08 | be16 cmd | be16 len | data`)
+/// include `MIG_CMD_POSTCOPY_ADVISE`, sent before any RAM when the
+/// `postcopy-ram` capability is on. `None`: more bytes are needed;
+/// anything that is not a main stream, or unexpected, is `Some(false)`.
+pub fn postcopy_advised(stream: &[u8]) -> Option<bool> {
+    let mut c = Cursor {
+        buf: stream,
+        pos: 0,
+    };
+    let end = match c.be32().and_then(|m| match m {
+        QEVM_MAGIC => sniff_main(&mut c),
+        _ => Err(malformed(0, String::new())),
+    }) {
+        Ok((_, end)) => end,
+        Err(SniffError::Incomplete) => return None,
+        Err(_) => return Some(false),
+    };
+    let mut c = Cursor {
+        buf: stream,
+        pos: end,
+    };
+    for _ in 0..MAX_LEADING_COMMANDS {
+        let command = (|| -> Result<Option<u16>, SniffError> {
+            if c.u8()? != QEMU_VM_COMMAND {
+                return Ok(None);
+            }
+            let cmd = c.be16()?;
+            let len = c.be16()?;
+            c.take(len as usize)?;
+            Ok(Some(cmd))
+        })();
+        match command {
+            Err(_) => return None,
+            Ok(None) => return Some(false),
+            Ok(Some(MIG_CMD_POSTCOPY_ADVISE)) => return Some(true),
+            Ok(Some(_)) => {}
+        }
+    }
+    Some(false)
+}
+
+fn sniff_main(c: &mut Cursor) -> Result<(StreamKind, usize), SniffError> {
     let at = c.pos;
     match c.be32()? {
         QEVM_VERSION => {}
@@ -231,10 +296,13 @@ fn sniff_main(c: &mut Cursor) -> Result<StreamKind, SniffError> {
     let at = c.pos;
     match c.u8()? {
         QEMU_VM_CONFIGURATION => sniff_configuration(c),
-        t if is_section_start(t) => Ok(StreamKind::Main {
-            uuid: None,
-            machine: None,
-        }),
+        t if is_section_start(t) => Ok((
+            StreamKind::Main {
+                uuid: None,
+                machine: None,
+            },
+            at,
+        )),
         t => Err(malformed(
             at,
             format!("byte 0x{t:02x} after the QEVM header is neither a configuration (0x07) nor a section start"),
@@ -252,7 +320,7 @@ fn is_section_start(t: u8) -> bool {
     )
 }
 
-fn sniff_configuration(c: &mut Cursor) -> Result<StreamKind, SniffError> {
+fn sniff_configuration(c: &mut Cursor) -> Result<(StreamKind, usize), SniffError> {
     let at = c.pos;
     let len = c.be32()? as usize;
     if len > MAX_MACHINE_NAME {
@@ -281,10 +349,13 @@ fn sniff_configuration(c: &mut Cursor) -> Result<StreamKind, SniffError> {
         let t = c.u8()?;
         if t != QEMU_VM_SUBSECTION {
             if is_section_start(t) {
-                return Ok(StreamKind::Main {
-                    uuid: None,
-                    machine,
-                });
+                return Ok((
+                    StreamKind::Main {
+                        uuid: None,
+                        machine,
+                    },
+                    at,
+                ));
             }
             return Err(malformed(
                 at,
@@ -344,10 +415,13 @@ fn sniff_configuration(c: &mut Cursor) -> Result<StreamKind, SniffError> {
         } else {
             let uuid = Uuid::from_bytes(c.array()?);
             // uuid is the last subsection QEMU knows; nothing after it matters here.
-            return Ok(StreamKind::Main {
-                uuid: Some(uuid),
-                machine,
-            });
+            return Ok((
+                StreamKind::Main {
+                    uuid: Some(uuid),
+                    machine,
+                },
+                c.pos,
+            ));
         }
     }
 }
@@ -450,6 +524,10 @@ impl<'a> Cursor<'a> {
 
     fn u8(&mut self) -> Result<u8, SniffError> {
         Ok(self.take(1)?[0])
+    }
+
+    fn be16(&mut self) -> Result<u16, SniffError> {
+        Ok(u16::from_be_bytes(self.array()?))
     }
 
     fn be32(&mut self) -> Result<u32, SniffError> {
@@ -616,6 +694,34 @@ mod tests {
         );
         assert_eq!(sniff(&s), Ok(main(Some(u), Some("virt-9.2"))));
         assert_eq!(check_all_prefixes(&s), s.len() - 1);
+    }
+
+    /// The leading commands of real main streams (captured from the
+    /// probe in the module comment): open return path, ping 1, advise.
+    #[test]
+    fn postcopy_advise_after_the_configuration() {
+        let leading: &[u8] = &[
+            0x08, 0, 1, 0, 0, 0x08, 0, 2, 0, 4, 0, 0, 0, 1, 0x08, 0, 3, 0, 16,
+        ];
+        let advise_data = [0u8; 16];
+        let mut advised = stream(b"pc-i440fx-7.2", &[(SUB_UUID, 1, &[7; 16])], leading);
+        advised.extend_from_slice(&advise_data);
+        assert_eq!(postcopy_advised(&advised), Some(true));
+        // Every shorter prefix waits: the advise is not there yet.
+        for n in 0..advised.len() {
+            assert_eq!(postcopy_advised(&advised[..n]), None, "prefix {n}");
+        }
+        // Without -uuid: the configuration ends at the first command.
+        let mut no_uuid = stream(b"pc-i440fx-10.0", &[], leading);
+        no_uuid.extend_from_slice(&advise_data);
+        assert_eq!(postcopy_advised(&no_uuid), Some(true));
+        // Return path only, then RAM: not postcopy.
+        let rp_only = stream(b"pc", &[], &[0x08, 0, 1, 0, 0, 0x01]);
+        assert_eq!(postcopy_advised(&rp_only), Some(false));
+        assert_eq!(postcopy_advised(&stream(b"pc", &[], &[0x01])), Some(false));
+        // Not a main stream at all.
+        assert_eq!(postcopy_advised(&[0x11, 0x22, 0x33, 0x44]), Some(false));
+        assert_eq!(postcopy_advised(b"QEV"), None);
     }
 
     #[test]

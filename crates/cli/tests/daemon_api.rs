@@ -905,7 +905,7 @@ async fn a_stray_multifd_channel_does_not_wedge_its_registration() {
     let name = rustls_pki_types::ServerName::try_from("127.0.0.1").unwrap();
     let mut stray = connector.connect(name, sock).await.unwrap();
     let hello = miggate::wire::frames::Hello {
-        ticket: Some(miggate::wire::frames::HelloTicket::new(r.ticket.expose())),
+        ticket: Some(miggate::wire::frames::Secret::new(r.ticket.expose())),
         ..Default::default()
     };
     let mut first = miggate::wire::frames::encode_hello(&hello);

@@ -1,0 +1,143 @@
+//! Postcopy through the gateways, with and without the preempt channel, on
+//! QEMU 7.2, 10.0 and 7.2 -> 10.0.
+//!
+//! Precopy is held back (`max-bandwidth`) so that the switch to postcopy
+//! happens early, and the postcopy push too (`max-postcopy-bandwidth`), so
+//! that reading the target's RAM during postcopy faults on pages that have
+//! not arrived: the target requests them, and with preempt they come on
+//! the preempt channel. The target gateway expects the VM's UUID: the
+//! preempt channel, which carries none, is admitted by joining its main
+//! channel.
+
+mod common;
+
+use common::qemu::{Guest, Qemu, QemuOpts};
+use common::scenario::*;
+use serde_json::{json, Value};
+
+const VM_UUID: &str = "0b5e1c4d-7a2f-4c3e-9d8b-6f1a2e3d4c5b";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_through_gateways() {
+    postcopy_through_gateways_on(Versions::Q72, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_through_gateways_on_qemu10() {
+    postcopy_through_gateways_on(Versions::Q10, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_preempt_through_gateways() {
+    postcopy_through_gateways_on(Versions::Q72, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_preempt_through_gateways_on_qemu10() {
+    postcopy_through_gateways_on(Versions::Q10, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_preempt_through_gateways_qemu72_to_qemu10() {
+    postcopy_through_gateways_on(Versions::Q72ToQ10, true).await;
+}
+
+/// A paused guest's random RAM migrates through both gateways, switching
+/// to postcopy (with the preempt channel if `preempt`): RAM read on the
+/// target *during* postcopy and after it equals the source's, both QEMUs
+/// complete, and every channel record says `completed`.
+async fn postcopy_through_gateways_on(versions: Versions, preempt: bool) {
+    let pki = pki();
+    let pki = pki_dir(&pki);
+    let uuid: uuid::Uuid = VM_UUID.parse().unwrap();
+    let mut opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0x9c0 }, 128);
+    opts.uuid = Some(uuid);
+    let mut caps = vec![("validate-uuid", true), ("postcopy-ram", true)];
+    if preempt {
+        caps.push(("postcopy-preempt", true));
+    }
+    let (mut src, mut dst, port) = qemu_pair_with(&opts, versions, &caps, None).await;
+    src.set_parameters(json!({
+        "max-bandwidth": 32u64 << 20,
+        "max-postcopy-bandwidth": 16u64 << 20,
+    }))
+    .await
+    .unwrap();
+    let src_hash = src.ram_sha256().await.unwrap();
+    let mut tgw = checking_target_gateway(&pki, port, uuid).await;
+    let mut sgw = source_gateway(&pki, &tgw.addr, &[]).await;
+
+    src.forget_old_events().await.unwrap();
+    src.migrate(&format!("tcp:{}", sgw.addr)).await.unwrap();
+    wait_migration_status(&mut src, "active").await;
+    src.cmd("migrate-start-postcopy", json!({})).await.unwrap();
+    wait_migration_status(&mut src, "postcopy-active").await;
+    // The target reads its RAM through userfaultfd only once it listens.
+    wait_migration_status(&mut dst, "postcopy-active").await;
+    // Faults on every page not pushed yet: each is requested from the source.
+    let during = dst.ram_sha256().await.unwrap();
+
+    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+    let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+    assert_eq!(
+        (s.status.as_deref(), d.status.as_deref()),
+        (Some("completed"), Some("completed")),
+        "source: {:?}\ntarget: {:?}\nsource stderr:\n{}\ntarget stderr:\n{}",
+        s.raw,
+        d.error_desc,
+        src.stderr_text(),
+        dst.stderr_text()
+    );
+    assert_eq!(during, src_hash, "target RAM read during postcopy differs");
+    assert_eq!(dst.ram_sha256().await.unwrap(), src_hash);
+    let requests = s.raw["ram"]["postcopy-requests"].as_u64().unwrap_or(0);
+    assert!(requests > 0, "the target requested no page: {}", s.raw);
+
+    let channels = if preempt { 2 } else { 1 };
+    let t = outcomes(&mut tgw, channels).await;
+    let s = outcomes(&mut sgw, channels).await;
+    for r in t.iter().chain(&s) {
+        assert_eq!(r["outcome"], "completed", "{r}");
+    }
+    let main = record(&t, "main");
+    assert_eq!(main["vm"], VM_UUID, "{main}");
+    if preempt {
+        // Urgent pages came this way: bytes beyond 7.2's 8-byte EOS marker.
+        let p = record(&t, "postcopy-preempt");
+        assert_eq!(p["peer.dn"], SOURCE_DN, "{p}");
+        assert!(p["bytes_sent"].as_u64().unwrap() > 4096, "{p}");
+        record(&s, "postcopy-preempt");
+    }
+    eprintln!("FIGURE postcopy {versions:?} preempt={preempt}: {requests} pages requested");
+}
+
+fn record<'a>(records: &'a [Value], channel: &str) -> &'a Value {
+    records
+        .iter()
+        .find(|r| r["channel"] == channel)
+        .unwrap_or_else(|| panic!("no {channel} record in {records:?}"))
+}
+
+/// Waits for the MIGRATION event with `status` (the source emits one per
+/// state change); a terminal state first is a failure.
+async fn wait_migration_status(q: &mut Qemu, status: &str) {
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, q.qmp.next_event())
+            .await
+            .unwrap_or_else(|_| panic!("no MIGRATION {status} event\n{}", q.stderr_text()))
+            .unwrap();
+        if ev.name != "MIGRATION" {
+            continue;
+        }
+        let now = ev.data["status"].as_str().unwrap_or_default().to_string();
+        if now == status {
+            return;
+        }
+        assert!(
+            !matches!(now.as_str(), "completed" | "failed" | "cancelled"),
+            "migration ended ({now}) before {status}\n{}",
+            q.stderr_text()
+        );
+    }
+}
