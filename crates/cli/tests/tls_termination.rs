@@ -61,8 +61,9 @@ async fn qemu10_source_ends_every_multifd_channel_with_close_notify() {
     );
 }
 
-/// (b) QEMU 7.2 ends every channel with a bare EOF: that is how it always
-/// ends, so each channel still completes.
+/// (b) QEMU 7.2 ends every multifd channel with a bare EOF (and its main
+/// channel, or with a reset): that is how it always ends, so each channel
+/// still completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn qemu72_source_ends_multifd_channels_without_close_notify_and_completes() {
     let recs = native_source_through_target_gateway(NativeOpts {
@@ -72,8 +73,17 @@ async fn qemu72_source_ends_multifd_channels_without_close_notify_and_completes(
     .await;
     for r in &recs {
         assert_eq!(r["outcome"], "completed", "{r}");
+    }
+    for r in &recs[1..] {
         assert_eq!(field(r, "tls_end"), "eof", "{r}");
     }
+    // Its main channel ends the same way, or (sometimes, with our last
+    // records unread) with a reset.
+    assert!(
+        matches!(field(&recs[0], "tls_end"), "eof" | "reset"),
+        "{}",
+        recs[0]
+    );
 }
 
 /// QEMU 10.0 on machine type pc-i440fx-7.2 ends its multifd channels with
@@ -170,15 +180,36 @@ async fn miggate_source_ends_multifd_channels_cleanly_into_qemu10() {
 /// The control of (c): a QEMU 7.2 source with native TLS (no close_notify
 /// on its multifd channels) straight into a QEMU 10.0 target that requires
 /// it (`multifd-clean-tls-termination` forced on; machine type
-/// pc-i440fx-7.2 on both): the target completes, but reports the
-/// termination error (c) looks for.
+/// pc-i440fx-7.2 on both): the target reports the termination error (c)
+/// looks for. Whether its multifd threads still read when the EOF comes is
+/// a race (about 1 migration in 8 here ends before they do, and reports
+/// nothing), so up to [`CONTROL_ATTEMPTS`] migrations, one must report it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_qemu10_target_reports_multifd_channels_ended_without_close_notify() {
-    use common::qemu::{Guest, NativeTls, Qemu, QemuOpts, TlsEndpoint};
     let pki = pki();
     let pki = pki_dir(&pki);
+    let mut seen = Vec::new();
+    for _ in 0..CONTROL_ATTEMPTS {
+        let (status, text) = qemu72_straight_into_strict_qemu10(&pki).await;
+        if termination_errors(&text)
+            .iter()
+            .any(|e| e.contains("non-properly terminated"))
+        {
+            return;
+        }
+        seen.push(format!("{status:?}: {text}"));
+    }
+    panic!("no attempt reported a TLS termination error: {seen:#?}");
+}
+
+const CONTROL_ATTEMPTS: usize = 4;
+
+/// One migration of the control; returns the target's final status and
+/// its error description and stderr.
+async fn qemu72_straight_into_strict_qemu10(pki: &std::path::Path) -> (Option<String>, String) {
+    use common::qemu::{Guest, NativeTls, Qemu, QemuOpts, TlsEndpoint};
     let native = |endpoint, authz_identity| NativeTls {
-        dir: pki.clone(),
+        dir: pki.to_path_buf(),
         endpoint,
         authz_identity,
         priority: None,
@@ -208,21 +239,15 @@ async fn control_qemu10_target_reports_multifd_channels_ended_without_close_noti
     src.migrate(&format!("tcp:127.0.0.1:{port}")).await.unwrap();
     let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
     assert_eq!(s.status.as_deref(), Some("completed"), "{:?}", s.raw);
-    // Which of its threads meets the bare EOF first decides: the target
-    // then either completes with the error in `error-desc` or fails and
-    // exits with it on stderr.
+    // The target either completes with the error in `error-desc`, or
+    // fails and exits with it on stderr.
     let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
     let text = format!(
         "{}\n{}",
         d.error_desc.clone().unwrap_or_default(),
         dst.stderr_text()
     );
-    let errors = termination_errors(&text);
-    assert!(
-        errors.iter().any(|e| e.contains("non-properly terminated")),
-        "status {:?}: {text}",
-        d.status
-    );
+    (d.status, text)
 }
 
 // Loopback: real TLS and the real gateways, a hand-made QEMU on the other
