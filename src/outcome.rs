@@ -52,6 +52,9 @@ pub struct Record {
     pub bytes_sent: u64,
     pub bytes_recv: u64,
     pub key_updates: u64,
+    /// How the TLS peer's stream ended (`close_notify`, `eof`, `reset`),
+    /// if it ended: what a truncation check can rest on.
+    pub tls_end: Option<&'static str>,
     pub duration: Duration,
     /// TLS handshake + admission time, when admission completed.
     pub admission: Option<Duration>,
@@ -149,6 +152,7 @@ impl Outcome {
             bytes_sent: self.counters.forward(),
             bytes_recv: self.counters.back(),
             key_updates: self.counters.key_updates(),
+            tls_end: self.counters.tls_end().map(|e| e.as_str()),
             duration: self.started.elapsed(),
             admission: self.admitted_after,
             ending,
@@ -276,6 +280,7 @@ fn log(r: &Record) {
         dash(&r.reason),
     );
     let duration_ms = r.duration.as_millis() as u64;
+    let tls_end = r.tls_end.unwrap_or("-");
     let msg = match r.ending {
         Ending::Completed => "connection completed",
         Ending::Refused => "connection refused",
@@ -294,6 +299,7 @@ fn log(r: &Record) {
                 bytes_sent = r.bytes_sent,
                 bytes_recv = r.bytes_recv,
                 key_updates = r.key_updates,
+                tls_end,
                 duration_ms,
                 outcome = r.ending.as_str(),
                 reason,

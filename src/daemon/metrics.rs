@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::admit::registry::{Phase, Registry};
 use crate::outcome::{Ending, Record, Sink};
+use crate::relay::TlsEnd;
 
 /// Upper bounds (seconds) of the handshake + admission latency buckets:
 /// a TLS 1.3 handshake on a LAN is ~1 ms, a slow peer or a waiting multifd
@@ -39,6 +40,9 @@ const REFUSAL_CLASSES: [&str; 8] = [
     "other",
 ];
 
+/// How the source's TLS stream of an ended target connection ended.
+const TLS_ENDS: [TlsEnd; 3] = [TlsEnd::CloseNotify, TlsEnd::Eof, TlsEnd::Reset];
+
 const PHASES: [Phase; 6] = [
     Phase::Registered,
     Phase::Active,
@@ -53,6 +57,7 @@ pub struct Metrics {
     endings: [AtomicU64; ENDINGS.len()],
     refusals: [AtomicU64; REFUSAL_CLASSES.len()],
     bytes_to_target: AtomicU64,
+    tls_ends: [AtomicU64; TLS_ENDS.len()],
     bytes_to_source: AtomicU64,
     /// Cumulative bucket counts are computed at render time; these are
     /// per-bucket (the last one is +Inf).
@@ -73,6 +78,9 @@ impl Metrics {
         let i = ENDINGS.iter().position(|e| *e == r.ending).unwrap_or(0);
         self.endings[i].fetch_add(1, Relaxed);
         self.bytes_to_target.fetch_add(r.bytes_sent, Relaxed);
+        if let Some(i) = TLS_ENDS.iter().position(|e| Some(e.as_str()) == r.tls_end) {
+            self.tls_ends[i].fetch_add(1, Relaxed);
+        }
         self.bytes_to_source.fetch_add(r.bytes_recv, Relaxed);
         if let Some(d) = r.admission {
             let secs = d.as_secs_f64();
@@ -142,6 +150,19 @@ impl Metrics {
             "miggate_bytes_total{{direction=\"target_to_source\"}} {}",
             self.bytes_to_source.load(Relaxed)
         );
+        let _ = writeln!(
+            w,
+            "# HELP miggate_tls_ends_total Admitted target connections by how the source's TLS stream ended: close_notify, eof (a TCP EOF without close_notify: QEMU's main channel, QEMU before 10.0, or a cut), reset."
+        );
+        let _ = writeln!(w, "# TYPE miggate_tls_ends_total counter");
+        for (e, n) in TLS_ENDS.iter().zip(&self.tls_ends) {
+            let _ = writeln!(
+                w,
+                "miggate_tls_ends_total{{end=\"{}\"}} {}",
+                e.as_str(),
+                n.load(Relaxed)
+            );
+        }
         let _ = writeln!(
             w,
             "# HELP miggate_active_migrations Registered migrations with channels open."
@@ -227,6 +248,7 @@ mod tests {
             bytes_sent: 100,
             bytes_recv: 7,
             key_updates: 0,
+            tls_end: None,
             duration: Duration::from_secs(1),
             admission,
             ending,
@@ -238,19 +260,26 @@ mod tests {
     fn counts_and_histogram() {
         let m = Metrics::new();
         m.record(&record(Ending::Completed, Some(Duration::from_millis(3))));
+        let clean = Record {
+            tls_end: Some("close_notify"),
+            ..record(Ending::Completed, None)
+        };
+        m.record(&clean);
         m.refused(&record(Ending::Refused, None), "ticket", "expired");
         m.refused(&record(Ending::Refused, None), "nonsense", "nonsense");
         let overload = crate::outcome::OVERLOAD;
         m.refused(&record(Ending::Refused, None), overload, overload);
         let text = m.render(&Registry::new(Duration::from_secs(1)));
         for line in [
-            "miggate_connections_total{outcome=\"completed\"} 1",
+            "miggate_connections_total{outcome=\"completed\"} 2",
+            "miggate_tls_ends_total{end=\"close_notify\"} 1",
+            "miggate_tls_ends_total{end=\"eof\"} 0",
             "miggate_connections_total{outcome=\"refused\"} 3",
             "miggate_refusals_total{reason=\"overload\"} 1",
             "miggate_refusals_total{reason=\"ticket\"} 1",
             "miggate_refusals_total{reason=\"other\"} 1",
             "miggate_refusal_causes_total{reason=\"ticket\",cause=\"expired\"} 1",
-            "miggate_bytes_total{direction=\"source_to_target\"} 400",
+            "miggate_bytes_total{direction=\"source_to_target\"} 500",
             "miggate_admission_seconds_bucket{le=\"0.0025\"} 0",
             "miggate_admission_seconds_bucket{le=\"0.005\"} 1",
             "miggate_admission_seconds_bucket{le=\"+Inf\"} 1",

@@ -49,6 +49,7 @@ use crate::admit::registry::Registry;
 use crate::admit::{self, NoMain, Refusal};
 use crate::net::mtls;
 use crate::outcome::{Ending, Outcome, Sink};
+use crate::relay::native::NativeMains;
 use crate::relay::Close;
 use crate::wire::frames::{self, Verdict};
 use crate::wire::qemu::{StreamKind, SNIFF_MAX};
@@ -118,6 +119,9 @@ pub struct Target {
     sink: Option<Arc<dyn Sink>>,
     /// Main channels being forwarded on the static route.
     mains: watch::Sender<usize>,
+    /// The native-TLS ones, by what their machine types say of how their
+    /// sources end multifd channels (see `relay::native`).
+    native_mains: NativeMains,
     limits: Limits,
     pending: Mutex<PendingCount>,
     /// Main channels a postcopy preempt channel may join.
@@ -147,6 +151,7 @@ impl Target {
             stall,
             sink,
             mains: watch::Sender::new(0),
+            native_mains: NativeMains::default(),
             limits,
             pending: Mutex::default(),
             bindings: Arc::default(),
@@ -354,6 +359,18 @@ async fn handle(
             return Err(fail(admitted, Failure::Unreachable(r)));
         }
     };
+    // How this channel's TLS must end (see `relay::native`); a native main
+    // channel counts before its multifd channels may connect.
+    let (_native_main, close) = match &kind {
+        _ if miggate_peer => (None, Close::tls_peer(true, "source")),
+        StreamKind::Main { machine, .. } => (
+            Some(target.native_mains.main_channel(machine.as_deref())),
+            Close::tls_peer(false, "source QEMU"),
+        ),
+        StreamKind::Multifd { .. } => (None, target.native_mains.multifd_close()),
+        // Joined by a hello, so never from QEMU's own TLS; lenient if it were.
+        StreamKind::Preempt => (None, Close::tls_peer(false, "source QEMU")),
+    };
     // Only now that the main channel's connection to the target QEMU is
     // established (first in its accept queue) may multifd channels connect.
     let _main_guard = is_main.then(|| MainGuard::new(&mains));
@@ -398,7 +415,7 @@ async fn handle(
         tls,
         backend,
         ("source->target", "target->source"),
-        (Close::tls_peer(miggate_peer, "source"), Close::AnyEof),
+        (close, Close::AnyEof),
         idle,
         out.counters.clone(),
     );

@@ -113,6 +113,7 @@ mod tests {
             bytes_sent: 0,
             bytes_recv: 0,
             key_updates: 0,
+            tls_end: None,
             duration: Duration::ZERO,
             admission: None,
             ending,

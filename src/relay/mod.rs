@@ -9,12 +9,15 @@
 //! How a stream may end is a property of who is behind it ([`Close`]): a
 //! miggate gateway always ends its TLS stream with close_notify, so a bare
 //! EOF from one is a cut stream (the gateway died, or a FIN was injected on
-//! the path), never a completed migration.
+//! the path), never a completed migration; QEMU's own TLS depends on its
+//! version and the channel ([`native`]). How a TLS peer's stream did end
+//! is recorded on every channel ([`TlsEnd`]).
 
+pub mod native;
 pub mod rekey;
 
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -33,8 +36,24 @@ pub enum RelayError {
         #[source]
         source: std::io::Error,
     },
+    /// A TLS peer that must end with close_notify ended without it.
+    #[error("{direction}: {source}")]
+    Truncated {
+        direction: &'static str,
+        #[source]
+        source: Truncated,
+    },
     #[error("peer sent nothing for {} s: channel cut", .0.as_secs())]
     Stalled(Duration),
+}
+
+/// A TLS stream that ended with a TCP EOF but no close_notify, from a
+/// peer that always sends one ([`EndRule`] says why it must).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the {peer}'s TLS stream was cut without close_notify{}", .rule.why())]
+pub struct Truncated {
+    pub peer: &'static str,
+    pub rule: EndRule,
 }
 
 /// Byte counters, shared so that an outcome record can read them even when
@@ -47,6 +66,9 @@ pub struct Counters {
     pub back: AtomicU64,
     /// TLS key updates this side sent (`--rekey-after-mib`).
     pub key_updates: AtomicU64,
+    /// How the TLS peer's stream ended ([`TlsEnd`] as u8; 0: not yet, or
+    /// no TLS peer).
+    pub tls_end: AtomicU8,
 }
 
 impl Counters {
@@ -59,29 +81,103 @@ impl Counters {
     pub fn key_updates(&self) -> u64 {
         self.key_updates.load(Ordering::Relaxed)
     }
+    pub fn tls_end(&self) -> Option<TlsEnd> {
+        TlsEnd::from_u8(self.tls_end.load(Ordering::Relaxed))
+    }
+}
+
+/// How a TLS peer's stream ended, as read: the outcome record's `tls_end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsEnd {
+    /// close_notify, then EOF: the peer ended its stream on purpose.
+    CloseNotify,
+    /// A TCP EOF without close_notify: the peer closed its socket (QEMU's
+    /// main channel, QEMU before 10.0), or someone cut the stream.
+    Eof,
+    /// A TCP reset.
+    Reset,
+}
+
+impl TlsEnd {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsEnd::CloseNotify => "close_notify",
+            TlsEnd::Eof => "eof",
+            TlsEnd::Reset => "reset",
+        }
+    }
+    fn from_u8(v: u8) -> Option<TlsEnd> {
+        match v {
+            1 => Some(TlsEnd::CloseNotify),
+            2 => Some(TlsEnd::Eof),
+            3 => Some(TlsEnd::Reset),
+            _ => None,
+        }
+    }
+    fn to_u8(self) -> u8 {
+        match self {
+            TlsEnd::CloseNotify => 1,
+            TlsEnd::Eof => 2,
+            TlsEnd::Reset => 3,
+        }
+    }
 }
 
 /// How the end of one side's stream is judged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Close {
-    /// Any EOF is an ending: plain sockets, and QEMU's native TLS, which
-    /// closes its main channel without close_notify (QEMU's own stream
-    /// framing detects truncation there, and the target QEMU's verdict
-    /// settles a managed migration).
+    /// A plain socket (the local QEMU): its EOF is its end.
     AnyEof,
-    /// A miggate gateway (ALPN `miggate/1`) ends with close_notify: an EOF
-    /// without it fails the channel. `peer` names it in the reason.
-    CloseNotify { peer: &'static str },
+    /// A TLS peer, `peer` naming it in reasons: how its stream ended is
+    /// recorded, and `rule` says whether an EOF without close_notify
+    /// fails the channel.
+    Tls { peer: &'static str, rule: EndRule },
+}
+
+/// Whether a TLS peer must end its stream with close_notify, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndRule {
+    /// Any EOF is an ending: QEMU's native TLS where it is not known to
+    /// send close_notify (every main channel; multifd channels of a source
+    /// not known to be 10.0 or later: see [`native`]). QEMU's own stream
+    /// framing detects truncation there, and the target QEMU's verdict
+    /// settles a managed migration.
+    AnyEof,
+    /// A miggate gateway (ALPN `miggate/1`) always ends with close_notify.
+    Miggate,
+    /// A multifd channel of a QEMU source whose main channel carried a
+    /// machine type of this version (10.0 or later): such a QEMU ends every
+    /// multifd channel with close_notify ([`native`]).
+    QemuMultifd { machine_version: (u16, u16) },
+}
+
+impl EndRule {
+    /// Why close_notify was required, for the reason ("" for a gateway:
+    /// the reason operators and tests know).
+    fn why(self) -> String {
+        match self {
+            EndRule::AnyEof | EndRule::Miggate => String::new(),
+            EndRule::QemuMultifd {
+                machine_version: (major, minor),
+            } => format!(
+                " (its machine type is version {major}.{minor}, and QEMU 10.0 or later ends every multifd channel with close_notify)"
+            ),
+        }
+    }
 }
 
 impl Close {
-    /// The rule for a TLS peer: strict when it negotiated `miggate/1`.
+    /// The rule for a TLS peer: strict when it negotiated `miggate/1`;
+    /// for QEMU's native TLS, any EOF (a target gateway makes a native
+    /// source's multifd channels strict when it knows better:
+    /// [`native::NativeMains::multifd_close`]).
     pub fn tls_peer(miggate_peer: bool, peer: &'static str) -> Close {
-        if miggate_peer {
-            Close::CloseNotify { peer }
+        let rule = if miggate_peer {
+            EndRule::Miggate
         } else {
-            Close::AnyEof
-        }
+            EndRule::AnyEof
+        };
+        Close::Tls { peer, rule }
     }
 }
 
@@ -151,20 +247,25 @@ where
     .await
 }
 
-/// Which step of a pump failed: reading its source, writing its sink, or
+/// Which step of a pump failed: reading its source, writing its sink,
 /// closing the sink (the last flush and the FIN / close_notify) after the
-/// source ended.
+/// source ended, or the source's TLS stream ended without a close_notify
+/// its [`Close`] requires.
 #[derive(Debug)]
 enum PumpError {
     Read(std::io::Error),
     Write(std::io::Error),
     Close(std::io::Error),
+    Truncated(Truncated),
 }
 
 impl PumpError {
-    fn into_io(self) -> std::io::Error {
+    fn into_relay(self, direction: &'static str) -> RelayError {
         match self {
-            PumpError::Read(e) | PumpError::Write(e) | PumpError::Close(e) => e,
+            PumpError::Read(source) | PumpError::Write(source) | PumpError::Close(source) => {
+                RelayError::Io { direction, source }
+            }
+            PumpError::Truncated(source) => RelayError::Truncated { direction, source },
         }
     }
 }
@@ -173,6 +274,7 @@ async fn pump<R, W>(
     mut r: R,
     mut w: W,
     close: Close,
+    counters: &Counters,
     count: &AtomicU64,
     act: &Activity,
 ) -> Result<(), PumpError>
@@ -182,6 +284,13 @@ where
 {
     let mut buf = vec![0u8; BUF];
     let mut deferred = Deferred::default();
+    // Only a TLS reader's end says something (a plain socket's EOF is its
+    // only end): recorded as soon as it is read.
+    let tls_ended = |end: TlsEnd| {
+        if let Close::Tls { .. } = close {
+            counters.tls_end.store(end.to_u8(), Ordering::Relaxed);
+        }
+    };
     // A TLS writer may keep what it was given (tokio-rustls returns from a
     // write once rustls holds the records, even if the socket is full) until
     // the next write or flush. When the reader has nothing more for now,
@@ -199,20 +308,29 @@ where
             }
         };
         let n = match read {
-            Ok(0) => break,
+            // rustls reads close_notify as EOF (Ok(0)) ...
+            Ok(0) => {
+                tls_ended(TlsEnd::CloseNotify);
+                break;
+            }
             Ok(n) => n,
-            // A TLS peer that closed without close_notify (rustls reports it
-            // as UnexpectedEof): see [`Close`].
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => match close {
-                Close::AnyEof => break,
-                Close::CloseNotify { peer } => {
-                    return Err(PumpError::Read(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        format!("the {peer}'s TLS stream was cut without close_notify"),
-                    )))
+            // ... and a TCP EOF without it as UnexpectedEof: see [`Close`].
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                tls_ended(TlsEnd::Eof);
+                match close {
+                    Close::Tls {
+                        peer,
+                        rule: rule @ (EndRule::Miggate | EndRule::QemuMultifd { .. }),
+                    } => return Err(PumpError::Truncated(Truncated { peer, rule })),
+                    _ => break,
                 }
-            },
-            Err(e) => return Err(PumpError::Read(e)),
+            }
+            Err(e) => {
+                if e.kind() == std::io::ErrorKind::ConnectionReset {
+                    tls_ended(TlsEnd::Reset);
+                }
+                return Err(PumpError::Read(e));
+            }
         };
         act.touch();
         w.write_all(&buf[..n]).await.map_err(PumpError::Write)?;
@@ -258,33 +376,40 @@ where
     };
     let (ar, aw) = tokio::io::split(a);
     let (br, bw) = tokio::io::split(b);
-    let mut fwd = pin!(pump(ar, bw, closes.0, &counters.forward, &act));
-    let mut back = pin!(pump(br, aw, closes.1, &counters.back, &act));
+    let mut fwd = pin!(pump(ar, bw, closes.0, &counters, &counters.forward, &act));
+    let mut back = pin!(pump(br, aw, closes.1, &counters, &counters.back, &act));
     let (mut fwd_done, mut back_done) = (false, false);
     while !(fwd_done && back_done) {
         let deadline = act.last() + stall;
         tokio::select! {
             r = &mut fwd, if !fwd_done => {
                 fwd_done = true;
-                let r = match r {
+                match r {
                     // `a` reset once our side towards it had ended: see `ending`.
-                    Err(PumpError::Read(e)) => ending(Err(e), back_done),
+                    Err(PumpError::Read(e)) => ending(Err(e), back_done)
+                        .map_err(|source| RelayError::Io { direction: names.0, source })?,
                     // `a` ended and `b` had already closed when our end of
                     // the stream reached it (a target QEMU shuts a multifd
                     // channel down as soon as it has loaded the VM): `b`'s
                     // goodbye. Its own direction, still judged, says whether
                     // it ended well.
-                    Err(PumpError::Close(e)) => ending(Err(e), true),
+                    Err(PumpError::Close(e)) => ending(Err(e), true)
+                        .map_err(|source| RelayError::Io { direction: names.0, source })?,
                     // Data towards `b` that `b` refused (it had closed and
-                    // resets what we still send): a failure, never a goodbye.
-                    r => r.map_err(PumpError::into_io),
-                };
-                r.map_err(|source| RelayError::Io { direction: names.0, source })?;
+                    // resets what we still send), or `a` cut: a failure,
+                    // never a goodbye.
+                    r => r.map_err(|e| e.into_relay(names.0))?,
+                }
             }
             r = &mut back, if !back_done => {
                 back_done = true;
-                ending(r.map_err(PumpError::into_io), fwd_done)
-                    .map_err(|source| RelayError::Io { direction: names.1, source })?;
+                match r {
+                    Err(PumpError::Read(e) | PumpError::Write(e) | PumpError::Close(e)) => {
+                        ending(Err(e), fwd_done)
+                            .map_err(|source| RelayError::Io { direction: names.1, source })?
+                    }
+                    r => r.map_err(|e| e.into_relay(names.1))?,
+                }
             }
             _ = tokio::time::sleep_until(deadline) => {
                 if act.last() + stall <= Instant::now() {
@@ -350,34 +475,68 @@ mod tests {
     }
 
     /// rustls reports a TCP EOF without close_notify as UnexpectedEof: an
-    /// ending for QEMU's native TLS, a cut stream for a miggate gateway.
+    /// ending for QEMU's native TLS where it may end so, a cut stream for a
+    /// miggate gateway or a QEMU 10 multifd channel; recorded either way.
     #[tokio::test]
-    async fn eof_without_close_notify_fails_only_a_miggate_peer() {
+    async fn eof_without_close_notify_fails_only_a_strict_peer() {
         let act = Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
         };
-        let count = AtomicU64::new(0);
+        let counters = Counters::default();
+        let count = &counters.forward;
         let cut = || Script(vec![vec![7; 100]], Some(std::io::ErrorKind::UnexpectedEof));
-        pump(cut(), tokio::io::sink(), Close::AnyEof, &count, &act)
+        let native = Close::tls_peer(false, "source");
+        pump(cut(), tokio::io::sink(), native, &counters, count, &act)
             .await
             .unwrap();
+        assert_eq!(counters.tls_end(), Some(TlsEnd::Eof));
         let strict = Close::tls_peer(true, "source");
-        let err = pump(cut(), tokio::io::sink(), strict, &count, &act)
+        let err = pump(cut(), tokio::io::sink(), strict, &counters, count, &act)
             .await
             .unwrap_err()
-            .into_io();
+            .into_relay("source->target");
         assert_eq!(
             err.to_string(),
-            "the source's TLS stream was cut without close_notify"
+            "source->target: the source's TLS stream was cut without close_notify"
         );
-        // The bytes before the cut were delivered and counted both times.
-        assert_eq!(count.load(Ordering::Relaxed), 200);
+        let qemu10 = Close::Tls {
+            peer: "source QEMU",
+            rule: EndRule::QemuMultifd {
+                machine_version: (10, 0),
+            },
+        };
+        let err = pump(cut(), tokio::io::sink(), qemu10, &counters, count, &act)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, PumpError::Truncated(_)), "{err:?}");
+        assert!(
+            err.into_relay("d").to_string().starts_with(
+                "d: the source QEMU's TLS stream was cut without close_notify (its machine type is version 10.0"
+            )
+        );
+        // The bytes before the cut were delivered and counted every time.
+        assert_eq!(counters.forward(), 300);
         // A clean EOF (close_notify received) is an ending either way.
         let clean = Script(vec![vec![7; 10]], None);
-        pump(clean, tokio::io::sink(), strict, &count, &act)
+        pump(clean, tokio::io::sink(), strict, &counters, count, &act)
             .await
             .unwrap();
+        assert_eq!(counters.tls_end(), Some(TlsEnd::CloseNotify));
+        // A plain socket's EOF records nothing.
+        let plain = Counters::default();
+        let eof = Script(vec![vec![7; 10]], None);
+        pump(
+            eof,
+            tokio::io::sink(),
+            Close::AnyEof,
+            &plain,
+            &plain.forward,
+            &act,
+        )
+        .await
+        .unwrap();
+        assert_eq!(plain.tls_end(), None);
     }
 
     /// A QEMU at the end of a migration, as the relay meets it: its reads

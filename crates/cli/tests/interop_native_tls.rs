@@ -2,7 +2,8 @@
 
 mod common;
 
-use common::qemu::{Guest, NativeTls, Qemu, QemuOpts, TlsEndpoint};
+use common::native::{multifd_init_packet, native_tls_source, native_tls_target, NativeOpts};
+use common::qemu::Qemu;
 use common::scenario::*;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
@@ -57,30 +58,12 @@ async fn qemu_native_tls_source_into_miggate_target(
 ) {
     let pki = pki();
     let pki = pki_dir(&pki);
-    let mut src_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 41 }, 128);
-    src_opts.tls = Some(NativeTls {
-        dir: pki.clone(),
-        endpoint: TlsEndpoint::Client,
-        authz_identity: None,
-        priority: None,
-    });
-    let mut dst_opts = QemuOpts::new(Guest::PausedRandomRam { seed: 41 }, 128).as_incoming();
-    versions.apply(&mut src_opts, &mut dst_opts);
-    let (mut src, mut dst) = Qemu::pair(src_opts, dst_opts).await.unwrap();
-    src.set_unlimited_bandwidth().await.unwrap();
-    src.set_native_tls_parameters(Some("127.0.0.1"))
-        .await
-        .unwrap();
-    capabilities(&mut src, &mut dst, &[("return-path", return_path)]).await;
-    if let Some(n) = multifd {
-        capabilities(&mut src, &mut dst, &[("multifd", true)]).await;
-        for q in [&mut src, &mut dst] {
-            q.set_parameters(json!({ "multifd-channels": n }))
-                .await
-                .unwrap();
-        }
-    }
-    let port = dst.migrate_incoming_any_port().await.unwrap();
+    let opts = NativeOpts {
+        multifd,
+        return_path,
+        ..NativeOpts::new(versions)
+    };
+    let (mut src, mut dst, port) = native_tls_source(&pki, opts).await;
     let mut tgw = target_gateway(&pki, port, &["--authz-identity", SOURCE_DN]).await;
     let hash = src.ram_sha256().await.unwrap();
     migrate_and_expect_completed(&mut src, &mut dst, &format!("tcp:{}", tgw.addr)).await;
@@ -329,21 +312,8 @@ async fn stray_multifd_channel_waits_for_a_main_channel_then_gives_up() {
     );
 }
 
-/// The 64-byte multifd init packet a source QEMU without `-uuid` sends
-/// first on multifd channel `channel` (src/wire/qemu.rs has the layout).
-fn multifd_init_packet(channel: u8) -> Vec<u8> {
-    let mut p = Vec::with_capacity(64);
-    p.extend_from_slice(&0x1122_3344u32.to_be_bytes());
-    p.extend_from_slice(&1u32.to_be_bytes());
-    p.extend_from_slice(&[0; 16]);
-    p.push(channel);
-    p.resize(64, 0);
-    p
-}
-
-/// A paused source with random RAM and a target QEMU with native TLS that
-/// allows `allowed_dn` (and the GnuTLS `priority`, if any), with `multifd`
-/// channels if given, on `versions`; returns the target's TLS port.
+/// [`native_tls_target`] with `return-path` (the source only reports
+/// success once the target loaded it) and `multifd` channels if given.
 async fn native_target(
     pki: &std::path::Path,
     allowed_dn: &str,
@@ -351,28 +321,10 @@ async fn native_target(
     multifd: Option<u8>,
     versions: Versions,
 ) -> (Qemu, Qemu, u16) {
-    let mut opts = QemuOpts::new(Guest::PausedRandomRam { seed: 42 }, 128);
-    let mut dst_opts = opts.as_incoming();
-    versions.apply(&mut opts, &mut dst_opts);
-    dst_opts.tls = Some(NativeTls {
-        dir: pki.to_path_buf(),
-        endpoint: TlsEndpoint::Server,
-        authz_identity: Some(allowed_dn.to_string()),
-        priority: priority.map(str::to_owned),
-    });
-    let (mut src, mut dst) = Qemu::pair(opts, dst_opts).await.unwrap();
-    // return-path: the source only reports success once the target loaded it.
-    capabilities(&mut src, &mut dst, &[("return-path", true)]).await;
-    if let Some(n) = multifd {
-        capabilities(&mut src, &mut dst, &[("multifd", true)]).await;
-        for q in [&mut src, &mut dst] {
-            q.set_parameters(json!({ "multifd-channels": n }))
-                .await
-                .unwrap();
-        }
-    }
-    src.set_unlimited_bandwidth().await.unwrap();
-    dst.set_native_tls_parameters(None).await.unwrap();
-    let port = dst.migrate_incoming_any_port().await.unwrap();
-    (src, dst, port)
+    let opts = NativeOpts {
+        multifd,
+        return_path: true,
+        ..NativeOpts::new(versions)
+    };
+    native_tls_target(pki, allowed_dn, priority, opts).await
 }

@@ -6,6 +6,7 @@
 pub mod daemon;
 pub mod gateway;
 pub mod guest;
+pub mod native;
 pub mod nobody;
 pub mod qemu;
 pub mod scenario;
