@@ -12,9 +12,13 @@
 //! ```
 //!
 //! With `--authz-list-file F` the target gets `authz-list-file` (QEMU's
-//! live-reloaded ACL); QEMU 7.2 cannot create that object (its QAPI and
-//! QOM names disagree), so the rules of F are then loaded into an
-//! `authz-list` instead, which does not follow later edits of F.
+//! live-reloaded ACL) where its `object-add` accepts that `qom-type`, as
+//! its QMP schema says. QEMU 7.2 and 10.0 do not (their QAPI enum names
+//! it `authz-listfile`, which is no QOM type, so neither name can be
+//! created): there the rules of F are loaded into an `authz-list`
+//! instead, which does not follow later edits of F, and the command says
+//! so. Where the schema does accept it, a refusal is an error: falling
+//! back would silently drop the live reload the operator asked for.
 
 use std::path::{Path, PathBuf};
 
@@ -23,12 +27,13 @@ use serde_json::{json, Value};
 use super::args::{host_of, MigrateArgs};
 use super::progress::Reporter;
 use crate::authz::{Authz, Decision, List, Simple};
-use crate::error::chain;
 use crate::net::HostPort;
 use crate::qmp::{MigrationParameters, Qmp, QmpError};
 
 pub const CREDS_ID: &str = "miggate-tls0";
 pub const AUTHZ_ID: &str = "miggate-authz0";
+/// QEMU's live-reloaded ACL file object (its QOM type name).
+pub const AUTHZ_LIST_FILE: &str = "authz-list-file";
 
 /// Where the target QEMU listens unless `--connect` says otherwise: both
 /// QMP sockets are local, so both QEMUs are too.
@@ -89,6 +94,15 @@ pub fn authz_list_props(list: &List) -> Value {
     })
 }
 
+/// Why `object-add` will not take `authz-list-file`, from its `qom-type`s.
+fn why_no_list_file(types: &[String]) -> &'static str {
+    if types.iter().any(|t| t == "authz-listfile") {
+        "its object-add does not accept that qom-type (the QMP schema names it authz-listfile, which is no QOM type)"
+    } else {
+        "its object-add does not accept that qom-type"
+    }
+}
+
 /// Why native TLS mode could not prepare the two QEMUs.
 #[derive(Debug, thiserror::Error)]
 pub enum NativeError {
@@ -117,6 +131,12 @@ pub enum NativeError {
         name: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("the target QEMU cannot load {name} as authz-list-file (the QEMU process must be able to read it)")]
+    AuthzListFile {
+        name: String,
+        #[source]
+        source: QmpError,
     },
     #[error("{name}")]
     Acl {
@@ -263,26 +283,33 @@ impl Native {
             source,
         })?;
         let decision = list.check(dn);
-        let as_file = json!({
-            "qom-type": "authz-list-file", "id": AUTHZ_ID, "filename": name, "refresh": true,
-        });
-        let refused = match replace_object(target, as_file).await {
-            Ok(()) => {
-                return Ok((
-                    format!("authz-list-file {name} (reloaded on change)"),
-                    decision,
-                ))
-            }
-            Err(e @ QmpError::Command { .. }) => e,
-            Err(e) => return Err(q(e)),
-        };
-        target
-            .object_add(authz_list_props(&list))
+        // Asked, not tried: a failed object-add of a type QEMU does accept
+        // is a real error (an unreadable file), not a missing feature.
+        let types = target.object_add_types().await.map_err(q)?;
+        if types.iter().any(|t| t == AUTHZ_LIST_FILE) {
+            let as_file = json!({
+                "qom-type": AUTHZ_LIST_FILE, "id": AUTHZ_ID, "filename": name, "refresh": true,
+            });
+            replace_object(target, as_file)
+                .await
+                .map_err(|source| NativeError::AuthzListFile {
+                    name: name.to_string(),
+                    source,
+                })?;
+            return Ok((
+                format!("{AUTHZ_LIST_FILE} {name} (reloaded on change)"),
+                decision,
+            ));
+        }
+        replace_object(target, authz_list_props(&list))
             .await
             .map_err(q)?;
+        let version = target
+            .qemu_version()
+            .map_or_else(String::new, |(a, b, c)| format!(" ({a}.{b}.{c})"));
         rep.note(&format!(
-            "this QEMU cannot create authz-list-file ({}); its {} rule(s) were loaded into an authz-list instead, which does not follow later edits of the file",
-            chain(&refused),
+            "this QEMU{version} cannot create {AUTHZ_LIST_FILE}: {}; its {} rule(s) were loaded into an authz-list instead, which does not follow later edits of the file",
+            why_no_list_file(&types),
             list.rules().len()
         ));
         Ok((format!("authz-list from {name}"), decision))
@@ -328,6 +355,153 @@ impl Native {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+    /// A QMP peer on a unix socket in `dir`: answers each command with
+    /// `answers[name]` (default `{"return": {}}`) and returns what it was sent.
+    fn scripted_qmp(
+        dir: &Path,
+        answers: Vec<(&'static str, Value)>,
+    ) -> (PathBuf, tokio::task::JoinHandle<Vec<Value>>) {
+        let path = dir.join("qmp.sock");
+        let listener = tokio::net::UnixListener::bind(&path).unwrap();
+        let task = tokio::spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (r, mut w) = stream.into_split();
+            let greeting = json!({"QMP": {"version": {"qemu": {"major": 99, "minor": 1, "micro": 0}}, "capabilities": []}});
+            w.write_all(format!("{greeting}\n").as_bytes())
+                .await
+                .unwrap();
+            let mut lines = BufReader::new(r).lines();
+            let mut seen = Vec::new();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let req: Value = serde_json::from_str(&line).unwrap();
+                let name = req["execute"].as_str().unwrap_or_default();
+                let mut answer = answers
+                    .iter()
+                    .find(|(n, _)| *n == name)
+                    .map_or_else(|| json!({"return": {}}), |(_, a)| a.clone());
+                answer["id"] = req["id"].clone();
+                w.write_all(format!("{answer}\n").as_bytes()).await.unwrap();
+                seen.push(req);
+            }
+            seen
+        });
+        (path, task)
+    }
+
+    /// A schema whose object-add takes `types` as qom-type.
+    fn schema(types: &[&str]) -> Value {
+        json!({"return": [
+            {"name": "object-add", "meta-type": "command", "arg-type": "1", "ret-type": "0"},
+            {"name": "1", "meta-type": "object", "members": [{"name": "qom-type", "type": "2"}]},
+            {"name": "2", "meta-type": "enum", "values": types},
+        ]})
+    }
+
+    #[derive(Clone, Default)]
+    struct Notes(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Notes {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// `authz_from_file` against a scripted QEMU: its result, the
+    /// `object-add`s it sent, and the reporter's output.
+    async fn from_file(
+        answers: Vec<(&'static str, Value)>,
+    ) -> (Result<(String, Decision), NativeError>, Vec<Value>, String) {
+        let dir = tempfile::tempdir().unwrap();
+        let acl = dir.path().join("acl.json");
+        std::fs::write(
+            &acl,
+            r#"{"rules":[{"match":"O=a,CN=*","policy":"allow","format":"glob"}],"policy":"deny"}"#,
+        )
+        .unwrap();
+        let (path, peer) = scripted_qmp(dir.path(), answers);
+        let notes = Notes::default();
+        let mut rep = Reporter::to_writer(true, Box::new(notes.clone()));
+        let mut q = Qmp::connect_unix(&path).await.unwrap();
+        let r = Native::authz_from_file(&mut q, &acl, "O=a,CN=b", &mut rep).await;
+        drop(q);
+        let adds = peer
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|c| c["execute"] == "object-add")
+            .collect();
+        let out = String::from_utf8(notes.0.lock().unwrap().clone()).unwrap();
+        (r, adds, out)
+    }
+
+    #[tokio::test]
+    async fn acl_file_becomes_authz_list_file_where_object_add_takes_it() {
+        let (r, adds, out) = from_file(vec![(
+            "query-qmp-schema",
+            schema(&["authz-list", "authz-list-file"]),
+        )])
+        .await;
+        let (what, decision) = r.unwrap();
+        assert!(what.starts_with("authz-list-file "), "{what}");
+        assert_eq!(decision, Decision::Allow);
+        assert_eq!(adds.len(), 1, "{adds:?}");
+        assert_eq!(adds[0]["arguments"]["qom-type"], "authz-list-file");
+        assert_eq!(adds[0]["arguments"]["refresh"], true);
+        assert!(!out.contains("note"), "{out}");
+    }
+
+    /// A QEMU that can create authz-list-file but refuses this one (QEMU
+    /// cannot read the file): an error with QEMU's reason, no fallback.
+    #[tokio::test]
+    async fn authz_list_file_refused_by_a_qemu_that_has_it_is_an_error() {
+        let (r, adds, out) = from_file(vec![
+            (
+                "query-qmp-schema",
+                schema(&["authz-list", "authz-list-file"]),
+            ),
+            (
+                "object-add",
+                json!({"error": {"class": "GenericError",
+                                 "desc": "Unable to read '/x/acl.json': Permission denied"}}),
+            ),
+        ])
+        .await;
+        let e = r.unwrap_err();
+        assert!(matches!(e, NativeError::AuthzListFile { .. }), "{e:?}");
+        let text = crate::error::chain(&e);
+        assert!(
+            text.contains("cannot load") && text.contains("Permission denied"),
+            "{text}"
+        );
+        assert_eq!(adds.len(), 1, "no authz-list fallback: {adds:?}");
+        assert!(!out.contains("note"), "{out}");
+    }
+
+    /// QEMU 7.2 to 10.0: the schema says authz-listfile; nothing is tried
+    /// with authz-list-file, the rules go into an authz-list, with a note.
+    #[tokio::test]
+    async fn acl_file_falls_back_to_authz_list_where_object_add_lacks_it() {
+        let (r, adds, out) = from_file(vec![(
+            "query-qmp-schema",
+            schema(&["authz-list", "authz-listfile", "authz-simple"]),
+        )])
+        .await;
+        assert!(r.unwrap().0.starts_with("authz-list from "));
+        assert_eq!(adds.len(), 1, "{adds:?}");
+        assert_eq!(adds[0]["arguments"]["qom-type"], "authz-list");
+        assert!(
+            out.contains("this QEMU (99.1.0) cannot create authz-list-file")
+                && out.contains("names it authz-listfile")
+                && out.contains("1 rule(s)"),
+            "{out}"
+        );
+    }
 
     #[test]
     fn acl_file_becomes_authz_list_props() {

@@ -27,7 +27,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 use clap::ValueEnum;
 
-use miggate_lab::{self as lab, Accel};
+use miggate_lab::{self as lab, Accel, QemuVersion};
 
 /// The start of a real QEMU 7.2 main channel (no UUID): what the relay-only
 /// generator and the handshake client send so that the target gateway's
@@ -112,6 +112,39 @@ pub enum AccelArg {
     Tcg,
 }
 
+/// `--qemu` of `miggate bench` and `miggate demo`: which QEMU runs both
+/// sides (the lab's [`QemuVersion`], which knows each one's binary and `-L`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, ValueEnum)]
+pub enum QemuArg {
+    /// The system's qemu-system-x86_64 (7.2 on Debian 12).
+    #[default]
+    System,
+    /// QEMU 10.0 as scripts/setup.sh unpacks it ($MIGGATE_QEMU10_DIR,
+    /// default /opt/miggate/qemu-10.0).
+    #[value(name = "10.0")]
+    V10_0,
+}
+
+impl From<QemuArg> for QemuVersion {
+    fn from(q: QemuArg) -> QemuVersion {
+        match q {
+            QemuArg::System => QemuVersion::System,
+            QemuArg::V10_0 => QemuVersion::V10_0,
+        }
+    }
+}
+
+/// Why the chosen QEMU is not there, in a table cell.
+fn qemu_absent(q: QemuVersion) -> String {
+    match q {
+        QemuVersion::System => format!("not installed (qemu-system-x86_64; {})", lab::INSTALL_QEMU),
+        QemuVersion::V10_0 => {
+            "not installed (QEMU 10.0: scripts/setup.sh unpacks it, or set $MIGGATE_QEMU10_DIR)"
+                .into()
+        }
+    }
+}
+
 #[derive(Debug, Clone, clap::Args)]
 pub struct BenchArgs {
     /// Guest RAM in MiB, filled with random bytes (nothing compresses or is
@@ -155,6 +188,10 @@ pub struct BenchArgs {
     /// QEMU accelerator (default: $MIGGATE_ACCEL, else KVM when usable).
     #[arg(long, value_enum)]
     pub accel: Option<AccelArg>,
+    /// The QEMU of both sides: the system's, or 10.0 from scripts/setup.sh.
+    /// The header line names the version measured.
+    #[arg(long, value_enum, default_value = "system")]
+    pub qemu: QemuArg,
     /// Cache of guest RAM files (default: $XDG_CACHE_HOME/miggate or ~/.cache/miggate).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
@@ -197,13 +234,10 @@ const ALL: [Transport; 9] = [
     Transport::MiggateFlood,
 ];
 
-/// Why a transport has no figures.
-fn missing(t: Transport, inst: &peers::Installed, qemu: bool) -> Option<String> {
-    if !qemu {
-        return Some(format!(
-            "skipped: not installed (qemu-system-x86_64; {})",
-            lab::INSTALL_QEMU
-        ));
+/// Why a transport has no figures; `qemu_absent`: why the QEMU is missing.
+fn missing(t: Transport, inst: &peers::Installed, qemu_absent: Option<&str>) -> Option<String> {
+    if let Some(why) = qemu_absent {
+        return Some(format!("skipped: {why}"));
     }
     match t {
         Transport::Stunnel if inst.stunnel.is_none() => {
@@ -236,8 +270,10 @@ pub async fn run(mut args: BenchArgs) -> Result<()> {
         Some(AccelArg::Tcg) => Some(Accel::Tcg),
         None => None,
     };
-    let qemu_bin = lab::qemu_binary().ok();
-    println!("{}", machine(qemu_bin.as_deref(), accel));
+    let qemu = QemuVersion::from(args.qemu);
+    let qemu_cmd = qemu.command().ok();
+    let absent = qemu_cmd.is_none().then(|| qemu_absent(qemu));
+    println!("{}", machine(qemu, qemu_cmd.as_ref(), accel));
 
     if !args.no_migration {
         let transports: Vec<Transport> = if args.transports.is_empty() {
@@ -257,7 +293,7 @@ pub async fn run(mut args: BenchArgs) -> Result<()> {
                 w,
                 &transports,
                 &inst,
-                qemu_bin.is_some(),
+                absent.as_deref(),
                 &pki,
                 work.path(),
                 accel,
@@ -285,7 +321,13 @@ pub async fn run(mut args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn machine(qemu: Option<&std::path::Path>, accel: Option<Accel>) -> String {
+/// The header line: the machine, and the QEMU measured (its own
+/// `--version` and path, so a table always says which one it was).
+fn machine(
+    qemu: QemuVersion,
+    command: Option<&(PathBuf, Vec<String>)>,
+    accel: Option<Accel>,
+) -> String {
     let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
     let model = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -296,16 +338,21 @@ fn machine(qemu: Option<&std::path::Path>, accel: Option<Accel>) -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into());
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let qemu_version = qemu
-        .and_then(|q| std::process::Command::new(q).arg("--version").output().ok())
-        .map(|o| {
-            String::from_utf8_lossy(&o.stdout)
+    let qemu_version = command
+        .and_then(|(bin, pre)| {
+            let o = std::process::Command::new(bin)
+                .args(pre)
+                .arg("--version")
+                .output()
+                .ok()?;
+            let first = String::from_utf8_lossy(&o.stdout)
                 .lines()
                 .next()
                 .unwrap_or("")
-                .to_owned()
+                .to_owned();
+            Some(format!("{first} from {}", bin.display()))
         })
-        .unwrap_or_else(|| "QEMU not installed".into());
+        .unwrap_or_else(|| format!("{qemu} not installed"));
     let accel = accel.map_or_else(
         || lab::accel().map_or_else(|e| e.to_string(), |a| a.to_string()),
         |a| a.to_string(),
@@ -330,7 +377,7 @@ async fn migrations(
     w: Workload,
     transports: &[Transport],
     inst: &peers::Installed,
-    qemu: bool,
+    qemu_absent: Option<&str>,
     pki: &std::path::Path,
     workdir: &std::path::Path,
     accel: Option<Accel>,
@@ -343,6 +390,7 @@ async fn migrations(
         ram_mib: args.ram_mib,
         channels: args.channels,
         accel,
+        qemu: args.qemu.into(),
         ram_cache: args.cache_dir.as_deref(),
         local: args.local,
         flood: args.flood,
@@ -350,7 +398,7 @@ async fn migrations(
     let runnable: Vec<Transport> = transports
         .iter()
         .copied()
-        .filter(|t| missing(*t, inst, qemu).is_none())
+        .filter(|t| missing(*t, inst, qemu_absent).is_none())
         .collect();
     let warmup = usize::from(!args.no_warmup);
     let rounds = args.rounds as usize + warmup;
@@ -415,7 +463,7 @@ async fn migrations(
     let per_gib = |s: &migration::Sample, cpu: f64| cpu / (s.bytes.max(1) as f64 / GIB);
     let plain = med(Transport::Plain, |s| s.seconds);
     for &t in transports {
-        if let Some(why) = missing(t, inst, qemu).or_else(|| errors.get(&t).cloned()) {
+        if let Some(why) = missing(t, inst, qemu_absent).or_else(|| errors.get(&t).cloned()) {
             let _ = writeln!(out, "{:<18} {why}", t.name());
             continue;
         }

@@ -13,7 +13,7 @@ use super::flood::Hostiles;
 use super::local::LocalKind;
 use super::peers::{self, Installed, MiggateChecks, TLS_HOSTNAME};
 use super::{sys, Transport, Workload};
-use miggate_lab::{Accel, Guest, NativeTls, Qemu, QemuOpts, TlsEndpoint};
+use miggate_lab::{Accel, Guest, NativeTls, Qemu, QemuOpts, QemuVersion, TlsEndpoint};
 
 /// Time allowed for one migration (1 GiB through the slowest transport on a
 /// busy 2-core machine takes well under a minute).
@@ -49,6 +49,8 @@ pub struct Setup<'a> {
     pub ram_mib: u32,
     pub channels: u32,
     pub accel: Option<Accel>,
+    /// Both sides' QEMU.
+    pub qemu: QemuVersion,
     pub ram_cache: Option<&'a Path>,
     /// The local hops of the layered transports.
     pub local: LocalKind,
@@ -66,6 +68,7 @@ pub async fn migrate_once(t: Transport, workload: Workload, s: &Setup<'_>) -> Re
     let mut sopts = QemuOpts::new(guest, s.ram_mib);
     sopts.uuid = Some(uuid);
     sopts.accel = s.accel;
+    sopts.qemu = s.qemu;
     sopts.ram_cache = s.ram_cache.map(Path::to_path_buf);
     let mut dopts = sopts.as_incoming();
     if t.native_tls() {

@@ -30,6 +30,9 @@ pub struct DemoArgs {
     /// multifd channels for the migration (0: one channel).
     #[arg(long, default_value_t = 0)]
     pub multifd: u8,
+    /// The QEMU of both sides: the system's, or 10.0 from scripts/setup.sh.
+    #[arg(long, value_enum, default_value = "system")]
+    pub qemu: miggate_bench::QemuArg,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,10 +110,16 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     let vm_uuid = uuid::Uuid::new_v4();
     let mut opts = QemuOpts::new(Guest::RunningCounter, DEMO_RAM_MIB);
     opts.uuid = Some(vm_uuid);
+    opts.qemu = args.qemu.into();
     let (mut src, mut dst, src_qmp, dst_qmp) = Qemu::pair_with_qmp(&opts, &dir).await?;
     let accel = lab::accel()?;
+    // The version QEMU itself announces, not the one asked for.
+    let version = src.qmp.qemu_version().map_or_else(
+        || opts.qemu.to_string(),
+        |(a, b, c)| format!("QEMU {a}.{b}.{c}"),
+    );
     rep.step(&format!(
-        "[2/5] QEMU: source (pid {}) boots a guest that counts and dirties its memory; target (pid {}) waits with -incoming defer; both VM {vm_uuid}, {DEMO_RAM_MIB} MiB, {accel}",
+        "[2/5] {version}: source (pid {}) boots a guest that counts and dirties its memory; target (pid {}) waits with -incoming defer; both VM {vm_uuid}, {DEMO_RAM_MIB} MiB, {accel}",
         src.pid().unwrap_or(0),
         dst.pid().unwrap_or(0),
     ));

@@ -3,7 +3,9 @@
 //! installs every peer (QEMU, stunnel4, socat), so a transport the bench
 //! skips as "not installed" fails this test with the install hint instead
 //! of passing unmeasured. No timing assertions: CI machines are too noisy
-//! for that; the README's table comes from full runs.
+//! for that; the README's table comes from full runs. Also the smallest
+//! runs of `bench` and `demo` with `--qemu 10.0` (seconds each): they must
+//! run on that QEMU and say so.
 
 mod common;
 
@@ -78,4 +80,67 @@ fn quick_bench_measures_every_transport() {
     assert!(out.contains("p50 ") && out.contains("p99 "), "{out}");
     assert!(out.contains("per open channel"), "{out}");
     assert!(out.contains("per handshake stalled"), "{out}");
+}
+
+/// `--qemu 10.0`, smallest case (16 MiB, one round, plain and miggate, no
+/// relay-only or handshake part): the header names QEMU 10.0 as measured.
+#[test]
+fn bench_on_qemu10_names_it_in_the_header() {
+    // Fails with the setup hint when QEMU 10.0 is missing.
+    common::qemu::QemuVersion::V10_0.command().unwrap();
+    let run = Command::new(BIN)
+        .args([
+            "bench",
+            "--qemu",
+            "10.0",
+            "--ram-mib",
+            "16",
+            "--rounds",
+            "1",
+            "--no-warmup",
+            "--transports",
+            "plain,miggate",
+            "--relay-mib",
+            "0",
+            "--handshakes",
+            "0",
+        ])
+        .output()
+        .expect("run miggate bench");
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "miggate bench --qemu 10.0 failed:\n{out}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let header = out.lines().next().unwrap_or_default();
+    assert!(
+        header.contains(", QEMU emulator version 10.0."),
+        "the header should name QEMU 10.0: {header}"
+    );
+    for t in ["plain", "miggate"] {
+        assert_figure(row(&out, "Migration:", t), t, &out);
+    }
+}
+
+/// `miggate demo --qemu 10.0`: the running guest migrates between two
+/// QEMU 10.0 and the demo names the version QEMU announced.
+#[test]
+fn demo_on_qemu10_migrates_on_it() {
+    common::qemu::QemuVersion::V10_0.command().unwrap();
+    let run = Command::new(BIN)
+        .args(["demo", "--qemu", "10.0"])
+        .output()
+        .expect("run miggate demo");
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "miggate demo --qemu 10.0 failed:\n{out}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(out.contains("[2/5] QEMU 10.0."), "{out}");
+    assert!(
+        out.contains("[5/5] the guest runs on the destination"),
+        "{out}"
+    );
 }
