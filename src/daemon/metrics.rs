@@ -29,10 +29,11 @@ const ENDINGS: [Ending; 4] = [
 
 /// Refusal classes (see `Refusal::class`), `overload` (closed at the
 /// pending limit, see `gate::target::Limits`), and `other` for anything else.
-const REFUSAL_CLASSES: [&str; 8] = [
+const REFUSAL_CLASSES: [&str; 9] = [
     "tls",
     "authz",
     "ticket",
+    "binding",
     "uuid",
     "stream",
     "stalled",
