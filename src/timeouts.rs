@@ -109,6 +109,11 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// the relay's arithmetic.
 pub const JOINED_IDLE: Duration = Duration::from_secs(30 * 86_400);
 
+/// How long the binding of a main channel that failed stays resumable:
+/// a postcopy migration whose path was cut waits, paused and split across
+/// both hosts, for the operator's `migrate-recover` and resume.
+pub const RECOVERY_WINDOW: Duration = Duration::from_secs(24 * 3600);
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,9 +10,18 @@
 //! the same ticket's migration), once: the token is the source gateway's
 //! proof that it opened that main channel, which an authorized peer with a
 //! different certificate, or anyone replaying the hello, does not have.
+//!
+//! A bound main channel that fails (its path was cut) leaves its binding
+//! *paused* for [`crate::timeouts::RECOVERY_WINDOW`]: a postcopy migration
+//! then waits, split across both hosts, for QEMU's recovery, whose new main
+//! channel carries no header and no UUID. It is admitted by resuming the
+//! paused binding (same peer, same scope, once), and gets a new one for
+//! its reconnecting preempt channel. Paused bindings are bounded in number
+//! ([`MAX_PAUSED`]); the oldest goes first.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
@@ -30,6 +39,8 @@ pub enum JoinRefusal {
     OtherMigration { main: String, this: String },
     #[error("a channel has already joined this main channel (one postcopy preempt channel per migration)")]
     AlreadyJoined,
+    #[error("no paused main channel has this binding token (it never failed, was resumed already, or its recovery window has passed)")]
+    NotPaused,
 }
 
 impl JoinRefusal {
@@ -41,6 +52,7 @@ impl JoinRefusal {
                 "binding token not valid for this peer"
             }
             JoinRefusal::AlreadyJoined => "main channel already joined",
+            JoinRefusal::NotPaused => "no paused migration for this binding token",
         }
     }
 
@@ -51,6 +63,7 @@ impl JoinRefusal {
             JoinRefusal::OtherPeer { .. } => "binding_other_peer",
             JoinRefusal::OtherMigration { .. } => "binding_other_migration",
             JoinRefusal::AlreadyJoined => "binding_joined",
+            JoinRefusal::NotPaused => "binding_not_paused",
         }
     }
 }
@@ -74,11 +87,16 @@ impl std::fmt::Display for Scope {
 
 type TokenHash = [u8; 32];
 
+/// Paused bindings kept at most (each is a few hundred bytes).
+pub const MAX_PAUSED: usize = 1024;
+
 struct Entry {
     peer_dn: String,
     scope: Scope,
     joined: bool,
     ended: watch::Receiver<bool>,
+    /// Its main channel failed: it may be resumed until then.
+    paused_until: Option<Instant>,
 }
 
 /// The live bindings of one listener.
@@ -93,11 +111,28 @@ pub struct BindGuard {
     bindings: Arc<Bindings>,
     key: TokenHash,
     ended: watch::Sender<bool>,
+    failed: bool,
+}
+
+impl BindGuard {
+    /// The main channel failed: its binding stays, paused, for a recovery.
+    pub fn failed(&mut self) {
+        self.failed = true;
+    }
 }
 
 impl Drop for BindGuard {
     fn drop(&mut self) {
-        self.bindings.lock().remove(&self.key);
+        let mut map = self.bindings.lock();
+        if self.failed {
+            if let Some(e) = map.get_mut(&self.key) {
+                e.paused_until = Some(Instant::now() + crate::timeouts::RECOVERY_WINDOW);
+            }
+            Bindings::bound_paused(&mut map);
+        } else {
+            map.remove(&self.key);
+        }
+        drop(map);
         self.ended.send_replace(true);
     }
 }
@@ -124,6 +159,23 @@ impl Bindings {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Forgets paused bindings past their window, and the oldest beyond
+    /// [`MAX_PAUSED`].
+    fn bound_paused(map: &mut HashMap<TokenHash, Entry>) {
+        let now = Instant::now();
+        map.retain(|_, e| e.paused_until.is_none_or(|t| t > now));
+        let mut paused: Vec<(Instant, TokenHash)> = map
+            .iter()
+            .filter_map(|(k, e)| e.paused_until.map(|t| (t, *k)))
+            .collect();
+        if paused.len() > MAX_PAUSED {
+            paused.sort();
+            for (_, k) in &paused[..paused.len() - MAX_PAUSED] {
+                map.remove(k);
+            }
+        }
+    }
+
     /// A token for a main channel of `peer_dn` admitted in `scope`.
     pub fn bind(self: &Arc<Self>, peer_dn: &str, scope: Scope) -> (Secret, BindGuard) {
         let bytes: [u8; 32] = rand::random();
@@ -137,20 +189,20 @@ impl Bindings {
                 scope,
                 joined: false,
                 ended: rx,
+                paused_until: None,
             },
         );
         let guard = BindGuard {
             bindings: self.clone(),
             key,
             ended: tx,
+            failed: false,
         };
         (Secret::new(&token), guard)
     }
 
-    /// Admits a channel of `peer_dn` in `scope` presenting `token`, once.
-    pub fn join(&self, token: &str, peer_dn: &str, scope: &Scope) -> Result<Joined, JoinRefusal> {
-        let mut map = self.lock();
-        let e = map.get_mut(&hash(token)).ok_or(JoinRefusal::Unknown)?;
+    /// The same peer's checks for a token's entry.
+    fn check(e: &Entry, peer_dn: &str, scope: &Scope) -> Result<(), JoinRefusal> {
         if e.peer_dn != peer_dn {
             return Err(JoinRefusal::OtherPeer {
                 peer: peer_dn.to_string(),
@@ -163,6 +215,32 @@ impl Bindings {
                 this: scope.to_string(),
             });
         }
+        Ok(())
+    }
+
+    /// Admits the main channel resuming the paused binding `token`, once;
+    /// the binding is then spent (the resumed channel gets its own).
+    pub fn resume(&self, token: &str, peer_dn: &str, scope: &Scope) -> Result<(), JoinRefusal> {
+        let mut map = self.lock();
+        Bindings::bound_paused(&mut map);
+        let key = hash(token);
+        let e = map.get(&key).ok_or(JoinRefusal::NotPaused)?;
+        if e.paused_until.is_none() {
+            return Err(JoinRefusal::NotPaused);
+        }
+        Bindings::check(e, peer_dn, scope)?;
+        map.remove(&key);
+        Ok(())
+    }
+
+    /// Admits a channel of `peer_dn` in `scope` presenting `token`, once.
+    pub fn join(&self, token: &str, peer_dn: &str, scope: &Scope) -> Result<Joined, JoinRefusal> {
+        let mut map = self.lock();
+        let e = map
+            .get_mut(&hash(token))
+            .filter(|e| e.paused_until.is_none())
+            .ok_or(JoinRefusal::Unknown)?;
+        Bindings::check(e, peer_dn, scope)?;
         if e.joined {
             return Err(JoinRefusal::AlreadyJoined);
         }
@@ -208,6 +286,62 @@ mod tests {
         assert_eq!(
             b.join(t, "CN=a", &Scope::Static).err(),
             Some(JoinRefusal::Unknown)
+        );
+        // It ended well: nothing to resume.
+        assert_eq!(
+            b.resume(t, "CN=a", &Scope::Static).err(),
+            Some(JoinRefusal::NotPaused)
+        );
+    }
+
+    /// A failed main channel's binding can be resumed once, by the same
+    /// peer; it cannot be joined meanwhile.
+    #[test]
+    fn a_failed_main_channel_is_resumed_once_by_its_peer() {
+        let b = Arc::new(Bindings::default());
+        let (token, mut guard) = b.bind("CN=a", Scope::Migration("m".into()));
+        let t = token.expose();
+        let scope = Scope::Migration("m".into());
+        assert_eq!(
+            b.resume(t, "CN=a", &scope).err(),
+            Some(JoinRefusal::NotPaused),
+            "a live main channel is not resumed"
+        );
+        guard.failed();
+        drop(guard);
+        assert_eq!(b.join(t, "CN=a", &scope).err(), Some(JoinRefusal::Unknown));
+        assert!(matches!(
+            b.resume(t, "CN=b", &scope),
+            Err(JoinRefusal::OtherPeer { .. })
+        ));
+        assert!(matches!(
+            b.resume(t, "CN=a", &Scope::Static),
+            Err(JoinRefusal::OtherMigration { .. })
+        ));
+        b.resume(t, "CN=a", &scope).unwrap();
+        assert_eq!(
+            b.resume(t, "CN=a", &scope).err(),
+            Some(JoinRefusal::NotPaused)
+        );
+    }
+
+    #[test]
+    fn paused_bindings_are_bounded() {
+        let b = Arc::new(Bindings::default());
+        let mut first = None;
+        for i in 0..MAX_PAUSED + 5 {
+            let (token, mut guard) = b.bind("CN=a", Scope::Static);
+            if i == 0 {
+                first = Some(token.expose().to_string());
+            }
+            guard.failed();
+        }
+        assert_eq!(b.lock().len(), MAX_PAUSED);
+        let first = first.unwrap();
+        assert_eq!(
+            b.resume(&first, "CN=a", &Scope::Static).err(),
+            Some(JoinRefusal::NotPaused),
+            "the oldest went first"
         );
     }
 }

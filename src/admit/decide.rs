@@ -12,7 +12,9 @@
 //!
 //! A channel whose hello joins a main channel (the postcopy preempt
 //! channel: no header, no UUID) is admitted on its route and binding
-//! alone, before any of its bytes ([`super::binding`]).
+//! alone, before any of its bytes; one that resumes a paused main channel
+//! (postcopy recovery) on its route, the paused binding and its first
+//! bytes being a recovery's ([`super::binding`]).
 //!
 //! Each call answers [`Step::Read`] (read more, up to a byte cap),
 //! [`Step::Refused`] or [`Step::Admitted`]. Nothing here does I/O or waits;
@@ -86,6 +88,11 @@ enum State {
         from: usize,
         route: Option<Arc<StaticRoute>>,
     },
+    Resume {
+        from: usize,
+        route: Option<Arc<StaticRoute>>,
+        token: Secret,
+    },
     Decided,
 }
 
@@ -156,6 +163,14 @@ impl<'a> Admission<'a> {
                                 Err(r) => return Step::Refused(r),
                             };
                             self.bind = hello.bind;
+                            if let Some(token) = hello.resume {
+                                self.state = State::Resume {
+                                    from: used,
+                                    route,
+                                    token,
+                                };
+                                continue;
+                            }
                             let Some(token) = &hello.join else {
                                 self.state = State::Stream { from: used, route };
                                 continue;
@@ -196,6 +211,26 @@ impl<'a> Admission<'a> {
                     self.kind = Some(kind.clone());
                     return match self.admit_stream(route, &kind) {
                         Ok(route) => Step::Admitted { from, kind, route },
+                        Err(r) => Step::Refused(r),
+                    };
+                }
+                State::Resume { from, route, token } => {
+                    let max = from + 64;
+                    match qemu::resume_stream(&buf[from..]) {
+                        None if buf.len() < max => {
+                            self.state = State::Resume { from, route, token };
+                            return Step::Read { from, max };
+                        }
+                        Some(true) => {}
+                        _ => return Step::Refused(StreamError::NotResumed.into()),
+                    }
+                    self.kind = Some(StreamKind::Resumed);
+                    return match self.resume(route, token.expose()) {
+                        Ok(route) => Step::Admitted {
+                            from,
+                            kind: StreamKind::Resumed,
+                            route,
+                        },
                         Err(r) => Step::Refused(r),
                     };
                 }
@@ -250,6 +285,28 @@ impl<'a> Admission<'a> {
         };
         self.joined = Some(joined);
         Ok(route)
+    }
+
+    /// A main channel resuming the paused binding of a cut one (postcopy
+    /// recovery) of the same peer, on the same route or migration.
+    fn resume(&mut self, route: Option<Arc<StaticRoute>>, token: &str) -> Result<Route, Refusal> {
+        let bindings = self
+            .offer
+            .bindings
+            .ok_or(super::binding::JoinRefusal::NotPaused)?;
+        match (route, &self.migration) {
+            (Some(route), _) => {
+                bindings.resume(token, self.peer_dn, &Scope::Static)?;
+                Ok(Route::Static(route))
+            }
+            (None, Some(m)) => {
+                // The registration decides first: it knows whether it may.
+                let g = m.admit_channel(self.peer_dn, &StreamKind::Resumed)?;
+                bindings.resume(token, self.peer_dn, &Scope::Migration(m.id.clone()))?;
+                Ok(Route::Ticket(g))
+            }
+            (None, None) => unreachable!("a connection has a route or a migration"),
+        }
     }
 
     /// The stream's own checks: the static route's expected UUID, or the

@@ -88,6 +88,8 @@ pub enum StreamError {
     Hello(Arc<FrameError>),
     #[error("peer's first {0} bytes are not a recognisable stream")]
     Unrecognised(usize),
+    #[error("a channel resuming a postcopy migration must start with its recovery (MIG_CMD_RECV_BITMAP)")]
+    NotResumed,
     #[error("read error: {0}")]
     Read(IoError),
 }
@@ -163,6 +165,8 @@ pub enum TicketRefusal {
     MainTaken { migration: String },
     #[error("migration {migration} already has its postcopy preempt channel")]
     PreemptTaken { migration: String },
+    #[error("migration {migration} is registered: its postcopy recovery must be registered too (not supported yet); recover it through gateways without a ticket")]
+    RecoveryUnsupported { migration: String },
     #[error("migration {migration} was registered with {channels} channel(s) (1 main + {} multifd) and all its multifd channels have connected", .channels.saturating_sub(1))]
     SlotsFull { migration: String, channels: u32 },
     #[error("migration {migration} is not registered on this listener")]
@@ -184,6 +188,9 @@ impl TicketRefusal {
             | TicketRefusal::MainTaken { .. }
             | TicketRefusal::PreemptTaken { .. }
             | TicketRefusal::SlotsFull { .. } => "ticket already used",
+            TicketRefusal::RecoveryUnsupported { .. } => {
+                "recovery not supported for registered migrations"
+            }
             TicketRefusal::Cancelled { .. } => "migration cancelled",
             TicketRefusal::WrongListener { .. } => "ticket not valid on this listener",
             TicketRefusal::NoRegistry => "this gateway does not take tickets",
@@ -203,6 +210,7 @@ impl TicketRefusal {
             TicketRefusal::Cancelled { .. } => "cancelled",
             TicketRefusal::MainTaken { .. } => "main_taken",
             TicketRefusal::PreemptTaken { .. } => "preempt_taken",
+            TicketRefusal::RecoveryUnsupported { .. } => "recovery_unsupported",
             TicketRefusal::SlotsFull { .. } => "slots_full",
             TicketRefusal::WrongListener { .. } => "wrong_listener",
             TicketRefusal::NoRegistry => "no_registry",
@@ -297,8 +305,8 @@ pub fn check_stream(expect: &Expectation, kind: &StreamKind) -> Result<(), Refus
     };
     // QEMU puts the nil UUID in multifd packets when it has no -uuid.
     let (got, channel) = match kind {
-        // Its VM is the main channel's it joined, checked there.
-        StreamKind::Preempt => return Ok(()),
+        // Its VM is the main channel's it joined or resumes, checked there.
+        StreamKind::Preempt | StreamKind::Resumed => return Ok(()),
         StreamKind::Main { uuid, .. } => (uuid.filter(|u| !u.is_nil()), "main channel"),
         StreamKind::Multifd { uuid, .. } => {
             (Some(*uuid).filter(|u| !u.is_nil()), "multifd channel")
@@ -317,6 +325,7 @@ pub fn channel_label(kind: &StreamKind) -> String {
         StreamKind::Main { .. } => "main".into(),
         StreamKind::Multifd { channel, .. } => format!("multifd/{channel}"),
         StreamKind::Preempt => "postcopy-preempt".into(),
+        StreamKind::Resumed => "main-resumed".into(),
     }
 }
 
@@ -324,7 +333,7 @@ pub fn stream_uuid(kind: &StreamKind) -> Option<Uuid> {
     match kind {
         StreamKind::Main { uuid, .. } => *uuid,
         StreamKind::Multifd { uuid, .. } => Some(*uuid),
-        StreamKind::Preempt => None,
+        StreamKind::Preempt | StreamKind::Resumed => None,
     }
 }
 

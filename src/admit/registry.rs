@@ -275,6 +275,13 @@ impl Migration {
         if let Some(r) = spent {
             return Err(self.refuse(&mut inner, r, true));
         }
+        if matches!(kind, StreamKind::Resumed) {
+            let r = TicketRefusal::RecoveryUnsupported {
+                migration: self.id.clone(),
+            }
+            .into();
+            return Err(self.refuse(&mut inner, r, true));
+        }
         if let Decision::Deny { reason } = self.spec.allow.check(peer_dn) {
             let r = AuthzRefusal::Denied(reason).into();
             return Err(self.refuse(&mut inner, r, true));

@@ -9,11 +9,16 @@
 //! of such a migration is ever silent. Nothing is guessed from timing: the
 //! connection waits (under the stall deadline) until such a main channel
 //! exists, or until its own first bytes say what it is.
+//!
+//! A postcopy main channel that fails (its path was cut) is kept *paused*
+//! with its binding token, for the recovery window: the same process's
+//! resumed main channel (`wire::qemu::resume_stream`) presents it.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::watch;
@@ -49,11 +54,20 @@ impl MainInfo {
     }
 }
 
-/// The live main channels of one source gateway.
+/// A cut postcopy main channel a recovery may resume.
+struct Paused {
+    pid: Option<i32>,
+    /// A token for a miggate target, or `Native`.
+    join: JoinBy,
+    until: Instant,
+}
+
+/// The live main channels of one source gateway, and its paused ones.
 #[derive(Clone)]
 pub struct Joinable {
     tx: watch::Sender<Vec<MainInfo>>,
     next: Arc<AtomicU64>,
+    paused: Arc<Mutex<Vec<Paused>>>,
 }
 
 impl Default for Joinable {
@@ -61,6 +75,7 @@ impl Default for Joinable {
         Joinable {
             tx: watch::Sender::new(Vec::new()),
             next: Arc::default(),
+            paused: Arc::default(),
         }
     }
 }
@@ -70,6 +85,10 @@ impl Default for Joinable {
 pub enum NoJoin {
     #[error("{0} postcopy migrations are running through this listener and the kernel does not say which local process this connection is from: give each migration its own unix socket (--listen unix:... --source-qmp)")]
     Ambiguous(usize),
+    #[error("the source QEMU resumes a postcopy migration, but no cut postcopy main channel of this process is paused here (the gateway was restarted, or its recovery window passed)")]
+    NothingPaused,
+    #[error("{0} cut postcopy migrations are paused on this listener and the kernel does not say which local process this connection is from: give each migration its own unix socket (--listen unix:... --source-qmp)")]
+    AmbiguousResume(usize),
 }
 
 /// Registered while a main channel lives; dropping it removes it.
@@ -96,6 +115,29 @@ impl MainEntry {
     pub fn admitted(&self, join: JoinBy) {
         self.update(|m| m.join = Some(join));
     }
+
+    /// It failed: a postcopy main channel with a binding token is kept
+    /// for the source QEMU's recovery to resume.
+    pub fn failed(&self) {
+        let list = self.joinable.tx.borrow();
+        let Some(m) = list.iter().find(|m| m.id == self.id) else {
+            return;
+        };
+        if let (Some(true), Some(join @ (JoinBy::Token(_) | JoinBy::Native))) =
+            (m.postcopy, &m.join)
+        {
+            let mut paused = self.joinable.lock_paused();
+            paused.push(Paused {
+                pid: m.pid,
+                join: join.clone(),
+                until: Instant::now() + crate::timeouts::RECOVERY_WINDOW,
+            });
+            let excess = paused
+                .len()
+                .saturating_sub(crate::admit::binding::MAX_PAUSED);
+            paused.drain(..excess);
+        }
+    }
 }
 
 impl Drop for MainEntry {
@@ -108,6 +150,26 @@ impl Drop for MainEntry {
 }
 
 impl Joinable {
+    fn lock_paused(&self) -> std::sync::MutexGuard<'_, Vec<Paused>> {
+        self.paused.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How the cut postcopy main channel of `pid` (any, if the pid is not
+    /// known and only one is paused) was admitted, taken: one resume each.
+    pub fn take_paused(&self, pid: Option<i32>) -> Result<JoinBy, NoJoin> {
+        let mut paused = self.lock_paused();
+        let now = Instant::now();
+        paused.retain(|p| p.until > now);
+        let mine: Vec<usize> = (0..paused.len())
+            .filter(|&i| pid.is_none() || paused[i].pid.is_none() || paused[i].pid == pid)
+            .collect();
+        match mine[..] {
+            [] => Err(NoJoin::NothingPaused),
+            [i] => Ok(paused.remove(i).join),
+            _ => Err(NoJoin::AmbiguousResume(mine.len())),
+        }
+    }
+
     /// A main channel from `pid` (if known); `postcopy` if its first bytes
     /// already say.
     pub fn register(&self, pid: Option<i32>, postcopy: Option<bool>) -> MainEntry {
@@ -296,6 +358,30 @@ mod tests {
         drop(mine);
         ended.await.unwrap();
         drop(other);
+    }
+
+    /// A cut postcopy main channel with a token is resumable once, by its
+    /// own process; a channel that was not postcopy, or had no token, is not.
+    #[tokio::test]
+    async fn a_cut_postcopy_main_is_paused_for_its_process() {
+        let j = Joinable::default();
+        let plain = j.register(Some(1), Some(false));
+        plain.admitted(JoinBy::Token(Secret::new("p")));
+        plain.failed();
+        let old = j.register(Some(1), Some(true));
+        old.admitted(JoinBy::Unsupported);
+        old.failed();
+        assert_eq!(j.take_paused(Some(1)).err(), Some(NoJoin::NothingPaused));
+        let cut = j.register(Some(1), Some(true));
+        cut.admitted(JoinBy::Token(Secret::new("t1")));
+        cut.failed();
+        drop(cut);
+        assert_eq!(j.take_paused(Some(2)).err(), Some(NoJoin::NothingPaused));
+        let Ok(JoinBy::Token(t)) = j.take_paused(Some(1)) else {
+            panic!("the cut main channel's token");
+        };
+        assert_eq!(t.expose(), "t1");
+        assert_eq!(j.take_paused(Some(1)).err(), Some(NoJoin::NothingPaused));
     }
 
     /// Without a pid, two postcopy migrations on one listener cannot be

@@ -87,7 +87,7 @@ use crate::outcome::{Ending, Outcome, Sink};
 use crate::relay::rekey::Rekeying;
 use crate::relay::Close;
 use crate::wire::frames::{self, FrameError, Hello, Verdict};
-use crate::wire::qemu::{postcopy_advised, StreamKind, SNIFF_MAX};
+use crate::wire::qemu::{postcopy_advised, resume_stream, StreamKind, SNIFF_MAX};
 
 pub struct SourceConfig {
     pub tls: Arc<ClientConfig>,
@@ -233,6 +233,9 @@ enum Class {
     Stream(Option<StreamKind>),
     /// The postcopy preempt channel of this main channel: see `joinable`.
     Preempt(MainInfo),
+    /// A main channel resuming a cut postcopy migration, as the cut main
+    /// channel was admitted.
+    Resume(JoinBy),
 }
 
 /// Reads the first bytes of a local connection until they say what it is,
@@ -257,6 +260,17 @@ async fn classify(
     };
     match first {
         First::Read(Ok(Ok(kind))) => Ok(Class::Stream(Some(kind))),
+        // A command where a header would be: a postcopy recovery.
+        First::Read(Ok(Err(_)) | Err(Refusal::Stream(_))) if prefix.first() == Some(&0x08) => {
+            let resumed = read_until(local, prefix, deadline, cfg.stall, 64, resume_stream).await;
+            match resumed {
+                Ok(true) => joinable
+                    .take_paused(pid)
+                    .map(Class::Resume)
+                    .map_err(|e| failed(format!("source QEMU: {e}"))),
+                _ => Ok(Class::Stream(None)),
+            }
+        }
         // Not a QEMU header: 7.2's preempt channel sends a bare RAM_SAVE_FLAG_EOS
         // when postcopy starts, maybe before its main channel was admitted.
         First::Read(Ok(Err(_)) | Err(Refusal::Stream(_))) => {
@@ -310,18 +324,24 @@ async fn handle(
     // Knowing the channel is for the log (and the preempt channel); the
     // target makes the decision, so a stream we do not recognise is still
     // passed on for it to judge.
-    let (kind, preempt_of) =
+    let (kind, preempt_of, resume) =
         match classify(&mut local, &mut prefix, pid, joinable, cfg, deadline).await? {
-            Class::Stream(kind) => (kind, None),
-            Class::Preempt(main) => (Some(StreamKind::Preempt), Some(main)),
+            Class::Stream(kind) => (kind, None, None),
+            Class::Preempt(main) => (Some(StreamKind::Preempt), Some(main), None),
+            Class::Resume(join) => (Some(StreamKind::Resumed), None, Some(join)),
         };
     if let Some(kind) = &kind {
         out.channel = Some(admit::channel_label(kind));
         out.vm = admit::stream_uuid(kind).map(|u| u.to_string());
     }
-    // A main channel a preempt channel may join, while it lives.
-    let entry = matches!(kind, Some(StreamKind::Main { .. }))
-        .then(|| Arc::new(joinable.register(pid, postcopy_advised(&prefix))));
+    // A main channel a preempt channel may join, while it lives; a
+    // resumed one is postcopy by definition.
+    let entry = match kind {
+        Some(StreamKind::Main { .. }) => Some(postcopy_advised(&prefix)),
+        Some(StreamKind::Resumed) => Some(Some(true)),
+        _ => None,
+    }
+    .map(|postcopy| Arc::new(joinable.register(pid, postcopy)));
 
     // Main channel first: see the module comment.
     if let Some(StreamKind::Multifd { .. }) = kind {
@@ -416,6 +436,24 @@ async fn handle(
             }
         },
     };
+    // A resumed main channel presents the cut one's token to a miggate
+    // target; a target QEMU with native TLS just takes the connection.
+    let resume = match (resume, miggate_peer) {
+        (None, _) | (Some(JoinBy::Native), false) => None,
+        (Some(JoinBy::Token(t)), true) => Some(t),
+        (Some(_), true) => {
+            return Err(failed(format!(
+                "postcopy recovery: {} is a miggate gateway, but the cut main channel went to a QEMU with native TLS",
+                cfg.connect
+            )))
+        }
+        (Some(_), false) => {
+            return Err(failed(format!(
+                "postcopy recovery: {} is a QEMU with native TLS, but the cut main channel went to a miggate gateway",
+                cfg.connect
+            )))
+        }
+    };
     let mut first = Vec::with_capacity(prefix.len() + 64);
     if miggate_peer {
         let hello = Hello {
@@ -424,6 +462,7 @@ async fn handle(
             // known only from the stream, maybe after the verdict.
             bind: entry.is_some(),
             join,
+            resume,
             ..Hello::default()
         };
         first.extend_from_slice(&frames::encode_hello(&hello));
@@ -491,8 +530,9 @@ async fn handle(
     // A main channel's stream says whether a preempt channel may join it;
     // `entry` itself lives until the channel ends.
     let local = match &entry {
-        Some(e) => PostcopyTap::new(local, &prefix, e.clone()),
-        None => PostcopyTap::passthrough(local),
+        // A resumed one was registered as postcopy, and has no header.
+        Some(e) if kind != Some(StreamKind::Resumed) => PostcopyTap::new(local, &prefix, e.clone()),
+        _ => PostcopyTap::passthrough(local),
     };
     // A preempt channel is idle whenever the target faults on no page: it
     // lives as long as its main channel instead.
@@ -517,6 +557,12 @@ async fn handle(
             bounded_by_main(relay, main_ended, cfg.stall).await
         }
     };
+    if relayed.is_err() {
+        // Cut: a postcopy migration may resume it (see `joinable`).
+        if let Some(e) = &entry {
+            e.failed();
+        }
+    }
     relayed.map_err(|e| match e {
         JoinedEnd::Relay(e) => failed(e.to_string()),
         JoinedEnd::MainEnded(grace) => failed(format!(

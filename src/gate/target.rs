@@ -316,11 +316,12 @@ async fn handle(
         Route::Static(_) => target.mains.clone(),
         Route::Ticket(g) => g.migration().mains.clone(),
     };
-    let is_main = matches!(kind, StreamKind::Main { .. });
+    // A resumed main channel is one too: its preempt channel joins it.
+    let is_main = matches!(kind, StreamKind::Main { .. } | StreamKind::Resumed);
     match kind {
         // A joined channel's main channel is already forwarded: it got
         // its token with its verdict, sent once the target was connected.
-        StreamKind::Main { .. } | StreamKind::Preempt => {}
+        StreamKind::Main { .. } | StreamKind::Preempt | StreamKind::Resumed => {}
         StreamKind::Multifd { .. } => {
             let mut rx = mains.subscribe();
             let wait = tokio::time::timeout_at(deadline, rx.wait_for(|n| *n > 0));
@@ -368,21 +369,22 @@ async fn handle(
             Close::tls_peer(false, "source QEMU"),
         ),
         StreamKind::Multifd { .. } => (None, target.native_mains.multifd_close()),
-        // Joined by a hello, so never from QEMU's own TLS; lenient if it were.
-        StreamKind::Preempt => (None, Close::tls_peer(false, "source QEMU")),
+        // Joined or resumed by a hello, so never from QEMU's own TLS;
+        // lenient if it were.
+        StreamKind::Preempt | StreamKind::Resumed => (None, Close::tls_peer(false, "source QEMU")),
     };
     // Only now that the main channel's connection to the target QEMU is
     // established (first in its accept queue) may multifd channels connect.
     let _main_guard = is_main.then(|| MainGuard::new(&mains));
     // Lives as long as the main channel: see `admit::binding`.
-    let mut _binding: Option<BindGuard> = None;
+    let mut binding: Option<BindGuard> = None;
     let verdict = if is_main && bind {
         let scope = match &admitted {
             Route::Static(_) => Scope::Static,
             Route::Ticket(g) => Scope::Migration(g.migration().id.clone()),
         };
         let (token, guard) = target.bindings.bind(&peer.dn, scope);
-        _binding = Some(guard);
+        binding = Some(guard);
         Verdict::Bound { token }
     } else {
         Verdict::Admitted
@@ -439,7 +441,13 @@ async fn handle(
             }
             Ok(())
         }
-        Err(e) => Err(fail(admitted, e)),
+        Err(e) => {
+            // A cut main channel: a postcopy migration may resume it.
+            if let Some(b) = binding.as_mut() {
+                b.failed();
+            }
+            Err(fail(admitted, e))
+        }
     }
 }
 

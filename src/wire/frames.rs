@@ -25,6 +25,12 @@
 //!   |-- hello {join: token} (no stream bytes needed) -->|  same peer, live main
 //!   |<- verdict: "MGV1" | 0=admitted | 0 ---------------|
 //! ```
+//!
+//! When the path of a postcopy migration is cut, QEMU pauses on both sides
+//! and can resume with a new main channel that has no header (it starts
+//! with the commands of the recovery). Its hello presents the cut main
+//! channel's token (`resume`) and asks for a new binding, which the
+//! reconnecting preempt channel then joins.
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -50,6 +56,10 @@ pub struct Hello {
     /// The token of the main channel this channel joins.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub join: Option<Secret>,
+    /// The token of the main channel this one resumes: a postcopy
+    /// migration recovering after its path was cut.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<Secret>,
 }
 
 /// A secret as a frame carries it (a ticket, a binding token): the text,
@@ -91,6 +101,7 @@ impl Default for Hello {
             ticket: None,
             bind: false,
             join: None,
+            resume: None,
         }
     }
 }

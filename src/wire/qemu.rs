@@ -133,6 +133,10 @@ const QEMU_VM_COMMAND: u8 = 0x08;
 /// `MIG_CMD_POSTCOPY_ADVISE`, migration/savevm.c: the source may switch
 /// to postcopy, so the target must be ready for it.
 const MIG_CMD_POSTCOPY_ADVISE: u16 = 3;
+/// `MIG_CMD_RECV_BITMAP`: the first thing a resumed postcopy migration
+/// sends (`qemu_savevm_send_recv_bitmap()` per RAM block), observed on 7.2
+/// and 10.0 as `08 00 0a | be16 len | u8 n | block name`.
+const MIG_CMD_RECV_BITMAP: u16 = 0x0a;
 /// Commands looked through after the header: open return path, ping and
 /// the advise come first (`migration_thread()`), in that order.
 const MAX_LEADING_COMMANDS: usize = 8;
@@ -182,6 +186,10 @@ pub enum StreamKind {
     /// The postcopy preempt channel: never sniffed (it has no header), but
     /// known from the main channel it joined; its VM is that channel's.
     Preempt,
+    /// A main channel resuming a paused postcopy migration: it starts
+    /// with the recovery's commands ([`resume_stream`]), no header; its VM
+    /// is the cut main channel's it resumes.
+    Resumed,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -275,6 +283,29 @@ pub fn postcopy_advised(stream: &[u8]) -> Option<bool> {
         }
     }
     Some(false)
+}
+
+/// Whether a connection's first bytes are a resumed postcopy migration's
+/// main channel: a `MIG_CMD_RECV_BITMAP` command naming a RAM block.
+/// `None`: more bytes are needed.
+pub fn resume_stream(prefix: &[u8]) -> Option<bool> {
+    let mut c = Cursor {
+        buf: prefix,
+        pos: 0,
+    };
+    let parsed = (|| -> Result<bool, SniffError> {
+        if c.u8()? != QEMU_VM_COMMAND || c.be16()? != MIG_CMD_RECV_BITMAP {
+            return Ok(false);
+        }
+        let len = c.be16()? as usize;
+        let n = c.u8()? as usize;
+        // The command's data is the name's length byte and the name.
+        Ok(len == n + 1 && n > 0)
+    })();
+    match parsed {
+        Ok(v) => Some(v),
+        Err(_) => None,
+    }
 }
 
 fn sniff_main(c: &mut Cursor) -> Result<(StreamKind, usize), SniffError> {
@@ -722,6 +753,21 @@ mod tests {
         // Not a main stream at all.
         assert_eq!(postcopy_advised(&[0x11, 0x22, 0x33, 0x44]), Some(false));
         assert_eq!(postcopy_advised(b"QEV"), None);
+    }
+
+    /// Captured from 7.2 and 10.0 resuming after a cut.
+    #[test]
+    fn a_resumed_main_channel_starts_with_recv_bitmap() {
+        let resumed: &[u8] = &[
+            0x08, 0, 0x0a, 0, 5, 4, b'r', b'a', b'm', b'0', 0x08, 0, 0x0a, 0, 0x15,
+        ];
+        assert_eq!(resume_stream(resumed), Some(true));
+        for n in 0..6 {
+            assert_eq!(resume_stream(&resumed[..n]), None, "prefix {n}");
+        }
+        assert_eq!(resume_stream(b"QEVM"), Some(false));
+        assert_eq!(resume_stream(&[0, 0, 0, 0, 0, 0, 0, 0x10]), Some(false));
+        assert_eq!(resume_stream(&[0x08, 0, 0x0a, 0, 9, 4]), Some(false));
     }
 
     #[test]

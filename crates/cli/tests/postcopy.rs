@@ -11,6 +11,7 @@
 
 mod common;
 
+use common::cut_path::CutPath;
 use common::qemu::{Guest, Qemu, QemuOpts};
 use common::scenario::*;
 use serde_json::{json, Value};
@@ -109,6 +110,100 @@ async fn postcopy_through_gateways_on(versions: Versions, preempt: bool) {
         record(&s, "postcopy-preempt");
     }
     eprintln!("FIGURE postcopy {versions:?} preempt={preempt}: {requests} pages requested");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_preempt_recovers_after_the_path_is_cut() {
+    recovers_after_the_path_is_cut(Versions::Q72).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_preempt_recovers_after_the_path_is_cut_on_qemu10() {
+    recovers_after_the_path_is_cut(Versions::Q10).await;
+}
+
+/// The path between the gateways is cut mid-postcopy: both QEMUs pause
+/// (the VM exists only split across them), the target QEMU recovers on
+/// its old address, the source resumes through the same gateways, and the
+/// migration completes with the RAM intact. The resumed main channel
+/// carries no UUID: the target gateway admits it by the cut main channel's
+/// binding, and its preempt channel joins the new one.
+async fn recovers_after_the_path_is_cut(versions: Versions) {
+    let pki = pki();
+    let pki = pki_dir(&pki);
+    let uuid: uuid::Uuid = VM_UUID.parse().unwrap();
+    let mut opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0x9c1 }, 128);
+    opts.uuid = Some(uuid);
+    let caps = [
+        ("validate-uuid", true),
+        ("postcopy-ram", true),
+        ("postcopy-preempt", true),
+    ];
+    let (mut src, mut dst, port) = qemu_pair_with(&opts, versions, &caps, None).await;
+    src.set_parameters(json!({
+        "max-bandwidth": 32u64 << 20,
+        "max-postcopy-bandwidth": 16u64 << 20,
+    }))
+    .await
+    .unwrap();
+    let src_hash = src.ram_sha256().await.unwrap();
+    let mut tgw = checking_target_gateway(&pki, port, uuid).await;
+    let path = CutPath::to(&tgw.addr).await;
+    let mut sgw = source_gateway(&pki, &path.addr, &[]).await;
+
+    src.forget_old_events().await.unwrap();
+    src.migrate(&format!("tcp:{}", sgw.addr)).await.unwrap();
+    wait_migration_status(&mut src, "active").await;
+    src.cmd("migrate-start-postcopy", json!({})).await.unwrap();
+    wait_migration_status(&mut src, "postcopy-active").await;
+    wait_migration_status(&mut dst, "postcopy-active").await;
+    assert_eq!(path.cut(), 2, "main and preempt channels were relayed");
+    wait_migration_status(&mut src, "postcopy-paused").await;
+    wait_migration_status(&mut dst, "postcopy-paused").await;
+
+    dst.cmd(
+        "migrate-recover",
+        json!({ "uri": format!("tcp:127.0.0.1:{port}") }),
+    )
+    .await
+    .unwrap();
+    src.cmd(
+        "migrate",
+        json!({ "uri": format!("tcp:{}", sgw.addr), "resume": true }),
+    )
+    .await
+    .unwrap();
+    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+    let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+    assert_eq!(
+        (s.status.as_deref(), d.status.as_deref()),
+        (Some("completed"), Some("completed")),
+        "source: {:?}\ntarget: {:?}\nsource stderr:\n{}\ntarget stderr:\n{}",
+        s.raw,
+        d.error_desc,
+        src.stderr_text(),
+        dst.stderr_text()
+    );
+    assert_eq!(dst.ram_sha256().await.unwrap(), src_hash);
+
+    // The cut channels failed; the resumed main channel and its preempt
+    // channel completed, on both gateways.
+    for gw in [&mut tgw, &mut sgw] {
+        let records = outcomes(gw, 4).await;
+        let resumed = record(&records, "main-resumed");
+        assert_eq!(resumed["outcome"], "completed", "{resumed}");
+        let cut = record(&records, "main");
+        assert_eq!(cut["outcome"], "failed", "{cut}");
+        let preempts: Vec<&Value> = records
+            .iter()
+            .filter(|r| r["channel"] == "postcopy-preempt")
+            .collect();
+        assert_eq!(preempts.len(), 2, "{records:?}");
+        assert!(
+            preempts.iter().any(|r| r["outcome"] == "completed"),
+            "{records:?}"
+        );
+    }
 }
 
 fn record<'a>(records: &'a [Value], channel: &str) -> &'a Value {

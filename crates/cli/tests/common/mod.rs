@@ -3,6 +3,7 @@
 //! where the lab returns an error, and the scenarios built from them.
 #![allow(dead_code)]
 
+pub mod cut_path;
 pub mod daemon;
 pub mod gateway;
 pub mod guest;
