@@ -163,7 +163,7 @@ impl Bindings {
     /// [`MAX_PAUSED`].
     fn bound_paused(map: &mut HashMap<TokenHash, Entry>) {
         let now = Instant::now();
-        map.retain(|_, e| e.paused_until.is_none_or(|t| t > now));
+        map.retain(|_, e| e.paused_until.map_or(true, |t| t > now));
         let mut paused: Vec<(Instant, TokenHash)> = map
             .iter()
             .filter_map(|(k, e)| e.paused_until.map(|t| (t, *k)))

@@ -302,10 +302,7 @@ pub fn resume_stream(prefix: &[u8]) -> Option<bool> {
         // The command's data is the name's length byte and the name.
         Ok(len == n + 1 && n > 0)
     })();
-    match parsed {
-        Ok(v) => Some(v),
-        Err(_) => None,
-    }
+    parsed.ok()
 }
 
 fn sniff_main(c: &mut Cursor) -> Result<(StreamKind, usize), SniffError> {
