@@ -121,7 +121,7 @@ async fn incoming(
                 .join(format!("incoming-{}.sock", Uuid::new_v4()));
             target_qemu::prepare(q, &sock).await.map_err(|e| {
                 let status = match e {
-                    PrepareError::NotUnix(_) => StatusCode::BAD_REQUEST,
+                    PrepareError::NotUnix(_) | PrepareError::Refused(_) => StatusCode::BAD_REQUEST,
                     _ => StatusCode::BAD_GATEWAY,
                 };
                 ApiFailure(status, e.to_string())

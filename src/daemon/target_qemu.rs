@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use crate::admit::registry::{Migration, Phase, Registry};
 use crate::control::types::QmpForward;
+use crate::qmp::capabilities::{self, CapabilityError};
 use crate::qmp::{MigrationParameters, Qmp, QmpError};
 
 /// Connecting to the target QEMU's QMP and preparing it. Each command is
@@ -27,12 +28,50 @@ pub enum PrepareError {
     /// mistake, not QEMU's).
     #[error("forward.qmp {0:?} is not unix:PATH (the target QEMU's QMP socket)")]
     NotUnix(String),
+    /// A capability that cannot work through the daemon's gateway, or one
+    /// on without what it needs (the caller's mistake).
+    #[error("forward.capabilities: {0}")]
+    Refused(String),
+    /// The target QEMU cannot do what was asked (its version).
+    #[error("forward.capabilities: the target {0}")]
+    Unsupported(CapabilityError),
     #[error("cannot use the target QEMU's QMP at {path}: {error}")]
     Connect { path: String, error: QmpError },
     #[error("target {0}")]
     Command(QmpError),
     #[error("the target QEMU's QMP at {path} did not finish the set-up within {} s", QMP_SETUP_TIMEOUT.as_secs())]
     Timeout { path: String },
+}
+
+/// Capabilities the daemon does not set on a target QEMU, with why: the
+/// migration must be a byte stream that ends, arriving through the gateway
+/// (the admission, not the capabilities, guards the target; these could
+/// only fail later and less clearly).
+const NOT_THROUGH_GATEWAY: &[(&str, &str)] = &[
+    ("rdma-pin-all", "RDMA does not travel through a TLS gateway"),
+    (
+        "x-colo",
+        "COLO's checkpoint stream never ends as a migration",
+    ),
+    (
+        "background-snapshot",
+        "a snapshot is not an incoming migration",
+    ),
+    ("mapped-ram", "mapped-ram migrates to a file, not a socket"),
+];
+
+/// The request's capabilities, before the target QEMU is touched.
+pub fn check_request(q: &QmpForward) -> Result<(), PrepareError> {
+    if let Some((cap, why)) = NOT_THROUGH_GATEWAY
+        .iter()
+        .find(|(c, _)| q.capabilities.get(*c) == Some(&true))
+    {
+        return Err(PrepareError::Refused(format!(
+            "{cap} is not set by the daemon: {why}"
+        )));
+    }
+    capabilities::check_consistent(&q.capabilities)
+        .map_err(|e| PrepareError::Refused(e.to_string()))
 }
 
 /// The QMP socket path of `forward.qmp`.
@@ -47,6 +86,7 @@ fn qmp_path(q: &QmpForward) -> Result<&str, PrepareError> {
 /// `migrate-incoming unix:SOCK`, where the gateway will forward.
 pub async fn prepare(q: &QmpForward, sock: &Path) -> Result<(), PrepareError> {
     let path = qmp_path(q)?;
+    check_request(q)?;
     let work = async {
         let mut qmp = Qmp::connect_unix(path)
             .await
@@ -55,7 +95,15 @@ pub async fn prepare(q: &QmpForward, sock: &Path) -> Result<(), PrepareError> {
                 error,
             })?;
         if !q.capabilities.is_empty() {
-            qmp.set_capabilities(q.capabilities.iter().map(|(c, on)| (c, *on)))
+            // Checked against this QEMU first: a capability it lacks, or
+            // postcopy with multifd on a QEMU that would break at the
+            // switch, is refused in words before anything is set.
+            let offered = qmp
+                .offered_capabilities()
+                .await
+                .map_err(PrepareError::Command)?;
+            capabilities::check(&q.capabilities, &offered).map_err(PrepareError::Unsupported)?;
+            qmp.set_capabilities(capabilities::settable(&q.capabilities, &offered))
                 .await
                 .map_err(PrepareError::Command)?;
         }
@@ -119,7 +167,9 @@ async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) {
         let mut qmp = Qmp::connect_unix(qmp_path).await?;
         loop {
             let info = qmp.query_migrate().await?;
-            if info.is_terminal() {
+            // postcopy-paused waits for a recovery that is not ours to
+            // start: as verdicts go, that one is final.
+            if info.is_terminal() || info.status.as_deref() == Some("postcopy-paused") {
                 return Ok::<_, QmpError>(info);
             }
             // Loading the device state after the stream: a short wait.
@@ -129,9 +179,18 @@ async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) {
     match tokio::time::timeout(QEMU_VERDICT_TIMEOUT, ask).await {
         Ok(Ok(info)) => {
             let completed = info.status.as_deref() == Some("completed");
+            let paused = info.status.as_deref() == Some("postcopy-paused");
             let why = info
                 .error_desc
                 .map(|e| format!("target QEMU: {e}"))
+                .filter(|_| !paused)
+                .or_else(|| {
+                    paused.then(|| {
+                        "target QEMU: postcopy-paused: the VM runs here, the pages it has not \
+                         fetched yet are on the source; it can be recovered"
+                            .to_string()
+                    })
+                })
                 .or_else(|| {
                     Some(format!(
                         "target QEMU: migration {}",
@@ -149,5 +208,38 @@ async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) {
             "the target QEMU did not finish the incoming migration within {} s",
             QEMU_VERDICT_TIMEOUT.as_secs()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forward(caps: &[(&str, bool)]) -> QmpForward {
+        QmpForward {
+            qmp: "unix:/run/q.sock".into(),
+            capabilities: caps.iter().map(|(c, on)| (c.to_string(), *on)).collect(),
+            parameters: Default::default(),
+        }
+    }
+
+    #[test]
+    fn requests_are_checked_before_qemu_is_touched() {
+        check_request(&forward(&[])).unwrap();
+        check_request(&forward(&[
+            ("postcopy-ram", true),
+            ("postcopy-preempt", true),
+        ]))
+        .unwrap();
+        // Off is always fine: nothing to carry.
+        check_request(&forward(&[("x-colo", false)])).unwrap();
+        let e = check_request(&forward(&[("postcopy-preempt", true)])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "forward.capabilities: postcopy-preempt needs postcopy-ram on too"
+        );
+        let e = check_request(&forward(&[("rdma-pin-all", true)])).unwrap_err();
+        assert!(matches!(e, PrepareError::Refused(_)), "{e}");
+        assert!(e.to_string().contains("RDMA"), "{e}");
     }
 }
