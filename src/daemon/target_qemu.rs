@@ -4,8 +4,9 @@
 //! and once the channels have ended asks it how the migration went, since
 //! only QEMU knows whether it loaded the VM.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::admit::registry::{Migration, Phase, Registry};
@@ -20,6 +21,50 @@ const QMP_SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long the target QEMU may take to finish loading once the sockets
 /// closed (device state is loaded after the last RAM page).
 const QEMU_VERDICT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a DELETE waits to learn whether the target QEMU is in
+/// postcopy: its QMP socket serves one client at a time, and a busy one
+/// must not hold the API's answer.
+const POSTCOPY_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The target QEMU's QMP socket of each QMP-forward migration, while it
+/// runs: a cancel asks it first whether the guest has moved already.
+#[derive(Debug, Default)]
+pub struct TargetQmps(Mutex<HashMap<String, String>>);
+
+impl TargetQmps {
+    fn insert(&self, id: &str, qmp_path: &str) {
+        let mut m = self.0.lock().expect("target QMP map lock");
+        m.insert(id.to_string(), qmp_path.to_string());
+    }
+
+    fn remove(&self, id: &str) {
+        self.0.lock().expect("target QMP map lock").remove(id);
+    }
+
+    /// The migration's target QEMU status when it is in postcopy
+    /// (`postcopy-active`, `postcopy-paused`...): cutting the channels
+    /// then leaves the guest split over the hosts instead of giving it
+    /// back to the source. `None` when not, or when QEMU cannot tell in
+    /// time (the cancel then goes ahead as it always did).
+    pub async fn in_postcopy(&self, id: &str) -> Option<String> {
+        let path = self
+            .0
+            .lock()
+            .expect("target QMP map lock")
+            .get(id)
+            .cloned()?;
+        let ask = async {
+            let mut qmp = Qmp::connect_unix(&path).await.ok()?;
+            qmp.query_migrate().await.ok()
+        };
+        let info = tokio::time::timeout(POSTCOPY_CHECK_TIMEOUT, ask)
+            .await
+            .ok()
+            .flatten()?;
+        info.in_postcopy().then(|| info.status.unwrap_or_default())
+    }
+}
 
 /// Why the target QEMU could not be prepared. `Display` is the API's answer.
 #[derive(Debug, thiserror::Error)]
@@ -137,10 +182,13 @@ pub fn settle_when_ended(
     mig: Arc<Migration>,
     q: &QmpForward,
     sock: PathBuf,
+    qmps: Arc<TargetQmps>,
 ) {
     let qmp_path = q.qmp.trim_start_matches("unix:").to_string();
+    qmps.insert(&mig.id, &qmp_path);
     tokio::spawn(async move {
         wait_until_ended(&registry, &mig).await;
+        qmps.remove(&mig.id);
         let _ = std::fs::remove_file(&sock);
         if mig.view().state != Phase::Cancelled {
             settle_with_qemu_verdict(&mig, &qmp_path).await;

@@ -267,21 +267,40 @@ async fn slow_postcopy(src: &mut Qemu) {
         .unwrap();
 }
 
-/// SIGINT in postcopy does not cancel (nor claim the source keeps the
-/// VM): it is reported, and the migration completes.
+/// In postcopy neither SIGINT nor the daemon's DELETE cancels (nor claims
+/// the source keeps the VM): the signal is reported, the DELETE refused
+/// with why (409), and the migration completes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigint_in_postcopy_is_reported_and_the_migration_completes() {
+async fn in_postcopy_sigint_and_delete_do_not_cancel_and_it_completes() {
     let mut t = setup(QemuVersion::System).await;
     slow_postcopy(&mut t.src).await;
-    let mut signalled = false;
+    let client = t.daemon.client().unwrap();
+    let mut refused = None;
     let (lines, code) = run(t.command(&["--postcopy"]), |v, _, pid| {
-        if !signalled && v["type"] == "progress" && v["status"] == "postcopy-active" {
-            signalled = true;
+        if refused.is_none() && v["type"] == "progress" && v["status"] == "postcopy-active" {
+            // The closure is synchronous: the API call blocks this worker.
+            let answer = tokio::task::block_in_place(|| {
+                tokio::runtime::Handle::current().block_on(async {
+                    let all = client.migrations().await.unwrap();
+                    client.cancel(&all[0].id).await
+                })
+            });
+            refused = Some(answer);
             kill("-INT", pid);
         }
     })
     .await;
-    assert!(signalled, "never saw postcopy-active: {lines:#?}");
+    let refused = refused.unwrap_or_else(|| panic!("never saw postcopy-active: {lines:#?}"));
+    match refused {
+        Err(miggate::control::client::ApiError::Http { status, message }) => {
+            assert_eq!(status, 409, "{message}");
+            assert!(
+                message.contains("is in postcopy (target QEMU postcopy-active)"),
+                "{message}"
+            );
+        }
+        other => panic!("DELETE in postcopy: {other:?}"),
+    }
     assert_eq!(code, Some(0), "daemon log:\n{}", t.daemon.log_text());
     let notes = messages(&lines, "note");
     assert!(
@@ -296,6 +315,9 @@ async fn sigint_in_postcopy_is_reported_and_the_migration_completes() {
     assert!(pages > Some(0), "{:?}", lines.last());
     t.dst.assert_running_and_counting().await;
     assert_eq!(t.src.query_status().await.unwrap(), "postmigrate");
+    let id = lines.last().unwrap()["migration_id"].as_str().unwrap();
+    let view = client.migration(id).await.unwrap();
+    assert_eq!(view.state, Phase::Completed, "{view:?}");
 }
 
 /// A second SIGINT in postcopy pauses the migration: the sentence says the
