@@ -57,7 +57,7 @@ pub enum CapabilityError {
     #[error("{qemu} has no migration capability {capability}")]
     Missing { capability: String, qemu: QemuName },
     #[error(
-        "postcopy-ram with multifd needs QEMU {}.{} or later on both ends ({qemu} would break at the switch to postcopy or refuse it); migrate without multifd",
+        "postcopy-ram with multifd needs QEMU {}.{} or later on both ends, not {qemu} (before, QEMU refuses the pair, or takes it and breaks at the switch to postcopy); migrate without multifd",
         POSTCOPY_WITH_MULTIFD_SINCE.0,
         POSTCOPY_WITH_MULTIFD_SINCE.1
     )]
@@ -164,7 +164,7 @@ mod tests {
         let e = check(&r, &qemu((7, 2, 22), &names)).unwrap_err();
         assert!(
             e.to_string()
-                .starts_with("postcopy-ram with multifd needs QEMU 10.1 or later on both ends (QEMU 7.2.22 would"),
+                .starts_with("postcopy-ram with multifd needs QEMU 10.1 or later on both ends, not QEMU 7.2.22 ("),
             "{e}"
         );
         assert!(check(&r, &qemu((10, 0, 2), &names)).is_err());

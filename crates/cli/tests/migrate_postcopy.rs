@@ -387,3 +387,64 @@ async fn second_sigint_in_postcopy_pauses_and_says_where_the_guest_is() {
         "{view:?}"
     );
 }
+
+/// What QEMU cannot do is refused before anything changes, in words:
+/// `--postcopy --multifd` on QEMU 7.2 (which would accept the pair and
+/// break at the switch) stops at the source's check, the daemon is never
+/// asked; `--postcopy-preempt` without `--postcopy` is a usage error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_with_multifd_on_qemu_7_2_is_refused_before_registering() {
+    let pki_t = pki();
+    let pki = pki_dir(&pki_t);
+    let dir = tempfile::Builder::new()
+        .prefix("miggate-postcopy-")
+        .tempdir()
+        .unwrap();
+    let opts = QemuOpts::new(Guest::Empty, RAM_MIB);
+    let (mut src, _dst, sq, tq) = Qemu::pair_with_qmp(&opts, dir.path()).await.unwrap();
+    let daemon = common::daemon::start(dir.path(), &pki).await;
+    let args = |extra: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.arg("migrate")
+            .args([
+                "--json",
+                "--source-qmp",
+                s(&sq),
+                "--target",
+                &daemon.target(),
+                "--target-qmp",
+                s(&tq),
+                "--x509-dir",
+                s(&pki),
+            ])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        c
+    };
+    let (lines, code) = run(args(&["--postcopy", "--multifd", "2"]), |_, _, _| {}).await;
+    assert_eq!(code, Some(1));
+    let sentence = lines.last().unwrap()["error"].as_str().unwrap();
+    assert!(
+        sentence.starts_with(
+            "migration not started: source postcopy-ram with multifd needs QEMU 10.1 or later on both ends, not QEMU 7.2."
+        ),
+        "{sentence}"
+    );
+    assert!(daemon
+        .client()
+        .unwrap()
+        .migrations()
+        .await
+        .unwrap()
+        .is_empty());
+    let info = src.query_migrate().await.unwrap();
+    assert_eq!(info.status, None, "{:?}", info.raw);
+
+    let out = args(&["--postcopy-preempt"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--postcopy"), "{err}");
+}
