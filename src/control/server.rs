@@ -47,6 +47,8 @@ pub struct ApiState {
     /// Where QMP-forward sockets are created.
     pub runtime_dir: PathBuf,
     pub control: Arc<dyn Control>,
+    /// QMP-forward migrations' target QEMUs, asked before a cancel.
+    pub target_qmps: Arc<target_qemu::TargetQmps>,
 }
 
 /// Who is calling, for the audit log lines.
@@ -121,7 +123,7 @@ async fn incoming(
                 .join(format!("incoming-{}.sock", Uuid::new_v4()));
             target_qemu::prepare(q, &sock).await.map_err(|e| {
                 let status = match e {
-                    PrepareError::NotUnix(_) => StatusCode::BAD_REQUEST,
+                    PrepareError::NotUnix(_) | PrepareError::Refused(_) => StatusCode::BAD_REQUEST,
                     _ => StatusCode::BAD_GATEWAY,
                 };
                 ApiFailure(status, e.to_string())
@@ -139,7 +141,13 @@ async fn incoming(
         listeners: listeners.clone(),
     });
     if let (Some(sock), Forward::Qmp(q)) = (qmp_socket, &req.forward) {
-        target_qemu::settle_when_ended(st.registry.clone(), mig.clone(), q, sock);
+        target_qemu::settle_when_ended(
+            st.registry.clone(),
+            mig.clone(),
+            q,
+            sock,
+            st.target_qmps.clone(),
+        );
     }
     let view = mig.view();
     tracing::info!(
@@ -283,6 +291,19 @@ async fn cancel(
                 "migration {} has already ended ({}); there is nothing to cancel",
                 mig.id,
                 before.as_str()
+            ),
+        ));
+    }
+    // In postcopy the guest already runs on the target: cutting the
+    // channels would not give it back to the source (which cannot resume
+    // it) but pause it split over the two hosts.
+    if let Some(status) = st.target_qmps.in_postcopy(&mig.id).await {
+        tracing::warn!(caller = caller_name(&caller), migration = %mig.id, target_qemu = %status, "cancel refused: the migration is in postcopy");
+        return Err(ApiFailure(
+            StatusCode::CONFLICT,
+            format!(
+                "migration {} is in postcopy (target QEMU {status}): the guest already runs on the target and fetches its missing pages from the source, so cutting the channels would leave it split over the two hosts, not back on the source; let it complete, or pause it from the source (migrate-pause) to recover it later",
+                mig.id
             ),
         ));
     }

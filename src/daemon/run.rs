@@ -167,6 +167,7 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
         listen,
         runtime_dir,
         control: daemon.clone(),
+        target_qmps: Default::default(),
     }));
     if let Some(l) = metrics_listener {
         tracing::info!(listen = %l.local_addr().map_err(DaemonError::Serve)?, "metrics listening");

@@ -4,12 +4,14 @@
 //! and once the channels have ended asks it how the migration went, since
 //! only QEMU knows whether it loaded the VM.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::admit::registry::{Migration, Phase, Registry};
 use crate::control::types::QmpForward;
+use crate::qmp::capabilities::{self, CapabilityError};
 use crate::qmp::{MigrationParameters, Qmp, QmpError};
 
 /// Connecting to the target QEMU's QMP and preparing it. Each command is
@@ -20,6 +22,50 @@ const QMP_SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// closed (device state is loaded after the last RAM page).
 const QEMU_VERDICT_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a DELETE waits to learn whether the target QEMU is in
+/// postcopy: its QMP socket serves one client at a time, and a busy one
+/// must not hold the API's answer.
+const POSTCOPY_CHECK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The target QEMU's QMP socket of each QMP-forward migration, while it
+/// runs: a cancel asks it first whether the guest has moved already.
+#[derive(Debug, Default)]
+pub struct TargetQmps(Mutex<HashMap<String, String>>);
+
+impl TargetQmps {
+    fn insert(&self, id: &str, qmp_path: &str) {
+        let mut m = self.0.lock().expect("target QMP map lock");
+        m.insert(id.to_string(), qmp_path.to_string());
+    }
+
+    fn remove(&self, id: &str) {
+        self.0.lock().expect("target QMP map lock").remove(id);
+    }
+
+    /// The migration's target QEMU status when it is in postcopy
+    /// (`postcopy-active`, `postcopy-paused`...): cutting the channels
+    /// then leaves the guest split over the hosts instead of giving it
+    /// back to the source. `None` when not, or when QEMU cannot tell in
+    /// time (the cancel then goes ahead as it always did).
+    pub async fn in_postcopy(&self, id: &str) -> Option<String> {
+        let path = self
+            .0
+            .lock()
+            .expect("target QMP map lock")
+            .get(id)
+            .cloned()?;
+        let ask = async {
+            let mut qmp = Qmp::connect_unix(&path).await.ok()?;
+            qmp.query_migrate().await.ok()
+        };
+        let info = tokio::time::timeout(POSTCOPY_CHECK_TIMEOUT, ask)
+            .await
+            .ok()
+            .flatten()?;
+        info.in_postcopy().then(|| info.status.unwrap_or_default())
+    }
+}
+
 /// Why the target QEMU could not be prepared. `Display` is the API's answer.
 #[derive(Debug, thiserror::Error)]
 pub enum PrepareError {
@@ -27,12 +73,50 @@ pub enum PrepareError {
     /// mistake, not QEMU's).
     #[error("forward.qmp {0:?} is not unix:PATH (the target QEMU's QMP socket)")]
     NotUnix(String),
+    /// A capability that cannot work through the daemon's gateway, or one
+    /// on without what it needs (the caller's mistake).
+    #[error("forward.capabilities: {0}")]
+    Refused(String),
+    /// The target QEMU cannot do what was asked (its version).
+    #[error("forward.capabilities: the target {0}")]
+    Unsupported(CapabilityError),
     #[error("cannot use the target QEMU's QMP at {path}: {error}")]
     Connect { path: String, error: QmpError },
     #[error("target {0}")]
     Command(QmpError),
     #[error("the target QEMU's QMP at {path} did not finish the set-up within {} s", QMP_SETUP_TIMEOUT.as_secs())]
     Timeout { path: String },
+}
+
+/// Capabilities the daemon does not set on a target QEMU, with why: the
+/// migration must be a byte stream that ends, arriving through the gateway
+/// (the admission, not the capabilities, guards the target; these could
+/// only fail later and less clearly).
+const NOT_THROUGH_GATEWAY: &[(&str, &str)] = &[
+    ("rdma-pin-all", "RDMA does not travel through a TLS gateway"),
+    (
+        "x-colo",
+        "COLO's checkpoint stream never ends as a migration",
+    ),
+    (
+        "background-snapshot",
+        "a snapshot is not an incoming migration",
+    ),
+    ("mapped-ram", "mapped-ram migrates to a file, not a socket"),
+];
+
+/// The request's capabilities, before the target QEMU is touched.
+pub fn check_request(q: &QmpForward) -> Result<(), PrepareError> {
+    if let Some((cap, why)) = NOT_THROUGH_GATEWAY
+        .iter()
+        .find(|(c, _)| q.capabilities.get(*c) == Some(&true))
+    {
+        return Err(PrepareError::Refused(format!(
+            "{cap} is not set by the daemon: {why}"
+        )));
+    }
+    capabilities::check_consistent(&q.capabilities)
+        .map_err(|e| PrepareError::Refused(e.to_string()))
 }
 
 /// The QMP socket path of `forward.qmp`.
@@ -47,6 +131,7 @@ fn qmp_path(q: &QmpForward) -> Result<&str, PrepareError> {
 /// `migrate-incoming unix:SOCK`, where the gateway will forward.
 pub async fn prepare(q: &QmpForward, sock: &Path) -> Result<(), PrepareError> {
     let path = qmp_path(q)?;
+    check_request(q)?;
     let work = async {
         let mut qmp = Qmp::connect_unix(path)
             .await
@@ -55,7 +140,15 @@ pub async fn prepare(q: &QmpForward, sock: &Path) -> Result<(), PrepareError> {
                 error,
             })?;
         if !q.capabilities.is_empty() {
-            qmp.set_capabilities(q.capabilities.iter().map(|(c, on)| (c, *on)))
+            // Checked against this QEMU first: a capability it lacks, or
+            // postcopy with multifd on a QEMU that would break at the
+            // switch, is refused in words before anything is set.
+            let offered = qmp
+                .offered_capabilities()
+                .await
+                .map_err(PrepareError::Command)?;
+            capabilities::check(&q.capabilities, &offered).map_err(PrepareError::Unsupported)?;
+            qmp.set_capabilities(capabilities::settable(&q.capabilities, &offered))
                 .await
                 .map_err(PrepareError::Command)?;
         }
@@ -89,10 +182,13 @@ pub fn settle_when_ended(
     mig: Arc<Migration>,
     q: &QmpForward,
     sock: PathBuf,
+    qmps: Arc<TargetQmps>,
 ) {
     let qmp_path = q.qmp.trim_start_matches("unix:").to_string();
+    qmps.insert(&mig.id, &qmp_path);
     tokio::spawn(async move {
         wait_until_ended(&registry, &mig).await;
+        qmps.remove(&mig.id);
         let _ = std::fs::remove_file(&sock);
         if mig.view().state != Phase::Cancelled {
             settle_with_qemu_verdict(&mig, &qmp_path).await;
@@ -119,7 +215,9 @@ async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) {
         let mut qmp = Qmp::connect_unix(qmp_path).await?;
         loop {
             let info = qmp.query_migrate().await?;
-            if info.is_terminal() {
+            // postcopy-paused waits for a recovery that is not ours to
+            // start: as verdicts go, that one is final.
+            if info.is_terminal() || info.status.as_deref() == Some("postcopy-paused") {
                 return Ok::<_, QmpError>(info);
             }
             // Loading the device state after the stream: a short wait.
@@ -129,9 +227,18 @@ async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) {
     match tokio::time::timeout(QEMU_VERDICT_TIMEOUT, ask).await {
         Ok(Ok(info)) => {
             let completed = info.status.as_deref() == Some("completed");
+            let paused = info.status.as_deref() == Some("postcopy-paused");
             let why = info
                 .error_desc
                 .map(|e| format!("target QEMU: {e}"))
+                .filter(|_| !paused)
+                .or_else(|| {
+                    paused.then(|| {
+                        "target QEMU: postcopy-paused: the VM runs here, the pages it has not \
+                         fetched yet are on the source; it can be recovered"
+                            .to_string()
+                    })
+                })
                 .or_else(|| {
                     Some(format!(
                         "target QEMU: migration {}",
@@ -149,5 +256,38 @@ async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) {
             "the target QEMU did not finish the incoming migration within {} s",
             QEMU_VERDICT_TIMEOUT.as_secs()
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn forward(caps: &[(&str, bool)]) -> QmpForward {
+        QmpForward {
+            qmp: "unix:/run/q.sock".into(),
+            capabilities: caps.iter().map(|(c, on)| (c.to_string(), *on)).collect(),
+            parameters: Default::default(),
+        }
+    }
+
+    #[test]
+    fn requests_are_checked_before_qemu_is_touched() {
+        check_request(&forward(&[])).unwrap();
+        check_request(&forward(&[
+            ("postcopy-ram", true),
+            ("postcopy-preempt", true),
+        ]))
+        .unwrap();
+        // Off is always fine: nothing to carry.
+        check_request(&forward(&[("x-colo", false)])).unwrap();
+        let e = check_request(&forward(&[("postcopy-preempt", true)])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "forward.capabilities: postcopy-preempt needs postcopy-ram on too"
+        );
+        let e = check_request(&forward(&[("rdma-pin-all", true)])).unwrap_err();
+        assert!(matches!(e, PrepareError::Refused(_)), "{e}");
+        assert!(e.to_string().contains("RDMA"), "{e}");
     }
 }

@@ -14,6 +14,13 @@ pub const DEFAULT_X509_DIR: &str = "/etc/pki/miggate";
 /// QEMU's own maximum `downtime-limit` (MAX_MIGRATE_DOWNTIME: 2000 s), in ms.
 pub const MAX_DOWNTIME_LIMIT_MS: u64 = 2_000_000;
 
+/// `--postcopy-after-passes` by default: the first pass sends all of RAM
+/// whatever the guest does; the second, only what was dirtied meanwhile,
+/// is the first that can converge. Not converging there is the sign.
+pub const DEFAULT_POSTCOPY_AFTER_PASSES: u64 = 2;
+/// Beyond this, precopy has had every chance: the option's upper bound.
+pub const MAX_POSTCOPY_AFTER_PASSES: u64 = 1000;
+
 #[derive(clap::Args, Debug, Clone)]
 pub struct MigrateArgs {
     /// The source QEMU's QMP socket: unix:PATH.
@@ -86,6 +93,22 @@ pub struct MigrateArgs {
     /// --native-tls: QEMU authz-list JSON file for the target's tls-authz.
     #[arg(long, requires = "native_tls")]
     pub authz_list_file: Option<PathBuf>,
+    /// Switch to postcopy when precopy has not converged after
+    /// --postcopy-after-passes passes: the VM then runs on the target and
+    /// fetches the pages it lacks from the source (postcopy-ram on both
+    /// QEMUs). Once switched, the migration cannot be cancelled.
+    #[arg(long, conflicts_with = "native_tls")]
+    pub postcopy: bool,
+    /// --postcopy: passes over RAM precopy gets to converge (1 to 1000;
+    /// pass 1 sends all of RAM).
+    #[arg(long, value_name = "N", requires = "postcopy",
+          default_value_t = DEFAULT_POSTCOPY_AFTER_PASSES,
+          value_parser = clap::value_parser!(u64).range(1..=MAX_POSTCOPY_AFTER_PASSES))]
+    pub postcopy_after_passes: u64,
+    /// --postcopy: also postcopy-preempt (the pages the target faults on
+    /// travel on a channel of their own, ahead of the background copy).
+    #[arg(long, requires = "postcopy")]
+    pub postcopy_preempt: bool,
     /// One JSON object per line on stdout: steps, progress, and a final result.
     #[arg(long)]
     pub json: bool,
@@ -113,6 +136,9 @@ impl MigrateArgs {
             target_x509_dir: None,
             authz_identity: None,
             authz_list_file: None,
+            postcopy: false,
+            postcopy_after_passes: DEFAULT_POSTCOPY_AFTER_PASSES,
+            postcopy_preempt: false,
             json: false,
         }
     }
@@ -174,6 +200,21 @@ impl MigrateArgs {
                 value: self.multifd.into(),
             });
         }
+        if self.postcopy_preempt && !self.postcopy {
+            return Err(ArgsError::PreemptNeedsPostcopy);
+        }
+        if self.postcopy && self.native_tls {
+            return Err(ArgsError::PostcopyNative);
+        }
+        if !(1..=MAX_POSTCOPY_AFTER_PASSES).contains(&self.postcopy_after_passes) {
+            return Err(ArgsError::Range(OutOfRange {
+                field: "--postcopy-after-passes".into(),
+                value: self.postcopy_after_passes,
+                min: 1,
+                max: MAX_POSTCOPY_AFTER_PASSES,
+                unit: "passes",
+            }));
+        }
         if let Some(ms) = self.downtime_limit.filter(|ms| *ms > MAX_DOWNTIME_LIMIT_MS) {
             return Err(ArgsError::AtMost {
                 option: "--downtime-limit",
@@ -195,6 +236,11 @@ pub enum ArgsError {
     NoTarget,
     #[error("give --target-qmp or --forward")]
     NoForward,
+    #[error("--postcopy-preempt needs --postcopy")]
+    PreemptNeedsPostcopy,
+    // native.rs prepares the target QEMU without postcopy-ram.
+    #[error("--postcopy goes through the target's daemon: not with --native-tls")]
+    PostcopyNative,
     #[error(transparent)]
     Range(#[from] crate::timeouts::OutOfRange),
     #[error("{option} must be at most {max}{unit}, not {value}")]
@@ -333,6 +379,70 @@ mod tests {
             .unwrap_err()
             .to_string()
             .starts_with("--multifd must be at most 63"));
+    }
+
+    #[test]
+    fn postcopy_options_are_checked_for_arguments_built_in_code() {
+        let mut a = MigrateArgs::new("/q".into(), "/pki".into());
+        a.target = Some("unix:/run/miggate/api.sock".into());
+        a.target_qmp = Some("/run/t.qmp".into());
+        a.postcopy_preempt = true;
+        assert_eq!(a.check().unwrap_err(), ArgsError::PreemptNeedsPostcopy);
+        a.postcopy = true;
+        a.check().unwrap();
+        a.postcopy_after_passes = 0;
+        assert_eq!(
+            a.check().unwrap_err().to_string(),
+            "--postcopy-after-passes must be from 1 to 1000 passes, not 0"
+        );
+        a.postcopy_after_passes = 1;
+        a.check().unwrap();
+        a.native_tls = true;
+        assert_eq!(a.check().unwrap_err(), ArgsError::PostcopyNative);
+    }
+
+    /// What clap refuses on the command line, before `check`.
+    #[test]
+    fn postcopy_command_line() {
+        use clap::Parser;
+        #[derive(clap::Parser, Debug)]
+        struct Cli {
+            #[command(flatten)]
+            m: MigrateArgs,
+        }
+        let base = [
+            "miggate",
+            "--source-qmp",
+            "unix:/q",
+            "--target",
+            "unix:/api",
+            "--target-qmp",
+            "unix:/t",
+        ];
+        let parse = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra));
+        let c = parse(&["--postcopy"]).unwrap();
+        assert!(c.m.postcopy && !c.m.postcopy_preempt);
+        assert_eq!(c.m.postcopy_after_passes, DEFAULT_POSTCOPY_AFTER_PASSES);
+        let c = parse(&[
+            "--postcopy",
+            "--postcopy-after-passes",
+            "1",
+            "--postcopy-preempt",
+        ])
+        .unwrap();
+        assert_eq!(c.m.postcopy_after_passes, 1);
+        assert!(c.m.postcopy_preempt);
+        for bad in [
+            &["--postcopy-preempt"][..],
+            &["--postcopy-after-passes", "3"],
+            &["--postcopy", "--postcopy-after-passes", "0"],
+            &["--postcopy", "--native-tls"],
+        ] {
+            let e = parse(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}: {e}");
+        }
+        let e = parse(&["--postcopy-preempt"]).unwrap_err().to_string();
+        assert!(e.contains("--postcopy"), "{e}");
     }
 
     #[test]

@@ -84,6 +84,32 @@ pub fn source_vm(before: &str, now: Result<&str, &str>) -> String {
     }
 }
 
+/// Where the VM is when a migration that switched to postcopy stops
+/// short of completing: it runs on the target (or did), and the pages it
+/// has not fetched yet exist only on the source. Neither "the VM is still
+/// running on the source" nor "lost" is true. `status` is the source
+/// QEMU's migration status, when it answered.
+pub fn postcopy_vm(status: Option<&str>) -> String {
+    const KEEP: &str = "keep both QEMUs running";
+    match status {
+        Some("postcopy-paused") => format!(
+            "the source QEMU is postcopy-paused: the guest runs on the target and the pages \
+             it has not fetched yet are only on the source, so it is split over the two hosts \
+             but not lost: {KEEP}, the migration can be recovered (migrate-recover on the \
+             target, then migrate with resume on the source)"
+        ),
+        Some(s) => format!(
+            "the guest had moved to the target in postcopy and the source QEMU is now {s}: \
+             the source cannot take it back, and pages the target has not fetched may exist \
+             only on the source: {KEEP} and check the target"
+        ),
+        None => format!(
+            "the guest had moved to the target in postcopy; the source QEMU did not say where \
+             the migration stands: {KEEP} and check both"
+        ),
+    }
+}
+
 /// "LEAD: CAUSE; VM." as one line.
 pub fn sentence(lead: &str, cause: &str, vm: &str) -> String {
     format!("{lead}: {}; {vm}.", clean(cause))
@@ -238,6 +264,28 @@ mod tests {
         };
         assert_eq!(cause(&ev), "target QEMU: TLS handshake failed");
         assert!(cause(&Evidence::default()).contains("without a reason"));
+    }
+
+    #[test]
+    fn postcopy_never_says_the_vm_is_on_the_source() {
+        let paused = postcopy_vm(Some("postcopy-paused"));
+        let s = sentence(
+            "migration paused in postcopy",
+            "target daemon: cut",
+            &paused,
+        );
+        assert!(
+            s.starts_with("migration paused in postcopy: target daemon: cut; the source QEMU is postcopy-paused: "),
+            "{s}"
+        );
+        assert!(s.contains("split over the two hosts but not lost"), "{s}");
+        assert!(s.contains("can be recovered"), "{s}");
+        assert!(s.ends_with(")."), "{s}");
+        for other in [Some("failed"), None] {
+            let v = postcopy_vm(other);
+            assert!(v.contains("keep both QEMUs running"), "{v}");
+            assert!(!v.contains("still running on the source"), "{v}");
+        }
     }
 
     #[test]

@@ -14,6 +14,12 @@ use crate::qmp::QmpError;
 pub enum Cause {
     #[error("source QEMU")]
     SourceQemu(#[source] QmpError),
+    /// What the source QEMU lacks for the options given (its version).
+    #[error("source {0}")]
+    SourceCapability(crate::qmp::capabilities::CapabilityError),
+    /// A second SIGINT/SIGTERM in postcopy, where cancelling is impossible.
+    #[error("interrupted by {signal}: the source QEMU paused the migration (migrate-pause)")]
+    PausedBySignal { signal: &'static str },
     #[error("a migration of this VM is already in progress (QEMU status {status})")]
     InProgress { status: String },
     #[error(transparent)]

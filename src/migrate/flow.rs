@@ -5,16 +5,17 @@ use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 
-use super::args::{MigrateArgs, Plan};
+use super::args::{MigrateArgs, Plan, TargetForward};
 use super::error::{Cause, ClientDnError};
 use super::managed::Managed;
 use super::native::Native;
 use super::progress::{bytes, Reporter, Snapshot};
 use super::signals::{Interrupt, Signals};
-use super::summary::{Failure, Summary};
+use super::summary::{Failure, PostcopySummary, Summary};
 use super::{cause, EXIT_FAILED, EXIT_USAGE};
 use crate::creds::{dn, tls};
 use crate::error::chain;
+use crate::qmp::capabilities::{self, MULTIFD, POSTCOPY_PREEMPT, POSTCOPY_RAM};
 use crate::qmp::{MigrationInfo, MigrationParameters, Qmp, QmpError, UNLIMITED_BANDWIDTH};
 
 /// How often `query-migrate` is asked for progress.
@@ -86,6 +87,7 @@ pub async fn execute(args: &MigrateArgs, rep: &mut Reporter) -> Result<Summary, 
         src,
         before,
         side: None,
+        postcopy: Postcopy::default(),
     };
     m.go(rep, &mut signals).await
 }
@@ -97,6 +99,33 @@ struct Migration<'a> {
     /// The source VM's state when we started.
     before: String,
     side: Option<Side>,
+    postcopy: Postcopy,
+}
+
+/// Where a `--postcopy` migration stands.
+#[derive(Debug, Default)]
+struct Postcopy {
+    /// Passes precopy had completed when we asked for the switch. Set
+    /// before `migrate-start-postcopy` is sent: from then on the source
+    /// may be in postcopy, where `migrate_cancel` is refused (newer QEMU)
+    /// or, worse, accepted: 7.2 then ends its side (`cancelled`), and the
+    /// target, left postcopy-paused, can never fetch its missing pages.
+    asked_after: Option<u64>,
+    /// QEMU refused the switch; precopy goes on.
+    refused: bool,
+    /// A `postcopy-*` status was seen (or postcopy bytes counted).
+    entered: bool,
+    /// Signals received since the switch: the first is only reported.
+    signals: u32,
+    /// The signal whose `migrate-pause` we sent.
+    paused_by: Option<Interrupt>,
+}
+
+impl Postcopy {
+    /// From here the source cannot take the VM back: no migrate_cancel.
+    fn started(&self) -> bool {
+        self.asked_after.is_some() || self.entered
+    }
 }
 
 impl Migration<'_> {
@@ -111,7 +140,7 @@ impl Migration<'_> {
         };
         let uri = self.side.as_ref().expect("prepared").uri();
         rep.step(&format!(
-            "source QEMU: migrating to {uri} (return-path on{}{}, {})",
+            "source QEMU: migrating to {uri} (return-path on{}{}{}, {})",
             if uuid.is_some() {
                 ", validate-uuid on"
             } else {
@@ -122,7 +151,22 @@ impl Migration<'_> {
             } else {
                 String::new()
             },
+            match (self.args.postcopy, self.args.postcopy_preempt) {
+                (false, _) => String::new(),
+                (true, preempt) => format!(
+                    ", postcopy-ram{} on: postcopy after {} pass{} without converging",
+                    if preempt { " and postcopy-preempt" } else { "" },
+                    self.args.postcopy_after_passes,
+                    if self.args.postcopy_after_passes == 1 {
+                        ""
+                    } else {
+                        "es"
+                    }
+                ),
+            },
             match self.args.max_bandwidth {
+                // QEMU's max-postcopy-bandwidth (0, unlimited) rules after the switch.
+                Some(b) if self.args.postcopy => format!("max {}/s in precopy", bytes(b)),
                 Some(b) => format!("max {}/s", bytes(b)),
                 None => "bandwidth unlimited".into(),
             }
@@ -137,25 +181,116 @@ impl Migration<'_> {
         let info = loop {
             tokio::select! {
                 _ = tick.tick() => {}
-                sig = signals.recv() => return self.interrupted(sig, rep).await,
+                sig = signals.recv() => {
+                    if !self.postcopy.started() {
+                        return self.interrupted(sig, rep).await;
+                    }
+                    self.signal_in_postcopy(sig, rep).await;
+                    continue;
+                }
             }
             let info = match self.src.query_migrate().await {
                 Ok(i) => i,
                 Err(e) => return Err(self.failed(rep, Some(Cause::SourceQemu(e)), None).await),
             };
-            rep.progress(&Snapshot::from_info(&info, started.elapsed()));
+            let snap = Snapshot::from_info(&info, started.elapsed());
+            rep.progress(&snap);
             if let Some(Side::Managed(mg)) = &mut self.side {
                 // At the end, ask now: a fast migration beats the poll's pace.
                 mg.poll_admission(rep, info.is_terminal()).await;
             }
-            if info.is_terminal() {
+            if info.in_postcopy() && !self.postcopy.entered {
+                self.postcopy.entered = true;
+                if info.status.as_deref() == Some("postcopy-active") {
+                    rep.step("postcopy-active: the guest runs on the target now; the source sends the rest of its memory and the pages the target asks for");
+                }
+            }
+            // postcopy-paused waits for a recovery this command does not
+            // start: for it, the migration has stopped here.
+            if info.is_terminal() || info.status.as_deref() == Some("postcopy-paused") {
                 break info;
+            }
+            if self.args.postcopy
+                && !self.postcopy.started()
+                && !self.postcopy.refused
+                && info.status.as_deref() == Some("active")
+                && snap.pass > self.args.postcopy_after_passes
+            {
+                self.start_postcopy(rep, &snap).await;
             }
         };
         rep.finish_progress();
         match info.status.as_deref() {
             Some("completed") => Ok(self.summary(rep, &info, started.elapsed(), uuid, dn).await),
-            _ => Err(self.failed(rep, None, Some(&info)).await),
+            _ => {
+                let known = self
+                    .postcopy
+                    .paused_by
+                    .map(|sig| Cause::PausedBySignal { signal: sig.name() });
+                let mut f = self.failed(rep, known, Some(&info)).await;
+                if let Some(sig) = self.postcopy.paused_by {
+                    f.exit_code = sig.exit_code();
+                }
+                Err(f)
+            }
+        }
+    }
+
+    /// Precopy has not converged after `--postcopy-after-passes` passes
+    /// (pass `snap.pass` has begun): `migrate-start-postcopy`.
+    async fn start_postcopy(&mut self, rep: &mut Reporter, snap: &Snapshot) {
+        // `dirty-sync-count` counts the pass under way: one fewer are done.
+        let done = snap.pass.saturating_sub(1);
+        self.postcopy.asked_after = Some(done);
+        rep.step(&format!(
+            "precopy has not converged after {done} pass{} ({} remaining, the guest dirties {}/s): switching to postcopy; from here the migration cannot be cancelled",
+            if done == 1 { "" } else { "es" },
+            bytes(snap.remaining),
+            bytes(snap.dirty_rate),
+        ));
+        match self.src.migrate_start_postcopy().await {
+            Ok(()) => {}
+            // QEMU said no: nothing changed, precopy goes on (and may
+            // still be cancelled).
+            Err(QmpError::Command { desc, .. }) => {
+                self.postcopy.asked_after = None;
+                self.postcopy.refused = true;
+                rep.note(&format!(
+                    "the source QEMU refused migrate-start-postcopy ({desc}); the migration stays in precopy"
+                ));
+            }
+            // No answer: the switch may have happened; stay on the safe side.
+            Err(e) => rep.note(&format!(
+                "migrate-start-postcopy got no answer ({}); treating the migration as in postcopy",
+                chain(&e)
+            )),
+        }
+    }
+
+    /// SIGINT/SIGTERM once postcopy has started: cancelling is impossible
+    /// (the target runs the VM, pages it lacks are only on the source),
+    /// and leaving would cut the in-process gateway. The first signal is
+    /// reported and ignored; the next ones pause the migration, which
+    /// keeps it recoverable, and the loop then reports where it stands.
+    async fn signal_in_postcopy(&mut self, sig: Interrupt, rep: &mut Reporter) {
+        self.postcopy.signals += 1;
+        if self.postcopy.signals == 1 {
+            rep.note(&format!(
+                "{}: a migration in postcopy cannot be cancelled (the guest runs on the target and the pages it has not fetched yet are only on the source); continuing until it completes. Another SIGINT/SIGTERM pauses it (migrate-pause): recoverable, but the guest waits for every missing page until then",
+                sig.name()
+            ));
+            return;
+        }
+        rep.step(&format!(
+            "{}: pausing the postcopy migration on the source (migrate-pause)",
+            sig.name()
+        ));
+        match self.src.migrate_pause().await {
+            Ok(()) => self.postcopy.paused_by = Some(sig),
+            Err(e) => rep.note(&format!(
+                "migrate-pause failed ({}); the migration goes on",
+                chain(&e)
+            )),
         }
     }
 
@@ -172,6 +307,18 @@ impl Migration<'_> {
             }
         }
         let uuid = Some(self.src.query_uuid().await.map_err(q)?).filter(|u| !u.is_nil());
+        // Checked before the target is asked for anything: a source QEMU
+        // that lacks a capability fails here, in words.
+        let caps = std::collections::BTreeMap::from([
+            ("return-path".to_string(), true),
+            ("validate-uuid".to_string(), uuid.is_some()),
+            (MULTIFD.to_string(), self.args.multifd > 0),
+            (POSTCOPY_RAM.to_string(), self.args.postcopy),
+            (POSTCOPY_PREEMPT.to_string(), self.args.postcopy_preempt),
+        ]);
+        let offered = self.src.offered_capabilities().await.map_err(q)?;
+        capabilities::check(&caps, &offered)
+            .map_err(|e| Stop::Cause(Cause::SourceCapability(e)))?;
         let dn = client_dn(&self.args.x509_dir).map_err(|e| Stop::Cause(e.into()))?;
         rep.step(&format!(
             "source QEMU at {}: VM {} is {}; this side authenticates as {dn}",
@@ -218,12 +365,21 @@ impl Migration<'_> {
             }
         });
 
+        if self.args.postcopy
+            && matches!(
+                self.plan,
+                Plan::Gateway {
+                    forward: TargetForward::Endpoint(_),
+                    ..
+                }
+            )
+        {
+            rep.note("--postcopy with --forward: the target QEMU must have postcopy-ram on already (whoever ran its migrate-incoming set it); without it the migration fails at its start");
+        }
+        // Off ones included (when this QEMU has them): a capability left on
+        // by an earlier migration must not carry over.
         self.src
-            .set_capabilities([
-                ("return-path", true),
-                ("validate-uuid", uuid.is_some()),
-                ("multifd", self.args.multifd > 0),
-            ])
+            .set_capabilities(capabilities::settable(&caps, &offered))
             .await
             .map_err(q)?;
         let params = MigrationParameters {
@@ -295,6 +451,25 @@ impl Migration<'_> {
                 source_qemu: source_qemu.as_deref(),
             })
         });
+        if self.postcopy.started() {
+            let lead = match status.as_deref() {
+                Some("postcopy-paused") => "migration paused in postcopy",
+                _ => "migration failed in postcopy",
+            };
+            // The run state says little here (finish-migrate...): the
+            // migration's own status tells where the guest is.
+            let now = self.src.query_status().await.ok();
+            let qemu = match &status {
+                Some(s) => Some(s.clone()),
+                None => self.src.query_migrate().await.ok().and_then(|i| i.status),
+            };
+            return Failure {
+                sentence: cause::sentence(lead, &why, &cause::postcopy_vm(qemu.as_deref())),
+                exit_code: EXIT_FAILED,
+                source_status: now,
+                migration_id: self.side.as_ref().and_then(Side::id),
+            };
+        }
         let lead = match status.as_deref() {
             Some("cancelled") => "migration cancelled",
             _ => "migration failed",
@@ -402,7 +577,16 @@ impl Migration<'_> {
             channels: 1 + u32::from(self.args.multifd),
             target_status: None,
             source_status,
+            postcopy: None,
         };
+        // Asked for but not entered: precopy converged before the switch.
+        let entered = self.postcopy.entered || ram.postcopy_bytes.is_some_and(|b| b > 0);
+        if let (Some(after_passes), true) = (self.postcopy.asked_after, entered) {
+            s.postcopy = Some(PostcopySummary {
+                after_passes,
+                requested_pages: ram.postcopy_requests,
+            });
+        }
         match &mut self.side {
             Some(Side::Managed(m)) => {
                 s.migration_id = Some(m.id.clone());

@@ -96,6 +96,19 @@ pub fn target_migration_settings(
     (caps, params)
 }
 
+/// The target QEMU's part of `--postcopy`: postcopy-ram must be on at both
+/// ends before the stream starts (the source's advice in the stream is
+/// refused by a target without it). postcopy-preempt is named only when
+/// asked for: a QEMU without it would refuse it even off.
+pub fn target_postcopy_capabilities(postcopy: bool, preempt: bool) -> BTreeMap<String, bool> {
+    use crate::qmp::capabilities::{POSTCOPY_PREEMPT, POSTCOPY_RAM};
+    let mut caps = BTreeMap::from([(POSTCOPY_RAM.to_string(), postcopy)]);
+    if preempt {
+        caps.insert(POSTCOPY_PREEMPT.to_string(), true);
+    }
+    caps
+}
+
 /// The address to reach a daemon listener at: a listener bound to the
 /// wildcard address is reached at the API's own host (or loopback when the
 /// API is a local socket).
@@ -202,7 +215,11 @@ impl Managed {
         let channels = 1 + u32::from(args.multifd);
         let forward = match forward {
             TargetForward::Qmp(qmp) => {
-                let (capabilities, parameters) = target_migration_settings(args.multifd);
+                let (mut capabilities, parameters) = target_migration_settings(args.multifd);
+                capabilities.extend(target_postcopy_capabilities(
+                    args.postcopy,
+                    args.postcopy_preempt,
+                ));
                 Forward::Qmp(QmpForward {
                     qmp: format!("unix:{}", qmp.display()),
                     capabilities,
@@ -454,6 +471,16 @@ mod tests {
         assert_eq!(reachable("[::]:49152", &tls), "dst.example.org:49152");
         assert_eq!(reachable("10.0.0.2:49152", &tls), "10.0.0.2:49152");
         assert_eq!(reachable("dst:1", &unix), "dst:1");
+    }
+
+    #[test]
+    fn target_postcopy_settings() {
+        let off = target_postcopy_capabilities(false, false);
+        assert_eq!(off, BTreeMap::from([("postcopy-ram".to_string(), false)]));
+        let on = target_postcopy_capabilities(true, false);
+        assert!(on["postcopy-ram"] && !on.contains_key("postcopy-preempt"));
+        let preempt = target_postcopy_capabilities(true, true);
+        assert!(preempt["postcopy-ram"] && preempt["postcopy-preempt"]);
     }
 
     #[test]

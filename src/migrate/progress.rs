@@ -34,6 +34,9 @@ pub struct Snapshot {
     pub expected_downtime_ms: Option<u64>,
     /// Passes over RAM so far (QEMU's `dirty-sync-count`).
     pub pass: u64,
+    /// Pages the target asked for because the VM touched them before they
+    /// arrived (postcopy; QEMU's `postcopy-requests`).
+    pub postcopy_requests: u64,
 }
 
 impl Snapshot {
@@ -55,7 +58,13 @@ impl Snapshot {
             dirty_rate: ram.dirty_pages_rate.saturating_mul(page),
             expected_downtime_ms: info.expected_downtime,
             pass: ram.dirty_sync_count,
+            postcopy_requests: ram.postcopy_requests,
         }
+    }
+
+    /// The VM runs on the target (`postcopy-active`, `postcopy-paused`...).
+    pub fn in_postcopy(&self) -> bool {
+        self.status.starts_with("postcopy-")
     }
 
     /// RAM already on the target in this pass: what the bar shows. It can
@@ -89,6 +98,13 @@ impl Snapshot {
         if self.pass > 0 {
             s += &format!(", pass {}", self.pass);
         }
+        if self.in_postcopy() {
+            s += &format!(
+                ", {} page{} requested by the target",
+                self.postcopy_requests,
+                if self.postcopy_requests == 1 { "" } else { "s" }
+            );
+        }
         s
     }
 
@@ -104,6 +120,7 @@ impl Snapshot {
             "dirty_bytes_per_sec": self.dirty_rate,
             "expected_downtime_ms": self.expected_downtime_ms,
             "pass": self.pass,
+            "postcopy_requests": self.postcopy_requests,
         })
     }
 }
@@ -345,10 +362,30 @@ mod tests {
         assert_eq!(j["elapsed_ms"], 1500);
         assert_eq!(j["remaining"], 16777216u64);
         assert_eq!(j["pass"], 2);
+        assert_eq!(j["postcopy_requests"], 0);
         // Before QEMU has stats: no division by zero, no bogus numbers.
         let empty = Snapshot::from_info(&MigrationInfo::default(), Duration::ZERO);
         assert_eq!(empty.line(), "none");
         assert_eq!(empty.done(), 0);
+    }
+
+    #[test]
+    fn postcopy_phase_shows_the_pages_the_target_asked_for() {
+        let mut i = info();
+        i.status = Some("postcopy-active".into());
+        i.expected_downtime = None;
+        if let Some(ram) = i.ram.as_mut() {
+            ram.postcopy_requests = 37;
+            ram.dirty_sync_count = 3;
+        }
+        let s = Snapshot::from_info(&i, Duration::from_secs(4));
+        assert!(s.in_postcopy());
+        assert_eq!(
+            s.line(),
+            "postcopy-active: 48.0 MiB of 64.0 MiB RAM sent at 412 Mbit/s, 16.0 MiB remaining, \
+             guest dirties 2.34 MiB/s, pass 3, 37 pages requested by the target"
+        );
+        assert_eq!(s.to_json()["postcopy_requests"], 37);
     }
 
     #[derive(Clone, Default)]

@@ -53,6 +53,18 @@ pub struct Summary {
     /// The target VM's state (native TLS mode, where we can ask it).
     pub target_status: Option<String>,
     pub source_status: Option<String>,
+    /// Set when the migration switched to postcopy (`--postcopy`).
+    pub postcopy: Option<PostcopySummary>,
+}
+
+/// How a migration that did not converge in precopy ended in postcopy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct PostcopySummary {
+    /// Passes over RAM precopy had completed when the switch was asked.
+    pub after_passes: u64,
+    /// Pages the target fetched on demand, because the VM touched them
+    /// before the background copy sent them.
+    pub requested_pages: u64,
 }
 
 impl Summary {
@@ -84,6 +96,15 @@ impl Summary {
                 " in {} pass{}",
                 self.passes,
                 if self.passes == 1 { "" } else { "es" }
+            );
+        }
+        if let Some(p) = &self.postcopy {
+            s += &format!(
+                "\n  switched to postcopy after {} pass{} of precopy; the target requested {} page{} from the source",
+                p.after_passes,
+                if p.after_passes == 1 { "" } else { "es" },
+                p.requested_pages,
+                if p.requested_pages == 1 { "" } else { "s" }
             );
         }
         match (&self.migration_id, &self.admitted_dn) {
@@ -128,6 +149,7 @@ mod tests {
             channels: 1,
             target_status: None,
             source_status: Some("postmigrate".into()),
+            postcopy: None,
         };
         assert_eq!(
             s.human(),
@@ -138,5 +160,24 @@ mod tests {
         assert_eq!(j["type"], "result");
         assert_eq!(j["ok"], true);
         assert_eq!(j["downtime_ms"], 41);
+        assert_eq!(j["postcopy"], Value::Null);
+        let p = Summary {
+            postcopy: Some(PostcopySummary {
+                after_passes: 2,
+                requested_pages: 1,
+            }),
+            ..s
+        };
+        assert!(
+            p.human().contains(
+                " in 3 passes\n  switched to postcopy after 2 passes of precopy; \
+                 the target requested 1 page from the source\n  the target daemon admitted"
+            ),
+            "{}",
+            p.human()
+        );
+        let j = p.to_json();
+        assert_eq!(j["postcopy"]["after_passes"], 2);
+        assert_eq!(j["postcopy"]["requested_pages"], 1);
     }
 }

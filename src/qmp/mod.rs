@@ -21,6 +21,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use uuid::Uuid;
 
+pub mod capabilities;
+
 /// How long `execute` waits for a response unless told otherwise. QMP
 /// commands answer promptly (migration runs in the background), so a long
 /// silence means QEMU is wedged.
@@ -171,6 +173,16 @@ impl MigrationInfo {
             self.status.as_deref(),
             Some("completed" | "failed" | "cancelled")
         )
+    }
+
+    /// The VM runs on the target and fetches missing pages from the
+    /// source (`postcopy-active`), or did until the channels broke
+    /// (`postcopy-paused`, `postcopy-recover*`): from here the source can
+    /// no longer take the VM back.
+    pub fn in_postcopy(&self) -> bool {
+        self.status
+            .as_deref()
+            .is_some_and(|s| s.starts_with("postcopy-"))
     }
 }
 
@@ -428,6 +440,40 @@ impl Qmp {
     /// `migrate_cancel`: stops an outgoing migration (a no-op when none runs).
     pub async fn migrate_cancel(&mut self) -> Result<(), QmpError> {
         self.execute("migrate_cancel", None).await.map(drop)
+    }
+
+    /// `query-migrate-capabilities` with the QEMU's version: what
+    /// [`capabilities::check`] checks a request against.
+    pub async fn offered_capabilities(&mut self) -> Result<capabilities::Offered, QmpError> {
+        let v = self.execute("query-migrate-capabilities", None).await?;
+        let names = v
+            .as_array()
+            .map(|caps| {
+                caps.iter()
+                    .filter_map(|c| c.get("capability").and_then(Value::as_str))
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .ok_or_else(|| {
+                QmpError::protocol(format!("query-migrate-capabilities returned {v}"))
+            })?;
+        Ok(capabilities::Offered {
+            version: self.qemu_version(),
+            names,
+        })
+    }
+
+    /// `migrate-start-postcopy`: the source switches to postcopy at its
+    /// next iteration (the VM then runs on the target and fetches the
+    /// pages it lacks from the source). Needs `postcopy-ram` on both ends.
+    pub async fn migrate_start_postcopy(&mut self) -> Result<(), QmpError> {
+        self.execute("migrate-start-postcopy", None).await.map(drop)
+    }
+
+    /// `migrate-pause`: a migration in postcopy stops using its channels
+    /// and waits, `postcopy-paused`, for a recovery (only in postcopy).
+    pub async fn migrate_pause(&mut self) -> Result<(), QmpError> {
+        self.execute("migrate-pause", None).await.map(drop)
     }
 
     /// `query-uuid`: the VM's `-uuid` (the nil UUID when it was started
