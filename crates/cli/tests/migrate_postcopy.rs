@@ -149,10 +149,17 @@ fn kill(sig: &str, pid: u32) {
 /// The case: the capped running guest completes with `--postcopy`
 /// through the daemon and keeps counting on the target; the summary says
 /// it switched after the passes asked for.
-async fn running_guest_completes_in_postcopy(qemu: QemuVersion) {
+/// With `preempt`, also `--postcopy-preempt`: the preempt channel joins
+/// the main channel through both gateways and the registration.
+async fn running_guest_completes_in_postcopy(qemu: QemuVersion, preempt: bool) {
     let mut t = setup(qemu).await;
     let t0 = Instant::now();
-    let (lines, code) = run(t.command(&["--postcopy"]), |_, _, _| {}).await;
+    let args: &[&str] = if preempt {
+        &["--postcopy", "--postcopy-preempt"]
+    } else {
+        &["--postcopy"]
+    };
+    let (lines, code) = run(t.command(args), |_, _, _| {}).await;
     eprintln!(
         "FIGURE migrate_postcopy {qemu} {RAM_MIB} MiB running guest at {BANDWIDTH}/s: {:?}",
         t0.elapsed()
@@ -170,7 +177,7 @@ async fn running_guest_completes_in_postcopy(qemu: QemuVersion) {
     assert!(
         steps
             .iter()
-            .any(|m| m.contains("postcopy-ram on: postcopy after 2 passes")),
+            .any(|m| m.contains("on: postcopy after 2 passes") && m.contains("postcopy-ram")),
         "{steps:?}"
     );
     assert!(
@@ -198,12 +205,14 @@ async fn running_guest_completes_in_postcopy(qemu: QemuVersion) {
         .cmd("query-migrate-capabilities", Value::Null)
         .await
         .unwrap();
-    let on = caps
-        .as_array()
-        .unwrap()
-        .iter()
-        .any(|c| c["capability"] == "postcopy-ram" && c["state"] == true);
-    assert!(on, "{caps}");
+    let on = |name: &str| {
+        caps.as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["capability"] == name && c["state"] == true)
+    };
+    assert!(on("postcopy-ram"), "{caps}");
+    assert_eq!(on("postcopy-preempt"), preempt, "{caps}");
     t.dst.assert_running_and_counting().await;
     assert_eq!(t.src.query_status().await.unwrap(), "postmigrate");
     let info = t.src.query_migrate().await.unwrap();
@@ -220,12 +229,22 @@ async fn running_guest_completes_in_postcopy(qemu: QemuVersion) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postcopy_running_guest_completes_through_daemon() {
-    running_guest_completes_in_postcopy(QemuVersion::System).await;
+    running_guest_completes_in_postcopy(QemuVersion::System, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postcopy_running_guest_completes_through_daemon_qemu10() {
-    running_guest_completes_in_postcopy(QemuVersion::V10_0).await;
+    running_guest_completes_in_postcopy(QemuVersion::V10_0, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_preempt_running_guest_completes_through_daemon() {
+    running_guest_completes_in_postcopy(QemuVersion::System, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postcopy_preempt_running_guest_completes_through_daemon_qemu10() {
+    running_guest_completes_in_postcopy(QemuVersion::V10_0, true).await;
 }
 
 /// The counterfactual: without `--postcopy` the same guest and cap go
