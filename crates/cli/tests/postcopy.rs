@@ -157,6 +157,9 @@ async fn recovers_after_the_path_is_cut(versions: Versions) {
     src.cmd("migrate-start-postcopy", json!({})).await.unwrap();
     wait_migration_status(&mut src, "postcopy-active").await;
     wait_migration_status(&mut dst, "postcopy-active").await;
+    // Past the switch itself: the device state goes first, and a target
+    // cut while loading it fails for good (QEMU 10.0: "loadvm failed").
+    wait_postcopy_bytes(&mut src, 4 << 20).await;
     assert_eq!(path.cut(), 2, "main and preempt channels were relayed");
     wait_migration_status(&mut src, "postcopy-paused").await;
     wait_migration_status(&mut dst, "postcopy-paused").await;
@@ -203,6 +206,25 @@ async fn recovers_after_the_path_is_cut(versions: Versions) {
             preempts.iter().any(|r| r["outcome"] == "completed"),
             "{records:?}"
         );
+    }
+}
+
+/// Polls the source until it has sent `n` bytes of RAM in postcopy (QEMU
+/// has no event for it).
+async fn wait_postcopy_bytes(src: &mut Qemu, n: u64) {
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let info = src.query_migrate().await.unwrap();
+        let sent = info.raw["ram"]["postcopy-bytes"].as_u64().unwrap_or(0);
+        if sent >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "only {sent} bytes sent in postcopy: {}",
+            info.raw
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 
