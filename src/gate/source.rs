@@ -258,18 +258,12 @@ async fn classify(
         r = read_until(local, prefix, deadline, cfg.stall, SNIFF_MAX, sniff_decider(0)) => First::Read(r),
         m = joinable.wait_for_main(pid) => First::Main(m),
     };
+    // A command where a header would be: a postcopy recovery's main channel.
+    let resumed = |prefix: &[u8]| prefix.first() == Some(&0x08);
     match first {
         First::Read(Ok(Ok(kind))) => Ok(Class::Stream(Some(kind))),
-        // A command where a header would be: a postcopy recovery.
-        First::Read(Ok(Err(_)) | Err(Refusal::Stream(_))) if prefix.first() == Some(&0x08) => {
-            let resumed = read_until(local, prefix, deadline, cfg.stall, 64, resume_stream).await;
-            match resumed {
-                Ok(true) => joinable
-                    .take_paused(pid)
-                    .map(Class::Resume)
-                    .map_err(|e| failed(format!("source QEMU: {e}"))),
-                _ => Ok(Class::Stream(None)),
-            }
+        First::Read(Ok(Err(_)) | Err(Refusal::Stream(_))) if resumed(prefix) => {
+            resume(local, prefix, pid, joinable, cfg, deadline).await
         }
         // Not a QEMU header: 7.2's preempt channel sends a bare RAM_SAVE_FLAG_EOS
         // when postcopy starts, maybe before its main channel was admitted.
@@ -281,19 +275,14 @@ async fn classify(
             }
         }
         First::Read(Err(r)) => Err(failed(format!("source QEMU: {r}"))),
+        First::Main(_) if resumed(prefix) => {
+            resume(local, prefix, pid, joinable, cfg, deadline).await
+        }
         First::Main(found) => match crate::wire::qemu::sniff(prefix) {
             // Part of a QEMU header arrived: it is not the preempt channel.
             Err(crate::wire::qemu::SniffError::Incomplete) if !prefix.is_empty() => {
-                match read_until(
-                    local,
-                    prefix,
-                    deadline,
-                    cfg.stall,
-                    SNIFF_MAX,
-                    sniff_decider(0),
-                )
-                .await
-                {
+                let decide = sniff_decider(0);
+                match read_until(local, prefix, deadline, cfg.stall, SNIFF_MAX, decide).await {
                     Ok(Ok(kind)) => Ok(Class::Stream(Some(kind))),
                     Ok(Err(_)) | Err(Refusal::Stream(_)) => Ok(Class::Stream(None)),
                     Err(r) => Err(failed(format!("source QEMU: {r}"))),
@@ -304,6 +293,27 @@ async fn classify(
                 .map(Class::Preempt)
                 .map_err(|e| failed(format!("source QEMU: {e}"))),
         },
+    }
+}
+
+/// A connection that starts with a command: if it is a recovery's main
+/// channel, it resumes this process's cut postcopy main channel.
+async fn resume(
+    local: &mut Plain,
+    prefix: &mut Vec<u8>,
+    pid: Option<i32>,
+    joinable: &Joinable,
+    cfg: &SourceConfig,
+    deadline: Instant,
+) -> Result<Class, (Ending, String)> {
+    match read_until(local, prefix, deadline, cfg.stall, 64, resume_stream).await {
+        Ok(true) => joinable
+            .take_paused(pid)
+            .map(Class::Resume)
+            .map_err(|e| (Ending::Failed, format!("source QEMU: {e}"))),
+        // Passed on for the target to judge, like any unrecognised stream.
+        Ok(false) | Err(Refusal::Stream(_)) => Ok(Class::Stream(None)),
+        Err(r) => Err((Ending::Failed, format!("source QEMU: {r}"))),
     }
 }
 
