@@ -300,9 +300,15 @@ impl<'a> Admission<'a> {
                 Ok(Route::Static(route))
             }
             (None, Some(m)) => {
-                // The registration decides first: it knows whether it may.
+                // Only the cut main channel of this migration, resumed by
+                // its peer: checked first, since a channel the registration
+                // took and then dropped would fail the recovery. Then the
+                // registration (its recovery ticket, once), then the
+                // binding is spent.
+                let scope = Scope::Migration(m.id.clone());
+                bindings.check_resume(token, self.peer_dn, &scope)?;
                 let g = m.admit_channel(self.peer_dn, &StreamKind::Resumed)?;
-                bindings.resume(token, self.peer_dn, &Scope::Migration(m.id.clone()))?;
+                bindings.resume(token, self.peer_dn, &scope)?;
                 Ok(Route::Ticket(g))
             }
             (None, None) => unreachable!("a connection has a route or a migration"),

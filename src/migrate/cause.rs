@@ -167,6 +167,8 @@ mod tests {
             ended_at: None,
             reason: reason.map(Into::into),
             refusals: refusals.iter().map(|s| s.to_string()).collect(),
+            recover_by: None,
+            recoveries: 0,
         }
     }
 
