@@ -154,6 +154,20 @@ impl Joinable {
         self.paused.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A gateway started to carry a recovery it did not see cut (`miggate
+    /// migrate --recover`: the first gateway lived in another process):
+    /// the cut main channel of `pid`, paused, with the binding token the
+    /// target daemon gave for its resumption.
+    pub fn with_paused(pid: i32, token: Secret) -> Joinable {
+        let j = Joinable::default();
+        j.lock_paused().push(Paused {
+            pid: Some(pid),
+            join: JoinBy::Token(token),
+            until: Instant::now() + crate::timeouts::RECOVERY_WINDOW,
+        });
+        j
+    }
+
     /// How the cut postcopy main channel of `pid` (any, if the pid is not
     /// known and only one is paused) was admitted, taken: one resume each.
     pub fn take_paused(&self, pid: Option<i32>) -> Result<JoinBy, NoJoin> {

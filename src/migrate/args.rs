@@ -39,7 +39,7 @@ pub struct MigrateArgs {
     pub api_x509_dir: Option<PathBuf>,
     /// The target QEMU's QMP socket, unix:PATH: as the daemon sees it (gateway
     /// mode: the daemon issues migrate-incoming there), or local (--native-tls).
-    #[arg(long, value_parser = parse_qmp, required_unless_present = "forward")]
+    #[arg(long, value_parser = parse_qmp, required_unless_present_any = ["forward", "recover"])]
     pub target_qmp: Option<PathBuf>,
     /// Where the target QEMU already listens (tcp:HOST:PORT or unix:PATH on
     /// the daemon's host), instead of --target-qmp.
@@ -109,6 +109,13 @@ pub struct MigrateArgs {
     /// travel on a channel of their own, ahead of the background copy).
     #[arg(long, requires = "postcopy")]
     pub postcopy_preempt: bool,
+    /// Recover migration ID, paused in postcopy (both QEMUs
+    /// postcopy-paused): the daemon makes the target QEMU listen again and
+    /// issues a new one-shot ticket, and the source QEMU resumes through a
+    /// new source gateway (with --target and --source-qmp, as the first run).
+    #[arg(long, value_name = "ID",
+          conflicts_with_all = ["native_tls", "target_qmp", "forward", "postcopy", "multifd"])]
+    pub recover: Option<String>,
     /// One JSON object per line on stdout: steps, progress, and a final result.
     #[arg(long)]
     pub json: bool,
@@ -139,6 +146,7 @@ impl MigrateArgs {
             postcopy: false,
             postcopy_after_passes: DEFAULT_POSTCOPY_AFTER_PASSES,
             postcopy_preempt: false,
+            recover: None,
             json: false,
         }
     }
@@ -153,6 +161,13 @@ impl MigrateArgs {
     /// code too, and says which mode the arguments ask for, so that the
     /// steps after it need not check again.
     pub(super) fn check(&self) -> Result<Plan<'_>, ArgsError> {
+        if let Some(id) = &self.recover {
+            return match (&self.target, self.native_tls) {
+                (_, true) => Err(ArgsError::RecoverNative),
+                (None, _) => Err(ArgsError::NoTarget),
+                (Some(target), false) => Ok(Plan::Recover { target, id }),
+            };
+        }
         let plan = match (
             self.native_tls,
             &self.target,
@@ -241,6 +256,8 @@ pub enum ArgsError {
     // native.rs prepares the target QEMU without postcopy-ram.
     #[error("--postcopy goes through the target's daemon: not with --native-tls")]
     PostcopyNative,
+    #[error("--recover goes through the target's daemon: not with --native-tls")]
+    RecoverNative,
     #[error(transparent)]
     Range(#[from] crate::timeouts::OutOfRange),
     #[error("{option} must be at most {max}{unit}, not {value}")]
@@ -262,6 +279,8 @@ pub enum Plan<'a> {
     },
     /// QEMU's own TLS on both ends.
     Native { target_qmp: &'a Path },
+    /// Recovery of a registered migration paused in postcopy.
+    Recover { target: &'a str, id: &'a str },
 }
 
 /// Where the daemon sends the stream: a target QEMU it prepares over QMP,

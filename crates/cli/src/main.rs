@@ -446,6 +446,7 @@ async fn run_source(a: SourceArgs) -> Result<()> {
         rekey_after: a.rekey_after_mib.map(|m| m << 20),
         ticket: source_ticket(a.ticket_file.as_deref())?,
         sink: None,
+        resume: None,
     };
     tokio::select! {
         r = source::serve(listener, cfg) => r?,
