@@ -499,7 +499,8 @@ impl Migration<'_> {
             Some("postcopy-paused") => {
                 cause::postcopy_vm(status.as_deref(), Some(&self.recover_command()))
             }
-            Some(s) if !s.starts_with("postcopy") => format!("the source QEMU's migration is {s}"),
+            // Not in postcopy: nothing of it was touched.
+            Some(s) if !s.starts_with("postcopy") => "nothing was changed".to_string(),
             _ => cause::postcopy_vm(status.as_deref(), None),
         };
         Failure {
