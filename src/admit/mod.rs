@@ -165,6 +165,8 @@ pub enum TicketRefusal {
     MainTaken { migration: String },
     #[error("migration {migration} already has its postcopy preempt channel")]
     PreemptTaken { migration: String },
+    #[error("ticket of migration {migration} was replaced by its recovery's (each recovery has a one-shot ticket of its own)")]
+    Replaced { migration: String },
     #[error("migration {migration} is paused in postcopy: nothing is admitted until its recovery is asked for (POST /v1/migrations/{migration}/recover), which issues a new ticket")]
     Paused { migration: String },
     #[error("migration {migration} is being recovered: its new ticket admits the source QEMU's resumed main channel first, and nothing else")]
@@ -189,6 +191,7 @@ impl TicketRefusal {
             TicketRefusal::Malformed(_) => "malformed ticket",
             TicketRefusal::Expired { .. } => "ticket expired",
             TicketRefusal::Spent { .. }
+            | TicketRefusal::Replaced { .. }
             | TicketRefusal::MainTaken { .. }
             | TicketRefusal::PreemptTaken { .. }
             | TicketRefusal::SlotsFull { .. } => "ticket already used",
@@ -210,7 +213,7 @@ impl TicketRefusal {
             TicketRefusal::Unknown => "unknown",
             TicketRefusal::Malformed(_) => "malformed",
             TicketRefusal::Expired { .. } => "expired",
-            TicketRefusal::Spent { .. } => "spent",
+            TicketRefusal::Spent { .. } | TicketRefusal::Replaced { .. } => "spent",
             TicketRefusal::Cancelled { .. } => "cancelled",
             TicketRefusal::MainTaken { .. } => "main_taken",
             TicketRefusal::PreemptTaken { .. } => "preempt_taken",

@@ -519,13 +519,12 @@ impl Migration {
 
     /// Whether `hash` is a ticket this migration issued and no longer
     /// takes (the first one after a recovery, or a failed recovery's).
-    fn spent_ticket(&self, hash: &TicketHash) -> Option<Phase> {
-        let inner = self.lock();
+    fn spent_ticket(&self, hash: &TicketHash) -> bool {
         let mut spent = false;
-        for h in &inner.spent {
+        for h in &self.lock().spent {
             spent |= h.matches(hash);
         }
-        spent.then_some(inner.phase)
+        spent
     }
 
     fn current_ticket(&self, hash: &TicketHash) -> bool {
@@ -825,15 +824,14 @@ impl Registry {
             if m.current_ticket(&hash) {
                 found = Some(m.clone());
             }
-            if let Some(phase) = m.spent_ticket(&hash) {
-                spent = Some((m.clone(), phase));
+            if m.spent_ticket(&hash) {
+                spent = Some(m.clone());
             }
         }
         // A ticket a recovery replaced: spent, whatever the phase now.
-        if let Some((m, phase)) = spent {
-            let r = TicketRefusal::Spent {
+        if let Some(m) = spent {
+            let r = TicketRefusal::Replaced {
                 migration: m.id.clone(),
-                phase,
             };
             let mut inner = m.lock();
             return Err(m.refuse(&mut inner, r.into(), false));
@@ -1235,7 +1233,12 @@ mod tests {
         assert!(matches!(r, RecoverRefusal::Recovering { .. }), "{r}");
         // The first ticket is spent; the new one is this migration's.
         let r = reg.find_by_ticket(&first).unwrap_err();
-        assert!(r.to_string().contains("ticket already used"), "{r}");
+        assert!(
+            r.to_string().contains("was replaced by its recovery's"),
+            "{r}"
+        );
+        assert_eq!(r.public(), "ticket already used");
+        assert_eq!(mig.view().refusals.len(), 3, "the replay is shown");
         let found = reg.find_by_ticket(&ticket).unwrap();
         assert_eq!(found.id, mig.id);
         // Only the resumed main channel, from the original peer.
@@ -1303,7 +1306,7 @@ mod tests {
         assert_eq!(v.state, Phase::Paused);
         assert!(v.reason.unwrap().contains("recovery ticket expired"));
         let r = reg.find_by_ticket(&ticket).unwrap_err();
-        assert!(r.to_string().contains("ticket already used"), "{r}");
+        assert!(r.to_string().contains("replaced"), "{r}");
         // A failed set-up (QEMU refused migrate-recover): paused again.
         let (ticket, _) = mig.recover().unwrap();
         mig.recover_failed("target QEMU refused".into());

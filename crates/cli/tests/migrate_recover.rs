@@ -346,3 +346,191 @@ async fn managed_postcopy_preempt_cut_is_recovered_with_migrate_recover() {
 async fn managed_postcopy_preempt_cut_is_recovered_with_migrate_recover_qemu10() {
     cut_then_recover(QemuVersion::V10_0).await;
 }
+
+/// A local client that makes a standalone source gateway present its
+/// ticket with the start of a main channel (QEVM header, then a section
+/// start: no configuration, no UUID), as a second migration would.
+/// Returns the gateway's record of it.
+async fn present_ticket(gw: &mut common::gateway::Gateway) -> Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut c = tokio::net::TcpStream::connect(&gw.addr).await.unwrap();
+    c.write_all(b"QEVM\0\0\0\x03\x01").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest).await;
+    gw.wait_outcome(EVENT_TIMEOUT).await.unwrap()
+}
+
+/// The one-shot logic through a recovery, with tickets the test holds:
+/// registration and recovery through the API, standalone source gateways
+/// (`--ticket-file`, then `--resume-token-file` for the recovery). While
+/// paused the first ticket admits nothing; a recovery replaces it (a replay
+/// is refused, and shown in the API); a second recovery of the same pause
+/// is refused; the recovery's ticket resumes the migration, which
+/// completes; then neither ticket starts a second migration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recovery_tickets_are_one_shot() {
+    use miggate::control::types::{Allow, Forward, IncomingRequest, QmpForward};
+    let mut t = setup(QemuVersion::System).await;
+    let client = t.daemon.client().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_str().unwrap().to_string()
+    };
+    let uuid = t.src.qmp.query_uuid().await.unwrap();
+    let caps = [("postcopy-ram", true), ("postcopy-preempt", true)];
+    let reg = client
+        .register(&IncomingRequest {
+            vm_uuid: Some(uuid),
+            allow: Allow::Identity(common::scenario::SOURCE_DN.into()),
+            forward: Forward::Qmp(QmpForward {
+                qmp: format!("unix:{}", s(&t.tq)),
+                capabilities: caps.iter().map(|(c, on)| (c.to_string(), *on)).collect(),
+                parameters: Default::default(),
+            }),
+            channels: 1,
+            expires_in: 300,
+            listeners: None,
+        })
+        .await
+        .unwrap();
+    let id = reg.id.clone();
+    let first = secret_file("first", reg.ticket.expose());
+    let path = CutPath::to(&t.daemon.gw.addr).await;
+    let pki = t.pki.clone();
+    let sgw = common::scenario::source_gateway(&pki, &path.addr, &["--ticket-file", &first]).await;
+
+    let mut src_caps: Vec<Value> = caps
+        .iter()
+        .map(|(c, on)| json!({"capability": c, "state": on}))
+        .collect();
+    for cap in ["return-path", "validate-uuid"] {
+        src_caps.push(json!({"capability": cap, "state": true}));
+    }
+    t.src
+        .cmd(
+            "migrate-set-capabilities",
+            json!({ "capabilities": src_caps }),
+        )
+        .await
+        .unwrap();
+    // Precopy held back too (as --max-bandwidth/--downtime-limit above),
+    // so that it is still under way when postcopy is asked for.
+    t.src
+        .set_parameters(json!({
+            "max-bandwidth": 1u64 << 20,
+            "downtime-limit": 20,
+            "max-postcopy-bandwidth": SLOW_POSTCOPY,
+        }))
+        .await
+        .unwrap();
+    t.dst.forget_old_events().await.unwrap();
+    t.src.migrate(&format!("tcp:{}", sgw.addr)).await.unwrap();
+    wait_status(&mut t.src, "active").await;
+    t.src
+        .cmd("migrate-start-postcopy", json!({}))
+        .await
+        .unwrap();
+    wait_event(&mut t.dst, "RESUME").await;
+    wait_postcopy_bytes(&mut t.src, 64 << 10).await;
+    assert_eq!(path.cut(), 2, "main and preempt channels were relayed");
+    wait_status(&mut t.src, "postcopy-paused").await;
+    wait_status(&mut t.dst, "postcopy-paused").await;
+    let v = t.view_when(&id, |v| v.state == Phase::Paused).await;
+    assert!(v.refusals.is_empty(), "{v:?}");
+
+    // Paused: the first ticket admits nothing.
+    let mut replay =
+        common::scenario::source_gateway(&pki, &t.daemon.gw.addr, &["--ticket-file", &first]).await;
+    let r = present_ticket(&mut replay).await;
+    assert_eq!(r["outcome"], "refused", "{r}");
+    let v = t.view_when(&id, |v| !v.refusals.is_empty()).await;
+    assert!(v.refusals[0].contains("is paused in postcopy"), "{v:?}");
+    assert_eq!(v.state, Phase::Paused);
+
+    let rec = client.recover(&id).await.unwrap();
+    assert_ne!(rec.ticket, reg.ticket);
+    assert_eq!(t.view_when(&id, |_| true).await.state, Phase::Recovering);
+    match client.recover(&id).await {
+        Err(ApiError::Http { status, message }) => {
+            assert_eq!(status, 409, "{message}");
+            assert!(message.contains("is already being recovered"), "{message}");
+        }
+        other => panic!("second recover: {other:?}"),
+    }
+    // The first ticket is replaced now.
+    let r = present_ticket(&mut replay).await;
+    assert_eq!(r["outcome"], "refused", "{r}");
+    let v = t.view_when(&id, |v| v.refusals.len() == 2).await;
+    assert!(
+        v.refusals[1].contains("was replaced by its recovery's"),
+        "{v:?}"
+    );
+    assert_eq!(v.state, Phase::Recovering, "a replay burns no recovery");
+
+    // The recovery, through a new gateway holding the new ticket and token.
+    let sock = dir.path().join("resume.sock");
+    let second = secret_file("second", rec.ticket.expose());
+    let token = secret_file("token", rec.binding_token.expose());
+    let pid = t.src.pid().unwrap().to_string();
+    let sock_arg = format!("unix:{}", s(&sock));
+    let _rgw = common::gateway::miggate()
+        .gateway(&[
+            "source",
+            "--listen",
+            &sock_arg,
+            "--source-pid",
+            &pid,
+            "--x509-dir",
+            s(&pki),
+            "--connect",
+            &path.addr,
+            "--ticket-file",
+            &second,
+            "--resume-token-file",
+            &token,
+        ])
+        .await
+        .unwrap();
+    t.src
+        .set_parameters(json!({ "max-postcopy-bandwidth": 0 }))
+        .await
+        .unwrap();
+    t.src
+        .cmd("migrate", json!({ "uri": sock_arg, "resume": true }))
+        .await
+        .unwrap();
+    let sv = t.src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+    let dv = t.dst.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+    assert_eq!(
+        (sv.status.as_deref(), dv.status.as_deref()),
+        (Some("completed"), Some("completed")),
+        "daemon log:\n{}",
+        t.daemon.log_text()
+    );
+    t.dst.assert_running_and_counting().await;
+    let v = t.view_when(&id, |v| v.state.is_final()).await;
+    assert_eq!(
+        (v.state, v.recoveries, v.channels_seen),
+        (Phase::Completed, 1, 4),
+        "{v:?}"
+    );
+
+    // Neither ticket starts a second migration.
+    let mut again =
+        common::scenario::source_gateway(&pki, &t.daemon.gw.addr, &["--ticket-file", &second])
+            .await;
+    let r = present_ticket(&mut again).await;
+    assert_eq!(r["outcome"], "refused", "{r}");
+    let r = present_ticket(&mut replay).await;
+    assert_eq!(r["outcome"], "refused", "{r}");
+    let v = t.view_when(&id, |v| v.refusals.len() == 4).await;
+    assert!(
+        v.refusals[2].contains("ticket already used: migration")
+            && v.refusals[2].contains("(completed)"),
+        "{v:?}"
+    );
+    assert!(v.refusals[3].contains("replaced"), "{v:?}");
+    assert_eq!(v.state, Phase::Completed);
+}
