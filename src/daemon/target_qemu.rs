@@ -306,12 +306,9 @@ async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) -> bool {
                     ))
                 });
             if paused {
-                let why = why.unwrap_or_default();
-                if mig.pause(why.clone(), crate::timeouts::RECOVERY_WINDOW) {
-                    return true;
-                }
-                mig.settle(false, Some(why));
-                return false;
+                // Not paused again once its recovery deadline has failed
+                // it: that reason stays.
+                return mig.pause(why.unwrap_or_default(), crate::timeouts::RECOVERY_WINDOW);
             }
             mig.settle(completed, if completed { None } else { why });
         }
