@@ -161,31 +161,28 @@ impl MigrateArgs {
     /// code too, and says which mode the arguments ask for, so that the
     /// steps after it need not check again.
     pub(super) fn check(&self) -> Result<Plan<'_>, ArgsError> {
-        if let Some(id) = &self.recover {
-            return match (&self.target, self.native_tls) {
-                (_, true) => Err(ArgsError::RecoverNative),
-                (None, _) => Err(ArgsError::NoTarget),
-                (Some(target), false) => Ok(Plan::Recover { target, id }),
-            };
-        }
         let plan = match (
+            &self.recover,
             self.native_tls,
             &self.target,
             &self.target_qmp,
             &self.forward,
         ) {
-            (true, _, Some(qmp), _) => Plan::Native { target_qmp: qmp },
-            (true, _, None, _) => return Err(ArgsError::NativeNeedsTargetQmp),
-            (false, None, _, _) => return Err(ArgsError::NoTarget),
-            (false, Some(t), Some(qmp), _) => Plan::Gateway {
+            (Some(_), true, ..) => return Err(ArgsError::RecoverNative),
+            (Some(_), false, None, ..) => return Err(ArgsError::NoTarget),
+            (Some(id), false, Some(target), ..) => Plan::Recover { target, id },
+            (None, true, _, Some(qmp), _) => Plan::Native { target_qmp: qmp },
+            (None, true, _, None, _) => return Err(ArgsError::NativeNeedsTargetQmp),
+            (None, false, None, _, _) => return Err(ArgsError::NoTarget),
+            (None, false, Some(t), Some(qmp), _) => Plan::Gateway {
                 target: t,
                 forward: TargetForward::Qmp(qmp),
             },
-            (false, Some(t), None, Some(ep)) => Plan::Gateway {
+            (None, false, Some(t), None, Some(ep)) => Plan::Gateway {
                 target: t,
                 forward: TargetForward::Endpoint(ep),
             },
-            (false, Some(_), None, None) => return Err(ArgsError::NoForward),
+            (None, false, Some(_), None, None) => return Err(ArgsError::NoForward),
         };
         use crate::timeouts::{bounded_secs, OutOfRange, MAX_REKEY_AFTER_MIB, MAX_STALL_SECS};
         bounded_secs("--stall-timeout", self.stall_timeout, 1, MAX_STALL_SECS)?;
@@ -364,6 +361,46 @@ pub(crate) fn host_of(addr: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recover_needs_a_daemon_and_is_bounded_too() {
+        let mut a = MigrateArgs::new("/q".into(), "/pki".into());
+        a.recover = Some("m1".into());
+        assert_eq!(a.check().unwrap_err(), ArgsError::NoTarget);
+        a.target = Some("unix:/run/miggate/api.sock".into());
+        assert!(matches!(a.check().unwrap(), Plan::Recover { id: "m1", .. }));
+        a.stall_timeout = 0;
+        assert!(a.check().is_err());
+        a.stall_timeout = 30;
+        a.native_tls = true;
+        assert_eq!(a.check().unwrap_err(), ArgsError::RecoverNative);
+
+        use clap::Parser;
+        #[derive(clap::Parser, Debug)]
+        struct Cli {
+            #[command(flatten)]
+            m: MigrateArgs,
+        }
+        let base = [
+            "miggate",
+            "--source-qmp",
+            "unix:/q",
+            "--target",
+            "unix:/api",
+        ];
+        let parse = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra));
+        // No --target-qmp: the registration names the target QEMU already.
+        let c = parse(&["--recover", "m1", "--connect", "h:1"]).unwrap();
+        assert_eq!(c.m.recover.as_deref(), Some("m1"));
+        assert!(parse(&[]).is_err(), "a first run needs --target-qmp");
+        for bad in [
+            &["--recover", "m1", "--postcopy"][..],
+            &["--recover", "m1", "--target-qmp", "unix:/t"],
+            &["--recover", "m1", "--multifd", "2"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn arguments_built_in_code_are_bounded_like_the_command_line() {
