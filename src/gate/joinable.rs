@@ -418,4 +418,17 @@ mod tests {
         let w = tokio::time::timeout(std::time::Duration::from_millis(50), j.wait_for_main(None));
         assert!(w.await.is_err());
     }
+
+    /// A gateway started for a recovery it did not see cut resumes the
+    /// main channel of its QEMU's pid only, once.
+    #[test]
+    fn a_recovery_gateway_holds_one_paused_entry_for_its_pid() {
+        let j = Joinable::with_paused(5, Secret::new("t"));
+        assert_eq!(j.take_paused(Some(6)).err(), Some(NoJoin::NothingPaused));
+        let Ok(JoinBy::Token(t)) = j.take_paused(Some(5)) else {
+            panic!("no token for pid 5")
+        };
+        assert_eq!(t.expose(), "t");
+        assert_eq!(j.take_paused(Some(5)).err(), Some(NoJoin::NothingPaused));
+    }
 }
