@@ -435,7 +435,10 @@ impl Migration {
         let now = SystemTime::now();
         let mut inner = self.lock();
         let deadline = *inner.recover_by.get_or_insert(now + window);
-        if inner.phase != Phase::Failed || !inner.main_seen || inner.given_up || now >= deadline {
+        // Completed too: a source that pauses (migrate-pause) closes its
+        // channels cleanly; the target QEMU knows better.
+        let ended = matches!(inner.phase, Phase::Failed | Phase::Completed);
+        if !ended || !inner.main_seen || inner.given_up || now >= deadline {
             return false;
         }
         inner.phase = Phase::Paused;
@@ -556,7 +559,8 @@ impl Migration {
     /// close, only QEMU knows whether it loaded the VM. A cancellation stays.
     pub fn settle(&self, qemu_completed: bool, reason: Option<String>) {
         let mut inner = self.lock();
-        if matches!(inner.phase, Phase::Completed | Phase::Failed) {
+        // Failed at its recovery deadline: that is the verdict.
+        if matches!(inner.phase, Phase::Completed | Phase::Failed) && !inner.given_up {
             let phase = if qemu_completed {
                 Phase::Completed
             } else {
@@ -1319,7 +1323,16 @@ mod tests {
         assert_eq!(v.state, Phase::Failed);
         assert!(v.reason.unwrap().contains("not recovered before"));
         assert!(!mig.pause("paused".into(), Duration::from_secs(3600)));
-        // Only a failed migration that had its main channel pauses.
+        mig.settle(false, Some("target QEMU: postcopy-paused".into()));
+        assert!(mig.view().reason.unwrap().contains("not recovered before"));
+        // A source that paused (migrate-pause) closed its channels
+        // cleanly: the target QEMU's postcopy-paused still pauses it.
+        let (clean, _) = reg.register(spec(Some(vm), 1, Duration::from_secs(60)));
+        clean.admit_channel(DN, &main(vm)).unwrap().finish(Ok(()));
+        assert_eq!(clean.view().state, Phase::Completed);
+        assert!(clean.pause("paused".into(), Duration::from_secs(3600)));
+        assert_eq!(clean.view().state, Phase::Paused);
+        // Only a migration that had its main channel pauses.
         let (fresh, _) = reg.register(spec(Some(vm), 1, Duration::from_secs(60)));
         assert!(!fresh.pause("paused".into(), Duration::from_secs(3600)));
         assert_eq!(fresh.view().state, Phase::Registered);

@@ -306,9 +306,13 @@ async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) -> bool {
                     ))
                 });
             if paused {
-                // Not paused again once its recovery deadline has failed
-                // it: that reason stays.
-                return mig.pause(why.unwrap_or_default(), crate::timeouts::RECOVERY_WINDOW);
+                let why = why.unwrap_or_default();
+                if mig.pause(why.clone(), crate::timeouts::RECOVERY_WINDOW) {
+                    return true;
+                }
+                // Past its recovery deadline: settle keeps that verdict.
+                mig.settle(false, Some(why));
+                return false;
             }
             mig.settle(completed, if completed { None } else { why });
         }
