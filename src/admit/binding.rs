@@ -222,15 +222,57 @@ impl Bindings {
     /// the binding is then spent (the resumed channel gets its own).
     pub fn resume(&self, token: &str, peer_dn: &str, scope: &Scope) -> Result<(), JoinRefusal> {
         let mut map = self.lock();
-        Bindings::bound_paused(&mut map);
+        let key = Bindings::paused(&mut map, token, peer_dn, scope)?;
+        map.remove(&key);
+        Ok(())
+    }
+
+    /// Whether [`Bindings::resume`] would admit it, without spending it:
+    /// a registered migration checks the binding before its registration
+    /// takes the channel, so that a wrong token does not fail the migration.
+    pub fn check_resume(
+        &self,
+        token: &str,
+        peer_dn: &str,
+        scope: &Scope,
+    ) -> Result<(), JoinRefusal> {
+        Bindings::paused(&mut self.lock(), token, peer_dn, scope).map(|_| ())
+    }
+
+    fn paused(
+        map: &mut HashMap<TokenHash, Entry>,
+        token: &str,
+        peer_dn: &str,
+        scope: &Scope,
+    ) -> Result<TokenHash, JoinRefusal> {
+        Bindings::bound_paused(map);
         let key = hash(token);
         let e = map.get(&key).ok_or(JoinRefusal::NotPaused)?;
         if e.paused_until.is_none() {
             return Err(JoinRefusal::NotPaused);
         }
         Bindings::check(e, peer_dn, scope)?;
-        map.remove(&key);
-        Ok(())
+        Ok(key)
+    }
+
+    /// Gives the paused binding of `scope` (a registered migration's cut
+    /// main channel) a new token and returns it; the old token no longer
+    /// resumes anything. The daemon keeps only token hashes, so a recovery
+    /// driven through its API (by a source gateway that never saw the old
+    /// token) needs a token minted for it; peer, scope and window stay.
+    /// `None` when no binding of `scope` is paused.
+    pub fn rekey_paused(&self, scope: &Scope) -> Option<Secret> {
+        let mut map = self.lock();
+        Bindings::bound_paused(&mut map);
+        let old = *map
+            .iter()
+            .find(|(_, e)| e.paused_until.is_some() && &e.scope == scope)?
+            .0;
+        let entry = map.remove(&old)?;
+        let bytes: [u8; 32] = rand::random();
+        let token = zeroize::Zeroizing::new(hex::encode(bytes));
+        map.insert(hash(&token), entry);
+        Some(Secret::new(&token))
     }
 
     /// Admits a channel of `peer_dn` in `scope` presenting `token`, once.
@@ -323,6 +365,35 @@ mod tests {
             b.resume(t, "CN=a", &scope).err(),
             Some(JoinRefusal::NotPaused)
         );
+    }
+
+    /// A registered migration's paused binding gets a new token for its
+    /// recovery: the old one is dead, the new one resumes it once, for the
+    /// same peer and migration only.
+    #[test]
+    fn a_paused_binding_is_rekeyed_for_its_migration_only() {
+        let b = Arc::new(Bindings::default());
+        let scope = Scope::Migration("m".into());
+        let (old, mut guard) = b.bind("CN=a", scope.clone());
+        assert!(
+            b.rekey_paused(&scope).is_none(),
+            "a live binding is not paused"
+        );
+        guard.failed();
+        drop(guard);
+        assert!(b.rekey_paused(&Scope::Migration("other".into())).is_none());
+        let new = b.rekey_paused(&scope).unwrap();
+        assert_ne!(new.expose(), old.expose());
+        assert_eq!(
+            b.resume(old.expose(), "CN=a", &scope).err(),
+            Some(JoinRefusal::NotPaused)
+        );
+        assert!(matches!(
+            b.resume(new.expose(), "CN=b", &scope),
+            Err(JoinRefusal::OtherPeer { .. })
+        ));
+        b.resume(new.expose(), "CN=a", &scope).unwrap();
+        assert!(b.rekey_paused(&scope).is_none(), "resumed: nothing paused");
     }
 
     #[test]

@@ -300,9 +300,15 @@ impl<'a> Admission<'a> {
                 Ok(Route::Static(route))
             }
             (None, Some(m)) => {
-                // The registration decides first: it knows whether it may.
+                // Only the cut main channel of this migration, resumed by
+                // its peer: checked first, since a channel the registration
+                // took and then dropped would fail the recovery. Then the
+                // registration (its recovery ticket, once), then the
+                // binding is spent.
+                let scope = Scope::Migration(m.id.clone());
+                bindings.check_resume(token, self.peer_dn, &scope)?;
                 let g = m.admit_channel(self.peer_dn, &StreamKind::Resumed)?;
-                bindings.resume(token, self.peer_dn, &Scope::Migration(m.id.clone()))?;
+                bindings.resume(token, self.peer_dn, &scope)?;
                 Ok(Route::Ticket(g))
             }
             (None, None) => unreachable!("a connection has a route or a migration"),
@@ -423,5 +429,98 @@ mod tests {
             refusal(a.decide(&hello)).public(),
             "this gateway does not take tickets"
         );
+    }
+}
+
+#[cfg(test)]
+mod recovery_tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::admit::registry::{IncomingSpec, Phase};
+    use crate::authz::Simple;
+
+    const DN: &str = "CN=src";
+
+    /// A resumed main channel: `MIG_CMD_RECV_BITMAP` naming block "pc.ram".
+    fn resumed_stream() -> Vec<u8> {
+        let mut s = vec![0x08, 0x00, 0x0a, 0x00, 0x07, 0x06];
+        s.extend_from_slice(b"pc.ram");
+        s
+    }
+
+    fn hello(ticket: &str, resume: &str) -> Vec<u8> {
+        let mut b = frames::encode_hello(&Hello {
+            ticket: Some(Secret::new(ticket)),
+            resume: Some(Secret::new(resume)),
+            bind: true,
+            ..Hello::default()
+        });
+        b.extend(resumed_stream());
+        b
+    }
+
+    /// On the ticket route, a resumed main channel needs the recovery's
+    /// ticket and the migration's own paused binding; a wrong token is
+    /// refused without failing the recovery, the right one resumes it.
+    #[test]
+    fn a_recovery_is_admitted_with_its_ticket_and_binding_only() {
+        let reg = Registry::new(Duration::from_secs(60));
+        let bindings = Arc::new(Bindings::default());
+        let (mig, first) = reg.register(IncomingSpec {
+            vm_uuid: None,
+            allow: Arc::new(Simple::new(DN)),
+            allow_desc: DN.into(),
+            forward: Endpoint::Tcp("127.0.0.1:1".parse().unwrap()),
+            channels: 1,
+            listeners: vec![0],
+            ttl: Duration::from_secs(60),
+        });
+        // Another migration's paused binding, same peer.
+        let (other, mut g) = bindings.bind(DN, Scope::Migration("other".into()));
+        g.failed();
+        drop(g);
+        let main = StreamKind::Main {
+            uuid: None,
+            machine: None,
+        };
+        let (_, mut g) = bindings.bind(DN, Scope::Migration(mig.id.clone()));
+        g.failed();
+        drop(g);
+        mig.admit_channel(DN, &main)
+            .unwrap()
+            .finish(Err("cut".into()));
+        assert!(mig.pause("paused".into(), Duration::from_secs(60)));
+        let (ticket, _) = mig.recover().unwrap();
+        let token = bindings
+            .rekey_paused(&Scope::Migration(mig.id.clone()))
+            .unwrap();
+        let offer = || Offer {
+            route: None,
+            registry: Some(&reg),
+            listener: 0,
+            bindings: Some(&bindings),
+        };
+        let decide = |t: &str, r: &str| Admission::new(DN, true, offer()).decide(&hello(t, r));
+
+        let Step::Refused(r) = decide(first.expose(), token.expose()) else {
+            panic!("the first ticket resumed it")
+        };
+        assert!(r.to_string().contains("replaced"), "{r}");
+        let Step::Refused(r) = decide(ticket.expose(), other.expose()) else {
+            panic!("another migration's binding resumed it")
+        };
+        assert!(matches!(r, Refusal::Join(_)), "{r}");
+        assert_eq!(mig.view().state, Phase::Recovering, "{:?}", mig.view());
+        let Step::Admitted { kind, route, .. } = decide(ticket.expose(), token.expose()) else {
+            panic!("the recovery was refused")
+        };
+        assert!(matches!(kind, StreamKind::Resumed));
+        assert_eq!(mig.view().state, Phase::Active);
+        // Once: the binding is spent, and so is the recovery.
+        let Step::Refused(_) = decide(ticket.expose(), token.expose()) else {
+            panic!("resumed twice")
+        };
+        drop(route);
     }
 }

@@ -165,8 +165,14 @@ pub enum TicketRefusal {
     MainTaken { migration: String },
     #[error("migration {migration} already has its postcopy preempt channel")]
     PreemptTaken { migration: String },
-    #[error("migration {migration} is registered: its postcopy recovery must be registered too (not supported yet); recover it through gateways without a ticket")]
-    RecoveryUnsupported { migration: String },
+    #[error("ticket of migration {migration} was replaced by its recovery's (each recovery has a one-shot ticket of its own)")]
+    Replaced { migration: String },
+    #[error("migration {migration} is paused in postcopy: nothing is admitted until its recovery is asked for (POST /v1/migrations/{migration}/recover), which issues a new ticket")]
+    Paused { migration: String },
+    #[error("migration {migration} is being recovered: its new ticket admits the source QEMU's resumed main channel first, and nothing else")]
+    RecoveryOnly { migration: String },
+    #[error("migration {migration} is not being recovered: a resumed main channel is admitted only with the ticket of a recovery (POST /v1/migrations/{migration}/recover)")]
+    NotRecovering { migration: String },
     #[error("migration {migration} was registered with {channels} channel(s) (1 main + {} multifd) and all its multifd channels have connected", .channels.saturating_sub(1))]
     SlotsFull { migration: String, channels: u32 },
     #[error("migration {migration} is not registered on this listener")]
@@ -185,12 +191,13 @@ impl TicketRefusal {
             TicketRefusal::Malformed(_) => "malformed ticket",
             TicketRefusal::Expired { .. } => "ticket expired",
             TicketRefusal::Spent { .. }
+            | TicketRefusal::Replaced { .. }
             | TicketRefusal::MainTaken { .. }
             | TicketRefusal::PreemptTaken { .. }
             | TicketRefusal::SlotsFull { .. } => "ticket already used",
-            TicketRefusal::RecoveryUnsupported { .. } => {
-                "recovery not supported for registered migrations"
-            }
+            TicketRefusal::Paused { .. } => "migration paused: recover it first",
+            TicketRefusal::RecoveryOnly { .. } => "recovery ticket: resumed main channel first",
+            TicketRefusal::NotRecovering { .. } => "migration not being recovered",
             TicketRefusal::Cancelled { .. } => "migration cancelled",
             TicketRefusal::WrongListener { .. } => "ticket not valid on this listener",
             TicketRefusal::NoRegistry => "this gateway does not take tickets",
@@ -206,11 +213,13 @@ impl TicketRefusal {
             TicketRefusal::Unknown => "unknown",
             TicketRefusal::Malformed(_) => "malformed",
             TicketRefusal::Expired { .. } => "expired",
-            TicketRefusal::Spent { .. } => "spent",
+            TicketRefusal::Spent { .. } | TicketRefusal::Replaced { .. } => "spent",
             TicketRefusal::Cancelled { .. } => "cancelled",
             TicketRefusal::MainTaken { .. } => "main_taken",
             TicketRefusal::PreemptTaken { .. } => "preempt_taken",
-            TicketRefusal::RecoveryUnsupported { .. } => "recovery_unsupported",
+            TicketRefusal::Paused { .. } => "paused",
+            TicketRefusal::RecoveryOnly { .. } => "recovery_only",
+            TicketRefusal::NotRecovering { .. } => "not_recovering",
             TicketRefusal::SlotsFull { .. } => "slots_full",
             TicketRefusal::WrongListener { .. } => "wrong_listener",
             TicketRefusal::NoRegistry => "no_registry",

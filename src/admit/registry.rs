@@ -50,6 +50,14 @@ pub enum Phase {
     Registered,
     /// At least one channel admitted, not all ended.
     Active,
+    /// Postcopy cut: its channels failed while the target QEMU is
+    /// `postcopy-paused`. The guest runs on the target with pages still on
+    /// the source; nothing is admitted until `recover` (or the recovery
+    /// deadline, which fails it).
+    Paused,
+    /// `recover` issued a fresh ticket: waiting for the source QEMU's
+    /// resumed main channel (then Active again).
+    Recovering,
     Completed,
     Failed,
     Cancelled,
@@ -59,12 +67,17 @@ pub enum Phase {
 
 impl Phase {
     pub fn is_final(self) -> bool {
-        !matches!(self, Phase::Registered | Phase::Active)
+        !matches!(
+            self,
+            Phase::Registered | Phase::Active | Phase::Paused | Phase::Recovering
+        )
     }
     pub fn as_str(self) -> &'static str {
         match self {
             Phase::Registered => "registered",
             Phase::Active => "active",
+            Phase::Paused => "paused",
+            Phase::Recovering => "recovering",
             Phase::Completed => "completed",
             Phase::Failed => "failed",
             Phase::Cancelled => "cancelled",
@@ -99,6 +112,12 @@ pub struct MigrationView {
     pub reason: Option<String>,
     /// Recent refused connections that presented this migration's ticket.
     pub refusals: Vec<String>,
+    /// Paused or recovering: until when it may be recovered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recover_by: Option<String>,
+    /// Recoveries issued so far (each with its own ticket).
+    #[serde(default)]
+    pub recoveries: u32,
 }
 
 struct Inner {
@@ -117,12 +136,39 @@ struct Inner {
     reason: Option<String>,
     counters: Vec<Arc<Counters>>,
     refusals: VecDeque<String>,
+    /// The ticket that admits channels now; earlier ones (a recovery
+    /// replaces it) are in `spent`.
+    ticket: TicketHash,
+    spent: Vec<TicketHash>,
+    /// Set once paused: the recovery deadline, and the pending recovery.
+    recover_by: Option<SystemTime>,
+    recovery: Option<Recovery>,
+    recoveries: u32,
+    /// Failed at its recovery deadline: never paused again.
+    given_up: bool,
+}
+
+/// A recovery issued by [`Migration::recover`], until its resumed main
+/// channel is admitted.
+struct Recovery {
+    /// The fresh ticket is refused after this.
+    expires: SystemTime,
+}
+
+/// Why a migration cannot be recovered. `Display` is the API's answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecoverRefusal {
+    #[error("migration {id} is {} and not paused in postcopy: only a migration whose channels were cut while its target QEMU is postcopy-paused can be recovered", .phase.as_str())]
+    NotPaused { id: String, phase: Phase },
+    #[error("migration {id} is already being recovered (a recovery ticket was issued; it expires at {expires})")]
+    Recovering { id: String, expires: String },
+    #[error("migration {id} was not recovered before {deadline}")]
+    TooLate { id: String, deadline: String },
 }
 
 pub struct Migration {
     pub id: String,
     spec: IncomingSpec,
-    ticket: TicketHash,
     registered: SystemTime,
     expires: SystemTime,
     inner: Mutex<Inner>,
@@ -135,7 +181,7 @@ pub struct Migration {
     changed: watch::Sender<u64>,
 }
 
-fn rfc3339(t: SystemTime) -> String {
+pub fn rfc3339(t: SystemTime) -> String {
     time::OffsetDateTime::from(t)
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| "?".into())
@@ -150,6 +196,11 @@ impl std::fmt::Debug for Migration {
 impl Migration {
     pub fn forward(&self) -> &Endpoint {
         &self.spec.forward
+    }
+
+    /// The daemon's listeners (indices) it may arrive on.
+    pub fn listeners(&self) -> &[usize] {
+        &self.spec.listeners
     }
 
     pub fn vm_uuid(&self) -> Option<Uuid> {
@@ -256,6 +307,22 @@ impl Migration {
                 Some(self.expired_refusal())
             }
             Phase::Registered | Phase::Active => None,
+            Phase::Paused => Some(
+                TicketRefusal::Paused {
+                    migration: self.id.clone(),
+                }
+                .into(),
+            ),
+            Phase::Recovering => match &inner.recovery {
+                Some(r) if now >= r.expires => Some(
+                    TicketRefusal::Expired {
+                        migration: self.id.clone(),
+                        at: rfc3339(r.expires),
+                    }
+                    .into(),
+                ),
+                _ => None,
+            },
             Phase::Expired => Some(self.expired_refusal()),
             Phase::Cancelled => Some(
                 TicketRefusal::Cancelled {
@@ -275,12 +342,20 @@ impl Migration {
         if let Some(r) = spent {
             return Err(self.refuse(&mut inner, r, true));
         }
-        if matches!(kind, StreamKind::Resumed) {
-            let r = TicketRefusal::RecoveryUnsupported {
-                migration: self.id.clone(),
-            }
-            .into();
-            return Err(self.refuse(&mut inner, r, true));
+        // A recovery admits its resumed main channel first and only; a
+        // resumed channel is nothing else's.
+        let recovering = inner.phase == Phase::Recovering;
+        if recovering != matches!(kind, StreamKind::Resumed) {
+            let r = if recovering {
+                TicketRefusal::RecoveryOnly {
+                    migration: self.id.clone(),
+                }
+            } else {
+                TicketRefusal::NotRecovering {
+                    migration: self.id.clone(),
+                }
+            };
+            return Err(self.refuse(&mut inner, r.into(), true));
         }
         if let Decision::Deny { reason } = self.spec.allow.check(peer_dn) {
             let r = AuthzRefusal::Denied(reason).into();
@@ -306,10 +381,10 @@ impl Migration {
         // One slot per kind: a multifd channel cannot take the main
         // channel's, nor the other way round. The preempt channel joined
         // a live main channel (see `binding`), so it never comes first.
-        let is_main = matches!(kind, StreamKind::Main { .. });
+        let is_main = matches!(kind, StreamKind::Main { .. } | StreamKind::Resumed);
         let is_preempt = matches!(kind, StreamKind::Preempt);
         let multifd_slots = self.spec.channels.saturating_sub(1);
-        if is_main && inner.main_seen {
+        if is_main && inner.main_seen && !recovering {
             let r = TicketRefusal::MainTaken {
                 migration: self.id.clone(),
             }
@@ -332,6 +407,7 @@ impl Migration {
             return Err(self.refuse(&mut inner, r, false));
         }
         inner.phase = Phase::Active;
+        inner.recovery = None;
         inner.peer_dn = Some(peer_dn.to_string());
         inner.started.get_or_insert((now, Instant::now()));
         inner.seen += 1;
@@ -348,6 +424,114 @@ impl Migration {
             counters,
             result: None,
         })
+    }
+
+    /// The target QEMU says `postcopy-paused` after the channels failed:
+    /// the migration waits for a recovery until `window` has passed,
+    /// instead of failing. False (nothing changes) unless it had failed,
+    /// after a main channel, and its recovery deadline (set by the first
+    /// pause) has not passed.
+    pub fn pause(&self, reason: String, window: Duration) -> bool {
+        let now = SystemTime::now();
+        let mut inner = self.lock();
+        let deadline = *inner.recover_by.get_or_insert(now + window);
+        // Completed too: a source that pauses (migrate-pause) closes its
+        // channels cleanly; the target QEMU knows better.
+        let ended = matches!(inner.phase, Phase::Failed | Phase::Completed);
+        if !ended || !inner.main_seen || inner.given_up || now >= deadline {
+            return false;
+        }
+        inner.phase = Phase::Paused;
+        inner.reason = Some(reason);
+        inner.ended = None;
+        self.ended.send_replace(false);
+        drop(inner);
+        tracing::info!(migration = %self.id, "postcopy paused: waiting for a recovery");
+        self.changed.send_modify(|g| *g += 1);
+        true
+    }
+
+    /// Starts the recovery of a paused migration: a fresh one-shot ticket,
+    /// valid for the registration's ticket lifetime (within the recovery
+    /// deadline), that admits only the resumed main channel (from the
+    /// original peer) and then its preempt channel. Earlier tickets stay
+    /// spent.
+    pub fn recover(&self) -> Result<(Ticket, SystemTime), RecoverRefusal> {
+        self.recover_at(SystemTime::now())
+    }
+
+    fn recover_at(&self, now: SystemTime) -> Result<(Ticket, SystemTime), RecoverRefusal> {
+        let mut inner = self.lock();
+        match (inner.phase, &inner.recovery) {
+            (Phase::Paused, _) => {}
+            (Phase::Recovering, Some(r)) => {
+                return Err(RecoverRefusal::Recovering {
+                    id: self.id.clone(),
+                    expires: rfc3339(r.expires),
+                })
+            }
+            (phase, _) => {
+                return Err(RecoverRefusal::NotPaused {
+                    id: self.id.clone(),
+                    phase,
+                })
+            }
+        }
+        let deadline = inner.recover_by.unwrap_or(now);
+        if now >= deadline {
+            return Err(RecoverRefusal::TooLate {
+                id: self.id.clone(),
+                deadline: rfc3339(deadline),
+            });
+        }
+        let ticket = Ticket::generate();
+        let old = std::mem::replace(&mut inner.ticket, ticket.hash());
+        inner.spent.push(old);
+        let expires = (now + self.spec.ttl).min(deadline);
+        inner.recovery = Some(Recovery { expires });
+        inner.recoveries += 1;
+        inner.phase = Phase::Recovering;
+        inner.reason = None;
+        inner.main_result = None;
+        inner.preempt_seen = false;
+        drop(inner);
+        self.changed.send_modify(|g| *g += 1);
+        Ok((ticket, expires))
+    }
+
+    /// The recovery could not be set up (the target QEMU refused
+    /// `migrate-recover`): paused again, its fresh ticket spent.
+    pub fn recover_failed(&self, why: String) {
+        let mut inner = self.lock();
+        if inner.phase == Phase::Recovering {
+            Self::spend_ticket(&mut inner);
+            inner.phase = Phase::Paused;
+            inner.recovery = None;
+            inner.reason = Some(why);
+        }
+        drop(inner);
+        self.changed.send_modify(|g| *g += 1);
+    }
+
+    /// The current ticket joins the spent ones; an unknown one (never
+    /// handed out) replaces it.
+    fn spend_ticket(inner: &mut Inner) {
+        let old = std::mem::replace(&mut inner.ticket, Ticket::generate().hash());
+        inner.spent.push(old);
+    }
+
+    /// Whether `hash` is a ticket this migration issued and no longer
+    /// takes (the first one after a recovery, or a failed recovery's).
+    fn spent_ticket(&self, hash: &TicketHash) -> bool {
+        let mut spent = false;
+        for h in &self.lock().spent {
+            spent |= h.matches(hash);
+        }
+        spent
+    }
+
+    fn current_ticket(&self, hash: &TicketHash) -> bool {
+        self.lock().ticket.matches(hash)
     }
 
     /// Resolves when the operator cancels this migration.
@@ -375,7 +559,8 @@ impl Migration {
     /// close, only QEMU knows whether it loaded the VM. A cancellation stays.
     pub fn settle(&self, qemu_completed: bool, reason: Option<String>) {
         let mut inner = self.lock();
-        if matches!(inner.phase, Phase::Completed | Phase::Failed) {
+        // Failed at its recovery deadline: that is the verdict.
+        if matches!(inner.phase, Phase::Completed | Phase::Failed) && !inner.given_up {
             let phase = if qemu_completed {
                 Phase::Completed
             } else {
@@ -400,6 +585,32 @@ impl Migration {
     /// is up; multifd channels waiting for it are woken and cut.
     fn expire_if_due(&self, now: SystemTime) {
         let mut inner = self.lock();
+        let deadline_passed = inner.recover_by.is_some_and(|d| now >= d);
+        if matches!(inner.phase, Phase::Paused | Phase::Recovering) && deadline_passed {
+            let deadline = rfc3339(inner.recover_by.unwrap_or(now));
+            inner.given_up = true;
+            self.end(
+                &mut inner,
+                Phase::Failed,
+                format!("postcopy paused and not recovered before {deadline}"),
+            );
+            self.changed.send_modify(|g| *g += 1);
+            return;
+        }
+        // A recovery ticket unused in time: paused again, for another.
+        if inner.phase == Phase::Recovering
+            && inner.recovery.as_ref().is_some_and(|r| now >= r.expires)
+        {
+            Self::spend_ticket(&mut inner);
+            inner.phase = Phase::Paused;
+            inner.recovery = None;
+            inner.reason = Some(
+                "the recovery ticket expired before the resumed main channel came; recover again"
+                    .into(),
+            );
+            self.changed.send_modify(|g| *g += 1);
+            return;
+        }
         if self.expiry_due(&inner, now) {
             self.end(
                 &mut inner,
@@ -445,6 +656,11 @@ impl Migration {
             ended_at: inner.ended.map(rfc3339),
             reason: inner.reason.clone(),
             refusals: inner.refusals.iter().cloned().collect(),
+            recover_by: inner
+                .recover_by
+                .filter(|_| matches!(inner.phase, Phase::Paused | Phase::Recovering))
+                .map(rfc3339),
+            recoveries: inner.recoveries,
         }
     }
 }
@@ -567,7 +783,6 @@ impl Registry {
         let now = SystemTime::now();
         let mig = Arc::new(Migration {
             id: Uuid::new_v4().to_string(),
-            ticket: ticket.hash(),
             registered: now,
             expires: now + spec.ttl,
             spec,
@@ -585,6 +800,12 @@ impl Registry {
                 reason: None,
                 counters: Vec::new(),
                 refusals: VecDeque::new(),
+                ticket: ticket.hash(),
+                spent: Vec::new(),
+                recover_by: None,
+                recovery: None,
+                recoveries: 0,
+                given_up: false,
             }),
             cancel: watch::Sender::new(false),
             mains: watch::Sender::new(0),
@@ -602,10 +823,22 @@ impl Registry {
     pub fn find_by_ticket(&self, ticket: &Ticket) -> Result<Arc<Migration>, Refusal> {
         let hash = ticket.hash();
         let mut found = None;
+        let mut spent = None;
         for m in self.lock().iter() {
-            if m.ticket.matches(&hash) {
+            if m.current_ticket(&hash) {
                 found = Some(m.clone());
             }
+            if m.spent_ticket(&hash) {
+                spent = Some(m.clone());
+            }
+        }
+        // A ticket a recovery replaced: spent, whatever the phase now.
+        if let Some(m) = spent {
+            let r = TicketRefusal::Replaced {
+                migration: m.id.clone(),
+            };
+            let mut inner = m.lock();
+            return Err(m.refuse(&mut inner, r.into(), false));
         }
         found.ok_or(TicketRefusal::Unknown.into())
     }
@@ -645,6 +878,12 @@ impl Registry {
     /// Counts state changes of any migration; await `changed()` on it.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// Starts the recovery of paused migration `id` (see
+    /// [`Migration::recover`]).
+    pub fn recover(&self, id: &str) -> Option<Result<(Ticket, SystemTime), RecoverRefusal>> {
+        Some(self.get(id)?.recover())
     }
 
     /// Migrations not yet ended (for metrics).
@@ -940,6 +1179,163 @@ mod tests {
         for w in waiters {
             assert!(w.await.unwrap(), "a waiter of the end was left waiting");
         }
+    }
+
+    /// A postcopy migration cut (channels failed, target QEMU paused):
+    /// paused, not final, nothing admitted; `recover` issues a new ticket
+    /// that admits the resumed main channel of the same peer, then its
+    /// preempt channel, once; the first ticket stays spent.
+    #[test]
+    fn a_paused_migration_is_recovered_with_a_new_ticket_once() {
+        let reg = Registry::new(Duration::ZERO);
+        let vm = Uuid::from_u128(1);
+        let (mig, first) = reg.register(spec(Some(vm), 1, Duration::from_secs(60)));
+        // Not paused yet: nothing to recover.
+        let r = mig.recover().unwrap_err();
+        assert!(
+            matches!(
+                r,
+                RecoverRefusal::NotPaused {
+                    phase: Phase::Registered,
+                    ..
+                }
+            ),
+            "{r}"
+        );
+        let main_guard = mig.admit_channel(DN, &main(vm)).unwrap();
+        let preempt = mig.admit_channel(DN, &StreamKind::Preempt).unwrap();
+        // A resumed main channel needs a recovery.
+        let r = mig.admit_channel(DN, &StreamKind::Resumed).unwrap_err();
+        assert!(r.to_string().contains("not being recovered"), "{r}");
+        main_guard.finish(Err("source->target: connection reset".into()));
+        preempt.finish(Err("main channel ended".into()));
+        assert_eq!(mig.view().state, Phase::Failed);
+        assert!(mig.pause(
+            "target QEMU: postcopy-paused".into(),
+            Duration::from_secs(3600)
+        ));
+        let v = mig.view();
+        assert_eq!(v.state, Phase::Paused);
+        assert!(!v.state.is_final());
+        assert_eq!(v.reason.as_deref(), Some("target QEMU: postcopy-paused"));
+        assert!(v.recover_by.is_some());
+        assert!(!has_ended(&mig), "a paused migration has not ended");
+        // Paused is not swept, and admits nothing, the first ticket least.
+        reg.sweep();
+        assert!(reg.get(&mig.id).is_some());
+        let r = reg
+            .find_by_ticket(&first)
+            .unwrap()
+            .admit_channel(DN, &StreamKind::Resumed)
+            .unwrap_err();
+        assert!(r.to_string().contains("is paused in postcopy"), "{r}");
+
+        let (ticket, _) = reg.recover(&mig.id).unwrap().unwrap();
+        assert_eq!(mig.view().state, Phase::Recovering);
+        assert_eq!(mig.view().recoveries, 1);
+        let r = mig.recover().unwrap_err();
+        assert!(matches!(r, RecoverRefusal::Recovering { .. }), "{r}");
+        // The first ticket is spent; the new one is this migration's.
+        let r = reg.find_by_ticket(&first).unwrap_err();
+        assert!(
+            r.to_string().contains("was replaced by its recovery's"),
+            "{r}"
+        );
+        assert_eq!(r.public(), "ticket already used");
+        assert_eq!(mig.view().refusals.len(), 3, "the replay is shown");
+        let found = reg.find_by_ticket(&ticket).unwrap();
+        assert_eq!(found.id, mig.id);
+        // Only the resumed main channel, from the original peer.
+        let r = found.admit_channel(DN, &main(vm)).unwrap_err();
+        assert!(r.to_string().contains("resumed main channel first"), "{r}");
+        let r = found.admit_channel(DN, &StreamKind::Preempt).unwrap_err();
+        assert!(r.to_string().contains("resumed main channel first"), "{r}");
+        let r = found
+            .admit_channel("O=t,CN=other", &StreamKind::Resumed)
+            .unwrap_err();
+        assert!(matches!(r, Refusal::NotAuthorized(_)), "{r}");
+        assert_eq!(
+            mig.view().state,
+            Phase::Recovering,
+            "an intruder burns no recovery"
+        );
+        let resumed = found.admit_channel(DN, &StreamKind::Resumed).unwrap();
+        assert_eq!(mig.view().state, Phase::Active);
+        let r = found.admit_channel(DN, &StreamKind::Resumed).unwrap_err();
+        assert!(r.to_string().contains("not being recovered"), "{r}");
+        let preempt = found.admit_channel(DN, &StreamKind::Preempt).unwrap();
+        let r = found.admit_channel(DN, &StreamKind::Preempt).unwrap_err();
+        assert!(r.to_string().contains("preempt channel"), "{r}");
+        preempt.finish(Ok(()));
+        resumed.finish(Ok(()));
+        let v = mig.view();
+        assert_eq!((v.state, v.reason), (Phase::Completed, None));
+        assert!(has_ended(&mig));
+        // Spent, both tickets; completed is not recoverable.
+        let r = found.admit_channel(DN, &StreamKind::Resumed).unwrap_err();
+        assert!(r.to_string().contains("ticket already used"), "{r}");
+        assert!(matches!(
+            mig.recover().unwrap_err(),
+            RecoverRefusal::NotPaused {
+                phase: Phase::Completed,
+                ..
+            }
+        ));
+        assert!(reg.recover("no-such-id").is_none());
+    }
+
+    #[test]
+    fn a_recovery_ends_by_its_deadlines() {
+        let reg = Registry::new(Duration::from_secs(60));
+        let vm = Uuid::from_u128(1);
+        let cut = |ttl| {
+            let (mig, _) = reg.register(spec(Some(vm), 1, ttl));
+            mig.admit_channel(DN, &main(vm))
+                .unwrap()
+                .finish(Err("cut".into()));
+            mig
+        };
+        // A recovery ticket unused in time: paused again, recoverable again.
+        let mig = cut(Duration::from_secs(60));
+        assert!(mig.pause("paused".into(), Duration::from_secs(3600)));
+        let (ticket, expires) = mig.recover().unwrap();
+        let r = reg
+            .find_by_ticket(&ticket)
+            .unwrap()
+            .admit_at(DN, &StreamKind::Resumed, expires)
+            .unwrap_err();
+        assert!(r.to_string().contains("expired at"), "{r}");
+        reg.sweep_at(expires);
+        let v = mig.view();
+        assert_eq!(v.state, Phase::Paused);
+        assert!(v.reason.unwrap().contains("recovery ticket expired"));
+        let r = reg.find_by_ticket(&ticket).unwrap_err();
+        assert!(r.to_string().contains("replaced"), "{r}");
+        // A failed set-up (QEMU refused migrate-recover): paused again.
+        let (ticket, _) = mig.recover().unwrap();
+        mig.recover_failed("target QEMU refused".into());
+        assert_eq!(mig.view().state, Phase::Paused);
+        assert!(reg.find_by_ticket(&ticket).is_err());
+        // Past the recovery deadline: failed for good, not paused again.
+        let deadline = SystemTime::now() + Duration::from_secs(3601);
+        reg.sweep_at(deadline);
+        let v = mig.view();
+        assert_eq!(v.state, Phase::Failed);
+        assert!(v.reason.unwrap().contains("not recovered before"));
+        assert!(!mig.pause("paused".into(), Duration::from_secs(3600)));
+        mig.settle(false, Some("target QEMU: postcopy-paused".into()));
+        assert!(mig.view().reason.unwrap().contains("not recovered before"));
+        // A source that paused (migrate-pause) closed its channels
+        // cleanly: the target QEMU's postcopy-paused still pauses it.
+        let (clean, _) = reg.register(spec(Some(vm), 1, Duration::from_secs(60)));
+        clean.admit_channel(DN, &main(vm)).unwrap().finish(Ok(()));
+        assert_eq!(clean.view().state, Phase::Completed);
+        assert!(clean.pause("paused".into(), Duration::from_secs(3600)));
+        assert_eq!(clean.view().state, Phase::Paused);
+        // Only a migration that had its main channel pauses.
+        let (fresh, _) = reg.register(spec(Some(vm), 1, Duration::from_secs(60)));
+        assert!(!fresh.pause("paused".into(), Duration::from_secs(3600)));
+        assert_eq!(fresh.view().state, Phase::Registered);
     }
 
     #[test]

@@ -19,7 +19,9 @@ use rustls_pki_types::ServerName;
 use serde::de::DeserializeOwned;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::types::{ApiErrorBody, IncomingRequest, IncomingResponse, MigrationView};
+use super::types::{
+    ApiErrorBody, IncomingRequest, IncomingResponse, MigrationView, RecoverResponse,
+};
 use crate::creds::tls;
 use crate::net::{HostPort, HostPortError};
 
@@ -223,6 +225,18 @@ impl ApiClient {
         self.call(
             Method::DELETE,
             &format!("/v1/migrations/{}", path_segment(id)),
+            None,
+        )
+        .await
+    }
+
+    /// `POST /v1/migrations/{id}/recover`: the target QEMU of a migration
+    /// paused in postcopy listens again; the answer carries its fresh
+    /// ticket and binding token, once.
+    pub async fn recover(&self, id: &str) -> Result<RecoverResponse, ApiError> {
+        self.call(
+            Method::POST,
+            &format!("/v1/migrations/{}/recover", path_segment(id)),
             None,
         )
         .await

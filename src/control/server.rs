@@ -20,12 +20,15 @@ use axum::{Extension, Json, Router};
 use serde_json::json;
 use uuid::Uuid;
 
-use super::types::{Allow, ApiErrorBody, Forward, IncomingRequest, IncomingResponse, ListenerRef};
-use crate::admit::registry::{IncomingSpec, Migration, Registry};
+use super::types::{
+    Allow, ApiErrorBody, Forward, IncomingRequest, IncomingResponse, ListenerRef, RecoverResponse,
+};
+use crate::admit::registry::{IncomingSpec, Migration, RecoverRefusal, Registry};
 use crate::authz::{AnyVerified, Authz, ListFile, Simple};
-use crate::daemon::target_qemu::{self, PrepareError};
+use crate::daemon::target_qemu::{self, PrepareError, RecoverError};
 use crate::error::chain;
 use crate::net::Endpoint;
+use crate::wire::frames::Secret;
 
 /// Most channels one migration may register: 1 main + QEMU's multifd maximum
 /// would be 256, but more than 64 parallel TLS streams buys nothing.
@@ -38,6 +41,13 @@ pub trait Control: Send + Sync {
     /// Re-reads the configuration and the files it names; applies it or
     /// says why not (the previous configuration then stays in force).
     fn reload(&self) -> Result<(), String>;
+
+    /// A new token for the paused binding of `migration`'s cut main
+    /// channel (see [`crate::admit::binding::Bindings::rekey_paused`]),
+    /// on whichever listener holds it; `None` when none does.
+    fn rekey_paused(&self, _migration: &str) -> Option<Secret> {
+        None
+    }
 }
 
 pub struct ApiState {
@@ -76,11 +86,12 @@ pub fn router(state: Arc<ApiState>) -> Router {
         .route("/v1/incoming", post(incoming))
         .route("/v1/migrations", get(list))
         .route("/v1/migrations/{id}", get(one).delete(cancel))
+        .route("/v1/migrations/{id}/recover", post(recover))
         .route("/v1/reload", post(reload))
         .fallback(|| async {
             ApiFailure(
                 StatusCode::NOT_FOUND,
-                "no such endpoint (see docs/api.yaml: /v1/incoming, /v1/migrations, /v1/reload)"
+                "no such endpoint (see docs/api.yaml: /v1/incoming, /v1/migrations, /v1/migrations/{id}/recover, /v1/reload)"
                     .into(),
             )
         })
@@ -315,6 +326,61 @@ async fn cancel(
     Ok(Json(view))
 }
 
+/// Recovers a migration paused in postcopy: the target QEMU listens again
+/// (`migrate-recover`) on the registration's socket, and the caller gets a
+/// fresh ticket and the cut main channel's binding token, once, for the
+/// source gateway that carries the source QEMU's resumed migration.
+async fn recover(
+    State(st): State<Arc<ApiState>>,
+    caller: Option<Extension<Caller>>,
+    UrlPath(id): UrlPath<String>,
+) -> Result<Json<RecoverResponse>, ApiFailure> {
+    let mig = find(&st, &id)?;
+    let conflict = |e: String| ApiFailure(StatusCode::CONFLICT, e);
+    // First, atomically: a second recover of the same pause is refused.
+    let (ticket, expires) = mig
+        .recover()
+        .map_err(|e: RecoverRefusal| conflict(e.to_string()))?;
+    let Some(binding_token) = st.control.rekey_paused(&mig.id) else {
+        let why = format!(
+            "migration {} has no resumable cut main channel at this daemon's gateway (its recovery window passed, or the daemon restarted since)",
+            mig.id
+        );
+        mig.recover_failed(why.clone());
+        return Err(conflict(why));
+    };
+    let sock = match mig.forward() {
+        Endpoint::Unix(p) => p.clone(),
+        Endpoint::Tcp(_) => {
+            mig.recover_failed(RecoverError::NoQmp.to_string());
+            return Err(conflict(RecoverError::NoQmp.to_string()));
+        }
+    };
+    if let Err(e) = st.target_qmps.recover(&mig.id, &sock).await {
+        let status = match e {
+            RecoverError::NoQmp | RecoverError::NotPaused(_) => StatusCode::CONFLICT,
+            _ => StatusCode::BAD_GATEWAY,
+        };
+        let why = e.to_string();
+        mig.recover_failed(why.clone());
+        tracing::warn!(caller = caller_name(&caller), migration = %mig.id, reason = %why, "recovery refused");
+        return Err(ApiFailure(status, why));
+    }
+    let expires_at = crate::admit::registry::rfc3339(expires);
+    tracing::info!(caller = caller_name(&caller), migration = %mig.id, %expires_at, "recovery issued: the target QEMU listens again");
+    Ok(Json(RecoverResponse {
+        id: mig.id.clone(),
+        ticket,
+        binding_token,
+        expires_at,
+        listen: mig
+            .listeners()
+            .iter()
+            .map(|&i| st.listen[i].clone())
+            .collect(),
+    }))
+}
+
 async fn reload(
     State(st): State<Arc<ApiState>>,
     caller: Option<Extension<Caller>>,
@@ -343,4 +409,103 @@ async fn reload(
 
 fn caller_name(c: &Option<Extension<Caller>>) -> &str {
     c.as_ref().map_or("local socket", |Extension(c)| &c.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::qemu::StreamKind;
+
+    struct NoDaemon;
+    impl Control for NoDaemon {
+        fn reload(&self) -> Result<(), String> {
+            Ok(())
+        }
+    }
+
+    fn state() -> Arc<ApiState> {
+        Arc::new(ApiState {
+            registry: Registry::new(Duration::from_secs(60)),
+            listen: vec!["127.0.0.1:1".into()],
+            runtime_dir: std::env::temp_dir(),
+            control: Arc::new(NoDaemon),
+            target_qmps: Default::default(),
+        })
+    }
+
+    fn register(st: &ApiState) -> Arc<Migration> {
+        st.registry
+            .register(IncomingSpec {
+                vm_uuid: None,
+                allow: Arc::new(AnyVerified),
+                allow_desc: "any".into(),
+                forward: Endpoint::Unix("/nonexistent/in.sock".into()),
+                channels: 1,
+                listeners: vec![0],
+                ttl: Duration::from_secs(60),
+            })
+            .0
+    }
+
+    async fn refused(st: &Arc<ApiState>, id: &str) -> (StatusCode, String) {
+        let e = recover(State(st.clone()), None, UrlPath(id.to_string()))
+            .await
+            .unwrap_err();
+        (e.0, e.1)
+    }
+
+    /// Only a paused migration is recovered; the others are refused in
+    /// words and left as they were.
+    #[tokio::test]
+    async fn recover_is_refused_unless_paused() {
+        let st = state();
+        let (s, e) = refused(&st, "not-a-uuid").await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{e}");
+        let (s, e) = refused(&st, &Uuid::new_v4().to_string()).await;
+        assert_eq!(s, StatusCode::NOT_FOUND, "{e}");
+        assert!(e.contains("never registered"), "{e}");
+
+        let mig = register(&st);
+        let (s, e) = refused(&st, &mig.id).await;
+        assert_eq!(s, StatusCode::CONFLICT);
+        assert!(
+            e.contains("is registered and not paused in postcopy"),
+            "{e}"
+        );
+
+        let done = register(&st);
+        done.admit_channel(
+            "CN=a",
+            &StreamKind::Main {
+                uuid: None,
+                machine: None,
+            },
+        )
+        .unwrap()
+        .finish(Ok(()));
+        let (s, e) = refused(&st, &done.id).await;
+        assert_eq!(s, StatusCode::CONFLICT);
+        assert!(e.contains("is completed and not paused"), "{e}");
+
+        // Paused, but its cut main channel is not resumable here (no
+        // gateway holds its binding): refused, paused still, and the
+        // recovery ticket it would have had is spent.
+        let cut = register(&st);
+        cut.admit_channel(
+            "CN=a",
+            &StreamKind::Main {
+                uuid: None,
+                machine: None,
+            },
+        )
+        .unwrap()
+        .finish(Err("cut".into()));
+        assert!(cut.pause("paused".into(), Duration::from_secs(60)));
+        let (s, e) = refused(&st, &cut.id).await;
+        assert_eq!(s, StatusCode::CONFLICT);
+        assert!(e.contains("no resumable cut main channel"), "{e}");
+        let v = cut.view();
+        assert_eq!(v.state, crate::admit::registry::Phase::Paused);
+        assert_eq!(v.recoveries, 1);
+    }
 }

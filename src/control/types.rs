@@ -8,6 +8,7 @@ use uuid::Uuid;
 
 pub use crate::admit::registry::{MigrationView, Phase};
 use crate::admit::ticket::Ticket;
+use crate::wire::frames::Secret;
 
 /// Default lifetime of an unused registration.
 pub const DEFAULT_EXPIRES_IN_SECS: u64 = 300;
@@ -97,6 +98,26 @@ pub struct IncomingResponse {
     pub expires_at: String,
     /// The migration listeners (HOST:PORT) this registration is bound to,
     /// for the source gateway: its ticket is refused on any other.
+    pub listen: Vec<String>,
+}
+
+/// `200` answer to `POST /v1/migrations/{id}/recover`, shown this once
+/// (and never by `Debug`): a fresh one-shot ticket that admits only the
+/// source QEMU's resumed main channel (then its preempt channel) of this
+/// migration, from the peer of its first main channel, and the binding
+/// token that resumes the cut main channel. The daemon keeps hashes only,
+/// so the token is a new one for the same binding (the old token no longer
+/// resumes anything): the source gateway that holds it did not have to be
+/// the one that was cut.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecoverResponse {
+    pub id: String,
+    pub ticket: Ticket,
+    pub binding_token: Secret,
+    /// The ticket is refused after this (RFC 3339); the migration is then
+    /// paused again.
+    pub expires_at: String,
+    /// The listeners the registration is bound to, as in the registration.
     pub listen: Vec<String>,
 }
 

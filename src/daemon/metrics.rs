@@ -44,9 +44,11 @@ const REFUSAL_CLASSES: [&str; 9] = [
 /// How the source's TLS stream of an ended target connection ended.
 const TLS_ENDS: [TlsEnd; 3] = [TlsEnd::CloseNotify, TlsEnd::Eof, TlsEnd::Reset];
 
-const PHASES: [Phase; 6] = [
+const PHASES: [Phase; 8] = [
     Phase::Registered,
     Phase::Active,
+    Phase::Paused,
+    Phase::Recovering,
     Phase::Completed,
     Phase::Failed,
     Phase::Cancelled,

@@ -15,12 +15,14 @@ use tokio::task::JoinSet;
 use super::config::{Config, ConfigError};
 use super::metrics::Metrics;
 use super::rundir::{self, RuntimeDirError};
+use crate::admit::binding::Scope;
 use crate::admit::registry::Registry;
 use crate::control::serve::{self, AdminTls, ServerError};
 use crate::control::server::{self, ApiState, Control};
 use crate::error::chain;
 use crate::gate::target::{self, Target};
 use crate::outcome::Sink;
+use crate::wire::frames::Secret;
 
 /// How often registrations are expired and ended ones forgotten. Admission
 /// checks expiry itself; this only keeps the API's view current, so one
@@ -86,6 +88,13 @@ impl Control for Daemon {
         *current = new;
         tracing::info!(config = %self.path.display(), "configuration reloaded");
         Ok(())
+    }
+
+    fn rekey_paused(&self, migration: &str) -> Option<Secret> {
+        let scope = Scope::Migration(migration.to_string());
+        self.targets
+            .iter()
+            .find_map(|t| t.bindings().rekey_paused(&scope))
     }
 }
 

@@ -42,6 +42,40 @@ impl TargetQmps {
         self.0.lock().expect("target QMP map lock").remove(id);
     }
 
+    fn get(&self, id: &str) -> Option<String> {
+        self.0.lock().expect("target QMP map lock").get(id).cloned()
+    }
+
+    /// `migrate-recover` on the paused target QEMU of migration `id`, on
+    /// the socket it listened on for the registration (`sock`, in the
+    /// runtime directory), where the gateway forwards.
+    pub async fn recover(&self, id: &str, sock: &Path) -> Result<(), RecoverError> {
+        let path = self.get(id).ok_or(RecoverError::NoQmp)?;
+        let work = async {
+            let mut qmp =
+                Qmp::connect_unix(&path)
+                    .await
+                    .map_err(|error| RecoverError::Connect {
+                        path: path.clone(),
+                        error,
+                    })?;
+            let info = qmp.query_migrate().await.map_err(RecoverError::Command)?;
+            let status = info.status.unwrap_or_default();
+            if status != "postcopy-paused" {
+                return Err(RecoverError::NotPaused(status));
+            }
+            // The first listener's socket file is still there: QEMU's
+            // bind would fail on it.
+            let _ = std::fs::remove_file(sock);
+            qmp.migrate_recover(&format!("unix:{}", sock.display()))
+                .await
+                .map_err(RecoverError::Command)
+        };
+        tokio::time::timeout(QMP_SETUP_TIMEOUT, work)
+            .await
+            .map_err(|_| RecoverError::Timeout { path: path.clone() })?
+    }
+
     /// The migration's target QEMU status when it is in postcopy
     /// (`postcopy-active`, `postcopy-paused`...): cutting the channels
     /// then leaves the guest split over the hosts instead of giving it
@@ -85,6 +119,22 @@ pub enum PrepareError {
     #[error("target {0}")]
     Command(QmpError),
     #[error("the target QEMU's QMP at {path} did not finish the set-up within {} s", QMP_SETUP_TIMEOUT.as_secs())]
+    Timeout { path: String },
+}
+
+/// Why the target QEMU could not be made to listen for a recovery.
+/// `Display` is the API's answer.
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("the daemon does not drive this migration's target QEMU (no forward.qmp, or the daemon restarted): run migrate-recover on it yourself")]
+    NoQmp,
+    #[error("the target QEMU is {0:?}, not postcopy-paused: there is nothing to recover")]
+    NotPaused(String),
+    #[error("cannot use the target QEMU's QMP at {path}: {error}")]
+    Connect { path: String, error: QmpError },
+    #[error("target {0}")]
+    Command(QmpError),
+    #[error("the target QEMU's QMP at {path} did not answer within {} s", QMP_SETUP_TIMEOUT.as_secs())]
     Timeout { path: String },
 }
 
@@ -187,12 +237,18 @@ pub fn settle_when_ended(
     let qmp_path = q.qmp.trim_start_matches("unix:").to_string();
     qmps.insert(&mig.id, &qmp_path);
     tokio::spawn(async move {
-        wait_until_ended(&registry, &mig).await;
+        // A postcopy cut pauses the migration (not final): it is settled
+        // again once its recovery has ended, or failed at its deadline.
+        loop {
+            wait_until_ended(&registry, &mig).await;
+            if mig.view().state == Phase::Cancelled
+                || !settle_with_qemu_verdict(&mig, &qmp_path).await
+            {
+                break;
+            }
+        }
         qmps.remove(&mig.id);
         let _ = std::fs::remove_file(&sock);
-        if mig.view().state != Phase::Cancelled {
-            settle_with_qemu_verdict(&mig, &qmp_path).await;
-        }
     });
 }
 
@@ -207,16 +263,16 @@ async fn wait_until_ended(registry: &Registry, mig: &Migration) {
     }
 }
 
-/// Asks the target QEMU how its incoming migration ended and records that.
-/// Unreachable QMP (a target QEMU exits when an incoming migration fails)
-/// leaves the channels' verdict, with a note in the log.
-async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) {
+/// Asks the target QEMU how its incoming migration ended and records that;
+/// true when it is `postcopy-paused` and the migration now waits for a
+/// recovery. Unreachable QMP (a target QEMU exits when an incoming
+/// migration fails) leaves the channels' verdict, with a note in the log.
+async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) -> bool {
     let ask = async {
         let mut qmp = Qmp::connect_unix(qmp_path).await?;
         loop {
             let info = qmp.query_migrate().await?;
-            // postcopy-paused waits for a recovery that is not ours to
-            // start: as verdicts go, that one is final.
+            // postcopy-paused waits for a recovery (POST .../recover).
             if info.is_terminal() || info.status.as_deref() == Some("postcopy-paused") {
                 return Ok::<_, QmpError>(info);
             }
@@ -234,9 +290,13 @@ async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) {
                 .filter(|_| !paused)
                 .or_else(|| {
                     paused.then(|| {
-                        "target QEMU: postcopy-paused: the VM runs here, the pages it has not \
-                         fetched yet are on the source; it can be recovered"
-                            .to_string()
+                        format!(
+                            "target QEMU: postcopy-paused: the VM runs here, the pages it has \
+                             not fetched yet are on the source; recover it with \
+                             miggate migrate --recover {id} on the source host \
+                             (POST /v1/migrations/{id}/recover)",
+                            id = mig.id
+                        )
                     })
                 })
                 .or_else(|| {
@@ -245,6 +305,15 @@ async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) {
                         info.status.unwrap_or_default()
                     ))
                 });
+            if paused {
+                let why = why.unwrap_or_default();
+                if mig.pause(why.clone(), crate::timeouts::RECOVERY_WINDOW) {
+                    return true;
+                }
+                // Past its recovery deadline: settle keeps that verdict.
+                mig.settle(false, Some(why));
+                return false;
+            }
             mig.settle(completed, if completed { None } else { why });
         }
         Ok(Err(e)) => tracing::warn!(
@@ -257,6 +326,7 @@ async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) {
             QEMU_VERDICT_TIMEOUT.as_secs()
         ),
     }
+    false
 }
 
 #[cfg(test)]

@@ -154,6 +154,20 @@ impl Joinable {
         self.paused.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// A gateway started to carry a recovery it did not see cut (`miggate
+    /// migrate --recover`: the first gateway lived in another process):
+    /// the cut main channel of `pid`, paused, with the binding token the
+    /// target daemon gave for its resumption.
+    pub fn with_paused(pid: i32, token: Secret) -> Joinable {
+        let j = Joinable::default();
+        j.lock_paused().push(Paused {
+            pid: Some(pid),
+            join: JoinBy::Token(token),
+            until: Instant::now() + crate::timeouts::RECOVERY_WINDOW,
+        });
+        j
+    }
+
     /// How the cut postcopy main channel of `pid` (any, if the pid is not
     /// known and only one is paused) was admitted, taken: one resume each.
     pub fn take_paused(&self, pid: Option<i32>) -> Result<JoinBy, NoJoin> {
@@ -403,5 +417,18 @@ mod tests {
         plain.admitted(JoinBy::Native);
         let w = tokio::time::timeout(std::time::Duration::from_millis(50), j.wait_for_main(None));
         assert!(w.await.is_err());
+    }
+
+    /// A gateway started for a recovery it did not see cut resumes the
+    /// main channel of its QEMU's pid only, once.
+    #[test]
+    fn a_recovery_gateway_holds_one_paused_entry_for_its_pid() {
+        let j = Joinable::with_paused(5, Secret::new("t"));
+        assert_eq!(j.take_paused(Some(6)).err(), Some(NoJoin::NothingPaused));
+        let Ok(JoinBy::Token(t)) = j.take_paused(Some(5)) else {
+            panic!("no token for pid 5")
+        };
+        assert_eq!(t.expose(), "t");
+        assert_eq!(j.take_paused(Some(5)).err(), Some(NoJoin::NothingPaused));
     }
 }

@@ -86,7 +86,7 @@ use crate::net::Plain;
 use crate::outcome::{Ending, Outcome, Sink};
 use crate::relay::rekey::Rekeying;
 use crate::relay::Close;
-use crate::wire::frames::{self, FrameError, Hello, Verdict};
+use crate::wire::frames::{self, FrameError, Hello, Secret, Verdict};
 use crate::wire::qemu::{postcopy_advised, resume_stream, StreamKind, SNIFF_MAX};
 
 pub struct SourceConfig {
@@ -102,6 +102,11 @@ pub struct SourceConfig {
     /// Presented in the hello to a target daemon (managed mode).
     pub ticket: Option<Ticket>,
     pub sink: Option<Arc<dyn Sink>>,
+    /// A recovery this gateway carries without having seen the cut
+    /// (`miggate migrate --recover`): the binding token that resumes the
+    /// cut main channel of the one local peer (`LocalListener::Unix`'s
+    /// `only`), from the target daemon.
+    pub resume: Option<Secret>,
 }
 
 /// The one process allowed to feed a gateway over its unix socket: the
@@ -186,7 +191,15 @@ impl Drop for LocalListener {
 pub async fn serve(listener: LocalListener, cfg: SourceConfig) -> std::io::Result<()> {
     let cfg = Arc::new(cfg);
     let mains = watch::Sender::new(0usize);
-    let joinable = Joinable::default();
+    let joinable = match (&cfg.resume, &listener) {
+        (
+            Some(token),
+            LocalListener::Unix {
+                only: Some(peer), ..
+            },
+        ) => Joinable::with_paused(peer.pid, token.clone()),
+        _ => Joinable::default(),
+    };
     loop {
         let accepted = match listener.accept().await {
             Ok(x) => x,

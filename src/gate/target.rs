@@ -158,6 +158,11 @@ impl Target {
         })
     }
 
+    /// Its bindings: the daemon rekeys a paused one for a recovery.
+    pub fn bindings(&self) -> &Arc<Bindings> {
+        &self.bindings
+    }
+
     /// Takes a pending slot for a connection from `ip`, or says which
     /// limit is reached.
     fn try_pending(self: &Arc<Self>, ip: IpAddr) -> Result<Pending, String> {

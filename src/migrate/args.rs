@@ -39,7 +39,7 @@ pub struct MigrateArgs {
     pub api_x509_dir: Option<PathBuf>,
     /// The target QEMU's QMP socket, unix:PATH: as the daemon sees it (gateway
     /// mode: the daemon issues migrate-incoming there), or local (--native-tls).
-    #[arg(long, value_parser = parse_qmp, required_unless_present = "forward")]
+    #[arg(long, value_parser = parse_qmp, required_unless_present_any = ["forward", "recover"])]
     pub target_qmp: Option<PathBuf>,
     /// Where the target QEMU already listens (tcp:HOST:PORT or unix:PATH on
     /// the daemon's host), instead of --target-qmp.
@@ -109,6 +109,13 @@ pub struct MigrateArgs {
     /// travel on a channel of their own, ahead of the background copy).
     #[arg(long, requires = "postcopy")]
     pub postcopy_preempt: bool,
+    /// Recover migration ID, paused in postcopy (both QEMUs
+    /// postcopy-paused): the daemon makes the target QEMU listen again and
+    /// issues a new one-shot ticket, and the source QEMU resumes through a
+    /// new source gateway (with --target and --source-qmp, as the first run).
+    #[arg(long, value_name = "ID",
+          conflicts_with_all = ["native_tls", "target_qmp", "forward", "postcopy", "multifd"])]
+    pub recover: Option<String>,
     /// One JSON object per line on stdout: steps, progress, and a final result.
     #[arg(long)]
     pub json: bool,
@@ -139,6 +146,7 @@ impl MigrateArgs {
             postcopy: false,
             postcopy_after_passes: DEFAULT_POSTCOPY_AFTER_PASSES,
             postcopy_preempt: false,
+            recover: None,
             json: false,
         }
     }
@@ -154,23 +162,27 @@ impl MigrateArgs {
     /// steps after it need not check again.
     pub(super) fn check(&self) -> Result<Plan<'_>, ArgsError> {
         let plan = match (
+            &self.recover,
             self.native_tls,
             &self.target,
             &self.target_qmp,
             &self.forward,
         ) {
-            (true, _, Some(qmp), _) => Plan::Native { target_qmp: qmp },
-            (true, _, None, _) => return Err(ArgsError::NativeNeedsTargetQmp),
-            (false, None, _, _) => return Err(ArgsError::NoTarget),
-            (false, Some(t), Some(qmp), _) => Plan::Gateway {
+            (Some(_), true, ..) => return Err(ArgsError::RecoverNative),
+            (Some(_), false, None, ..) => return Err(ArgsError::NoTarget),
+            (Some(id), false, Some(target), ..) => Plan::Recover { target, id },
+            (None, true, _, Some(qmp), _) => Plan::Native { target_qmp: qmp },
+            (None, true, _, None, _) => return Err(ArgsError::NativeNeedsTargetQmp),
+            (None, false, None, _, _) => return Err(ArgsError::NoTarget),
+            (None, false, Some(t), Some(qmp), _) => Plan::Gateway {
                 target: t,
                 forward: TargetForward::Qmp(qmp),
             },
-            (false, Some(t), None, Some(ep)) => Plan::Gateway {
+            (None, false, Some(t), None, Some(ep)) => Plan::Gateway {
                 target: t,
                 forward: TargetForward::Endpoint(ep),
             },
-            (false, Some(_), None, None) => return Err(ArgsError::NoForward),
+            (None, false, Some(_), None, None) => return Err(ArgsError::NoForward),
         };
         use crate::timeouts::{bounded_secs, OutOfRange, MAX_REKEY_AFTER_MIB, MAX_STALL_SECS};
         bounded_secs("--stall-timeout", self.stall_timeout, 1, MAX_STALL_SECS)?;
@@ -241,6 +253,8 @@ pub enum ArgsError {
     // native.rs prepares the target QEMU without postcopy-ram.
     #[error("--postcopy goes through the target's daemon: not with --native-tls")]
     PostcopyNative,
+    #[error("--recover goes through the target's daemon: not with --native-tls")]
+    RecoverNative,
     #[error(transparent)]
     Range(#[from] crate::timeouts::OutOfRange),
     #[error("{option} must be at most {max}{unit}, not {value}")]
@@ -262,6 +276,8 @@ pub enum Plan<'a> {
     },
     /// QEMU's own TLS on both ends.
     Native { target_qmp: &'a Path },
+    /// Recovery of a registered migration paused in postcopy.
+    Recover { target: &'a str, id: &'a str },
 }
 
 /// Where the daemon sends the stream: a target QEMU it prepares over QMP,
@@ -345,6 +361,46 @@ pub(crate) fn host_of(addr: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recover_needs_a_daemon_and_is_bounded_too() {
+        let mut a = MigrateArgs::new("/q".into(), "/pki".into());
+        a.recover = Some("m1".into());
+        assert_eq!(a.check().unwrap_err(), ArgsError::NoTarget);
+        a.target = Some("unix:/run/miggate/api.sock".into());
+        assert!(matches!(a.check().unwrap(), Plan::Recover { id: "m1", .. }));
+        a.stall_timeout = 0;
+        assert!(a.check().is_err());
+        a.stall_timeout = 30;
+        a.native_tls = true;
+        assert_eq!(a.check().unwrap_err(), ArgsError::RecoverNative);
+
+        use clap::Parser;
+        #[derive(clap::Parser, Debug)]
+        struct Cli {
+            #[command(flatten)]
+            m: MigrateArgs,
+        }
+        let base = [
+            "miggate",
+            "--source-qmp",
+            "unix:/q",
+            "--target",
+            "unix:/api",
+        ];
+        let parse = |extra: &[&str]| Cli::try_parse_from(base.iter().chain(extra));
+        // No --target-qmp: the registration names the target QEMU already.
+        let c = parse(&["--recover", "m1", "--connect", "h:1"]).unwrap();
+        assert_eq!(c.m.recover.as_deref(), Some("m1"));
+        assert!(parse(&[]).is_err(), "a first run needs --target-qmp");
+        for bad in [
+            &["--recover", "m1", "--postcopy"][..],
+            &["--recover", "m1", "--target-qmp", "unix:/t"],
+            &["--recover", "m1", "--multifd", "2"],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn arguments_built_in_code_are_bounded_like_the_command_line() {

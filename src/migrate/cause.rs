@@ -89,14 +89,17 @@ pub fn source_vm(before: &str, now: Result<&str, &str>) -> String {
 /// has not fetched yet exist only on the source. Neither "the VM is still
 /// running on the source" nor "lost" is true. `status` is the source
 /// QEMU's migration status, when it answered.
-pub fn postcopy_vm(status: Option<&str>) -> String {
+pub fn postcopy_vm(status: Option<&str>, recover_with: Option<&str>) -> String {
     const KEEP: &str = "keep both QEMUs running";
+    let how = recover_with.map_or_else(
+        || "(migrate-recover on the target, then migrate with resume on the source)".to_string(),
+        |cmd| format!("with: {cmd}"),
+    );
     match status {
         Some("postcopy-paused") => format!(
             "the source QEMU is postcopy-paused: the guest runs on the target and the pages \
              it has not fetched yet are only on the source, so it is split over the two hosts \
-             but not lost: {KEEP}, the migration can be recovered (migrate-recover on the \
-             target, then migrate with resume on the source)"
+             but not lost: {KEEP}, the migration can be recovered {how}"
         ),
         Some(s) => format!(
             "the guest had moved to the target in postcopy and the source QEMU is now {s}: \
@@ -167,6 +170,8 @@ mod tests {
             ended_at: None,
             reason: reason.map(Into::into),
             refusals: refusals.iter().map(|s| s.to_string()).collect(),
+            recover_by: None,
+            recoveries: 0,
         }
     }
 
@@ -268,7 +273,7 @@ mod tests {
 
     #[test]
     fn postcopy_never_says_the_vm_is_on_the_source() {
-        let paused = postcopy_vm(Some("postcopy-paused"));
+        let paused = postcopy_vm(Some("postcopy-paused"), None);
         let s = sentence(
             "migration paused in postcopy",
             "target daemon: cut",
@@ -281,8 +286,17 @@ mod tests {
         assert!(s.contains("split over the two hosts but not lost"), "{s}");
         assert!(s.contains("can be recovered"), "{s}");
         assert!(s.ends_with(")."), "{s}");
+        // Through a daemon: the exact command.
+        let v = postcopy_vm(
+            Some("postcopy-paused"),
+            Some("miggate migrate --recover m1"),
+        );
+        assert!(
+            v.ends_with("can be recovered with: miggate migrate --recover m1"),
+            "{v}"
+        );
         for other in [Some("failed"), None] {
-            let v = postcopy_vm(other);
+            let v = postcopy_vm(other, None);
             assert!(v.contains("keep both QEMUs running"), "{v}");
             assert!(!v.contains("still running on the source"), "{v}");
         }

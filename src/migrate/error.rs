@@ -20,6 +20,11 @@ pub enum Cause {
     /// A second SIGINT/SIGTERM in postcopy, where cancelling is impossible.
     #[error("interrupted by {signal}: the source QEMU paused the migration (migrate-pause)")]
     PausedBySignal { signal: &'static str },
+    /// `--recover` of a source QEMU that has no paused migration.
+    #[error(
+        "the source QEMU's migration is {status}, not postcopy-paused: there is nothing to recover"
+    )]
+    NotPaused { status: String },
     #[error("a migration of this VM is already in progress (QEMU status {status})")]
     InProgress { status: String },
     #[error(transparent)]

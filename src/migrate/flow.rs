@@ -131,7 +131,7 @@ impl Postcopy {
 impl Migration<'_> {
     async fn go(&mut self, rep: &mut Reporter, signals: &mut Signals) -> Result<Summary, Failure> {
         let prepared = tokio::select! {
-            r = self.prepare(rep) => r,
+            r = self.prepare_any(rep) => r,
             sig = signals.recv() => Err(Stop::Interrupted(sig)),
         };
         let (uuid, dn) = match prepared {
@@ -139,41 +139,50 @@ impl Migration<'_> {
             Err(stop) => return Err(self.not_started(stop).await),
         };
         let uri = self.side.as_ref().expect("prepared").uri();
-        rep.step(&format!(
-            "source QEMU: migrating to {uri} (return-path on{}{}{}, {})",
-            if uuid.is_some() {
-                ", validate-uuid on"
-            } else {
-                ""
-            },
-            if self.args.multifd > 0 {
-                format!(", multifd {} channels", self.args.multifd)
-            } else {
-                String::new()
-            },
-            match (self.args.postcopy, self.args.postcopy_preempt) {
-                (false, _) => String::new(),
-                (true, preempt) => format!(
-                    ", postcopy-ram{} on: postcopy after {} pass{} without converging",
-                    if preempt { " and postcopy-preempt" } else { "" },
-                    self.args.postcopy_after_passes,
-                    if self.args.postcopy_after_passes == 1 {
-                        ""
-                    } else {
-                        "es"
-                    }
-                ),
-            },
-            match self.args.max_bandwidth {
-                // QEMU's max-postcopy-bandwidth (0, unlimited) rules after the switch.
-                Some(b) if self.args.postcopy => format!("max {}/s in precopy", bytes(b)),
-                Some(b) => format!("max {}/s", bytes(b)),
-                None => "bandwidth unlimited".into(),
-            }
-        ));
         let started = Instant::now();
-        if let Err(e) = self.src.migrate(&uri).await {
-            return Err(self.not_started(Stop::Cause(Cause::SourceQemu(e))).await);
+        if self.recovering() {
+            rep.step(&format!(
+                "source QEMU: resuming the postcopy migration to {uri} (migrate with resume)"
+            ));
+            if let Err(e) = self.src.migrate_resume(&uri).await {
+                return Err(self.not_started(Stop::Cause(Cause::SourceQemu(e))).await);
+            }
+        } else {
+            rep.step(&format!(
+                "source QEMU: migrating to {uri} (return-path on{}{}{}, {})",
+                if uuid.is_some() {
+                    ", validate-uuid on"
+                } else {
+                    ""
+                },
+                if self.args.multifd > 0 {
+                    format!(", multifd {} channels", self.args.multifd)
+                } else {
+                    String::new()
+                },
+                match (self.args.postcopy, self.args.postcopy_preempt) {
+                    (false, _) => String::new(),
+                    (true, preempt) => format!(
+                        ", postcopy-ram{} on: postcopy after {} pass{} without converging",
+                        if preempt { " and postcopy-preempt" } else { "" },
+                        self.args.postcopy_after_passes,
+                        if self.args.postcopy_after_passes == 1 {
+                            ""
+                        } else {
+                            "es"
+                        }
+                    ),
+                },
+                match self.args.max_bandwidth {
+                    // QEMU's max-postcopy-bandwidth (0, unlimited) rules after the switch.
+                    Some(b) if self.args.postcopy => format!("max {}/s in precopy", bytes(b)),
+                    Some(b) => format!("max {}/s", bytes(b)),
+                    None => "bandwidth unlimited".into(),
+                }
+            ));
+            if let Err(e) = self.src.migrate(&uri).await {
+                return Err(self.not_started(Stop::Cause(Cause::SourceQemu(e))).await);
+            }
         }
 
         // Progress until QEMU's verdict or a signal.
@@ -294,6 +303,54 @@ impl Migration<'_> {
         }
     }
 
+    fn recovering(&self) -> bool {
+        matches!(self.plan, Plan::Recover { .. })
+    }
+
+    async fn prepare_any(&mut self, rep: &mut Reporter) -> Result<(Option<Uuid>, String), Stop> {
+        match self.plan {
+            Plan::Recover { target, id } => self.prepare_recover(rep, target, id).await,
+            _ => self.prepare(rep).await,
+        }
+    }
+
+    /// `--recover ID`: the source QEMU must be postcopy-paused; the
+    /// daemon recovers the target side and a new source gateway carries
+    /// the resumed migration. Nothing of the source QEMU's settings
+    /// changes: the migration resumes as it was set up.
+    async fn prepare_recover(
+        &mut self,
+        rep: &mut Reporter,
+        target: &str,
+        id: &str,
+    ) -> Result<(Option<Uuid>, String), Stop> {
+        let q = |e: QmpError| Stop::Cause(Cause::SourceQemu(e));
+        let info = self.src.query_migrate().await.map_err(q)?;
+        let status = info.status.unwrap_or_else(|| "none".into());
+        if status != "postcopy-paused" {
+            return Err(Stop::Cause(Cause::NotPaused { status }));
+        }
+        // From here the guest is split over the hosts: never cancel.
+        self.postcopy.entered = true;
+        let uuid = Some(self.src.query_uuid().await.map_err(q)?).filter(|u| !u.is_nil());
+        let dn = client_dn(&self.args.x509_dir).map_err(|e| Stop::Cause(e.into()))?;
+        rep.step(&format!(
+            "source QEMU at {}: VM {} is postcopy-paused; this side authenticates as {dn}",
+            self.args.source_qmp.display(),
+            uuid.map_or_else(|| "(no -uuid)".to_string(), |u| u.to_string()),
+        ));
+        let qemu = self
+            .src
+            .peer_cred()
+            .map_err(|e| Stop::Cause(Cause::SourceCred(e)))?;
+        self.side = Some(Side::Managed(Box::new(
+            Managed::recover(self.args, target, id, &qemu, rep)
+                .await
+                .map_err(|e| Stop::Cause(e.into()))?,
+        )));
+        Ok((uuid, dn))
+    }
+
     /// Everything before `migrate`: the VM, our identity, the target side,
     /// the source's capabilities and parameters.
     async fn prepare(&mut self, rep: &mut Reporter) -> Result<(Option<Uuid>, String), Stop> {
@@ -336,6 +393,7 @@ impl Migration<'_> {
         }
 
         self.side = Some(match self.plan {
+            Plan::Recover { .. } => unreachable!("prepared by prepare_recover"),
             Plan::Native { target_qmp } => Side::Native(Box::new(
                 Native::prepare(self.args, target_qmp, &mut self.src, &dn, rep)
                     .await
@@ -402,6 +460,9 @@ impl Migration<'_> {
 
     /// A failure before `migrate` ran: the registration is withdrawn.
     async fn not_started(&mut self, stop: Stop) -> Failure {
+        if self.recovering() {
+            return self.not_recovered(stop).await;
+        }
         let id = self.side.as_ref().and_then(Side::id);
         if let Some(Side::Managed(m)) = &self.side {
             let _ = m.cancel().await;
@@ -423,6 +484,62 @@ impl Migration<'_> {
             source_status: now,
             migration_id: id,
         }
+    }
+
+    /// `--recover` stopped before the source resumed: nothing is cancelled
+    /// (the guest is split over the hosts; 7.2 would end its side for good
+    /// on migrate_cancel), the sentence says where the migration stands.
+    async fn not_recovered(&mut self, stop: Stop) -> Failure {
+        let (why, code) = match stop {
+            Stop::Cause(c) => (chain(&c), EXIT_FAILED),
+            Stop::Interrupted(sig) => (format!("interrupted by {}", sig.name()), sig.exit_code()),
+        };
+        let status = self.src.query_migrate().await.ok().and_then(|i| i.status);
+        let vm = match status.as_deref() {
+            Some("postcopy-paused") => {
+                cause::postcopy_vm(status.as_deref(), Some(&self.recover_command()))
+            }
+            // Not in postcopy: nothing of it was touched.
+            Some(s) if !s.starts_with("postcopy") => "nothing was changed".to_string(),
+            _ => cause::postcopy_vm(status.as_deref(), None),
+        };
+        Failure {
+            sentence: cause::sentence("migration not recovered", &why, &vm),
+            exit_code: code,
+            source_status: self.src.query_status().await.ok(),
+            migration_id: match self.plan {
+                Plan::Recover { id, .. } => Some(id.to_string()),
+                _ => None,
+            },
+        }
+    }
+
+    /// The command that recovers this migration, as the operator runs it.
+    fn recover_command(&self) -> String {
+        let id = match (&self.plan, self.side.as_ref().and_then(Side::id)) {
+            (Plan::Recover { id, .. }, _) => id.to_string(),
+            (_, Some(id)) => id,
+            _ => "ID".into(),
+        };
+        let a = self.args;
+        let mut cmd = format!(
+            "miggate migrate --recover {id} --source-qmp unix:{} --target {}",
+            a.source_qmp.display(),
+            a.target.as_deref().unwrap_or("?")
+        );
+        if let Some(d) = &a.api_x509_dir {
+            cmd += &format!(" --api-x509-dir {}", d.display());
+        }
+        if a.x509_dir.as_os_str() != super::DEFAULT_X509_DIR {
+            cmd += &format!(" --x509-dir {}", a.x509_dir.display());
+        }
+        if let Some(c) = &a.connect {
+            cmd += &format!(" --connect {c}");
+        }
+        if let Some(h) = &a.tls_hostname {
+            cmd += &format!(" --tls-hostname {h}");
+        }
+        cmd
     }
 
     /// QEMU's verdict was not "completed" (or QMP broke): find the cause.
@@ -463,8 +580,17 @@ impl Migration<'_> {
                 Some(s) => Some(s.clone()),
                 None => self.src.query_migrate().await.ok().and_then(|i| i.status),
             };
+            // Through a daemon, the exact command that recovers it.
+            let how = matches!(self.side, Some(Side::Managed(_))).then(|| self.recover_command());
+            if let (Some(cmd), Some("postcopy-paused")) = (&how, qemu.as_deref()) {
+                rep.note(&format!("to recover the migration, run: {cmd}"));
+            }
             return Failure {
-                sentence: cause::sentence(lead, &why, &cause::postcopy_vm(qemu.as_deref())),
+                sentence: cause::sentence(
+                    lead,
+                    &why,
+                    &cause::postcopy_vm(qemu.as_deref(), how.as_deref()),
+                ),
                 exit_code: EXIT_FAILED,
                 source_status: now,
                 migration_id: self.side.as_ref().and_then(Side::id),

@@ -278,6 +278,7 @@ impl Managed {
             rekey_after: args.rekey_after_mib.map(|m| m << 20),
             ticket: Some(resp.ticket),
             sink: Some(records.clone()),
+            resume: None,
         };
         let gateway = tokio::spawn(async move {
             if let Err(e) = source::serve(listener, cfg).await {
@@ -292,6 +293,84 @@ impl Managed {
             id: resp.id,
             connect,
             channels,
+            records,
+            gateway,
+            socket,
+            _local_dir: local_dir,
+            admitted: false,
+            last_poll: None,
+        })
+    }
+
+    /// `--recover ID`: asks the daemon to recover migration `id` (its
+    /// target QEMU listens again; a fresh ticket and the cut main
+    /// channel's binding token come back, once) and starts a new source
+    /// gateway with them on a fresh private socket for the QEMU with
+    /// credentials `qemu`: the gateway that saw the cut lived in the
+    /// command that started the migration, and went with it.
+    pub async fn recover(
+        args: &MigrateArgs,
+        target: &str,
+        id: &str,
+        qemu: &UCred,
+        rep: &mut Reporter,
+    ) -> Result<Managed, ManagedError> {
+        let addr = api_addr(target, args.api_x509_dir.as_deref())?;
+        let api = ApiClient::new(addr)?;
+        let tls = tls::client_config(&args.x509_dir, &[tls::ALPN_MIGGATE])
+            .map_err(ManagedError::SourceTls)?;
+        let (listener, local_dir) = local_hop(qemu, &args.source_qmp)?;
+        let socket = match &listener {
+            LocalListener::Unix { path, .. } => path.clone(),
+            LocalListener::Tcp(_) => unreachable!("the local hop is a unix socket"),
+        };
+        let resp = api
+            .recover(id)
+            .await
+            .map_err(|e| ManagedError::Recover(DaemonSaid(e)))?;
+        rep.step(&format!(
+            "the daemon at {} recovers migration {}: its target QEMU listens again; a new one-shot ticket (kept in memory only; the first stays spent) admits the resumed main channel of this migration until {}",
+            api.addr(),
+            resp.id,
+            resp.expires_at
+        ));
+        let connect = match (&args.connect, resp.listen.first()) {
+            (Some(c), _) => c.clone(),
+            (None, Some(l)) => reachable(l, api.addr()),
+            (None, None) => return Err(ManagedError::NoListener),
+        };
+        let host = args
+            .tls_hostname
+            .clone()
+            .unwrap_or_else(|| host_of(&connect));
+        let server_name = ServerName::try_from(host.clone())
+            .map_err(|_| ManagedError::BadHostname { host: host.clone() })?;
+        let records = Arc::new(Collected::default());
+        let cfg = SourceConfig {
+            tls,
+            connect: connect.clone(),
+            server_name,
+            stall: args.stall(),
+            rekey_after: args.rekey_after_mib.map(|m| m << 20),
+            ticket: Some(resp.ticket),
+            sink: Some(records.clone()),
+            resume: Some(resp.binding_token),
+        };
+        let gateway = tokio::spawn(async move {
+            if let Err(e) = source::serve(listener, cfg).await {
+                tracing::error!(error = %e, "source gateway stopped");
+            }
+        });
+        rep.step(&format!(
+            "source gateway serving the source QEMU (pid {}) on unix:{}, resuming over TLS to {connect} (the target must present a certificate for {host})",
+            qemu.pid().unwrap_or_default(),
+            socket.display()
+        ));
+        Ok(Managed {
+            api,
+            id: resp.id,
+            connect,
+            channels: 1,
             records,
             gateway,
             socket,
@@ -329,7 +408,13 @@ impl Managed {
         }
         self.last_poll = Some(Instant::now());
         let Ok(v) = self.view().await else { return };
-        if v.channels_seen > 0 && !matches!(v.state, Phase::Registered) {
+        // A recovery's channels count on top of the cut ones: it is
+        // admitted once the migration is active again.
+        let waiting = matches!(
+            v.state,
+            Phase::Registered | Phase::Paused | Phase::Recovering
+        );
+        if v.channels_seen > 0 && !waiting {
             self.admitted = true;
             let who = v.peer_dn.as_deref().unwrap_or("(unknown)");
             let vm = v.vm_uuid.map_or_else(String::new, |u| {
@@ -418,6 +503,8 @@ pub enum ManagedError {
     SourceTls(#[source] crate::creds::tls::CredsError),
     #[error("target daemon")]
     Register(#[source] DaemonSaid),
+    #[error("target daemon refused the recovery")]
+    Recover(#[source] DaemonSaid),
     #[error("the daemon has no migration listener to connect to (and no --connect was given)")]
     NoListener,
     #[error("{host:?} is not a valid TLS hostname")]

@@ -437,6 +437,23 @@ impl Qmp {
             .map(drop)
     }
 
+    /// `migrate` with `resume`: a source QEMU `postcopy-paused` resumes
+    /// its migration to `uri`, where the target QEMU listens again
+    /// (`migrate-recover`).
+    pub async fn migrate_resume(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate", Some(json!({ "uri": uri, "resume": true })))
+            .await
+            .map(drop)
+    }
+
+    /// `migrate-recover`: a target QEMU `postcopy-paused` listens on `uri`
+    /// for the source's resumed migration.
+    pub async fn migrate_recover(&mut self, uri: &str) -> Result<(), QmpError> {
+        self.execute("migrate-recover", Some(json!({ "uri": uri })))
+            .await
+            .map(drop)
+    }
+
     /// `migrate_cancel`: stops an outgoing migration (a no-op when none runs).
     pub async fn migrate_cancel(&mut self) -> Result<(), QmpError> {
         self.execute("migrate_cancel", None).await.map(drop)

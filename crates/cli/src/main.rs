@@ -181,6 +181,13 @@ struct SourceArgs {
     /// itself from $MIGGATE_TICKET. Never on the command line, where ps shows it.
     #[arg(long, env = "MIGGATE_TICKET_FILE")]
     ticket_file: Option<PathBuf>,
+    /// Carry the recovery of a registered postcopy migration cut while
+    /// another gateway carried it: a file holding the binding_token of the
+    /// daemon's POST /v1/migrations/{id}/recover answer (its ticket goes in
+    /// --ticket-file). Needs --listen unix: with --source-qmp or --source-pid:
+    /// the token resumes that QEMU's cut main channel.
+    #[arg(long, value_name = "FILE", requires = "ticket_file")]
+    resume_token_file: Option<PathBuf>,
     /// Refresh each channel's TLS 1.3 keys after every N MiB sent (a
     /// KeyUpdate that also asks the target to refresh its own), at most
     /// one per 250 ms (QEMU's GnuTLS refuses more than 8 per second).
@@ -222,6 +229,24 @@ fn source_ticket(file: Option<&std::path::Path>) -> Result<Option<miggate::admit
         (None, Err(_)) => return Ok(None),
     };
     Ok(Some(Ticket::parse(&text).context("invalid ticket")?))
+}
+
+/// The binding token of `--resume-token-file`, for a listener that
+/// serves one known QEMU process (whose cut main channel it resumes).
+fn resume_token(
+    file: Option<&std::path::Path>,
+    listener: &source::LocalListener,
+) -> Result<Option<miggate::wire::frames::Secret>> {
+    let Some(path) = file else { return Ok(None) };
+    if !matches!(listener, source::LocalListener::Unix { only: Some(_), .. }) {
+        bail!("--resume-token-file needs --listen unix:PATH with --source-qmp or --source-pid: the token resumes the cut main channel of that QEMU");
+    }
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the resume token file {}", path.display()))?;
+    // Same form as a ticket (64 hex digits), and zeroed the same way.
+    let token = miggate::admit::ticket::Ticket::parse(&text)
+        .with_context(|| format!("{}: not a binding token", path.display()))?;
+    Ok(Some(miggate::wire::frames::Secret::new(token.expose())))
 }
 
 fn init_logging(format: LogFormat, default_filter: &str) {
@@ -446,6 +471,7 @@ async fn run_source(a: SourceArgs) -> Result<()> {
         rekey_after: a.rekey_after_mib.map(|m| m << 20),
         ticket: source_ticket(a.ticket_file.as_deref())?,
         sink: None,
+        resume: resume_token(a.resume_token_file.as_deref(), &listener)?,
     };
     tokio::select! {
         r = source::serve(listener, cfg) => r?,

@@ -341,7 +341,8 @@ async fn in_postcopy_sigint_and_delete_do_not_cancel_and_it_completes() {
 
 /// A second SIGINT in postcopy pauses the migration: the sentence says the
 /// guest is split over the hosts and recoverable, never that the source
-/// keeps running; the source QEMU is postcopy-paused.
+/// keeps running; the source QEMU is postcopy-paused, the daemon's
+/// registration paused, and the command says how to recover it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_sigint_in_postcopy_pauses_and_says_where_the_guest_is() {
     let mut t = setup(QemuVersion::System).await;
@@ -398,12 +399,22 @@ async fn second_sigint_in_postcopy_pauses_and_says_where_the_guest_is() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
-    assert_eq!(view.state, Phase::Failed, "{view:?}");
+    // Paused, not failed: it waits for `miggate migrate --recover`, which
+    // the command named (see migrate_recover.rs).
+    assert_eq!(view.state, Phase::Paused, "{view:?}");
     assert!(
         view.reason
             .as_deref()
             .is_some_and(|r| r.starts_with("target QEMU: postcopy-paused")),
         "{view:?}"
+    );
+    assert!(
+        messages(&lines, "note")
+            .iter()
+            .any(|n| n.starts_with(&format!(
+                "to recover the migration, run: miggate migrate --recover {id} "
+            ))),
+        "{lines:#?}"
     );
 }
 
