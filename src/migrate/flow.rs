@@ -24,6 +24,10 @@ pub const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// After `migrate_cancel`, how long QEMU may take to get to `cancelled`
 /// (it waits for its migration thread to notice).
 pub const CANCEL_WAIT: Duration = Duration::from_secs(15);
+/// How long a resumed postcopy migration may stay `postcopy-paused` after
+/// `migrate` with `resume` (QEMU connects, then leaves that state) before
+/// the resume counts as failed.
+pub const RESUME_START: Duration = Duration::from_secs(30);
 
 enum Side {
     Managed(Box<Managed>),
@@ -187,6 +191,7 @@ impl Migration<'_> {
 
         // Progress until QEMU's verdict or a signal.
         let mut tick = tokio::time::interval(PROGRESS_EVERY);
+        let mut resumed = false;
         let info = loop {
             tokio::select! {
                 _ = tick.tick() => {}
@@ -215,8 +220,15 @@ impl Migration<'_> {
                 }
             }
             // postcopy-paused waits for a recovery this command does not
-            // start: for it, the migration has stopped here.
-            if info.is_terminal() || info.status.as_deref() == Some("postcopy-paused") {
+            // start: for it, the migration has stopped here. A resume is
+            // still paused until QEMU has connected (the command returns
+            // first): it has stopped only once it left that state, or if
+            // it never does.
+            let paused = info.status.as_deref() == Some("postcopy-paused");
+            resumed |= !paused;
+            let stopped =
+                paused && (!self.recovering() || resumed || started.elapsed() > RESUME_START);
+            if info.is_terminal() || stopped {
                 break info;
             }
             if self.args.postcopy

@@ -417,6 +417,15 @@ impl Managed {
         if v.channels_seen > 0 && !waiting {
             self.admitted = true;
             let who = v.peer_dn.as_deref().unwrap_or("(unknown)");
+            if v.recoveries > 0 {
+                // A resumed main channel has no header and no UUID: it is
+                // admitted as the cut main channel's resumption.
+                rep.step(&format!(
+                    "the target admitted the recovery: new ticket valid, peer {who} allowed, the cut main channel's binding resumed (recovery {})",
+                    v.recoveries
+                ));
+                return;
+            }
             let vm = v.vm_uuid.map_or_else(String::new, |u| {
                 format!(", VM UUID {u} checked in the stream")
             });

@@ -300,10 +300,31 @@ async fn cut_then_recover(qemu: QemuVersion) {
         "FIGURE migrate_recover {qemu}: cut and recovered in {:?}",
         t0.elapsed()
     );
-    assert_eq!(code, Some(0), "daemon log:\n{}", t.daemon.log_text());
+    assert_eq!(
+        code,
+        Some(0),
+        "daemon log:\n{}\nsource QEMU:\n{}\ntarget QEMU:\n{}",
+        t.daemon.log_text(),
+        t.src.stderr_text(),
+        t.dst.stderr_text()
+    );
     let last = lines.last().unwrap();
     assert_eq!(last["ok"], true, "{last}");
     assert_eq!(last["migration_id"], id.as_str(), "{last}");
+    // Said as a resumption, not as a stream whose UUID was checked.
+    let steps: Vec<&str> = lines
+        .iter()
+        .filter(|l| l["type"] == "step")
+        .filter_map(|l| l["message"].as_str())
+        .collect();
+    assert!(
+        steps.iter().any(|m| m.contains("admitted the recovery")),
+        "{steps:?}"
+    );
+    assert!(
+        !steps.iter().any(|m| m.contains("checked in the stream")),
+        "{steps:?}"
+    );
     t.dst.assert_running_and_counting().await;
     assert_eq!(status_of(&mut t.src).await.as_deref(), Some("completed"));
     let done = t.view_when(&id, |v| v.state.is_final()).await;
