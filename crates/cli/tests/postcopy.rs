@@ -157,8 +157,11 @@ async fn recovers_after_the_path_is_cut(versions: Versions) {
     src.cmd("migrate-start-postcopy", json!({})).await.unwrap();
     wait_migration_status(&mut src, "postcopy-active").await;
     wait_migration_status(&mut dst, "postcopy-active").await;
-    // Past the switch itself: the device state goes first, and a target
-    // cut while loading it fails for good (QEMU 10.0: "loadvm failed").
+    // Past the switch itself: the target pauses on a cut (rather than fail
+    // for good: "loadvm failed") only once it has loaded the device state
+    // and run the VM (POSTCOPY_INCOMING_RUNNING), which leaves `inmigrate`
+    // (here for `paused`: the guest was not running), and pages flow.
+    wait_target_runs_the_vm(&mut dst).await;
     wait_postcopy_bytes(&mut src, 4 << 20).await;
     assert_eq!(path.cut(), 2, "main and preempt channels were relayed");
     wait_migration_status(&mut src, "postcopy-paused").await;
@@ -206,6 +209,23 @@ async fn recovers_after_the_path_is_cut(versions: Versions) {
             preempts.iter().any(|r| r["outcome"] == "completed"),
             "{records:?}"
         );
+    }
+}
+
+/// Polls the target until its VM has left `inmigrate` (QEMU has no event
+/// for a guest that stays paused).
+async fn wait_target_runs_the_vm(dst: &mut Qemu) {
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    loop {
+        let status = dst.query_status().await.unwrap();
+        if status != "inmigrate" {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the target VM is still {status}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
 
