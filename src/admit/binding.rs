@@ -41,6 +41,14 @@ pub enum JoinRefusal {
     AlreadyJoined,
     #[error("no paused main channel has this binding token (it never failed, was resumed already, or its recovery window has passed)")]
     NotPaused,
+    /// A native-TLS connection without a QEMU header while several
+    /// postcopy main channels of its peer live (see `gate::native_join`).
+    #[error("{mains} live native-TLS main channels from {peer} advise postcopy: a connection without a QEMU header cannot be told which one it is the postcopy preempt channel of")]
+    Ambiguous { peer: String, mains: usize },
+    /// A native-TLS connection without a QEMU header, and no postcopy main
+    /// channel of its peer to join (`what`: what it sent, or did not).
+    #[error("{what}, and no live native-TLS main channel from {peer} advises postcopy, so it is not taken as a postcopy preempt channel")]
+    NoPostcopyMain { peer: String, what: String },
 }
 
 impl JoinRefusal {
@@ -53,6 +61,8 @@ impl JoinRefusal {
             }
             JoinRefusal::AlreadyJoined => "main channel already joined",
             JoinRefusal::NotPaused => "no paused migration for this binding token",
+            JoinRefusal::Ambiguous { .. } => "ambiguous postcopy preempt channel",
+            JoinRefusal::NoPostcopyMain { .. } => "no postcopy main channel for this connection",
         }
     }
 
@@ -64,6 +74,8 @@ impl JoinRefusal {
             JoinRefusal::OtherMigration { .. } => "binding_other_migration",
             JoinRefusal::AlreadyJoined => "binding_joined",
             JoinRefusal::NotPaused => "binding_not_paused",
+            JoinRefusal::Ambiguous { .. } => "binding_ambiguous",
+            JoinRefusal::NoPostcopyMain { .. } => "no_postcopy_main",
         }
     }
 }
@@ -143,6 +155,12 @@ pub struct Joined {
 }
 
 impl Joined {
+    /// Joined to a main channel that sends `true` on `ended` when it ends
+    /// (a native-TLS one: `gate::native_join`).
+    pub(crate) fn new(ended: watch::Receiver<bool>) -> Joined {
+        Joined { ended }
+    }
+
     /// Resolves once the main channel it joined has ended.
     pub async fn main_ended(&self) {
         let mut rx = self.ended.clone();

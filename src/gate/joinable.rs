@@ -233,17 +233,30 @@ impl Joinable {
     }
 }
 
+/// A main channel that a postcopy preempt channel may join, told whether
+/// its stream advises postcopy: here, or on the target gateway for a
+/// native-TLS source (`native_join`).
+pub trait PostcopyWatch: Send + Sync {
+    fn set_postcopy(&self, advised: bool);
+}
+
+impl PostcopyWatch for MainEntry {
+    fn set_postcopy(&self, advised: bool) {
+        MainEntry::set_postcopy(self, advised);
+    }
+}
+
 /// Passes a main channel's bytes through and reads, from the first of
 /// them, whether its stream advises postcopy; tells `entry` once known.
 pub struct PostcopyTap<S> {
     inner: S,
     seen: Vec<u8>,
-    entry: Option<Arc<MainEntry>>,
+    entry: Option<Arc<dyn PostcopyWatch>>,
 }
 
 impl<S> PostcopyTap<S> {
     /// `prefix`: the bytes already read from `inner` (and sent on).
-    pub fn new(inner: S, prefix: &[u8], entry: Arc<MainEntry>) -> Self {
+    pub fn new(inner: S, prefix: &[u8], entry: Arc<dyn PostcopyWatch>) -> Self {
         let mut tap = PostcopyTap {
             inner,
             seen: prefix.to_vec(),

@@ -21,6 +21,10 @@
 //! them it is closed at once), its TLS handshake has its own deadline, and
 //! the relay's read buffer comes only with the admission.
 //!
+//! A QEMU with native TLS sends no hello: its postcopy preempt channel,
+//! which has no header, joins its main channel by DN instead of a token
+//! ([`super::native_join`]).
+//!
 //! QEMU up to 7.2 takes the *first* connection it accepts as the main
 //! channel, while TLS handshakes can finish in any order; multifd channels
 //! therefore wait until a main channel of their migration is being
@@ -39,10 +43,11 @@ use tokio::time::Instant;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::native_join::{self, NativeJoin, NativeJoins};
 use super::{read_more, MainGuard};
 // The static route is admission's policy; re-exported because a listener
 // is built with one.
-use crate::admit::binding::{BindGuard, Bindings, Joined, Scope};
+use crate::admit::binding::{BindGuard, Bindings, JoinRefusal, Joined, Scope};
 pub use crate::admit::decide::StaticRoute;
 use crate::admit::decide::{Admission, Offer, Route, Step};
 use crate::admit::registry::Registry;
@@ -126,6 +131,8 @@ pub struct Target {
     pending: Mutex<PendingCount>,
     /// Main channels a postcopy preempt channel may join.
     bindings: Arc<Bindings>,
+    /// The native-TLS ones (no token: see `native_join`).
+    native_joins: NativeJoins,
 }
 
 impl Target {
@@ -155,6 +162,7 @@ impl Target {
             limits,
             pending: Mutex::default(),
             bindings: Arc::default(),
+            native_joins: NativeJoins::default(),
         })
     }
 
@@ -374,13 +382,22 @@ async fn handle(
             Close::tls_peer(false, "source QEMU"),
         ),
         StreamKind::Multifd { .. } => (None, target.native_mains.multifd_close()),
-        // Joined or resumed by a hello, so never from QEMU's own TLS;
-        // lenient if it were.
+        // A native source's preempt channel (`native_join`): how QEMU
+        // ends it is not known to be clean, so any EOF, as its main's.
         StreamKind::Preempt | StreamKind::Resumed => (None, Close::tls_peer(false, "source QEMU")),
     };
     // Only now that the main channel's connection to the target QEMU is
     // established (first in its accept queue) may multifd channels connect.
     let _main_guard = is_main.then(|| MainGuard::new(&mains));
+    // ... and a native-TLS source's postcopy preempt channel join it.
+    let native_main = match (&kind, &admitted) {
+        (StreamKind::Main { .. }, Route::Static(route)) if !miggate_peer => Some(
+            target
+                .native_joins
+                .main_channel(&peer.dn, route.clone(), &prefix),
+        ),
+        _ => None,
+    };
     // Lives as long as the main channel: see `admit::binding`.
     let mut binding: Option<BindGuard> = None;
     let verdict = if is_main && bind {
@@ -419,7 +436,7 @@ async fn handle(
         stall
     };
     let relay = crate::relay::relay(
-        tls,
+        native_join::tap(tls, &prefix, native_main.as_ref()),
         backend,
         ("source->target", "target->source"),
         (close, Close::AnyEof),
@@ -512,8 +529,28 @@ async fn admit(
     let step = loop {
         match admission.decide(&buf) {
             Step::Read { from, max } => {
-                if let Err(r) = read_more(tls, &mut buf, from, max, deadline, target.stall).await {
-                    break Err(r);
+                let silent = buf.len() == from;
+                let read = read_more(tls, &mut buf, from, max, deadline, target.stall);
+                if miggate_peer {
+                    if let Err(r) = read.await {
+                        break Err(r);
+                    }
+                    continue;
+                }
+                // QEMU's own TLS: a silent connection may be a postcopy
+                // preempt channel (see `native_join`).
+                let joins = &target.native_joins;
+                match joins.read_or_join(read, silent, peer_dn).await {
+                    Ok(None) => {}
+                    Ok(Some(j)) => return Ok(native_joined(j, buf, out)),
+                    Err(r) => break Err(r),
+                }
+            }
+            // ... and so may one whose first bytes are no QEMU stream.
+            Step::Refused(r) if !miggate_peer => {
+                match target.native_joins.headerless(r, peer_dn, deadline).await {
+                    Ok(j) => return Ok(native_joined(j, buf, out)),
+                    Err(r) => break Err(r),
                 }
             }
             Step::Refused(r) => break Err(r),
@@ -524,6 +561,11 @@ async fn admit(
     if let Some(kind) = admission.stream() {
         out.channel = Some(admit::channel_label(kind));
         out.vm = admit::stream_uuid(kind).map(|u| u.to_string());
+    }
+    // Taken for a native preempt channel, but its main channel is not
+    // one to join.
+    if let Err(Refusal::Join(JoinRefusal::AlreadyJoined | JoinRefusal::Ambiguous { .. })) = &step {
+        out.channel = Some(admit::channel_label(&StreamKind::Preempt));
     }
     let (from, kind, route) = step?;
     if let Route::Ticket(g) = &route {
@@ -537,6 +579,19 @@ async fn admit(
         bind: admission.bind_requested(),
         joined: admission.take_joined(),
     })
+}
+
+/// A native-TLS connection admitted as its main channel's postcopy
+/// preempt channel; `prefix`: what it sent so far (7.2's EOS marker).
+fn native_joined(j: NativeJoin, prefix: Vec<u8>, out: &mut Outcome) -> Admitted {
+    out.channel = Some(admit::channel_label(&StreamKind::Preempt));
+    Admitted {
+        prefix,
+        kind: StreamKind::Preempt,
+        route: Route::Static(j.route),
+        bind: false,
+        joined: Some(j.joined),
+    }
 }
 
 /// Tells the peer which check failed ([`Refusal::public`]; a miggate

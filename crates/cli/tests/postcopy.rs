@@ -12,7 +12,8 @@
 mod common;
 
 use common::cut_path::CutPath;
-use common::qemu::{Guest, Qemu, QemuOpts};
+use common::postcopy::*;
+use common::qemu::{Guest, QemuOpts};
 use common::scenario::*;
 use serde_json::{json, Value};
 
@@ -58,41 +59,17 @@ async fn postcopy_through_gateways_on(versions: Versions, preempt: bool) {
         caps.push(("postcopy-preempt", true));
     }
     let (mut src, mut dst, port) = qemu_pair_with(&opts, versions, &caps, None).await;
-    src.set_parameters(json!({
-        "max-bandwidth": 32u64 << 20,
-        "max-postcopy-bandwidth": 16u64 << 20,
-    }))
-    .await
-    .unwrap();
+    slow_postcopy(&mut src).await;
     let src_hash = src.ram_sha256().await.unwrap();
     let mut tgw = checking_target_gateway(&pki, port, uuid).await;
     let mut sgw = source_gateway(&pki, &tgw.addr, &[]).await;
 
-    src.forget_old_events().await.unwrap();
-    src.migrate(&format!("tcp:{}", sgw.addr)).await.unwrap();
-    wait_migration_status(&mut src, "active").await;
-    src.cmd("migrate-start-postcopy", json!({})).await.unwrap();
-    wait_migration_status(&mut src, "postcopy-active").await;
-    // The target reads its RAM through userfaultfd only once it listens.
-    wait_migration_status(&mut dst, "postcopy-active").await;
-    // Faults on every page not pushed yet: each is requested from the source.
-    let during = dst.ram_sha256().await.unwrap();
-
-    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
-    let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+    let run = migrate_through_postcopy(&mut src, &mut dst, &format!("tcp:{}", sgw.addr)).await;
     assert_eq!(
-        (s.status.as_deref(), d.status.as_deref()),
-        (Some("completed"), Some("completed")),
-        "source: {:?}\ntarget: {:?}\nsource stderr:\n{}\ntarget stderr:\n{}",
-        s.raw,
-        d.error_desc,
-        src.stderr_text(),
-        dst.stderr_text()
+        run.during, src_hash,
+        "target RAM read during postcopy differs"
     );
-    assert_eq!(during, src_hash, "target RAM read during postcopy differs");
     assert_eq!(dst.ram_sha256().await.unwrap(), src_hash);
-    let requests = s.raw["ram"]["postcopy-requests"].as_u64().unwrap_or(0);
-    assert!(requests > 0, "the target requested no page: {}", s.raw);
 
     let channels = if preempt { 2 } else { 1 };
     let t = outcomes(&mut tgw, channels).await;
@@ -109,7 +86,10 @@ async fn postcopy_through_gateways_on(versions: Versions, preempt: bool) {
         assert!(p["bytes_sent"].as_u64().unwrap() > 4096, "{p}");
         record(&s, "postcopy-preempt");
     }
-    eprintln!("FIGURE postcopy {versions:?} preempt={preempt}: {requests} pages requested");
+    eprintln!(
+        "FIGURE postcopy {versions:?} preempt={preempt}: {} pages requested",
+        run.requests
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,12 +120,7 @@ async fn recovers_after_the_path_is_cut(versions: Versions) {
         ("postcopy-preempt", true),
     ];
     let (mut src, mut dst, port) = qemu_pair_with(&opts, versions, &caps, None).await;
-    src.set_parameters(json!({
-        "max-bandwidth": 32u64 << 20,
-        "max-postcopy-bandwidth": 16u64 << 20,
-    }))
-    .await
-    .unwrap();
+    slow_postcopy(&mut src).await;
     let src_hash = src.ram_sha256().await.unwrap();
     let mut tgw = checking_target_gateway(&pki, port, uuid).await;
     let path = CutPath::to(&tgw.addr).await;
@@ -208,73 +183,6 @@ async fn recovers_after_the_path_is_cut(versions: Versions) {
         assert!(
             preempts.iter().any(|r| r["outcome"] == "completed"),
             "{records:?}"
-        );
-    }
-}
-
-/// Polls the target until its VM has left `inmigrate` (QEMU has no event
-/// for a guest that stays paused).
-async fn wait_target_runs_the_vm(dst: &mut Qemu) {
-    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
-    loop {
-        let status = dst.query_status().await.unwrap();
-        if status != "inmigrate" {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the target VM is still {status}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
-/// Polls the source until it has sent `n` bytes of RAM in postcopy (QEMU
-/// has no event for it).
-async fn wait_postcopy_bytes(src: &mut Qemu, n: u64) {
-    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
-    loop {
-        let info = src.query_migrate().await.unwrap();
-        let sent = info.raw["ram"]["postcopy-bytes"].as_u64().unwrap_or(0);
-        if sent >= n {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "only {sent} bytes sent in postcopy: {}",
-            info.raw
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-}
-
-fn record<'a>(records: &'a [Value], channel: &str) -> &'a Value {
-    records
-        .iter()
-        .find(|r| r["channel"] == channel)
-        .unwrap_or_else(|| panic!("no {channel} record in {records:?}"))
-}
-
-/// Waits for the MIGRATION event with `status` (the source emits one per
-/// state change); a terminal state first is a failure.
-async fn wait_migration_status(q: &mut Qemu, status: &str) {
-    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
-    loop {
-        let ev = tokio::time::timeout_at(deadline, q.qmp.next_event())
-            .await
-            .unwrap_or_else(|_| panic!("no MIGRATION {status} event\n{}", q.stderr_text()))
-            .unwrap();
-        if ev.name != "MIGRATION" {
-            continue;
-        }
-        let now = ev.data["status"].as_str().unwrap_or_default().to_string();
-        if now == status {
-            return;
-        }
-        assert!(
-            !matches!(now.as_str(), "completed" | "failed" | "cancelled"),
-            "migration ended ({now}) before {status}\n{}",
-            q.stderr_text()
         );
     }
 }

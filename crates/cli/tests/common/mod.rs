@@ -9,5 +9,6 @@ pub mod gateway;
 pub mod guest;
 pub mod native;
 pub mod nobody;
+pub mod postcopy;
 pub mod qemu;
 pub mod scenario;

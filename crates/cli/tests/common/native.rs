@@ -19,6 +19,11 @@ pub struct NativeOpts<'a> {
     pub return_path: bool,
     /// A machine type for both sides instead of [`Versions`]' choice.
     pub machine: Option<&'a str>,
+    /// More capabilities on both QEMUs (e.g. `postcopy-ram`), set before
+    /// the target's `migrate-incoming` like the others.
+    pub caps: &'a [(&'a str, bool)],
+    /// `-uuid` of both VMs.
+    pub uuid: Option<uuid::Uuid>,
 }
 
 impl NativeOpts<'_> {
@@ -28,6 +33,8 @@ impl NativeOpts<'_> {
             multifd: None,
             return_path: false,
             machine: None,
+            caps: &[],
+            uuid: None,
         }
     }
 
@@ -37,13 +44,19 @@ impl NativeOpts<'_> {
             src.machine = Some(m.to_string());
             dst.machine = Some(m.to_string());
         }
+        src.uuid = self.uuid;
+        dst.uuid = self.uuid;
     }
 }
 
-/// `return-path` and `multifd` (with its channel count) on both QEMUs,
+/// `return-path`, [`NativeOpts::caps`] and `multifd` (with its channel
+/// count) on both QEMUs,
 /// before the target's `migrate-incoming` (QEMU 10 refuses multifd after).
 async fn migration_options(src: &mut Qemu, dst: &mut Qemu, o: &NativeOpts<'_>) {
     capabilities(src, dst, &[("return-path", o.return_path)]).await;
+    if !o.caps.is_empty() {
+        capabilities(src, dst, o.caps).await;
+    }
     if let Some(n) = o.multifd {
         capabilities(src, dst, &[("multifd", true)]).await;
         for q in [src, dst] {
