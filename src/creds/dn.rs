@@ -702,3 +702,300 @@ mod tests {
         assert!(matches!(subject_dn(&der), Err(DnError::Parse(_))));
     }
 }
+
+#[cfg(test)]
+mod props {
+    //! Random subjects minted with rcgen, rendered, and read back with a
+    //! strict RFC 4514 reader written here. GnuTLS's rendering is RFC 4514's
+    //! escaping (minus the reversed RDN order, irrelevant to reading it
+    //! back), so every value comes back: a string exactly, a hex fallback as
+    //! the bytes of the value's DER TLV. The one lossy case is documented in
+    //! the module: GnuTLS shows a string it cannot convert (UniversalString,
+    //! teletex that is not printable ASCII) as the *text* `#` + hex of its
+    //! content, escaped; the model below expects that text, since the
+    //! original string cannot be recovered from the DN.
+    use super::*;
+    use proptest::prelude::*;
+    use rcgen::{
+        BmpString, CertificateParams, DistinguishedName, DnType, DnValue, Ia5String, KeyPair,
+        PrintableString, TeletexString, UniversalString,
+    };
+    use std::sync::OnceLock;
+
+    #[derive(Clone, Copy, Debug)]
+    enum Kind {
+        /// A DirectoryString attribute (CN, O, ...).
+        Directory,
+        /// Only this universal tag decodes (C: PrintableString, DC: IA5String).
+        Fixed(u8),
+        /// An OID GnuTLS does not know: always hex.
+        Unknown,
+    }
+
+    /// (rendered name, OID, kind). rcgen gives each type one RDN of one
+    /// value, in the order pushed, and keeps one value per type.
+    const TYPES: &[(&str, &[u64], Kind)] = &[
+        ("CN", &[2, 5, 4, 3], Kind::Directory),
+        ("O", &[2, 5, 4, 10], Kind::Directory),
+        ("OU", &[2, 5, 4, 11], Kind::Directory),
+        ("L", &[2, 5, 4, 7], Kind::Directory),
+        ("ST", &[2, 5, 4, 8], Kind::Directory),
+        ("title", &[2, 5, 4, 12], Kind::Directory),
+        ("UID", &[0, 9, 2342, 19200300, 100, 1, 1], Kind::Directory),
+        ("C", &[2, 5, 4, 6], Kind::Fixed(0x13)),
+        ("serialNumber", &[2, 5, 4, 5], Kind::Fixed(0x13)),
+        ("DC", &[0, 9, 2342, 19200300, 100, 1, 25], Kind::Fixed(0x16)),
+        ("EMAIL", &[1, 2, 840, 113549, 1, 9, 1], Kind::Fixed(0x16)),
+        (
+            "1.3.6.1.4.1.99999.7",
+            &[1, 3, 6, 1, 4, 1, 99999, 7],
+            Kind::Unknown,
+        ),
+    ];
+
+    /// Every character str_escape treats specially, `=` and `#` inside a
+    /// value, DEL (teletex-legal, not printable), and non-ASCII of 2, 3 and
+    /// 4 bytes (the last one outside the BMP).
+    const VALUE_CHARS: &[char] = &[
+        'a', 'Z', '0', ' ', ',', '+', '"', '\\', '<', '>', ';', '=', '#', '\u{7f}', 'é', '東', '😀',
+    ];
+
+    /// String types rcgen can encode, with their universal tags.
+    const STRING_TAGS: &[u8] = &[0x0c, 0x13, 0x14, 0x16, 0x1c, 0x1e];
+
+    fn dn_value(tag: u8, s: &str) -> Option<DnValue> {
+        Some(match tag {
+            0x0c => DnValue::Utf8String(s.into()),
+            0x13 => DnValue::PrintableString(PrintableString::try_from(s).ok()?),
+            0x14 => DnValue::TeletexString(TeletexString::try_from(s).ok()?),
+            0x16 => DnValue::Ia5String(Ia5String::try_from(s).ok()?),
+            0x1c => DnValue::UniversalString(UniversalString::try_from(s).ok()?),
+            0x1e => DnValue::BmpString(BmpString::try_from(s).ok()?),
+            _ => unreachable!(),
+        })
+    }
+
+    /// The content octets rcgen writes for `s` as `tag`.
+    fn content(tag: u8, s: &str) -> Vec<u8> {
+        match tag {
+            0x1c => s.chars().flat_map(|c| (c as u32).to_be_bytes()).collect(),
+            0x1e => s.encode_utf16().flat_map(u16::to_be_bytes).collect(),
+            _ => s.as_bytes().to_vec(),
+        }
+    }
+
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        let n = content.len();
+        if n < 0x80 {
+            out.push(n as u8);
+        } else {
+            let len = n.to_be_bytes();
+            let skip = len.iter().take_while(|&&b| b == 0).count();
+            out.push(0x80 | (len.len() - skip) as u8);
+            out.extend_from_slice(&len[skip..]);
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Val {
+        Str(String),
+        /// An RFC 4514 hexstring: the value's whole DER encoding.
+        Hex(Vec<u8>),
+    }
+
+    /// What GnuTLS prints for `s` encoded as `tag` under an attribute of `kind`.
+    fn expected(kind: Kind, tag: u8, s: &str) -> Val {
+        let hex_tlv = || Val::Hex(tlv(tag, &content(tag, s)));
+        let content_hex = || Val::Str(format!("#{}", hex::encode(content(tag, s))));
+        match kind {
+            Kind::Unknown => hex_tlv(),
+            Kind::Fixed(want) if want == tag => Val::Str(s.into()),
+            Kind::Fixed(_) => hex_tlv(),
+            Kind::Directory => match tag {
+                0x0c | 0x13 | 0x1e => Val::Str(s.into()),
+                0x14 if s.bytes().all(|b| (0x20..0x7f).contains(&b)) => Val::Str(s.into()),
+                0x14 | 0x1c => content_hex(),
+                _ => hex_tlv(),
+            },
+        }
+    }
+
+    /// An attribute type and its value, as read back.
+    type Ava = (String, Val);
+
+    /// Strict RFC 4514 reader: `type=value` pairs separated by `,` or `+`;
+    /// in a string value the specials `, + " \ < > ;` appear only escaped,
+    /// a leading `#` or space and a trailing space only escaped, and `\` is
+    /// followed only by one of those (GnuTLS never writes `\XX` hex pairs);
+    /// an unescaped leading `#` starts a hexstring. Returns the pairs and
+    /// the separators.
+    fn read_dn(dn: &str) -> Result<(Vec<Ava>, Vec<char>), String> {
+        let chars: Vec<char> = dn.chars().collect();
+        let mut i = 0;
+        let (mut avas, mut seps) = (Vec::new(), Vec::new());
+        loop {
+            let start = i;
+            while i < chars.len() && chars[i] != '=' {
+                if matches!(chars[i], ',' | '+' | '\\') {
+                    return Err(format!("bad attribute type at {i}"));
+                }
+                i += 1;
+            }
+            let ty: String = chars[start..i].iter().collect();
+            if ty.is_empty() || i == chars.len() {
+                return Err(format!("missing type or '=' at {start}"));
+            }
+            i += 1;
+            let value = if chars.get(i) == Some(&'#') {
+                i += 1;
+                let start = i;
+                while i < chars.len() && !matches!(chars[i], ',' | '+') {
+                    i += 1;
+                }
+                let digits: String = chars[start..i].iter().collect();
+                if digits.is_empty() || digits.chars().any(|c| c.is_ascii_uppercase()) {
+                    return Err(format!("bad hexstring {digits:?}"));
+                }
+                Val::Hex(hex::decode(&digits).map_err(|e| format!("{digits:?}: {e}"))?)
+            } else {
+                let mut s = String::new();
+                let first = i;
+                // Index in `s` of the last escaped character, to tell an
+                // escaped trailing space from a bare one.
+                let mut last_escaped = None;
+                while i < chars.len() && !matches!(chars[i], ',' | '+') {
+                    let c = chars[i];
+                    if c == '\\' {
+                        let Some(&e) = chars.get(i + 1) else {
+                            return Err("dangling backslash".into());
+                        };
+                        let allowed = matches!(e, ',' | '+' | '"' | '\\' | '<' | '>' | ';')
+                            || (i == first && matches!(e, '#' | ' '))
+                            || (e == ' ' && matches!(chars.get(i + 2), None | Some(',' | '+')));
+                        if !allowed {
+                            return Err(format!("needless escape of {e:?} at {i}"));
+                        }
+                        last_escaped = Some(s.chars().count());
+                        s.push(e);
+                        i += 2;
+                        continue;
+                    }
+                    if matches!(c, '"' | '<' | '>' | ';') || (i == first && c == ' ') {
+                        return Err(format!("unescaped {c:?} at {i}"));
+                    }
+                    s.push(c);
+                    i += 1;
+                }
+                let n = s.chars().count();
+                if s.ends_with(' ') && last_escaped != Some(n - 1) {
+                    return Err("unescaped trailing space".into());
+                }
+                Val::Str(s)
+            };
+            avas.push((ty, value));
+            match chars.get(i) {
+                None => return Ok((avas, seps)),
+                Some(&c) => {
+                    seps.push(c);
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    fn keys() -> &'static [KeyPair; 2] {
+        static KEYS: OnceLock<[KeyPair; 2]> = OnceLock::new();
+        KEYS.get_or_init(|| [KeyPair::generate().unwrap(), KeyPair::generate().unwrap()])
+    }
+
+    fn mint(entries: &[(usize, u8, String)], key: &KeyPair, serial: u64) -> Vec<u8> {
+        let mut dn = DistinguishedName::new();
+        for (t, tag, s) in entries {
+            let ty = DnType::from_oid(TYPES[*t].1);
+            dn.push(ty, dn_value(*tag, s).unwrap());
+        }
+        let mut params = CertificateParams::default();
+        params.distinguished_name = dn;
+        params.serial_number = Some(serial.into());
+        params.self_signed(key).unwrap().der().to_vec()
+    }
+
+    /// 1 to 6 distinct attribute types in random order, each with a
+    /// non-empty value in a string type rcgen can encode it in.
+    fn subject() -> impl Strategy<Value = Vec<(usize, u8, String)>> {
+        let value = prop::collection::vec(prop::sample::select(VALUE_CHARS), 1..8)
+            .prop_map(|v| v.into_iter().collect::<String>());
+        let entry = (value, prop::sample::select(STRING_TAGS)).prop_map(|(s, tag)| {
+            // Fall back to UTF8String where the chosen type cannot hold `s`.
+            let tag = if dn_value(tag, &s).is_some() {
+                tag
+            } else {
+                0x0c
+            };
+            (tag, s)
+        });
+        (
+            Just((0..TYPES.len()).collect::<Vec<_>>()).prop_shuffle(),
+            1..=6usize,
+            prop::collection::vec(entry, 6),
+        )
+            .prop_map(|(order, n, entries)| {
+                order
+                    .into_iter()
+                    .take(n)
+                    .zip(entries)
+                    .map(|(t, (tag, s))| (t, tag, s))
+                    .collect()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn rendering_reads_back_as_the_subject(entries in subject(), serial in 1u64..1 << 60) {
+            let der = mint(&entries, &keys()[0], serial);
+            let dn = subject_dn(&der).map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let (avas, seps) = read_dn(&dn)
+                .map_err(|e| TestCaseError::fail(format!("{dn:?}: {e}")))?;
+            // One value per RDN: only ',' separators, and none dangling.
+            prop_assert!(seps.iter().all(|&c| c == ','), "{:?}", dn);
+            let want: Vec<Ava> = entries
+                .iter()
+                .map(|(t, tag, s)| (TYPES[*t].0.to_string(), expected(TYPES[*t].2, *tag, s)))
+                .collect();
+            prop_assert_eq!(avas, want, "{:?}", dn);
+        }
+
+        /// The DN depends on the subject alone: another key and serial
+        /// number (so another signature and issuer-independent fields) give
+        /// the same string.
+        #[test]
+        fn rendering_depends_only_on_the_subject(entries in subject(), serial in 1u64..1 << 60) {
+            let a = subject_dn(&mint(&entries, &keys()[0], serial)).unwrap();
+            let b = subject_dn(&mint(&entries, &keys()[1], serial ^ 0x5a5a)).unwrap();
+            prop_assert_eq!(a, b);
+        }
+    }
+
+    #[test]
+    fn reader_is_strict() {
+        let ok = |s: &str| read_dn(s).unwrap().0;
+        assert_eq!(
+            ok(r"CN=\ a\,b=c\ ,O=#0c0161"),
+            [
+                ("CN".into(), Val::Str(" a,b=c ".into())),
+                ("O".into(), Val::Hex(vec![0x0c, 1, b'a'])),
+            ]
+        );
+        assert_eq!(ok(r"CN=\#x")[0].1, Val::Str("#x".into()));
+        for bad in [
+            r"CN=a\=b", "CN=a;b", "CN= a", "CN=a ", "CN=#zz", r"CN=a\ b", "CN",
+        ] {
+            assert!(read_dn(bad).is_err(), "{bad}");
+        }
+    }
+}
