@@ -988,3 +988,249 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The answer's kind for `NotQemu`, whose message quotes the bytes seen
+    /// so far and so grows with the prefix; every other answer in full.
+    fn stable(r: &Result<StreamKind, SniffError>) -> Result<StreamKind, SniffError> {
+        match r {
+            Err(SniffError::NotQemu { .. }) => Err(SniffError::NotQemu {
+                head: String::new(),
+                hint: "",
+            }),
+            other => other.clone(),
+        }
+    }
+
+    /// Documented: "never reads past what it needs, so any longer prefix
+    /// gives the same answer". Checks all three readers on every prefix.
+    fn check_prefix_monotone(bytes: &[u8]) -> Result<(), TestCaseError> {
+        let (mut sniffed, mut advised, mut resumed) = (None, None, None);
+        for n in 0..=bytes.len() {
+            let p = &bytes[..n];
+            let s = stable(&sniff(p));
+            match &sniffed {
+                Some((at, first)) => {
+                    prop_assert_eq!(&s, first, "sniff: prefix {} vs {}", n, at)
+                }
+                None if s != Err(SniffError::Incomplete) => sniffed = Some((n, s)),
+                None => {}
+            }
+            let a = postcopy_advised(p);
+            match advised {
+                Some((at, first)) => {
+                    prop_assert_eq!(a, Some(first), "postcopy_advised: prefix {} vs {}", n, at)
+                }
+                None => advised = a.map(|v| (n, v)),
+            }
+            let r = resume_stream(p);
+            match resumed {
+                Some((at, first)) => {
+                    prop_assert_eq!(r, Some(first), "resume_stream: prefix {} vs {}", n, at)
+                }
+                None => resumed = r.map(|v| (n, v)),
+            }
+        }
+        if let Some((at, _)) = sniffed {
+            prop_assert!(at <= WORST_CASE, "sniff needed {} bytes", at);
+        }
+        Ok(())
+    }
+
+    /// Bytes that get past the first checks often: a known magic or a
+    /// command byte, then noise over the bytes that matter in the layout.
+    fn noisy() -> impl Strategy<Value = Vec<u8>> {
+        let head = prop::sample::select(vec![
+            vec![],
+            QEVM_MAGIC.to_be_bytes().to_vec(),
+            [QEVM_MAGIC, QEVM_VERSION].map(u32::to_be_bytes).concat(),
+            [
+                &QEVM_MAGIC.to_be_bytes()[..],
+                &QEVM_VERSION.to_be_bytes(),
+                &[QEMU_VM_CONFIGURATION, 0, 0, 0],
+            ]
+            .concat(),
+            [MULTIFD_MAGIC, MULTIFD_VERSION]
+                .map(u32::to_be_bytes)
+                .concat(),
+            POSTCOPY_MAGIC.to_be_bytes().to_vec(),
+            vec![QEMU_VM_COMMAND, 0, MIG_CMD_RECV_BITMAP as u8, 0],
+        ]);
+        let byte = prop_oneof![
+            any::<u8>(),
+            prop::sample::select(vec![0u8, 1, 3, 4, 5, 7, 8, 0x0a, 0x0d, 0x10, 0x11, 0xff]),
+            prop::sample::select(SUB_UUID.to_vec()),
+        ];
+        (head, prop::collection::vec(byte, 0..160)).prop_map(|(mut h, t)| {
+            h.extend(t);
+            h
+        })
+    }
+
+    /// A main stream as QEMU writes it (see the module comment), and what
+    /// sniff must say about it.
+    #[derive(Debug, Clone)]
+    struct Main {
+        bytes: Vec<u8>,
+        kind: StreamKind,
+        /// Whether an advise is among the first MAX_LEADING_COMMANDS commands.
+        advised: bool,
+    }
+
+    fn machine_name() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            prop::collection::vec(0x21u8..0x7f, 1..24),
+            prop::collection::vec(0x21u8..0x7f, 0..=MAX_MACHINE_NAME),
+        ]
+    }
+
+    fn command() -> impl Strategy<Value = (u16, Vec<u8>)> {
+        (
+            prop_oneof![Just(MIG_CMD_POSTCOPY_ADVISE), any::<u16>()],
+            prop::collection::vec(any::<u8>(), 0..20),
+        )
+    }
+
+    fn main_stream() -> impl Strategy<Value = Main> {
+        (
+            prop::option::weighted(0.85, machine_name()),
+            prop::option::of(any::<u32>()),
+            prop::option::of(prop::collection::vec(
+                prop::collection::vec(any::<u8>(), 0..=MAX_CAP_NAME),
+                0..=MAX_CAPS as usize,
+            )),
+            prop::option::of(any::<[u8; 16]>()),
+            prop::collection::vec(command(), 0..10),
+            prop::collection::vec(any::<u8>(), 0..16),
+        )
+            .prop_map(|(machine, page_bits, caps, uuid, commands, rest)| {
+                let mut v = QEVM_MAGIC.to_be_bytes().to_vec();
+                v.extend(QEVM_VERSION.to_be_bytes());
+                let mut kind = StreamKind::Main {
+                    uuid: None,
+                    machine: None,
+                };
+                if let Some(name) = &machine {
+                    v.push(QEMU_VM_CONFIGURATION);
+                    v.extend((name.len() as u32).to_be_bytes());
+                    v.extend(name);
+                    let mut sub = |name: &[u8], body: Vec<u8>| {
+                        v.push(QEMU_VM_SUBSECTION);
+                        v.push(name.len() as u8);
+                        v.extend(name);
+                        v.extend(1u32.to_be_bytes());
+                        v.extend(body);
+                    };
+                    if let Some(bits) = page_bits {
+                        sub(SUB_TARGET_PAGE_BITS, bits.to_be_bytes().to_vec());
+                    }
+                    if let Some(caps) = &caps {
+                        let mut body = (caps.len() as u32).to_be_bytes().to_vec();
+                        for c in caps {
+                            body.push(c.len() as u8);
+                            body.extend(c);
+                        }
+                        sub(SUB_CAPABILITIES, body);
+                    }
+                    if let Some(u) = uuid {
+                        sub(SUB_UUID, u.to_vec());
+                    }
+                    kind = StreamKind::Main {
+                        uuid: uuid.map(Uuid::from_bytes),
+                        machine: Some(String::from_utf8(name.clone()).unwrap()),
+                    };
+                }
+                let advised = commands
+                    .iter()
+                    .take(MAX_LEADING_COMMANDS)
+                    .any(|(cmd, _)| *cmd == MIG_CMD_POSTCOPY_ADVISE);
+                for (cmd, data) in &commands {
+                    v.push(QEMU_VM_COMMAND);
+                    v.extend(cmd.to_be_bytes());
+                    v.extend((data.len() as u16).to_be_bytes());
+                    v.extend(data);
+                }
+                // RAM's SECTION_START, then whatever.
+                v.push(QEMU_VM_SECTION_START);
+                v.extend(rest);
+                Main {
+                    bytes: v,
+                    kind,
+                    advised,
+                }
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn any_bytes_no_panic_and_prefix_monotone(bytes in noisy()) {
+            check_prefix_monotone(&bytes)?;
+        }
+
+        #[test]
+        fn mutated_streams_no_panic_and_prefix_monotone(
+            m in main_stream(),
+            edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+            cut in any::<prop::sample::Index>(),
+        ) {
+            let mut bytes = m.bytes;
+            for (at, b) in edits {
+                let i = at.index(bytes.len().min(120));
+                bytes[i] = b;
+            }
+            bytes.truncate(cut.index(bytes.len() + 1));
+            check_prefix_monotone(&bytes)?;
+        }
+
+        #[test]
+        fn main_streams_sniff_to_their_kind(m in main_stream()) {
+            prop_assert_eq!(sniff(&m.bytes), Ok(m.kind.clone()));
+            prop_assert_eq!(postcopy_advised(&m.bytes), Some(m.advised));
+            prop_assert_eq!(resume_stream(&m.bytes), Some(false));
+            check_prefix_monotone(&m.bytes)?;
+        }
+
+        #[test]
+        fn multifd_packets_sniff_to_their_channel(
+            uuid in any::<[u8; 16]>(),
+            channel in any::<u8>(),
+            reserved in any::<[u8; 39]>(),
+            tail in prop::collection::vec(any::<u8>(), 0..8),
+        ) {
+            let mut v = [MULTIFD_MAGIC, MULTIFD_VERSION].map(u32::to_be_bytes).concat();
+            v.extend(uuid);
+            v.push(channel);
+            v.extend(reserved);
+            prop_assert_eq!(v.len(), MULTIFD_INIT_LEN);
+            prop_assert_eq!(sniff(&v[..MULTIFD_INIT_LEN - 1]), Err(SniffError::Incomplete));
+            v.extend(tail);
+            let want = StreamKind::Multifd { uuid: Uuid::from_bytes(uuid), channel };
+            prop_assert_eq!(sniff(&v), Ok(want));
+            prop_assert_eq!(postcopy_advised(&v), Some(false));
+            check_prefix_monotone(&v)?;
+        }
+
+        #[test]
+        fn recv_bitmap_is_a_resumed_stream(
+            block in prop::collection::vec(any::<u8>(), 1..=255),
+            tail in prop::collection::vec(any::<u8>(), 0..8),
+        ) {
+            let mut v = vec![QEMU_VM_COMMAND];
+            v.extend(MIG_CMD_RECV_BITMAP.to_be_bytes());
+            v.extend((block.len() as u16 + 1).to_be_bytes());
+            v.push(block.len() as u8);
+            v.extend(&block);
+            v.extend(tail);
+            prop_assert_eq!(resume_stream(&v), Some(true));
+            let not_qemu = matches!(sniff(&v), Err(SniffError::NotQemu { .. }));
+            prop_assert!(not_qemu);
+            check_prefix_monotone(&v)?;
+        }
+    }
+}
