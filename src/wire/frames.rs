@@ -337,3 +337,147 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// `read_verdict` on an in-memory reader: it never waits, so a
+    /// current-thread runtime without I/O or timers does.
+    fn read(bytes: &[u8]) -> (Result<Verdict, FrameError>, Vec<u8>) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut r = bytes;
+        let v = rt.block_on(read_verdict(&mut r));
+        (v, r.to_vec())
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            // Anything, control characters and non-BMP included.
+            any::<String>(),
+            // What JSON must escape.
+            prop::collection::vec(
+                prop::sample::select(vec!['"', '\\', '\n', '\u{0}', '\u{1f}', '/', 'é', '😀']),
+                0..12
+            )
+            .prop_map(|v| v.into_iter().collect()),
+            // A ticket or a token: 64 hex digits.
+            "[0-9a-f]{64}",
+        ]
+    }
+
+    fn secret() -> impl Strategy<Value = Option<Secret>> {
+        prop::option::of(text().prop_map(|s| Secret::new(&s)))
+    }
+
+    fn hello() -> impl Strategy<Value = Hello> {
+        (
+            any::<u32>(),
+            prop::option::of(text()),
+            secret(),
+            any::<bool>(),
+            secret(),
+            secret(),
+        )
+            .prop_map(|(version, agent, ticket, bind, join, resume)| Hello {
+                version,
+                agent,
+                ticket,
+                bind,
+                join,
+                resume,
+            })
+    }
+
+    fn verdict() -> impl Strategy<Value = Verdict> {
+        prop_oneof![
+            Just(Verdict::Admitted),
+            text().prop_map(|reason| Verdict::Refused { reason }),
+            text().prop_map(|t| Verdict::Bound {
+                token: Secret::new(&t)
+            }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn hello_round_trips_and_every_prefix_waits(
+            h in hello(),
+            tail in prop::collection::vec(any::<u8>(), 0..8),
+        ) {
+            let bytes = encode_hello(&h);
+            for n in 0..bytes.len() {
+                prop_assert!(matches!(parse_hello(&bytes[..n]), Ok(None)), "prefix {}", n);
+            }
+            let mut with_tail = bytes.clone();
+            with_tail.extend(&tail);
+            let (back, used) = parse_hello(&with_tail)
+                .map_err(|e| TestCaseError::fail(e.to_string()))?
+                .expect("whole frame");
+            prop_assert_eq!(used, bytes.len());
+            prop_assert_eq!(back, h);
+        }
+
+        /// Whatever follows a hello magic, parsing answers without panicking.
+        #[test]
+        fn hello_parser_never_panics(
+            len in prop_oneof![0u16..64, any::<u16>()],
+            body in prop::collection::vec(
+                prop_oneof![
+                    any::<u8>(),
+                    prop::sample::select(br#"{}[]":,\ 0123456789truefalsnulversionagentbindjoin"#.to_vec()),
+                ],
+                0..64,
+            ),
+        ) {
+            let mut frame = HELLO_MAGIC.to_vec();
+            frame.extend(len.to_be_bytes());
+            frame.extend(body);
+            let _ = parse_hello(&frame);
+        }
+
+        #[test]
+        fn verdict_round_trips_and_reads_nothing_more(
+            v in verdict(),
+            tail in prop::collection::vec(any::<u8>(), 0..8),
+        ) {
+            let bytes = encode_verdict(&v);
+            let mut with_tail = bytes.clone();
+            with_tail.extend(&tail);
+            let (back, rest) = read(&with_tail);
+            prop_assert_eq!(back.map_err(|e| TestCaseError::fail(e.to_string()))?, v);
+            prop_assert_eq!(rest, tail);
+            for n in 0..bytes.len() {
+                let (r, _) = read(&bytes[..n]);
+                prop_assert!(matches!(r, Err(FrameError::Closed { .. })), "prefix {}", n);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(32))]
+
+        /// A reason longer than a frame is cut to the longest prefix that
+        /// fits and ends on a character boundary.
+        #[test]
+        fn long_reason_is_cut_on_a_char_boundary(
+            unit in prop::sample::select(vec!["a", "é", "€", "😀", "a😀"]),
+            extra in 0usize..8,
+        ) {
+            let reason = unit.repeat(MAX_FRAME / unit.len() + extra);
+            let (back, _) = read(&encode_verdict(&Verdict::Refused { reason: reason.clone() }));
+            let Ok(Verdict::Refused { reason: got }) = back else {
+                return Err(TestCaseError::fail(format!("{back:?}")));
+            };
+            prop_assert!(got.len() <= MAX_FRAME);
+            prop_assert!(reason.starts_with(&got));
+            let next = reason[got.len()..].chars().next().map_or(0, char::len_utf8);
+            prop_assert!(got.len() == reason.len() || got.len() + next > MAX_FRAME);
+        }
+    }
+}
