@@ -543,3 +543,281 @@ mod tests {
         assert_eq!(l, again);
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::super::glob::reference_match;
+    use super::*;
+    use proptest::prelude::*;
+
+    /// DN-ish characters, the glob wildcards, both quotes and the
+    /// backslash (which the JSON writer below must escape), and non-ASCII
+    /// inside and outside the BMP (so `\u` escapes need surrogate pairs).
+    const CHARS: &[char] = &[
+        'C', 'N', '=', 'a', 'b', ',', '*', '?', '\'', '"', '\\', '/', 'é', '😀',
+    ];
+
+    fn string_over(max: usize) -> impl Strategy<Value = String> {
+        prop::collection::vec(prop::sample::select(CHARS), 0..=max)
+            .prop_map(|v| v.into_iter().collect())
+    }
+
+    /// How a document is spelled; none of it changes its meaning.
+    #[derive(Debug, Clone)]
+    struct Style {
+        single_quotes: bool,
+        /// Write every non-ASCII-alphanumeric character as `\uXXXX`.
+        escape_all: bool,
+        ws: &'static str,
+        policy_first: bool,
+        /// Write `"format": "exact"` for exact rules instead of leaving it out.
+        explicit_exact: bool,
+    }
+
+    fn style() -> impl Strategy<Value = Style> {
+        (
+            any::<bool>(),
+            any::<bool>(),
+            prop::sample::select(vec!["", " ", "\n\t", "\r\n  "]),
+            any::<bool>(),
+            any::<bool>(),
+        )
+            .prop_map(
+                |(single_quotes, escape_all, ws, policy_first, explicit_exact)| Style {
+                    single_quotes,
+                    escape_all,
+                    ws,
+                    policy_first,
+                    explicit_exact,
+                },
+            )
+    }
+
+    /// A string literal in QEMU's JSON dialect.
+    fn quote(s: &str, st: &Style) -> String {
+        let q = if st.single_quotes { '\'' } else { '"' };
+        let mut out = String::from(q);
+        for c in s.chars() {
+            if st.escape_all && !c.is_ascii_alphanumeric() {
+                let mut units = [0u16; 2];
+                for u in c.encode_utf16(&mut units) {
+                    out.push_str(&format!("\\u{u:04x}"));
+                }
+            } else if c == q || c == '\\' {
+                out.push('\\');
+                out.push(c);
+            } else {
+                out.push(c);
+            }
+        }
+        out.push(q);
+        out
+    }
+
+    #[derive(Debug, Clone)]
+    struct Doc {
+        rules: Option<Vec<Rule>>,
+        policy: Option<Policy>,
+        style: Style,
+    }
+
+    impl Doc {
+        fn text(&self) -> String {
+            let st = &self.style;
+            let w = st.ws;
+            let member = |k: &str, v: String| format!("{w}{}{w}:{w}{v}", quote(k, st));
+            let mut members = Vec::new();
+            if let Some(rules) = &self.rules {
+                let items: Vec<String> = rules
+                    .iter()
+                    .map(|r| {
+                        let mut m = vec![
+                            member("match", quote(&r.pattern, st)),
+                            member("policy", quote(r.policy.as_str(), st)),
+                        ];
+                        if r.format == Format::Glob || st.explicit_exact {
+                            // Members in any order: "format" first here.
+                            m.insert(0, member("format", quote(r.format.as_str(), st)));
+                        }
+                        format!("{w}{{{}{w}}}", m.join(","))
+                    })
+                    .collect();
+                members.push(member("rules", format!("[{}{w}]", items.join(","))));
+            }
+            if let Some(p) = self.policy {
+                let m = member("policy", quote(p.as_str(), st));
+                if st.policy_first {
+                    members.insert(0, m);
+                } else {
+                    members.push(m);
+                }
+            }
+            format!("{w}{{{}{w}}}{w}", members.join(","))
+        }
+    }
+
+    fn policy() -> impl Strategy<Value = Policy> {
+        prop_oneof![Just(Policy::Allow), Just(Policy::Deny)]
+    }
+
+    fn rule() -> impl Strategy<Value = Rule> {
+        (
+            string_over(6),
+            policy(),
+            prop_oneof![Just(Format::Exact), Just(Format::Glob)],
+        )
+            .prop_map(|(pattern, policy, format)| Rule {
+                pattern,
+                policy,
+                format,
+            })
+    }
+
+    fn doc() -> impl Strategy<Value = Doc> {
+        (
+            prop::option::of(prop::collection::vec(rule(), 0..6)),
+            prop::option::of(policy()),
+            style(),
+        )
+            .prop_map(|(rules, policy, style)| Doc {
+                rules,
+                policy,
+                style,
+            })
+    }
+
+    /// authz/list.c, written out: the first rule whose match matches
+    /// decides; exact is string equality, glob GLib's; else the default.
+    fn reference(rules: &[Rule], default: Policy, id: &str) -> (Policy, Option<usize>) {
+        for (i, r) in rules.iter().enumerate() {
+            let hit = match r.format {
+                Format::Exact => r.pattern == id,
+                Format::Glob => reference_match(&r.pattern, id),
+            };
+            if hit {
+                return (r.policy, Some(i));
+            }
+        }
+        (default, None)
+    }
+
+    /// JSON-ish noise: the dialect's tokens, the schema's words, and bytes
+    /// that break strings (NUL, control, invalid UTF-8, a lone surrogate).
+    fn json_ish() -> impl Strategy<Value = Vec<u8>> {
+        let token = prop::sample::select(vec![
+            "{", "}", "[", "]", ",", ":", "\"", "'", "\\", "\\u", "d83d", "dc00", "0", "-1.5e3",
+            "true", "false", "null", "nul", "rules", "policy", "match", "format", "allow", "deny",
+            "glob", "exact", " ", "\n", "\u{0}", "\u{1}", "é", "\u{fdd0}", "\\'",
+        ]);
+        prop::collection::vec(
+            prop_oneof![
+                8 => token.prop_map(|t| t.as_bytes().to_vec()),
+                1 => any::<u8>().prop_map(|b| vec![b]),
+            ],
+            0..48,
+        )
+        .prop_map(|v| v.concat())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        #[test]
+        fn from_json_never_panics(text in prop_oneof![
+            json_ish(),
+            prop::collection::vec(any::<u8>(), 0..64),
+            // Nesting far deeper than the limit, closed or not.
+            (1usize..3000, any::<bool>()).prop_map(|(n, close)| {
+                let mut s = "[".repeat(n);
+                if close {
+                    s.push_str(&"]".repeat(n));
+                }
+                s.into_bytes()
+            }),
+        ]) {
+            if let Ok(l) = List::from_json("t", &text) {
+                // Whatever is accepted prints as a document that loads the same.
+                let again = List::from_json("t", l.to_string().as_bytes());
+                prop_assert_eq!(again, Ok(l));
+            }
+        }
+
+        #[test]
+        fn generated_lists_load_and_decide_like_the_reference(
+            d in doc(),
+            ids in prop::collection::vec(string_over(8), 0..6),
+            pick in any::<prop::sample::Index>(),
+        ) {
+            let text = d.text();
+            let l = List::from_json("t", text.as_bytes())
+                .map_err(|e| TestCaseError::fail(format!("{text}: {e}")))?;
+            let rules = d.rules.clone().unwrap_or_default();
+            let default = d.policy.unwrap_or(Policy::Deny);
+            prop_assert_eq!(l.rules(), &rules[..], "{}", text);
+            prop_assert_eq!(l.policy(), default);
+            // Some identities that hit a rule exactly, and random ones.
+            let mut ids = ids;
+            if !rules.is_empty() {
+                ids.push(rules[pick.index(rules.len())].pattern.clone());
+            }
+            for id in &ids {
+                let want = reference(&rules, default, id);
+                prop_assert_eq!(l.evaluate(id), want, "id {:?} in {}", id, text);
+                let allowed = l.check(id) == Decision::Allow;
+                prop_assert_eq!(allowed, want.0 == Policy::Allow);
+            }
+            let again = List::from_json("t", l.to_string().as_bytes());
+            prop_assert_eq!(again, Ok(l));
+        }
+
+        /// What QEMU refuses in a document it would otherwise accept: a
+        /// trailing comma, a duplicate key, a key authz-list does not have.
+        #[test]
+        fn spoilt_documents_are_refused(d in doc(), how in 0usize..4) {
+            let text = d.text();
+            let w = d.style.ws;
+            let close = text.rfind('}').unwrap();
+            let spoilt = match (how, text.rfind(']')) {
+                // After the last rule, or inside an empty rules array.
+                (1, Some(end)) => format!("{},{}", &text[..end], &text[end..]),
+                // A second "policy", or a key authz-list does not have.
+                (2, _) => {
+                    let sep = if d.rules.is_some() || d.policy.is_some() { "," } else { "" };
+                    let key = if d.policy.is_some() { "policy" } else { "rulez" };
+                    format!("{}{sep}{w}\"{key}\":\"deny\"{}", &text[..close], &text[close..])
+                }
+                // Two values.
+                (3, _) => format!("{text}{w}{{}}"),
+                // After the last member of the document.
+                _ => format!("{},{w}{}", &text[..close], &text[close..]),
+            };
+            let r = List::from_json("t", spoilt.as_bytes());
+            prop_assert!(r.is_err(), "accepted {:?}", spoilt);
+        }
+
+        /// One byte changed, dropped or added in a valid document: no
+        /// panic, and if QEMU's dialect still accepts it, it still prints
+        /// as a document that loads the same.
+        #[test]
+        fn edited_documents_never_panic(
+            d in doc(),
+            edit in 0usize..3,
+            at in any::<prop::sample::Index>(),
+            b in prop_oneof![any::<u8>(), prop::sample::select(br#"{}[],:"'\ "#.to_vec())],
+        ) {
+            let mut text = d.text().into_bytes();
+            let i = at.index(text.len() + 1);
+            match edit {
+                0 if i < text.len() => text[i] = b,
+                1 if i < text.len() => {
+                    text.remove(i);
+                }
+                _ => text.insert(i, b),
+            }
+            if let Ok(l) = List::from_json("t", &text) {
+                let again = List::from_json("t", l.to_string().as_bytes());
+                prop_assert_eq!(again, Ok(l));
+            }
+        }
+    }
+}
