@@ -970,6 +970,42 @@ mod props {
             prop_assert_eq!(avas, want, "{:?}", dn);
         }
 
+        #[test]
+        fn multi_valued_rdns_read_back(rdns in hand_built_name()) {
+            let name: Vec<u8> = rdns
+                .iter()
+                .flat_map(|rdn| {
+                    let avas: Vec<u8> = rdn
+                        .iter()
+                        .flat_map(|(t, tag, s)| {
+                            let oid = tlv(0x06, &oid_der(TYPES[*t].1));
+                            tlv(0x30, &[oid, tlv(*tag, &content(*tag, s))].concat())
+                        })
+                        .collect();
+                    tlv(0x31, &avas)
+                })
+                .collect();
+            let dn = subject_dn(&wrap(tlv(0x30, &name)))
+                .map_err(|e| TestCaseError::fail(e.to_string()))?;
+            let (avas, seps) = read_dn(&dn)
+                .map_err(|e| TestCaseError::fail(format!("{dn:?}: {e}")))?;
+            let want: Vec<Ava> = rdns
+                .iter()
+                .flatten()
+                .map(|(t, tag, s)| (TYPES[*t].0.to_string(), expected(TYPES[*t].2, *tag, s)))
+                .collect();
+            let want_seps: Vec<char> = rdns
+                .iter()
+                .flat_map(|rdn| {
+                    let mut v = vec!['+'; rdn.len() - 1];
+                    v.push(',');
+                    v
+                })
+                .collect();
+            prop_assert_eq!(avas, want, "{:?}", dn);
+            prop_assert_eq!(&seps[..], &want_seps[..want_seps.len() - 1], "{:?}", dn);
+        }
+
         /// The DN depends on the subject alone: another key and serial
         /// number (so another signature and issuer-independent fields) give
         /// the same string.
@@ -979,6 +1015,59 @@ mod props {
             let b = subject_dn(&mint(&entries, &keys()[1], serial ^ 0x5a5a)).unwrap();
             prop_assert_eq!(a, b);
         }
+    }
+
+    /// DER content octets of an OID.
+    fn oid_der(arcs: &[u64]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut push = |mut arc: u64| {
+            let mut groups = vec![(arc & 0x7f) as u8];
+            arc >>= 7;
+            while arc > 0 {
+                groups.push(0x80 | (arc & 0x7f) as u8);
+                arc >>= 7;
+            }
+            out.extend(groups.iter().rev());
+        };
+        push(arcs[0] * 40 + arcs[1]);
+        arcs[2..].iter().for_each(|&a| push(a));
+        out
+    }
+
+    /// A certificate skeleton around a subject `Name`: enough for the walk
+    /// to the subject, which is all `subject_dn` reads.
+    fn wrap(name: Vec<u8>) -> Vec<u8> {
+        let tbs = [
+            tlv(0xa0, &tlv(0x02, &[2])),
+            tlv(0x02, &[1]),
+            tlv(0x30, &[]),
+            tlv(0x30, &[]),
+            tlv(0x30, &[]),
+            name,
+            tlv(0x30, &[]),
+        ]
+        .concat();
+        tlv(
+            0x30,
+            &[tlv(0x30, &tbs), tlv(0x30, &[]), tlv(0x03, &[0])].concat(),
+        )
+    }
+
+    /// What rcgen cannot mint: several values in one RDN (in any order,
+    /// as GnuTLS prints a SET as encoded), and the same type repeated.
+    fn hand_built_name() -> impl Strategy<Value = Vec<Vec<(usize, u8, String)>>> {
+        let value = prop::collection::vec(prop::sample::select(VALUE_CHARS), 1..6)
+            .prop_map(|v| v.into_iter().collect::<String>());
+        let ava =
+            (0..TYPES.len(), prop::sample::select(STRING_TAGS), value).prop_map(|(t, tag, s)| {
+                let tag = if dn_value(tag, &s).is_some() {
+                    tag
+                } else {
+                    0x0c
+                };
+                (t, tag, s)
+            });
+        prop::collection::vec(prop::collection::vec(ava, 1..4), 1..5)
     }
 
     #[test]
