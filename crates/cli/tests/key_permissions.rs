@@ -36,7 +36,12 @@ async fn refused(args: &[&str]) -> String {
         .await
         .unwrap_or_else(|_| panic!("miggate {args:?} is still running: the key was accepted"))
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    // `migrate` says why on stdout, the others on stderr.
+    let err = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!out.status.success(), "miggate {args:?} succeeded: {err}");
     err
 }
@@ -86,6 +91,41 @@ async fn source_refuses_an_open_client_key_and_starts_once_it_is_0600() {
 
     chmod(&key, 0o600);
     miggate().source(&args).await.unwrap().stop().await;
+}
+
+/// `miggate migrate` refuses before it touches anything: the source QMP
+/// socket and the daemon named here do not even exist.
+#[tokio::test]
+async fn migrate_refuses_an_open_client_key_before_anything_else() {
+    let pki_tmp = pki();
+    let pki = pki_dir(&pki_tmp);
+    let key = pki.join("client-key.pem");
+    chmod(&key, 0o604);
+    let nowhere = pki_tmp.path().join("absent");
+    let qmp = format!("unix:{}", nowhere.join("qmp.sock").display());
+    let api = format!("unix:{}", nowhere.join("api.sock").display());
+    let args = [
+        "migrate",
+        "--source-qmp",
+        &qmp,
+        "--target",
+        &api,
+        "--forward",
+        "tcp:127.0.0.1:9",
+        "--x509-dir",
+        pki.to_str().unwrap(),
+    ];
+    let err = refused(&args).await;
+    assert_names(&err, &key, "0604");
+    assert!(err.contains("migration not started"), "{err}");
+
+    // With the key fixed it gets as far as the (absent) source QEMU.
+    chmod(&key, 0o600);
+    let err = refused(&args).await;
+    assert!(
+        err.contains("QMP socket") && !err.contains("mode 0"),
+        "{err}"
+    );
 }
 
 /// The daemon fails at start (and `--check` says why); once running, a
