@@ -18,6 +18,7 @@ use rcgen::{
 use rustls_pki_types::pem::PemObject;
 use time::{Duration, OffsetDateTime};
 
+use super::keyfile::{read_private, KeyFileError};
 use super::tls::{CA_CERT, CA_CRL, CLIENT_CERT, CLIENT_KEY, SERVER_CERT, SERVER_KEY};
 
 /// The CA's private key. QEMU's layout has no place for it; it is kept
@@ -52,6 +53,9 @@ pub enum PkiError {
     Parse { path: PathBuf, why: String },
     #[error("{path} was not issued by the CA in {ca_dir}")]
     NotOurs { path: PathBuf, ca_dir: PathBuf },
+    /// `ca-key.pem` is accessible by other users (or not ours), or unreadable.
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
 }
 
 /// What `pki init` should create.
@@ -224,7 +228,9 @@ fn load_ca(dir: &Path) -> Result<(Certificate, KeyPair), PkiError> {
         let path = dir.join(name);
         fs::read_to_string(&path).map_err(|source| PkiError::Read { path, source })
     };
-    let key = KeyPair::from_pem(&read(CA_KEY)?)?;
+    // The CA's key is held to the rule of every private key miggate reads.
+    let pem = read_private(&dir.join(CA_KEY))?;
+    let key = KeyPair::from_pem(&String::from_utf8_lossy(&pem))?;
     // Re-creating the CA certificate object from its own params and key
     // yields the same subject and key, which is all signing needs.
     let params = CertificateParams::from_ca_cert_pem(&read(CA_CERT)?)?;
@@ -474,6 +480,44 @@ mod tests {
             revoke(dir.path(), &foreign.path().join(CLIENT_CERT), 30),
             Err(PkiError::NotOurs { .. })
         ));
+    }
+
+    /// Keys are created 0600 (never written then chmod-ed), whatever the
+    /// umask; `pki issue` and `pki revoke` refuse a CA key others can read.
+    #[test]
+    fn keys_are_created_private_and_an_open_ca_key_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), &InitOptions::default()).unwrap();
+        for f in [CA_KEY, SERVER_KEY, CLIENT_KEY] {
+            assert_eq!(mode(&dir.path().join(f)), 0o600, "{f}");
+        }
+        let out = dir.path().join("issued");
+        issue_client(dir.path(), &out, "O=t,CN=issued", 30).unwrap();
+        assert_eq!(mode(&out.join(CLIENT_KEY)), 0o600);
+
+        let ca_key = dir.path().join(CA_KEY);
+        fs::set_permissions(&ca_key, fs::Permissions::from_mode(0o644)).unwrap();
+        let err = issue_client(dir.path(), &dir.path().join("again"), "O=t,CN=x", 30).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, PkiError::Key(KeyFileError::TooOpen { .. })),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("ca-key.pem") && msg.contains("mode 0644"),
+            "{msg}"
+        );
+        assert!(!dir.path().join("again").exists(), "nothing issued");
+        let err = revoke(dir.path(), &out.join(CLIENT_CERT), 30).unwrap_err();
+        assert!(
+            matches!(err, PkiError::Key(KeyFileError::TooOpen { .. })),
+            "{err}"
+        );
+        assert!(!dir.path().join(CA_CRL).exists(), "nothing revoked");
+        fs::set_permissions(&ca_key, fs::Permissions::from_mode(0o600)).unwrap();
+        revoke(dir.path(), &out.join(CLIENT_CERT), 30).unwrap();
     }
 
     #[test]

@@ -16,6 +16,8 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer, PrivateKeyDer};
 
+use super::keyfile::KeyFileError;
+
 pub const CA_CERT: &str = "ca-cert.pem";
 pub const CA_CRL: &str = "ca-crl.pem";
 pub const SERVER_CERT: &str = "server-cert.pem";
@@ -47,6 +49,9 @@ pub enum CredsError {
     },
     #[error("{dir}: cannot build the certificate verifier: {why}")]
     Verifier { dir: PathBuf, why: String },
+    /// A private key that is not private (or not ours), or unreadable.
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
 }
 
 /// The crypto provider: aws-lc-rs, AES-128-GCM preferred (fastest here,
@@ -82,8 +87,11 @@ fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CredsError> {
     Ok(certs)
 }
 
+/// The private key in `path`, refused if other users may access it (see
+/// [`super::keyfile`]).
 fn key(path: &Path) -> Result<PrivateKeyDer<'static>, CredsError> {
-    PrivateKeyDer::from_pem_file(path).map_err(|source| CredsError::Read {
+    let pem = super::keyfile::read_private(path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|source| CredsError::Read {
         path: path.to_path_buf(),
         source,
     })
@@ -233,4 +241,71 @@ fn describe_rustls_error(err: &rustls::Error, hostname: Option<&str>) -> String 
 /// The peer's leaf certificate, once the handshake is done.
 pub fn peer_leaf<'a>(certs: Option<&'a [CertificateDer<'static>]>) -> Option<&'a [u8]> {
     certs.and_then(|c| c.first()).map(|c| c.as_ref())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn chmod(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// Both configurations refuse a key others may read, name the file and
+    /// its mode, and load once it is 0600 again.
+    #[test]
+    fn configs_refuse_a_key_others_can_read() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::creds::pki::init(dir.path(), &Default::default()).unwrap();
+        server_config(dir.path(), &[]).unwrap();
+        client_config(dir.path(), &[]).unwrap();
+
+        let server_key = dir.path().join(SERVER_KEY);
+        chmod(&server_key, 0o640);
+        let err = server_config(dir.path(), &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            matches!(err, CredsError::Key(KeyFileError::TooOpen { .. })),
+            "{msg}"
+        );
+        assert!(msg.contains(&server_key.display().to_string()), "{msg}");
+        assert!(msg.contains("mode 0640"), "{msg}");
+        assert!(
+            msg.contains(&format!("chmod 600 {}", server_key.display())),
+            "{msg}"
+        );
+        chmod(&server_key, 0o600);
+        server_config(dir.path(), &[]).unwrap();
+
+        let client_key = dir.path().join(CLIENT_KEY);
+        chmod(&client_key, 0o604);
+        let msg = client_config(dir.path(), &[]).unwrap_err().to_string();
+        assert!(
+            msg.contains("client-key.pem") && msg.contains("mode 0604"),
+            "{msg}"
+        );
+        chmod(&client_key, 0o600);
+        client_config(dir.path(), &[]).unwrap();
+    }
+
+    /// A key reached through a symlink is judged by the file it leads to.
+    #[test]
+    fn a_symlinked_open_key_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        crate::creds::pki::init(dir.path(), &Default::default()).unwrap();
+        let elsewhere = dir.path().join("keys");
+        std::fs::create_dir(&elsewhere).unwrap();
+        let real = elsewhere.join("server.key");
+        std::fs::rename(dir.path().join(SERVER_KEY), &real).unwrap();
+        std::os::unix::fs::symlink(&real, dir.path().join(SERVER_KEY)).unwrap();
+        server_config(dir.path(), &[]).unwrap();
+        chmod(&real, 0o644);
+        let msg = server_config(dir.path(), &[]).unwrap_err().to_string();
+        assert!(msg.contains("server-key.pem (-> "), "{msg}");
+        assert!(
+            msg.contains("server.key)") && msg.contains("mode 0644"),
+            "{msg}"
+        );
+    }
 }

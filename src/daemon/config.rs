@@ -637,6 +637,37 @@ mod tests {
         assert!(b.targets[0].route.is_some());
     }
 
+    /// The migration listeners' and the admin API's keys are held to the
+    /// same rule: one others may read fails the build (start, reload).
+    #[test]
+    fn a_key_others_can_read_fails_the_build() {
+        use std::os::unix::fs::PermissionsExt;
+        let chmod = |p: &Path, mode| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+        };
+        let p = pki();
+        let api = pki();
+        let t = text(p.path(), "").replace(
+            "[[target]]",
+            &format!(
+                "[api.tls]\nlisten = \"127.0.0.1:0\"\nx509_dir = \"{}\"\nallow_any_verified_peer = true\n[[target]]",
+                api.path().display()
+            ),
+        );
+        build(&t).unwrap();
+        for (dir, field) in [(&p, "target[0].x509_dir"), (&api, "api.tls.x509_dir")] {
+            let key = dir.path().join(crate::creds::tls::SERVER_KEY);
+            chmod(&key, 0o640);
+            let e = build(&t).err().expect("an open key accepted");
+            let msg = crate::error::chain(&e);
+            assert!(msg.contains(field), "{msg}");
+            assert!(msg.contains(&key.display().to_string()), "{msg}");
+            assert!(msg.contains("mode 0640"), "{msg}");
+            chmod(&key, 0o600);
+        }
+        build(&t).unwrap();
+    }
+
     #[test]
     fn errors_name_file_and_field() {
         let p = pki();

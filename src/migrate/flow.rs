@@ -13,6 +13,7 @@ use super::progress::{bytes, Reporter, Snapshot};
 use super::signals::{Interrupt, Signals};
 use super::summary::{Failure, PostcopySummary, Summary};
 use super::{cause, EXIT_FAILED, EXIT_USAGE};
+use crate::creds::keyfile::{read_private, KeyFileError};
 use crate::creds::{dn, tls};
 use crate::error::chain;
 use crate::qmp::capabilities::{self, MULTIFD, POSTCOPY_PREEMPT, POSTCOPY_RAM};
@@ -59,6 +60,12 @@ pub async fn execute(args: &MigrateArgs, rep: &mut Reporter) -> Result<Summary, 
         migration_id: None,
     };
     let plan = args.check().map_err(|e| usage(format!("{e}.")))?;
+    unprotected_key(args, &plan).map_err(|e| Failure {
+        sentence: format!("migration not started: {e}; nothing was changed."),
+        exit_code: EXIT_FAILED,
+        source_status: None,
+        migration_id: None,
+    })?;
     let mut signals = Signals::new().map_err(|e| usage(format!("cannot handle signals: {e}.")))?;
     let path = &args.source_qmp;
     let mut src = Qmp::connect_unix(path).await.map_err(|e| Failure {
@@ -94,6 +101,28 @@ pub async fn execute(args: &MigrateArgs, rep: &mut Reporter) -> Result<Summary, 
         postcopy: Postcopy::default(),
     };
     m.go(rep, &mut signals).await
+}
+
+/// A client key this command would load (the source gateway's, the
+/// https API's) that other users may access fails it before the source
+/// QEMU is touched. Other read errors are reported where the key is loaded.
+fn unprotected_key(args: &MigrateArgs, plan: &Plan) -> Result<(), KeyFileError> {
+    let target = match plan {
+        Plan::Gateway { target, .. } | Plan::Recover { target, .. } => target,
+        // QEMU reads the keys itself.
+        Plan::Native { .. } => return Ok(()),
+    };
+    let api_dir = args
+        .api_x509_dir
+        .as_deref()
+        .filter(|_| target.starts_with("https://"));
+    for dir in std::iter::once(args.x509_dir.as_path()).chain(api_dir) {
+        match read_private(&dir.join(tls::CLIENT_KEY)) {
+            Err(KeyFileError::Read { .. }) | Ok(_) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 struct Migration<'a> {

@@ -215,7 +215,23 @@ fn native_pki(dir: &std::path::Path, client_org: &str, client_cn: &str) {
         ("client-cert.pem", cc.pem()),
         ("client-key.pem", ck.serialize_pem()),
     ] {
-        std::fs::write(dir.join(name), pem).unwrap();
+        // Keys 0600 from creation, as `miggate pki` writes them (miggate
+        // would refuse a key others can read; QEMU runs as us here).
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mode = if name.ends_with("-key.pem") {
+            0o600
+        } else {
+            0o644
+        };
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(dir.join(name))
+            .unwrap()
+            .write_all(pem.as_bytes())
+            .unwrap();
     }
 }
 
