@@ -148,8 +148,16 @@ fn io_err(what: &'static str) -> impl Fn(std::io::Error) -> FrameError {
     }
 }
 
+/// Panics on a hello larger than [`MAX_FRAME`]: every field is bounded
+/// where it is made (a fixed agent, 64-hex secrets parsed on the way in),
+/// and a length cut to 16 bits would send the peer a garbled frame.
 pub fn encode_hello(hello: &Hello) -> Vec<u8> {
     let body = serde_json::to_vec(hello).expect("hello serializes");
+    assert!(
+        body.len() <= MAX_FRAME,
+        "a hello of {} bytes exceeds the frame limit of {MAX_FRAME}",
+        body.len()
+    );
     let mut out = Vec::with_capacity(6 + body.len());
     out.extend_from_slice(HELLO_MAGIC);
     out.extend_from_slice(&(body.len() as u16).to_be_bytes());
@@ -274,6 +282,16 @@ mod tests {
         frame.extend_from_slice(odd);
         let (h, _) = parse_hello(&frame).unwrap().unwrap();
         assert_eq!(h.ticket.unwrap().expose(), "nope");
+    }
+
+    #[test]
+    #[should_panic(expected = "exceeds the frame limit")]
+    fn an_oversized_hello_is_never_sent_garbled() {
+        let hello = Hello {
+            agent: Some("x".repeat(MAX_FRAME)),
+            ..Hello::default()
+        };
+        encode_hello(&hello);
     }
 
     /// An older gateway's hello (no bind, no join) still parses, and the
