@@ -5,18 +5,15 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Instant;
 
-use common::daemon::Daemon;
 use common::gateway::BIN;
+use common::managed_run::{counter_pair, messages, run_migrate, s, CounterPair};
 use common::qemu::{Guest, Qemu, QemuExt, QemuOpts, QemuVersion};
-use common::scenario::{pki, pki_dir, MIGRATION_TIMEOUT};
+use common::scenario::{pki, pki_dir};
 use miggate::control::types::Phase;
 use serde_json::Value;
-use tempfile::TempDir;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 /// Precopy cannot converge: the counter guest keeps 144 pages (576 KiB)
@@ -27,115 +24,28 @@ const BANDWIDTH: &str = "1M";
 const DOWNTIME_MS: &str = "20";
 const RAM_MIB: u32 = 64;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
 /// A running counter guest on `qemu`, a daemon in front of its target.
-struct Setup {
-    src: Qemu,
-    dst: Qemu,
-    sq: std::path::PathBuf,
-    tq: std::path::PathBuf,
-    daemon: Daemon,
-    pki: std::path::PathBuf,
-    // Removed last, after the daemon and the QEMUs.
-    _dirs: (TempDir, TempDir),
-}
+type Setup = CounterPair;
 
 async fn setup(qemu: QemuVersion) -> Setup {
-    let pki_t = pki();
-    let pki = pki_dir(&pki_t);
-    let dir = tempfile::Builder::new()
-        .prefix("miggate-postcopy-")
-        .tempdir()
-        .unwrap();
-    let mut opts = QemuOpts::new(Guest::RunningCounter, RAM_MIB);
-    opts.uuid = Some(uuid::Uuid::new_v4());
-    opts.qemu = qemu;
-    let (mut src, dst, sq, tq) = Qemu::pair_with_qmp(&opts, dir.path()).await.unwrap();
-    src.assert_running_and_counting().await;
-    let daemon = common::daemon::start(dir.path(), &pki).await;
-    Setup {
-        src,
-        dst,
-        sq,
-        tq,
-        daemon,
-        pki,
-        _dirs: (dir, pki_t),
-    }
+    counter_pair(qemu, RAM_MIB, "miggate-postcopy-").await
 }
 
-impl Setup {
+impl CounterPair {
     /// `miggate migrate --json` of the counter guest, capped, plus `extra`.
     fn command(&self, extra: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
-        c.arg("migrate")
-            .args([
-                "--json",
-                "--max-bandwidth",
-                BANDWIDTH,
-                "--downtime-limit",
-                DOWNTIME_MS,
-                "--source-qmp",
-                &format!("unix:{}", s(&self.sq)),
-                "--target",
-                &self.daemon.target(),
-                "--target-qmp",
-                &format!("unix:{}", s(&self.tq)),
-                "--x509-dir",
-                s(&self.pki),
-            ])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
+        let tq = format!("unix:{}", s(&self.tq));
+        let mut c = self.migrate(&[
+            "--max-bandwidth",
+            BANDWIDTH,
+            "--downtime-limit",
+            DOWNTIME_MS,
+            "--target-qmp",
+            &tq,
+        ]);
+        c.args(extra);
         c
     }
-}
-
-/// Runs the command, handing each JSON line to `on_line` with the
-/// command's pid (to signal it); returns every line and the exit code.
-async fn run(
-    mut cmd: Command,
-    mut on_line: impl FnMut(&Value, &[Value], u32),
-) -> (Vec<Value>, Option<i32>) {
-    let mut child = cmd.spawn().unwrap();
-    let pid = child.id().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut seen: Vec<Value> = Vec::new();
-    let status = tokio::time::timeout(MIGRATION_TIMEOUT, async {
-        while let Some(l) = lines.next_line().await.unwrap() {
-            let v: Value =
-                serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
-            on_line(&v, &seen, pid);
-            seen.push(v);
-        }
-        child.wait().await.unwrap()
-    })
-    .await
-    .unwrap_or_else(|_| panic!("miggate migrate did not finish: {seen:#?}"));
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use tokio::io::AsyncReadExt;
-        let _ = e.read_to_string(&mut stderr).await;
-    }
-    eprintln!("miggate migrate -> {status}\nstdout:");
-    for l in &seen {
-        eprintln!("{l}");
-    }
-    eprintln!("stderr:\n{stderr}");
-    (seen, status.code())
-}
-
-fn messages<'a>(lines: &'a [Value], kind: &str) -> Vec<&'a str> {
-    lines
-        .iter()
-        .filter(|l| l["type"] == kind)
-        .filter_map(|l| l["message"].as_str())
-        .collect()
 }
 
 fn kill(sig: &str, pid: u32) {
@@ -159,7 +69,7 @@ async fn running_guest_completes_in_postcopy(qemu: QemuVersion, preempt: bool) {
     } else {
         &["--postcopy"]
     };
-    let (lines, code) = run(t.command(args), |_, _, _| {}).await;
+    let (lines, code) = run_migrate(t.command(args), |_, _, _| {}).await;
     eprintln!(
         "FIGURE migrate_postcopy {qemu} {RAM_MIB} MiB running guest at {BANDWIDTH}/s: {:?}",
         t0.elapsed()
@@ -254,7 +164,7 @@ async fn postcopy_preempt_running_guest_completes_through_daemon_qemu10() {
 async fn without_postcopy_the_same_guest_does_not_converge() {
     let mut t = setup(QemuVersion::System).await;
     let mut signalled = false;
-    let (lines, code) = run(t.command(&[]), |v, _, pid| {
+    let (lines, code) = run_migrate(t.command(&[]), |v, _, pid| {
         if !signalled && v["type"] == "progress" && v["pass"].as_u64() >= Some(4) {
             assert_eq!(v["status"], "active", "{v}");
             signalled = true;
@@ -295,7 +205,7 @@ async fn in_postcopy_sigint_and_delete_do_not_cancel_and_it_completes() {
     slow_postcopy(&mut t.src).await;
     let client = t.daemon.client().unwrap();
     let mut refused = None;
-    let (lines, code) = run(t.command(&["--postcopy"]), |v, _, pid| {
+    let (lines, code) = run_migrate(t.command(&["--postcopy"]), |v, _, pid| {
         if refused.is_none() && v["type"] == "progress" && v["status"] == "postcopy-active" {
             // The closure is synchronous: the API call blocks this worker.
             let answer = tokio::task::block_in_place(|| {
@@ -348,7 +258,7 @@ async fn second_sigint_in_postcopy_pauses_and_says_where_the_guest_is() {
     let mut t = setup(QemuVersion::System).await;
     slow_postcopy(&mut t.src).await;
     let mut signals = 0;
-    let (lines, code) = run(t.command(&["--postcopy"]), |v, seen, pid| {
+    let (lines, code) = run_migrate(t.command(&["--postcopy"]), |v, seen, pid| {
         let noted = |m: &Value| {
             m["type"] == "note"
                 && m["message"]
@@ -454,7 +364,7 @@ async fn postcopy_with_multifd_on_qemu_7_2_is_refused_before_registering() {
             .kill_on_drop(true);
         c
     };
-    let (lines, code) = run(args(&["--postcopy", "--multifd", "2"]), |_, _, _| {}).await;
+    let (lines, code) = run_migrate(args(&["--postcopy", "--multifd", "2"]), |_, _, _| {}).await;
     assert_eq!(code, Some(1));
     let sentence = lines.last().unwrap()["error"].as_str().unwrap();
     assert!(

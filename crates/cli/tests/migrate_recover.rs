@@ -6,20 +6,17 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use common::cut_path::CutPath;
-use common::daemon::Daemon;
 use common::gateway::BIN;
-use common::qemu::{Guest, Qemu, QemuExt, QemuOpts, QemuVersion};
-use common::scenario::{pki, pki_dir, EVENT_TIMEOUT, MIGRATION_TIMEOUT};
+use common::managed_run::{counter_pair, messages, run_migrate, s, CounterPair};
+use common::qemu::{Qemu, QemuExt, QemuVersion};
+use common::scenario::{EVENT_TIMEOUT, MIGRATION_TIMEOUT};
 use miggate::control::client::ApiError;
 use miggate::control::types::{MigrationView, Phase};
 use serde_json::{json, Value};
-use tempfile::TempDir;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
 
 /// Precopy cannot converge at this cap (see migrate_postcopy.rs), so the
@@ -31,63 +28,15 @@ const RAM_MIB: u32 = 64;
 /// under way when the path goes (miggate leaves this parameter alone).
 const SLOW_POSTCOPY: u64 = 64 << 10;
 
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-struct Setup {
-    src: Qemu,
-    dst: Qemu,
-    sq: std::path::PathBuf,
-    tq: std::path::PathBuf,
-    daemon: Daemon,
-    pki: std::path::PathBuf,
-    _dirs: (TempDir, TempDir),
-}
+type Setup = CounterPair;
 
 async fn setup(qemu: QemuVersion) -> Setup {
-    let pki_t = pki();
-    let pki = pki_dir(&pki_t);
-    let dir = tempfile::Builder::new()
-        .prefix("miggate-recover-")
-        .tempdir()
-        .unwrap();
-    let mut opts = QemuOpts::new(Guest::RunningCounter, RAM_MIB);
-    opts.uuid = Some(uuid::Uuid::new_v4());
-    opts.qemu = qemu;
-    let (mut src, dst, sq, tq) = Qemu::pair_with_qmp(&opts, dir.path()).await.unwrap();
-    src.assert_running_and_counting().await;
-    let daemon = common::daemon::start(dir.path(), &pki).await;
-    Setup {
-        src,
-        dst,
-        sq,
-        tq,
-        daemon,
-        pki,
-        _dirs: (dir, pki_t),
-    }
+    counter_pair(qemu, RAM_MIB, "miggate-recover-").await
 }
 
-impl Setup {
+impl CounterPair {
     fn command(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
-        c.arg("migrate")
-            .args([
-                "--json",
-                "--source-qmp",
-                &format!("unix:{}", s(&self.sq)),
-                "--target",
-                &self.daemon.target(),
-                "--x509-dir",
-                s(&self.pki),
-            ])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        c
+        self.migrate(args)
     }
 
     /// The daemon's view of `id` once `done` holds (no event to await:
@@ -111,37 +60,12 @@ impl Setup {
 }
 
 /// Runs the command to its end; returns its JSON lines and exit code.
-async fn run(mut cmd: Command) -> (Vec<Value>, Option<i32>) {
-    let mut child = cmd.spawn().unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut seen: Vec<Value> = Vec::new();
-    let status = tokio::time::timeout(MIGRATION_TIMEOUT, async {
-        while let Some(l) = lines.next_line().await.unwrap() {
-            seen.push(serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")));
-        }
-        child.wait().await.unwrap()
-    })
-    .await
-    .unwrap_or_else(|_| panic!("miggate migrate did not finish: {seen:#?}"));
-    let mut stderr = String::new();
-    if let Some(mut e) = child.stderr.take() {
-        use tokio::io::AsyncReadExt;
-        let _ = e.read_to_string(&mut stderr).await;
-    }
-    eprintln!("miggate migrate -> {status}\nstdout:");
-    for l in &seen {
-        eprintln!("{l}");
-    }
-    eprintln!("stderr:\n{stderr}");
-    (seen, status.code())
+async fn run(cmd: Command) -> (Vec<Value>, Option<i32>) {
+    run_migrate(cmd, |_, _, _| {}).await
 }
 
 fn notes(lines: &[Value]) -> Vec<&str> {
-    lines
-        .iter()
-        .filter(|l| l["type"] == "note")
-        .filter_map(|l| l["message"].as_str())
-        .collect()
+    messages(lines, "note")
 }
 
 /// Waits for the QEMU event `name` (RESUME: the target runs the guest,

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod cut_path;
+pub mod managed_run;
 pub mod daemon;
 pub mod gateway;
 pub mod guest;
