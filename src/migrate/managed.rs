@@ -128,6 +128,37 @@ pub fn reachable(listen: &str, api: &ApiAddr) -> String {
     HostPort { host, port }.to_string()
 }
 
+/// What this host needs before the daemon is asked anything: its API
+/// client, the source gateway's TLS, and the private socket for the QEMU.
+struct LocalSide {
+    api: ApiClient,
+    tls: Arc<rustls::ClientConfig>,
+    listener: LocalListener,
+    local_dir: PrivateDir,
+    socket: PathBuf,
+}
+
+impl LocalSide {
+    fn new(args: &MigrateArgs, target: &str, qemu: &UCred) -> Result<LocalSide, ManagedError> {
+        let addr = api_addr(target, args.api_x509_dir.as_deref())?;
+        let api = ApiClient::new(addr)?;
+        let tls = tls::client_config(&args.x509_dir, &[tls::ALPN_MIGGATE])
+            .map_err(ManagedError::SourceTls)?;
+        let (listener, local_dir) = local_hop(qemu, &args.source_qmp)?;
+        let socket = match &listener {
+            LocalListener::Unix { path, .. } => path.clone(),
+            LocalListener::Tcp(_) => unreachable!("the local hop is a unix socket"),
+        };
+        Ok(LocalSide {
+            api,
+            tls,
+            listener,
+            local_dir,
+            socket,
+        })
+    }
+}
+
 /// The local hop: a fresh directory (0700) that only miggate and the
 /// source QEMU can enter, and in it a socket (0600) owned by the QEMU's
 /// user, which the source gateway serves to the QEMU's pid alone.
@@ -193,16 +224,14 @@ impl Managed {
         qemu: &UCred,
         rep: &mut Reporter,
     ) -> Result<Managed, ManagedError> {
-        let addr = api_addr(target, args.api_x509_dir.as_deref())?;
-        let api = ApiClient::new(addr)?;
         // Everything that can fail locally fails before the daemon is asked.
-        let tls = tls::client_config(&args.x509_dir, &[tls::ALPN_MIGGATE])
-            .map_err(ManagedError::SourceTls)?;
-        let (listener, local_dir) = local_hop(qemu, &args.source_qmp)?;
-        let socket = match &listener {
-            LocalListener::Unix { path, .. } => path.clone(),
-            LocalListener::Tcp(_) => unreachable!("the local hop is a unix socket"),
-        };
+        let LocalSide {
+            api,
+            tls,
+            listener,
+            local_dir,
+            socket,
+        } = LocalSide::new(args, target, qemu)?;
         // Said before the daemon is asked: from here the kernel queues the
         // QEMU's connection even while the registration is under way.
         rep.step(&format!(
@@ -315,15 +344,13 @@ impl Managed {
         qemu: &UCred,
         rep: &mut Reporter,
     ) -> Result<Managed, ManagedError> {
-        let addr = api_addr(target, args.api_x509_dir.as_deref())?;
-        let api = ApiClient::new(addr)?;
-        let tls = tls::client_config(&args.x509_dir, &[tls::ALPN_MIGGATE])
-            .map_err(ManagedError::SourceTls)?;
-        let (listener, local_dir) = local_hop(qemu, &args.source_qmp)?;
-        let socket = match &listener {
-            LocalListener::Unix { path, .. } => path.clone(),
-            LocalListener::Tcp(_) => unreachable!("the local hop is a unix socket"),
-        };
+        let LocalSide {
+            api,
+            tls,
+            listener,
+            local_dir,
+            socket,
+        } = LocalSide::new(args, target, qemu)?;
         let resp = api
             .recover(id)
             .await
