@@ -265,8 +265,10 @@ async fn wait_until_ended(registry: &Registry, mig: &Migration) {
 
 /// Asks the target QEMU how its incoming migration ended and records that;
 /// true when it is `postcopy-paused` and the migration now waits for a
-/// recovery. Unreachable QMP (a target QEMU exits when an incoming
-/// migration fails) leaves the channels' verdict, with a note in the log.
+/// recovery. A QEMU that is gone (nothing listens on its QMP socket: a
+/// target QEMU exits when an incoming migration fails) fails a migration
+/// the channels saw complete; a QMP that cannot be asked otherwise leaves
+/// the channels' verdict, with a note in the log.
 async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) -> bool {
     let ask = async {
         let mut qmp = Qmp::connect_unix(qmp_path).await?;
@@ -316,6 +318,21 @@ async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) -> bool {
             }
             mig.settle(completed, if completed { None } else { why });
         }
+        // A target QEMU that loaded the VM runs it; one that is gone ended
+        // its incoming migration by failing (QEMU exits then), whatever the
+        // channels saw: a source QEMU killed mid-stream, or a target QEMU
+        // killed, can leave every socket closed cleanly.
+        // (A failure the channels saw keeps its own, more precise reason.)
+        Ok(Err(e)) if qemu_gone(&e) => {
+            if mig.view().state == Phase::Completed {
+                mig.settle(
+                    false,
+                    Some(format!(
+                        "target QEMU: gone before it reported the migration complete ({e}); a target QEMU exits when its incoming migration fails"
+                    )),
+                );
+            }
+        }
         Ok(Err(e)) => tracing::warn!(
             migration = %mig.id, error = %e,
             "cannot ask the target QEMU how the migration ended; keeping the channels' verdict"
@@ -329,9 +346,78 @@ async fn settle_with_qemu_verdict(mig: &Migration, qmp_path: &str) -> bool {
     false
 }
 
+/// The QMP socket has no QEMU behind it any more: nothing listens on it
+/// (or the file is gone), or QEMU closed the connection.
+fn qemu_gone(e: &QmpError) -> bool {
+    use std::io::ErrorKind::{ConnectionRefused, NotFound};
+    match e {
+        QmpError::Closed => true,
+        QmpError::Io { source, .. } => matches!(source.kind(), ConnectionRefused | NotFound),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::admit::registry::IncomingSpec;
+    use crate::wire::qemu::StreamKind;
+
+    /// Regression (faults: the source QEMU killed mid-stream): its gateway
+    /// ends the stream as QEMU closed it, every channel looks completed,
+    /// and the target QEMU exits on the truncated stream. The migration
+    /// must be failed, not completed.
+    #[tokio::test]
+    async fn a_target_qemu_that_is_gone_fails_a_completed_looking_migration() {
+        const DN: &str = "O=t,CN=src";
+        let reg = Registry::new(Duration::from_secs(60));
+        let vm = uuid::Uuid::from_u128(1);
+        let spec = || IncomingSpec {
+            vm_uuid: Some(vm),
+            allow: Arc::new(crate::authz::Simple::new(DN)),
+            allow_desc: DN.into(),
+            forward: crate::net::Endpoint::Tcp("127.0.0.1:1".parse().unwrap()),
+            channels: 1,
+            ttl: Duration::from_secs(60),
+            listeners: vec![0],
+        };
+        let (mig, _) = reg.register(spec());
+        let main = StreamKind::Main {
+            uuid: Some(vm),
+            machine: None,
+        };
+        mig.admit_channel(DN, &main).unwrap().finish(Ok(()));
+        assert_eq!(mig.view().state, Phase::Completed);
+
+        // A QMP socket file nothing listens on any more (a killed QEMU's).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qmp.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(!settle_with_qemu_verdict(&mig, path.to_str().unwrap()).await);
+        let v = mig.view();
+        assert_eq!(v.state, Phase::Failed, "{v:?}");
+        let reason = v.reason.unwrap_or_default();
+        assert!(reason.starts_with("target QEMU: gone before"), "{reason}");
+
+        // Its socket file removed as well: the same.
+        let (mig, _) = reg.register(spec());
+        mig.admit_channel(DN, &main).unwrap().finish(Ok(()));
+        let gone = dir.path().join("nothing.sock");
+        assert!(!settle_with_qemu_verdict(&mig, gone.to_str().unwrap()).await);
+        assert_eq!(mig.view().state, Phase::Failed);
+
+        // A failure the channels saw keeps its reason.
+        let (mig, _) = reg.register(spec());
+        mig.admit_channel(DN, &main)
+            .unwrap()
+            .finish(Err("source->target: cut".into()));
+        assert!(!settle_with_qemu_verdict(&mig, gone.to_str().unwrap()).await);
+        let v = mig.view();
+        assert_eq!(
+            (v.state, v.reason.as_deref()),
+            (Phase::Failed, Some("source->target: cut"))
+        );
+    }
 
     fn forward(caps: &[(&str, bool)]) -> QmpForward {
         QmpForward {
