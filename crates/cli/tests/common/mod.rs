@@ -6,9 +6,11 @@
 pub mod cut_path;
 pub mod managed_run;
 pub mod daemon;
+pub mod faults;
 pub mod gateway;
 pub mod guest;
 pub mod native;
+pub mod netns;
 pub mod nobody;
 pub mod postcopy;
 pub mod qemu;
