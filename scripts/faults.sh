@@ -43,4 +43,9 @@ printf '%-16s | %-10s | %-10s | %-12s\n' "path cut" "" "$r" ""
 [ "$r" = survived ] && ok=$((ok + 1))
 [ "$r" != - ] && tried=$((tried + 1))
 printf '\nsurvived %d of %d in %d s\n' "$ok" "$tried" "$secs"
+# Postcopy, outside the count: the test asserts a known limitation (both
+# QEMUs paused, nothing lost, recovery through a restarted gateway refused).
+r=$(result postcopy_faults::target_gateway_killed_in_postcopy)
+[ "$r" = survived ] && r="as documented: both QEMUs paused, recovery through a restarted gateway refused"
+printf 'postcopy, target gateway killed: %s\n' "$r"
 exit "$status"
