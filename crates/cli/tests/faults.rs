@@ -212,3 +212,55 @@ mod postcopy_faults {
         );
     }
 }
+
+/// Not a fault: a healthy pause longer than the stall timeout.
+mod limits {
+    use super::common;
+    use common::faults::STALL_SECS;
+    use common::qemu::{Guest, QemuExt, QemuOpts};
+    use common::scenario::*;
+    use serde_json::json;
+
+    /// A migration held at `pre-switchover` (as libvirt holds one while
+    /// it completes its NBD storage jobs) sends nothing either way: the
+    /// gateways cannot tell that silence from a dead path, so the source
+    /// gateway cuts it at the stall timeout, and `migrate-continue` then
+    /// fails it (the VM runs on). `--stall-timeout` must exceed the
+    /// longest such pause (default 30 s).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_pause_at_switchover_longer_than_the_stall_timeout_is_cut() {
+        let pki = pki();
+        let pki = pki_dir(&pki);
+        let opts = QemuOpts::new(Guest::RunningCounter, 64);
+        let (mut src, mut dst, port) = qemu_pair(&opts).await;
+        capabilities(&mut src, &mut dst, &[("return-path", true)]).await;
+        src.set_capabilities(&[("pause-before-switchover", true)])
+            .await
+            .unwrap();
+        let stall = STALL_SECS.to_string();
+        let args = ["--authz-identity", SOURCE_DN, "--stall-timeout", &stall];
+        let mut tgw = target_gateway(&pki, port, &args).await;
+        let mut sgw = source_gateway(&pki, &tgw.addr, &["--stall-timeout", &stall]).await;
+        src.assert_running_and_counting().await;
+        src.forget_old_events().await.unwrap();
+        src.migrate(&format!("tcp:{}", sgw.addr)).await.unwrap();
+        common::postcopy::wait_migration_status(&mut src, "pre-switchover").await;
+
+        // Held there: the cut comes by itself.
+        let rec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+        assert_eq!(rec["outcome"], "failed", "{rec}");
+        assert_eq!(
+            rec["reason"],
+            format!("peer sent nothing for {STALL_SECS} s: channel cut"),
+            "{rec}"
+        );
+        let rec = tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+        assert_eq!(rec["outcome"], "failed", "{rec}");
+        src.cmd("migrate-continue", json!({ "state": "pre-switchover" }))
+            .await
+            .unwrap();
+        let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+        assert_eq!(s.status.as_deref(), Some("failed"), "{:?}", s.raw);
+        src.assert_running_and_counting().await;
+    }
+}
