@@ -149,9 +149,13 @@ mod postcopy_faults {
         wait_migration_status(&mut dst, "postcopy-paused").await;
         let rec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
         assert_eq!(rec["outcome"], "failed", "{rec}");
-        assert_eq!(
-            rec["reason"],
-            "target->source: the target's TLS stream was cut without close_notify"
+        // An EOF without close_notify, or a reset when the killed process
+        // had unread bytes: the kernel's choice.
+        let reason = rec["reason"].as_str().unwrap();
+        assert!(
+            reason == "target->source: the target's TLS stream was cut without close_notify"
+                || reason == "target->source: Connection reset by peer (os error 104)",
+            "{rec}"
         );
         wait_idle("source gateway", sgw.pid().unwrap(), idle, || {
             sgw.log_text()

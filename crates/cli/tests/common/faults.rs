@@ -87,18 +87,16 @@ pub fn signal(pid: u32, sig: &str) {
     assert!(st.success(), "kill -{sig} {pid} failed");
 }
 
-/// The socket descriptors a process holds (`/proc/PID/fd`).
+/// The socket descriptors a process holds (`/proc/PID/fd`); panics if
+/// the process is gone (a survivor must survive).
 pub fn sockets(pid: u32) -> usize {
-    std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| {
-            d.filter_map(Result::ok)
-                .filter(|e| {
-                    std::fs::read_link(e.path())
-                        .is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
-                })
-                .count()
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap_or_else(|e| panic!("process {pid} is gone: /proc/{pid}/fd: {e}"));
+    fds.filter_map(Result::ok)
+        .filter(|e| {
+            std::fs::read_link(e.path()).is_ok_and(|l| l.to_string_lossy().starts_with("socket:"))
         })
-        .unwrap_or(0)
+        .count()
 }
 
 /// Waits until `pid` holds no more sockets than `idle` (its listeners):
