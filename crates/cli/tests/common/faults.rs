@@ -787,9 +787,10 @@ impl Lab {
 }
 
 /// SHA-256 of a RAM dump without the legacy window 0xA0000..0x100000:
-/// there the firmware's shadow of its own ROM (`0xE8C20` and `0xE8C3D`,
-/// two bytes, on a guest that booted SeaBIOS) may read differently on a
-/// target that never ran; every other byte must match.
+/// there two bytes of SeaBIOS's shadow (`0xE8C20`, `0xE8C3D`) read
+/// differently on a target that never ran, in a direct QEMU-to-QEMU
+/// migration too (QEMU 7.2, tried: the same two bytes); every other byte
+/// must match.
 fn ram_hash(mut ram: Vec<u8>) -> String {
     ram[0xA_0000..0x10_0000].fill(0);
     super::qemu::sha256_hex(&ram)
