@@ -2,10 +2,17 @@
 # Faults during a real migration (crates/cli/tests/faults.rs): every
 # process of the path killed with SIGKILL at three points, and the path
 # between the gateways cut. Runs the test file, then prints the matrix
-# "victim x point: survived / failed" and the count. Extra arguments go to
-# the test binary (e.g. a name filter). Needs root (network namespaces).
+# "victim x point: survived / failed" and the count. `--qemu 10.0` runs
+# the matrix on QEMU 10.0 (scripts/setup.sh unpacks it) instead of the
+# system's; other arguments go to the test binary (e.g. a name filter).
+# Needs root (network namespaces).
 set -uo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = --qemu ]; then
+    export MIGGATE_FAULTS_QEMU="${2:?--qemu needs system or 10.0}"
+    shift 2
+fi
+echo "QEMU: ${MIGGATE_FAULTS_QEMU:-system}"
 log=$(mktemp -t miggate-faults.XXXXXX)
 trap 'rm -f "$log"' EXIT
 start=$(date +%s)

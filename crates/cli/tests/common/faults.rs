@@ -41,7 +41,7 @@ use uuid::Uuid;
 
 use super::gateway::{miggate, Miggate};
 use super::netns::{NetnsPair, ADDR_B};
-use super::qemu::{Guest, Qemu, QemuExt, QemuOpts};
+use super::qemu::{Guest, Qemu, QemuExt, QemuOpts, QemuVersion};
 use super::scenario::{pki, pki_dir, EVENT_TIMEOUT, MIGRATION_TIMEOUT, SOURCE_DN};
 
 /// `--stall-timeout` and `--handshake-timeout` of every gateway here:
@@ -58,6 +58,26 @@ pub const MID_STREAM_BYTES: u64 = 2 << 20;
 /// the pause, so the migration never converges (as in `migrate_postcopy`).
 const CRAWL_BANDWIDTH: u64 = 1 << 20;
 const CRAWL_DOWNTIME_MS: u64 = 20;
+
+/// Picks the QEMU of both sides: `system` (default, 7.2 on Debian 12) or
+/// `10.0` (from `scripts/setup.sh`).
+pub const QEMU_ENV: &str = "MIGGATE_FAULTS_QEMU";
+
+fn qemu_version() -> QemuVersion {
+    match std::env::var(QEMU_ENV).as_deref() {
+        Err(_) | Ok("" | "system") => QemuVersion::System,
+        Ok("10.0") => QemuVersion::V10_0,
+        Ok(other) => panic!("{QEMU_ENV}={other:?}: expected system or 10.0"),
+    }
+}
+
+/// The counter guest of every case, with `uuid`.
+fn guest(uuid: Uuid) -> QemuOpts {
+    let mut opts = QemuOpts::new(Guest::RunningCounter, RAM_MIB);
+    opts.uuid = Some(uuid);
+    opts.qemu = qemu_version();
+    opts
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Victim {
@@ -268,8 +288,7 @@ impl Lab {
             Some(_) => format!("{ADDR_B}:7000"),
             None => "127.0.0.1:0".into(),
         };
-        let mut opts = QemuOpts::new(Guest::RunningCounter, RAM_MIB);
-        opts.uuid = Some(uuid);
+        let opts = guest(uuid);
         let dst_qmp = dir.path().join("dst-0.qmp");
         let (src, dst) = tokio::join!(
             Qemu::spawn(opts.clone()),
@@ -696,9 +715,7 @@ impl Lab {
         self.attempt += 1;
         match self.victim {
             Victim::SourceQemu => {
-                let mut opts = QemuOpts::new(Guest::RunningCounter, RAM_MIB);
-                opts.uuid = Some(self.uuid);
-                self.src = Qemu::spawn(opts).await.unwrap();
+                self.src = Qemu::spawn(guest(self.uuid)).await.unwrap();
                 self.src
                     .set_capabilities(&[("return-path", true), ("validate-uuid", true)])
                     .await
@@ -714,10 +731,8 @@ impl Lab {
         }
         // A fresh target QEMU: the old one failed (or waits for a
         // migration that will not come), as libvirt would replace it.
-        let mut opts = QemuOpts::new(Guest::RunningCounter, RAM_MIB);
-        opts.uuid = Some(self.uuid);
         self.dst_qmp = self.dir.path().join(format!("dst-{}.qmp", self.attempt));
-        self.dst = Self::target_qemu(&opts, &self.dst_qmp).await;
+        self.dst = Self::target_qemu(&guest(self.uuid), &self.dst_qmp).await;
         let params =
             json!({ "max-bandwidth": miggate_lab::UNLIMITED_BANDWIDTH, "downtime-limit": 300 });
         self.src.set_parameters(params).await.unwrap();
