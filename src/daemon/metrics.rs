@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::admit::registry::{Phase, Registry};
+use crate::gate::revoke::CAUSES;
 use crate::outcome::{Ending, Record, Sink};
 use crate::relay::TlsEnd;
 
@@ -70,6 +71,8 @@ pub struct Metrics {
     /// Refusals by (class, cause): both labels come from fixed lists
     /// ([`crate::admit::Refusal::cause`]), so the map stays small.
     causes: std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
+    /// Live channels cut because their peer is no longer allowed, by cause.
+    revocations: [AtomicU64; CAUSES.len()],
 }
 
 impl Metrics {
@@ -136,6 +139,19 @@ impl Metrics {
             let _ = writeln!(
                 w,
                 "miggate_refusal_causes_total{{reason=\"{c}\",cause=\"{cause}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            w,
+            "# HELP miggate_revocations_total Admitted target connections closed because their peer is no longer allowed: acl (the ACL now denies its DN), crl (ca-crl.pem revokes its certificate), deleted (its registration was deleted). Also counted in miggate_connections_total{{outcome=\"failed\"}}."
+        );
+        let _ = writeln!(w, "# TYPE miggate_revocations_total counter");
+        for (c, n) in CAUSES.iter().zip(&self.revocations) {
+            let _ = writeln!(
+                w,
+                "miggate_revocations_total{{cause=\"{}\"}} {}",
+                c.as_str(),
+                n.load(Relaxed)
             );
         }
         let _ = writeln!(
@@ -216,6 +232,13 @@ impl Sink for Metrics {
         if record.ending == Ending::Refused {
             // A refusal that came without its class.
             self.refusals[REFUSAL_CLASSES.len() - 1].fetch_add(1, Relaxed);
+        }
+    }
+
+    fn revoked(&self, record: &Record, cause: &'static str) {
+        self.count(record);
+        if let Some(i) = CAUSES.iter().position(|c| c.as_str() == cause) {
+            self.revocations[i].fetch_add(1, Relaxed);
         }
     }
 

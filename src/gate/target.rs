@@ -44,6 +44,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::native_join::{self, NativeJoin, NativeJoins};
+use super::revoke::{self, Cause, Live, LivePeer, Revoked};
 use super::{read_more, MainGuard};
 // The static route is admission's policy; re-exported because a listener
 // is built with one.
@@ -52,6 +53,7 @@ pub use crate::admit::decide::StaticRoute;
 use crate::admit::decide::{Admission, Offer, Route, Step};
 use crate::admit::registry::Registry;
 use crate::admit::{self, NoMain, Refusal};
+use crate::creds::{crl_watch, tls};
 use crate::net::mtls;
 use crate::outcome::{Ending, Outcome, Sink};
 use crate::relay::native::NativeMains;
@@ -133,6 +135,21 @@ pub struct Target {
     bindings: Arc<Bindings>,
     /// The native-TLS ones (no token: see `native_join`).
     native_joins: NativeJoins,
+    /// Live channels by peer, re-checked on ACL and CRL changes.
+    live: Arc<Live>,
+    revocation: Mutex<Revocation>,
+}
+
+/// How ACL and CRL changes reach live channels ([`Target::watch_revocations`]).
+#[derive(Default)]
+struct Revocation {
+    /// `--keep-live-on-acl-change`: changes apply to new connections only.
+    keep_live: bool,
+    /// The PKI directory whose `ca-crl.pem` is watched.
+    x509_dir: Option<std::path::PathBuf>,
+    _crl_watcher: Option<notify::RecommendedWatcher>,
+    /// The last reason a new CRL was not taken, to say it once.
+    crl_error: Option<String>,
 }
 
 impl Target {
@@ -163,7 +180,158 @@ impl Target {
             pending: Mutex::default(),
             bindings: Arc::default(),
             native_joins: NativeJoins::default(),
+            live: Arc::default(),
+            revocation: Mutex::default(),
         })
+    }
+
+    /// Makes ACL and CRL changes reach live channels: watches
+    /// `x509_dir/ca-crl.pem` (new CRLs apply to new handshakes, and
+    /// re-verify live peers) and follows the static route's ACL file
+    /// reloads; unless `keep_live`, a live channel whose peer is no longer
+    /// allowed is cut ([`super::revoke`]). Called again on a daemon reload
+    /// (with the reloaded settings), it re-checks every live channel.
+    pub fn watch_revocations(
+        self: &Arc<Self>,
+        x509_dir: &std::path::Path,
+        keep_live: bool,
+    ) -> Result<(), crate::authz::AuthzError> {
+        let weak = Arc::downgrade(self);
+        let watcher = crl_watch::watch(x509_dir, move |loaded| {
+            if let Some(t) = weak.upgrade() {
+                t.crl_changed(loaded);
+            }
+        })?;
+        {
+            let mut r = self.revocation();
+            let first = r.x509_dir.is_none();
+            r.keep_live = keep_live;
+            r.x509_dir = Some(x509_dir.to_path_buf());
+            r._crl_watcher = Some(watcher);
+            drop(r);
+            if first {
+                self.follow_acl();
+            } else {
+                self.recheck_all("configuration reloaded");
+            }
+        }
+        Ok(())
+    }
+
+    fn revocation(&self) -> std::sync::MutexGuard<'_, Revocation> {
+        self.revocation.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Follows the current static route's ACL file: after each reload
+    /// that loaded, live channels of the static route are re-checked.
+    fn follow_acl(self: &Arc<Self>) {
+        let Some(mut rx) = self.current_route().and_then(|r| r.authz.reloads()) else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        rt.spawn(async move {
+            rx.borrow_and_update();
+            // Ends when the ACL file is dropped (replaced by a reload, and
+            // its last live channel gone).
+            while rx.changed().await.is_ok() {
+                let state = rx.borrow_and_update().clone();
+                let Some(t) = weak.upgrade() else { return };
+                t.acl_reloaded(&state);
+            }
+        });
+    }
+
+    fn acl_reloaded(&self, state: &crate::authz::ReloadState) {
+        let live = self.live.len();
+        if let Err(why) = &state.result {
+            tracing::error!(
+                generation = state.generation, error = %why, live,
+                "ACL file cannot be loaded: new connections are denied, live channels are kept (fix the file)"
+            );
+            return;
+        }
+        if self.revocation().keep_live {
+            tracing::info!(
+                live,
+                "ACL file reloaded: live channels kept (keep-live-on-acl-change)"
+            );
+            return;
+        }
+        let route = self.current_route();
+        let cut = self
+            .live
+            .recheck(|p| revoke::judge_acl(route.as_deref(), p));
+        tracing::info!(
+            live,
+            closed = cut,
+            "ACL file reloaded: live channels re-checked"
+        );
+    }
+
+    /// A new `ca-crl.pem`, or why it cannot be used (then nothing
+    /// changes). Runs on the watcher's thread.
+    fn crl_changed(&self, loaded: Result<crl_watch::Crls, crate::creds::tls::CredsError>) {
+        let Some(dir) = self.revocation().x509_dir.clone() else {
+            return;
+        };
+        let built = loaded.and_then(|crls| {
+            let tls = tls::server_config_with(&dir, &[tls::ALPN_MIGGATE], crls.clone())?;
+            let check = crl_watch::PeerCheck::clients(&dir, crls)?;
+            Ok((tls, check))
+        });
+        let (tls, check) = match built {
+            Ok(x) => x,
+            Err(e) => {
+                let why = crate::error::chain(&e);
+                let mut r = self.revocation();
+                if r.crl_error.as_deref() != Some(why.as_str()) {
+                    tracing::error!(
+                        error = %why, live = self.live.len(),
+                        "the new ca-crl.pem cannot be used: the previous CRL stays in force for new handshakes and no live channel is re-checked (fix the file)"
+                    );
+                    r.crl_error = Some(why);
+                }
+                return;
+            }
+        };
+        self.revocation().crl_error = None;
+        self.set_tls(tls);
+        let live = self.live.len();
+        if self.revocation().keep_live {
+            tracing::info!(
+                live,
+                "CRL reloaded: live channels kept (keep-live-on-acl-change)"
+            );
+            return;
+        }
+        let cut = self.live.recheck(|p| crl_judge(&check, p));
+        tracing::info!(live, closed = cut, "CRL reloaded: live channels re-checked");
+    }
+
+    /// Re-checks every live channel against the ACL and the CRL in
+    /// force (a daemon reload: both may have changed).
+    fn recheck_all(&self, why: &str) {
+        let r = self.revocation();
+        let (keep_live, dir) = (r.keep_live, r.x509_dir.clone());
+        drop(r);
+        let live = self.live.len();
+        if keep_live {
+            tracing::info!(live, "{why}: live channels kept (keep-live-on-acl-change)");
+            return;
+        }
+        let route = self.current_route();
+        let check = dir.and_then(|d| {
+            let crls = crl_watch::load(&d).ok()?;
+            crl_watch::PeerCheck::clients(&d, crls).ok()
+        });
+        let cut = self.live.recheck(|p| {
+            revoke::judge_acl(route.as_deref(), p)
+                .or_else(|| check.as_ref().and_then(|c| crl_judge(c, p)))
+        });
+        tracing::info!(live, closed = cut, "{why}: live channels re-checked");
     }
 
     /// Its bindings: the daemon rekeys a paused one for a recovery.
@@ -200,9 +368,13 @@ impl Target {
         *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
     }
 
-    /// Replaces the static route for new connections.
-    pub fn set_route(&self, route: Option<StaticRoute>) {
+    /// Replaces the static route for new connections (and follows its
+    /// ACL file's reloads, if [`Target::watch_revocations`] was called).
+    pub fn set_route(self: &Arc<Self>, route: Option<StaticRoute>) {
         *self.route.write().unwrap_or_else(|p| p.into_inner()) = route.map(Arc::new);
+        if self.revocation().x509_dir.is_some() {
+            self.follow_acl();
+        }
     }
 
     fn current_tls(&self) -> Arc<ServerConfig> {
@@ -249,6 +421,7 @@ pub async fn serve(listener: TcpListener, target: Arc<Target>) -> std::io::Resul
             match handle(sock, addr, &target, pending, &mut out).await {
                 Ok(()) => out.finish(Ending::Completed, None),
                 Err(End::Refused(r)) => out.refuse(&r),
+                Err(End::Failed(Failure::Revoked(r))) => out.revoked(r.cause.as_str(), &r.reason),
                 Err(End::Failed(f)) => out.finish(Ending::Failed, Some(&f.to_string())),
             }
         });
@@ -276,8 +449,9 @@ enum Failure {
     },
     #[error("{0}")]
     Relay(crate::relay::RelayError),
-    #[error("migration cancelled by the operator")]
-    Cancelled,
+    /// Its peer is no longer allowed, or its registration was deleted.
+    #[error("{}", .0.reason)]
+    Revoked(Revoked),
     #[error("its main channel ended {} s ago and this channel is still open", .0.as_secs())]
     MainEnded(Duration),
 }
@@ -323,6 +497,13 @@ async fn handle(
     // Admitted: the relay's read buffer now, and the pending slot is free.
     tls.get_mut().0.grow();
     drop(pending);
+    // From now on an ACL or CRL change that no longer allows the peer
+    // cuts this channel (see `revoke`).
+    let mut live = target.live.register(LivePeer {
+        dn: peer.dn.clone(),
+        leaf: peer.leaf.clone(),
+        static_route: matches!(admitted, Route::Static(_)),
+    });
 
     // Main first: see the module comment.
     let mains = match &admitted {
@@ -444,15 +625,25 @@ async fn handle(
         out.counters.clone(),
     );
     let relay = super::bounded_by_main(relay, joined.as_ref().map(Joined::main_ended), stall);
+    // Dropping the relay closes both sockets: both QEMUs see the
+    // migration fail; the source VM keeps running.
     let result = match &admitted {
-        Route::Static(_) => relay.await.map_err(Failure::from),
+        Route::Static(_) => tokio::select! {
+            r = relay => r.map_err(Failure::from),
+            why = live.revoked() => Err(Failure::Revoked(why)),
+        },
         Route::Ticket(g) => {
             let mig = g.migration().clone();
             tokio::select! {
                 r = relay => r.map_err(Failure::from),
-                // Dropping the relay closes both sockets: both QEMUs see
-                // the migration fail; the source VM keeps running.
-                _ = mig.cancelled() => Err(Failure::Cancelled),
+                why = live.revoked() => Err(Failure::Revoked(why)),
+                _ = mig.cancelled() => Err(Failure::Revoked(Revoked {
+                    cause: Cause::Deleted,
+                    reason: format!(
+                        "revoked: registration {} deleted (DELETE /v1/migrations/{}): migration cancelled by the operator",
+                        mig.id, mig.id
+                    ),
+                })),
             }
         }
     };
@@ -475,6 +666,13 @@ async fn handle(
 
 /// Records a channel's end on its migration (managed mode): the API
 /// shows the reason, so it is rendered here.
+fn crl_judge(check: &crl_watch::PeerCheck, p: &LivePeer) -> Option<Revoked> {
+    check.revoked(&p.leaf).map(|reason| Revoked {
+        cause: Cause::Crl,
+        reason,
+    })
+}
+
 fn finish_channel(admitted: Route, why: &dyn std::fmt::Display) {
     if let Route::Ticket(g) = admitted {
         g.finish(Err(why.to_string()));

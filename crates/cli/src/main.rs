@@ -156,6 +156,12 @@ struct TargetArgs {
     #[arg(long, default_value_t = miggate::timeouts::DEFAULT_MAX_PENDING_PER_IP,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=miggate::timeouts::MAX_PENDING as u64))]
     max_pending_per_ip: usize,
+    /// ACL file reloads and ca-crl.pem changes apply to new connections
+    /// only. By default they also close the live channels of a peer no
+    /// longer allowed (its source QEMU's migration fails, the VM keeps
+    /// running on the source).
+    #[arg(long)]
+    keep_live_on_acl_change: bool,
 }
 
 #[derive(Args)]
@@ -388,6 +394,7 @@ async fn run_target(a: TargetArgs) -> Result<()> {
         max_pending_per_ip: a.max_pending_per_ip,
     };
     let gate = target::Target::new(tls, Some(route), None, stall, None, limits);
+    gate.watch_revocations(&a.x509_dir, a.keep_live_on_acl_change)?;
     tokio::select! {
         r = target::serve(listener, gate) => r?,
         _ = shutdown_signal() => tracing::info!("shutting down"),

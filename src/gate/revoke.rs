@@ -1,0 +1,260 @@
+//! Live revocation: the channels a gateway relays, by who is on the other
+//! end, so that an ACL or CRL change (or a deleted registration) that no
+//! longer allows a peer closes its live channels too, not only its next.
+//!
+//! Every admitted channel registers its peer (subject DN, end-entity
+//! certificate, the route that admitted it) in the gateway's [`Live`]
+//! table and gets a [`LiveGuard`]; the gate `select!`s its relay against
+//! [`LiveGuard::revoked`], a `watch` receiver that wakes only when the
+//! channel is cut. The relay's hot path pays nothing: no lock, no check
+//! per read. On a change, [`Live::recheck`] runs the caller's judgement
+//! (a pure function of the entry: ACL decision, CRL verdict) over the
+//! table, off the data path, and cuts the entries it condemns. Dropping
+//! the relay closes both sockets, as a stall or a `DELETE` does: the
+//! source QEMU's migration fails, its VM keeps running.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::watch;
+
+/// Why a live channel was cut; `cause` is the metrics label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Revoked {
+    pub cause: Cause,
+    /// The operator's sentence, starting with "revoked: ".
+    pub reason: String,
+}
+
+/// What took a live peer's permission away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The ACL (file reloaded, or a daemon reload) denies its DN.
+    Acl,
+    /// `ca-crl.pem` revokes its certificate.
+    Crl,
+    /// Its registration was deleted (`DELETE /v1/migrations/{id}`).
+    Deleted,
+}
+
+impl Cause {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Acl => "acl",
+            Cause::Crl => "crl",
+            Cause::Deleted => "deleted",
+        }
+    }
+}
+
+/// Every cause, for metrics.
+pub const CAUSES: [Cause; 3] = [Cause::Acl, Cause::Crl, Cause::Deleted];
+
+/// Who is on the other end of a live channel, as admitted.
+#[derive(Debug, Clone)]
+pub struct LivePeer {
+    /// Subject DN, as the ACL saw it.
+    pub dn: String,
+    /// The peer's end-entity certificate (DER), re-verified on a CRL change.
+    pub leaf: Vec<u8>,
+    /// Admitted on the static route (its ACL applies); `false`: by a
+    /// registration's ticket (its own allowed identity applies).
+    pub static_route: bool,
+}
+
+struct Entry {
+    peer: Arc<LivePeer>,
+    cut: watch::Sender<Option<Revoked>>,
+}
+
+/// The live channels of one gateway.
+#[derive(Default)]
+pub struct Live {
+    entries: Mutex<HashMap<u64, Entry>>,
+    next: AtomicU64,
+}
+
+impl Live {
+    /// Registers an admitted channel for as long as the guard lives.
+    pub fn register(self: &Arc<Self>, peer: LivePeer) -> LiveGuard {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let (cut, rx) = watch::channel(None);
+        let peer = Arc::new(peer);
+        self.lock().insert(id, Entry { peer, cut });
+        LiveGuard {
+            live: self.clone(),
+            id,
+            rx,
+        }
+    }
+
+    /// Cuts every live channel that `judge` condemns; returns how many.
+    /// `judge` runs with the table locked: keep it pure (no I/O).
+    pub fn recheck(&self, judge: impl Fn(&LivePeer) -> Option<Revoked>) -> usize {
+        let entries = self.lock();
+        let mut cut = 0;
+        for e in entries.values() {
+            // Already cut: the first reason stays.
+            if e.cut.borrow().is_some() {
+                continue;
+            }
+            if let Some(why) = judge(&e.peer) {
+                tracing::warn!(
+                    peer.dn = %crate::authz::shown(&e.peer.dn),
+                    cause = why.cause.as_str(),
+                    reason = %why.reason,
+                    "closing a live channel: its peer is no longer allowed"
+                );
+                e.cut.send_replace(Some(why));
+                cut += 1;
+            }
+        }
+        cut
+    }
+
+    /// How many channels are registered.
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A live channel's place in its gateway's table; removed on drop.
+pub struct LiveGuard {
+    live: Arc<Live>,
+    id: u64,
+    rx: watch::Receiver<Option<Revoked>>,
+}
+
+impl LiveGuard {
+    /// Resolves when the channel is cut by [`Live::recheck`]; never
+    /// otherwise (the sender lives in the table as long as the guard).
+    pub async fn revoked(&mut self) -> Revoked {
+        let got = self.rx.wait_for(Option::is_some).await.map(|v| v.clone());
+        match got {
+            Ok(Some(why)) => why,
+            _ => std::future::pending().await,
+        }
+    }
+}
+
+impl Drop for LiveGuard {
+    fn drop(&mut self) {
+        self.live.lock().remove(&self.id);
+    }
+}
+
+/// The ACL judgement: a peer admitted on the static route whose DN the
+/// route's current authz denies. `route` is the one in force now (`None`:
+/// a reload removed the static route).
+pub fn judge_acl(
+    route: Option<&crate::admit::decide::StaticRoute>,
+    peer: &LivePeer,
+) -> Option<Revoked> {
+    if !peer.static_route {
+        return None;
+    }
+    let reason = match route {
+        None => "revoked: the static route that admitted it was removed by a reload".to_string(),
+        // An ACL file that cannot be loaded denies new peers, but is a
+        // typo more often than a decision: live channels are kept.
+        Some(r)
+            if r.authz
+                .reloads()
+                .is_some_and(|rx| rx.borrow().result.is_err()) =>
+        {
+            return None
+        }
+        Some(r) => match r.authz.check(&peer.dn) {
+            crate::authz::Decision::Allow => return None,
+            crate::authz::Decision::Deny { reason } => format!("revoked: {reason}"),
+        },
+    };
+    Some(Revoked {
+        cause: Cause::Acl,
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::admit::decide::StaticRoute;
+    use crate::authz::{Authz, Simple};
+    use std::time::Duration;
+
+    fn peer(dn: &str, static_route: bool) -> LivePeer {
+        LivePeer {
+            dn: dn.into(),
+            leaf: Vec::new(),
+            static_route,
+        }
+    }
+
+    fn route(authz: Arc<dyn Authz>) -> StaticRoute {
+        StaticRoute {
+            forward: "tcp:127.0.0.1:1".parse().unwrap(),
+            authz,
+            expect: Default::default(),
+        }
+    }
+
+    /// Only the condemned channels are cut, once, with the first reason;
+    /// a dropped guard leaves the table.
+    #[tokio::test]
+    async fn recheck_cuts_the_condemned_once() {
+        let live = Arc::new(Live::default());
+        let mut a = live.register(peer("CN=a", true));
+        let mut b = live.register(peer("CN=b", true));
+        assert_eq!(live.len(), 2);
+        let acl = route(Arc::new(Simple::new("CN=b")));
+        assert_eq!(live.recheck(|p| judge_acl(Some(&acl), p)), 1);
+        let why = tokio::time::timeout(Duration::from_secs(1), a.revoked())
+            .await
+            .expect("a is cut");
+        assert_eq!(why.cause, Cause::Acl);
+        assert!(
+            why.reason.starts_with("revoked: ") && why.reason.contains("CN=a"),
+            "{why:?}"
+        );
+        // b is allowed: not cut.
+        assert!(tokio::time::timeout(Duration::from_millis(50), b.revoked())
+            .await
+            .is_err());
+        // A second judgement does not replace the first reason.
+        let crl = |_: &LivePeer| {
+            Some(Revoked {
+                cause: Cause::Crl,
+                reason: "revoked: x".into(),
+            })
+        };
+        assert_eq!(live.recheck(crl), 1, "only b was still live");
+        assert_eq!(a.revoked().await.cause, Cause::Acl);
+        assert_eq!(b.revoked().await.cause, Cause::Crl);
+        drop(a);
+        drop(b);
+        assert!(live.is_empty());
+    }
+
+    /// The ACL applies to the static route's channels only; a removed
+    /// route condemns them all.
+    #[test]
+    fn acl_judgement_by_route() {
+        let deny_all = route(Arc::new(crate::authz::DenyAll));
+        assert_eq!(judge_acl(Some(&deny_all), &peer("CN=a", false)), None);
+        let j = judge_acl(Some(&deny_all), &peer("CN=a", true)).unwrap();
+        assert!(j.reason.contains("no authorization is configured"), "{j:?}");
+        let gone = judge_acl(None, &peer("CN=a", true)).unwrap();
+        assert!(gone.reason.contains("removed by a reload"), "{gone:?}");
+        let any = route(Arc::new(crate::authz::AnyVerified));
+        assert_eq!(judge_acl(Some(&any), &peer("CN=a", true)), None);
+    }
+}
