@@ -61,6 +61,8 @@ struct Held {
     api: Option<ApiClient>,
     /// The registration (DaemonTicket).
     id: Option<String>,
+    /// The daemon's configuration file.
+    config: Option<PathBuf>,
 }
 
 /// Replaces the file the way editors do: write a sibling, rename over.
@@ -116,7 +118,7 @@ impl Held {
         src.assert_running_and_counting().await;
 
         let forward = format!("tcp:127.0.0.1:{port}");
-        let (tgt, metrics, api) = match &side {
+        let (tgt, metrics, api, config) = match &side {
             TargetSide::DaemonStatic | TargetSide::DaemonTicket => {
                 let extra = match side {
                     TargetSide::DaemonStatic => format!(
@@ -138,7 +140,7 @@ impl Held {
                     .await
                     .unwrap();
                 let api = ApiClient::new(ApiAddr::Unix(d.api.clone())).unwrap();
-                (d.gw, d.metrics, Some(api))
+                (d.gw, d.metrics, Some(api), Some(d.config))
             }
             TargetSide::Cli(extra) => {
                 let mut args = vec![
@@ -150,7 +152,7 @@ impl Held {
                     acl_path.to_str().unwrap(),
                 ];
                 args.extend_from_slice(extra);
-                (miggate().target(&args).await.unwrap(), None, None)
+                (miggate().target(&args).await.unwrap(), None, None, None)
             }
         };
         let (mut ticket_args, mut id) = (Vec::new(), None);
@@ -184,6 +186,7 @@ impl Held {
             metrics,
             api,
             id,
+            config,
         };
         held.hold_mid_stream().await;
         held
@@ -449,5 +452,34 @@ async fn broken_crl_cuts_nothing_and_is_reported() {
     assert_eq!(
         h.metric("miggate_revocations_total{cause=\"crl\"}").await,
         0
+    );
+}
+
+/// A daemon reload (`POST /v1/reload`) whose static route now names
+/// another identity: the live channel is closed, as for an ACL edit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn daemon_reload_denying_the_source_closes_its_live_channel() {
+    let mut h = Held::start(TargetSide::DaemonStatic).await;
+    let config = h.config.clone().unwrap();
+    let text = std::fs::read_to_string(&config).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("authz_list_file"))
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &config,
+        text.replace(&line, "authz_identity = \"O=miggate tests,CN=other.test\""),
+    )
+    .unwrap();
+    let t = Instant::now();
+    h.api.as_ref().unwrap().reload().await.unwrap();
+    let expected = format!(
+        "revoked: peer {SOURCE_DN} does not match the authorized identity O=miggate tests,CN=other.test"
+    );
+    h.expect_cut(t, &[&expected]).await;
+    assert_eq!(
+        h.metric("miggate_revocations_total{cause=\"acl\"}").await,
+        1
     );
 }
