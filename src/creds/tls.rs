@@ -176,9 +176,19 @@ pub fn server_config_with(
 /// Client (source gateway) config: client-cert/key, the server must present
 /// a certificate issued by ca-cert.pem for the expected hostname.
 pub fn client_config(dir: &Path, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, CredsError> {
+    let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+    client_config_with(dir, &alpn, super::crl_watch::load(dir)?)
+}
+
+/// [`client_config`] with CRLs already read (and checked) by the caller.
+pub fn client_config_with(
+    dir: &Path,
+    alpn: &[Vec<u8>],
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<ClientConfig>, CredsError> {
     let provider = provider();
     let verifier = WebPkiServerVerifier::builder_with_provider(roots(dir)?, provider.clone())
-        .with_crls(super::crl_watch::load(dir)?)
+        .with_crls(crls)
         .build()
         .map_err(verifier_err(dir))?;
     let mut config = ClientConfig::builder_with_provider(provider)

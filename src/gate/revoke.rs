@@ -184,6 +184,99 @@ pub fn judge_acl(
     })
 }
 
+/// The source gateway's side: its peer is the target (a gateway, or a
+/// QEMU with native TLS), verified as a server for `server_name`. No ACL
+/// here; `ca-crl.pem` in its PKI directory is watched, applies to new
+/// handshakes ([`SourceRevocation::tls`]) and re-verifies live targets.
+pub struct SourceRevocation {
+    pub live: Arc<Live>,
+    dir: std::path::PathBuf,
+    server_name: rustls_pki_types::ServerName<'static>,
+    keep_live: bool,
+    tls: std::sync::RwLock<Arc<rustls::ClientConfig>>,
+    crl_error: Mutex<Option<String>>,
+    _watcher: Mutex<Option<notify::RecommendedWatcher>>,
+}
+
+impl SourceRevocation {
+    /// Starts watching `dir/ca-crl.pem`; `tls` is the configuration in
+    /// force until a new CRL replaces it (with `alpn`).
+    pub fn start(
+        dir: &std::path::Path,
+        server_name: rustls_pki_types::ServerName<'static>,
+        keep_live: bool,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Arc<SourceRevocation>, crate::authz::AuthzError> {
+        let rev = Arc::new(SourceRevocation {
+            live: Arc::default(),
+            dir: dir.to_path_buf(),
+            server_name,
+            keep_live,
+            tls: std::sync::RwLock::new(tls),
+            crl_error: Mutex::new(None),
+            _watcher: Mutex::new(None),
+        });
+        let weak = Arc::downgrade(&rev);
+        let w = crate::creds::crl_watch::watch(dir, move |loaded| {
+            if let Some(r) = weak.upgrade() {
+                r.crl_changed(loaded);
+            }
+        })?;
+        *rev._watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+        Ok(rev)
+    }
+
+    /// The client configuration for a new handshake.
+    pub fn tls(&self) -> Arc<rustls::ClientConfig> {
+        self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn crl_changed(
+        &self,
+        loaded: Result<crate::creds::crl_watch::Crls, crate::creds::tls::CredsError>,
+    ) {
+        use crate::creds::{crl_watch::PeerCheck, tls};
+        let built = loaded.and_then(|crls| {
+            let old = self.tls();
+            let config = tls::client_config_with(&self.dir, &old.alpn_protocols, crls.clone())?;
+            let check = PeerCheck::servers(&self.dir, crls, self.server_name.clone())?;
+            Ok((config, check))
+        });
+        let (config, check) = match built {
+            Ok(x) => x,
+            Err(e) => {
+                let why = crate::error::chain(&e);
+                let mut last = self.crl_error.lock().unwrap_or_else(|p| p.into_inner());
+                if last.as_deref() != Some(why.as_str()) {
+                    tracing::error!(
+                        error = %why, live = self.live.len(),
+                        "the new ca-crl.pem cannot be used: the previous CRL stays in force for new handshakes and no live channel is re-checked (fix the file)"
+                    );
+                    *last = Some(why);
+                }
+                return;
+            }
+        };
+        *self.crl_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        *self.tls.write().unwrap_or_else(|p| p.into_inner()) = config;
+        let live = self.live.len();
+        if self.keep_live {
+            tracing::info!(
+                live,
+                "CRL reloaded: live channels kept (keep-live-on-acl-change)"
+            );
+            return;
+        }
+        let cut = self.live.recheck(|p| {
+            check.revoked(&p.leaf).map(|reason| Revoked {
+                cause: Cause::Crl,
+                reason,
+            })
+        });
+        tracing::info!(live, closed = cut, "CRL reloaded: live channels re-checked");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -214,6 +214,11 @@ struct SourceArgs {
     /// credentials (SO_PEERCRED), without speaking QMP.
     #[arg(long, value_name = "unix:PATH", value_parser = miggate::migrate::parse_qmp)]
     source_qmp: Option<PathBuf>,
+    /// A new ca-crl.pem applies to new connections only. By default a
+    /// live channel whose target's certificate it revokes is also closed
+    /// (the source QEMU's migration fails, the VM keeps running).
+    #[arg(long)]
+    keep_live_on_acl_change: bool,
 }
 
 /// A file mode in octal (`600`, `0600`, `0o600`), permission bits only.
@@ -470,6 +475,12 @@ async fn run_source(a: SourceArgs) -> Result<()> {
         ),
     };
     tracing::info!(role = "source", listen = %shown, connect = %a.connect, tls_hostname = %host, local_peer = %only, "listening");
+    let revocation = source::SourceRevocation::start(
+        &a.x509_dir,
+        server_name.clone(),
+        a.keep_live_on_acl_change,
+        tls.clone(),
+    )?;
     let cfg = source::SourceConfig {
         tls,
         connect: a.connect,
@@ -481,7 +492,7 @@ async fn run_source(a: SourceArgs) -> Result<()> {
         resume: resume_token(a.resume_token_file.as_deref(), &listener)?,
     };
     tokio::select! {
-        r = source::serve(listener, cfg) => r?,
+        r = source::serve_with(listener, cfg, Some(revocation)) => r?,
         _ = shutdown_signal() => tracing::info!("shutting down"),
     }
     Ok(())

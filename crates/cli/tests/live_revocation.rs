@@ -35,6 +35,12 @@ const MID_STREAM: u64 = 2 << 20;
 /// far below the 30 s stall timeout, which therefore cannot be the cause.
 const CUT_BOUND: Duration = Duration::from_secs(15);
 
+/// The gateway that closes the channel.
+enum Cutter {
+    Target,
+    Source,
+}
+
 /// Who runs the target side.
 enum TargetSide {
     /// `miggate daemon` with a static route through the ACL file, and
@@ -223,6 +229,11 @@ impl Held {
     /// QEMU reports `failed` with a reason and keeps running its VM, the
     /// target QEMU exits, the target's record says `reason_has`.
     async fn expect_cut(&mut self, since: Instant, reason_has: &[&str]) -> Value {
+        self.expect_cut_by(Cutter::Target, since, reason_has).await
+    }
+
+    /// [`Held::expect_cut`], the reason in `by`'s record.
+    async fn expect_cut_by(&mut self, by: Cutter, since: Instant, reason_has: &[&str]) -> Value {
         let s = self
             .src
             .wait_migration_end(MIGRATION_TIMEOUT)
@@ -255,14 +266,18 @@ impl Held {
         let rec = self.tgt.wait_outcome(EVENT_TIMEOUT).await.unwrap();
         assert_eq!(rec["outcome"], "failed", "{rec}");
         assert_eq!(rec["peer.dn"], SOURCE_DN, "{rec}");
+        assert!(rec["bytes_sent"].as_u64().unwrap() > MID_STREAM, "{rec}");
+        // The other gateway saw its channel fail too, not complete.
+        let srec = self.sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+        assert_eq!(srec["outcome"], "failed", "{srec}");
+        let rec = match by {
+            Cutter::Target => rec,
+            Cutter::Source => srec,
+        };
         let reason = rec["reason"].as_str().unwrap();
         for part in reason_has {
             assert!(reason.contains(part), "{part:?} not in {rec}");
         }
-        assert!(rec["bytes_sent"].as_u64().unwrap() > MID_STREAM, "{rec}");
-        // The source gateway saw its channel fail too, not complete.
-        let srec = self.sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
-        assert_eq!(srec["outcome"], "failed", "{srec}");
         rec
     }
 
@@ -354,6 +369,29 @@ async fn pki_revoke_of_the_source_certificate_closes_its_live_channel() {
         rec["reason"].as_str().unwrap().contains(&serial),
         "{serial} not in {rec}"
     );
+}
+
+/// `miggate pki revoke` of the *target's* certificate in the source
+/// gateway's PKI directory: the source gateway closes its live channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pki_revoke_of_the_target_certificate_closes_the_source_channel() {
+    let mut h = Held::start(TargetSide::Cli(&[])).await;
+    let (pki, cert) = (h.pki.clone(), h.pki.join("server-cert.pem"));
+    let t = Instant::now();
+    run_ok(&[
+        "pki",
+        "revoke",
+        "--ca-dir",
+        pki.to_str().unwrap(),
+        cert.to_str().unwrap(),
+    ]);
+    let crl = format!("revoked by {}", pki.join("ca-crl.pem").display());
+    h.expect_cut_by(
+        Cutter::Source,
+        t,
+        &["revoked: peer certificate serial ", &crl],
+    )
+    .await;
 }
 
 /// (c) DELETE of the registration: its channel is cut, the record and the
