@@ -521,3 +521,110 @@ async fn daemon_reload_denying_the_source_closes_its_live_channel() {
         1
     );
 }
+
+/// Postcopy: the guest already runs on the target. Revocation cuts anyway
+/// (the peer is no longer trusted to feed it): both QEMUs pause
+/// (`postcopy-paused`, the VM split over them, nothing lost), and a
+/// recovery is admitted only once the ACL allows the DN again; then the
+/// migration completes with the RAM intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acl_edit_in_postcopy_pauses_and_recovers_once_allowed_again() {
+    use common::postcopy::*;
+    let pki_tmp = pki();
+    let pki = pki_dir(&pki_tmp);
+    let tmp = tempfile::tempdir().unwrap();
+    let acl_path = tmp.path().join("acl.json");
+    replace(&acl_path, &acl("allow"));
+    let mut opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0x5e7 }, RAM_MIB);
+    opts.uuid = Some(VM);
+    let caps = [
+        ("validate-uuid", true),
+        ("postcopy-ram", true),
+        ("postcopy-preempt", true),
+    ];
+    let (mut src, mut dst, port) = qemu_pair_with(&opts, Versions::Q72, &caps, None).await;
+    slow_postcopy(&mut src).await;
+    let src_hash = src.ram_sha256().await.unwrap();
+    let vm = VM.to_string();
+    let forward = format!("tcp:127.0.0.1:{port}");
+    let mut tgw = miggate()
+        .target(&[
+            "--x509-dir",
+            pki.to_str().unwrap(),
+            "--forward",
+            &forward,
+            "--authz-list-file",
+            acl_path.to_str().unwrap(),
+            "--expect-uuid",
+            &vm,
+        ])
+        .await
+        .unwrap();
+    let mut sgw = source_gateway(&pki, &tgw.addr, &[]).await;
+
+    src.forget_old_events().await.unwrap();
+    src.migrate(&format!("tcp:{}", sgw.addr)).await.unwrap();
+    wait_migration_status(&mut src, "active").await;
+    src.cmd("migrate-start-postcopy", json!({})).await.unwrap();
+    wait_migration_status(&mut src, "postcopy-active").await;
+    wait_migration_status(&mut dst, "postcopy-active").await;
+    wait_target_runs_the_vm(&mut dst).await;
+    wait_postcopy_bytes(&mut src, 4 << 20).await;
+
+    replace(&acl_path, &acl("deny"));
+    wait_migration_status(&mut src, "postcopy-paused").await;
+    wait_migration_status(&mut dst, "postcopy-paused").await;
+    // Main and preempt channels: both cut, for the ACL.
+    for r in outcomes(&mut tgw, 2).await {
+        assert_eq!(r["outcome"], "failed", "{r}");
+        assert!(
+            r["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("revoked: peer {SOURCE_DN} not allowed by ACL")),
+            "{r}"
+        );
+    }
+
+    // Allowed again: the source resumes through the same gateways.
+    replace(&acl_path, &acl("allow"));
+    tgw.wait_event(
+        |v| v["message"] == "ACL file reloaded: live channels re-checked",
+        EVENT_TIMEOUT,
+    )
+    .await
+    .unwrap();
+    dst.cmd(
+        "migrate-recover",
+        json!({ "uri": format!("tcp:127.0.0.1:{port}") }),
+    )
+    .await
+    .unwrap();
+    src.cmd(
+        "migrate",
+        json!({ "uri": format!("tcp:{}", sgw.addr), "resume": true }),
+    )
+    .await
+    .unwrap();
+    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+    let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+    assert_eq!(
+        (s.status.as_deref(), d.status.as_deref()),
+        (Some("completed"), Some("completed")),
+        "source: {:?}\ntarget: {:?}",
+        s.raw,
+        d.error_desc
+    );
+    assert_eq!(dst.ram_sha256().await.unwrap(), src_hash);
+    let resumed = outcomes(&mut tgw, 2).await;
+    assert!(
+        resumed
+            .iter()
+            .any(|r| r["channel"] == "main-resumed" && r["outcome"] == "completed"),
+        "{resumed:?}"
+    );
+    // The source gateway saw the cut channels fail.
+    for r in outcomes(&mut sgw, 2).await {
+        assert_eq!(r["outcome"], "failed", "{r}");
+    }
+}
