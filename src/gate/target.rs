@@ -150,6 +150,10 @@ struct Revocation {
     _crl_watcher: Option<notify::RecommendedWatcher>,
     /// The last reason a new CRL was not taken, to say it once.
     crl_error: Option<String>,
+    /// The CRL taken last, and how many were taken since the start: a
+    /// channel whose handshake used an older one is re-checked with it.
+    crl_check: Option<Arc<crl_watch::PeerCheck>>,
+    crl_generation: u64,
 }
 
 impl Target {
@@ -297,8 +301,16 @@ impl Target {
                 return;
             }
         };
-        self.revocation().crl_error = None;
-        self.set_tls(tls);
+        let check = Arc::new(check);
+        {
+            let mut r = self.revocation();
+            r.crl_error = None;
+            r.crl_check = Some(check.clone());
+            r.crl_generation += 1;
+            // Under the lock: a handshake that reads the generation
+            // before the swap is re-checked after its admission.
+            self.set_tls(tls);
+        }
         let live = self.live.len();
         if self.revocation().keep_live {
             tracing::info!(
@@ -325,13 +337,41 @@ impl Target {
         let route = self.current_route();
         let check = dir.and_then(|d| {
             let crls = crl_watch::load(&d).ok()?;
-            crl_watch::PeerCheck::clients(&d, crls).ok()
+            crl_watch::PeerCheck::clients(&d, crls).ok().map(Arc::new)
         });
+        if let Some(c) = &check {
+            let mut r = self.revocation();
+            r.crl_check = Some(c.clone());
+            r.crl_generation += 1;
+        }
         let cut = self.live.recheck(|p| {
             revoke::judge_acl(route.as_deref(), p)
                 .or_else(|| check.as_ref().and_then(|c| crl_judge(c, p)))
         });
         tracing::info!(live, closed = cut, "{why}: live channels re-checked");
+    }
+
+    /// The TLS configuration for a new handshake, and the CRL generation
+    /// it carries.
+    fn tls_for_handshake(&self) -> (Arc<ServerConfig>, u64) {
+        let r = self.revocation();
+        (self.current_tls(), r.crl_generation)
+    }
+
+    /// A channel just registered as live, judged by what is in force now:
+    /// a change between its admission's checks and its registration would
+    /// otherwise be missed. `crl_generation`: the CRL its handshake used.
+    fn judge_now(&self, p: &LivePeer, crl_generation: u64) -> Option<Revoked> {
+        let r = self.revocation();
+        if r.keep_live {
+            return None;
+        }
+        let check = (r.crl_generation != crl_generation)
+            .then(|| r.crl_check.clone())
+            .flatten();
+        drop(r);
+        revoke::judge_acl(self.current_route().as_deref(), p)
+            .or_else(|| check.and_then(|c| crl_judge(&c, p)))
     }
 
     /// Its bindings: the daemon rekeys a paused one for a recovery.
@@ -471,7 +511,8 @@ async fn handle(
 ) -> Result<(), End> {
     let stall = target.stall;
     let handshake = target.limits.handshake;
-    let acceptor = TlsAcceptor::from(target.current_tls());
+    let (tls_config, crl_generation) = target.tls_for_handshake();
+    let acceptor = TlsAcceptor::from(tls_config);
     // No read buffer until admission: see `TlsSocket`.
     let sock = crate::net::socket::tls_socket_unbuffered(sock);
     let (mut tls, peer) = mtls::accept(&acceptor, sock, handshake)
@@ -499,11 +540,19 @@ async fn handle(
     drop(pending);
     // From now on an ACL or CRL change that no longer allows the peer
     // cuts this channel (see `revoke`).
-    let mut live = target.live.register(LivePeer {
+    let live_peer = LivePeer {
         dn: peer.dn.clone(),
         leaf: peer.leaf.clone(),
         static_route: matches!(admitted, Route::Static(_)),
-    });
+    };
+    // Registered first, judged second: a change in between is seen by
+    // one or the other.
+    let mut live = target.live.register(live_peer.clone());
+    if let Some(why) = target.judge_now(&live_peer, crl_generation) {
+        // Not forwarded yet: nothing reached the target QEMU.
+        tracing::warn!(peer.dn = %crate::authz::shown(&peer.dn), reason = %why.reason, "closing a channel admitted under the previous ACL or CRL");
+        return Err(fail(admitted, Failure::Revoked(why)));
+    }
 
     // Main first: see the module comment.
     let mains = match &admitted {
