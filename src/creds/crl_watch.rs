@@ -64,7 +64,7 @@ fn check_applies(dir: &Path, path: &Path, crls: &Crls) -> Result<(), CredsError>
             PeerCheck::clients(dir, crls.clone())
         }
         .map_err(|e| bad(e.to_string()))?;
-        match check.verify(&leaf) {
+        match check.verify(&leaf, &[]) {
             Err(e) if crl_error(&e) => return Err(bad(describe(&e))),
             _ => {}
         }
@@ -136,22 +136,35 @@ impl PeerCheck {
         })
     }
 
-    fn verify(&self, leaf: &CertificateDer<'_>) -> Result<(), TlsError> {
+    fn verify(
+        &self,
+        leaf: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+    ) -> Result<(), TlsError> {
         let now = UnixTime::now();
         match &self.kind {
-            Kind::Clients(v) => v.verify_client_cert(leaf, &[], now).map(drop),
-            Kind::Servers(v, name) => v.verify_server_cert(leaf, &[], name, &[], now).map(drop),
+            Kind::Clients(v) => v.verify_client_cert(leaf, intermediates, now).map(drop),
+            Kind::Servers(v, name) => v
+                .verify_server_cert(leaf, intermediates, name, &[], now)
+                .map(drop),
         }
     }
 
-    /// `Some(reason)` if the CRLs revoke this end-entity certificate (DER).
-    /// Any other verdict (valid, expired since, unparsable) is not a
-    /// revocation: the handshake judged those already.
-    pub fn revoked(&self, leaf: &[u8]) -> Option<String> {
-        match self.verify(&CertificateDer::from(leaf)) {
+    /// `Some(reason)` if the CRLs revoke a certificate of this chain (as
+    /// the peer presented it, end-entity first). Any other verdict (valid,
+    /// expired since, unparsable) is not a revocation: the handshake
+    /// judged those already.
+    pub fn revoked(&self, chain: &[CertificateDer<'_>]) -> Option<String> {
+        let (leaf, intermediates) = chain.split_first()?;
+        match self.verify(leaf, intermediates) {
             Err(TlsError::InvalidCertificate(CertificateError::Revoked)) => Some(format!(
-                "revoked: peer certificate serial {} revoked by {}",
+                "revoked: peer certificate serial {}{} revoked by {}",
                 serial_hex(leaf),
+                if intermediates.is_empty() {
+                    ""
+                } else {
+                    " (or an intermediate of its chain)"
+                },
                 self.crl_path.display()
             )),
             _ => None,
@@ -199,8 +212,8 @@ mod tests {
         dir
     }
 
-    fn leaf(dir: &Path, file: &str) -> Vec<u8> {
-        tls::certs(&dir.join(file)).unwrap().remove(0).to_vec()
+    fn leaf(dir: &Path, file: &str) -> Vec<CertificateDer<'static>> {
+        tls::certs(&dir.join(file)).unwrap()
     }
 
     /// No CRL: nothing revoked. After `pki revoke` of the client
@@ -220,7 +233,7 @@ mod tests {
         assert_eq!(crls.len(), 1);
         let check = PeerCheck::clients(d, crls.clone()).unwrap();
         let why = check.revoked(&client).expect("revoked");
-        let serial = serial_hex(&client);
+        let serial = serial_hex(&client[0]);
         assert!(serial.len() >= 2 && serial != "?", "{serial}");
         assert_eq!(
             why,

@@ -315,4 +315,25 @@ mod tests {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }
     }
+
+    /// A revoked channel counts as failed, and by its cause; a cause not
+    /// in the list is only a failure.
+    #[test]
+    fn revocations_by_cause() {
+        let m = Metrics::new();
+        m.revoked(&record(Ending::Failed, None), "acl");
+        m.revoked(&record(Ending::Failed, None), "crl");
+        m.revoked(&record(Ending::Failed, None), "crl");
+        m.revoked(&record(Ending::Failed, None), "nonsense");
+        let text = m.render(&Registry::new(Duration::from_secs(1)));
+        for line in [
+            "miggate_connections_total{outcome=\"failed\"} 4",
+            "miggate_revocations_total{cause=\"acl\"} 1",
+            "miggate_revocations_total{cause=\"crl\"} 2",
+            "miggate_revocations_total{cause=\"deleted\"} 0",
+            "miggate_refusals_total{reason=\"other\"} 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+    }
 }

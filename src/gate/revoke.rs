@@ -56,8 +56,9 @@ pub const CAUSES: [Cause; 3] = [Cause::Acl, Cause::Crl, Cause::Deleted];
 pub struct LivePeer {
     /// Subject DN, as the ACL saw it.
     pub dn: String,
-    /// The peer's end-entity certificate (DER), re-verified on a CRL change.
-    pub leaf: Vec<u8>,
+    /// The peer's certificates as it presented them, end-entity first
+    /// (intermediates after it), re-verified on a CRL change.
+    pub chain: Vec<rustls_pki_types::CertificateDer<'static>>,
     /// Admitted on the static route (its ACL applies); `false`: by a
     /// registration's ticket (its own allowed identity applies).
     pub static_route: bool,
@@ -268,7 +269,7 @@ impl SourceRevocation {
             return;
         }
         let cut = self.live.recheck(|p| {
-            check.revoked(&p.leaf).map(|reason| Revoked {
+            check.revoked(&p.chain).map(|reason| Revoked {
                 cause: Cause::Crl,
                 reason,
             })
@@ -287,7 +288,7 @@ mod tests {
     fn peer(dn: &str, static_route: bool) -> LivePeer {
         LivePeer {
             dn: dn.into(),
-            leaf: Vec::new(),
+            chain: Vec::new(),
             static_route,
         }
     }
@@ -349,5 +350,39 @@ mod tests {
         assert!(gone.reason.contains("removed by a reload"), "{gone:?}");
         let any = route(Arc::new(crate::authz::AnyVerified));
         assert_eq!(judge_acl(Some(&any), &peer("CN=a", true)), None);
+    }
+
+    /// Waits for a reload (not the initial load) that loaded, or not.
+    async fn loaded(rx: &mut watch::Receiver<crate::authz::ReloadState>, ok: bool) {
+        let f = rx.wait_for(|s| s.generation > 0 && s.result.is_ok() == ok);
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .expect("reloaded")
+            .unwrap();
+    }
+
+    /// An ACL file that cannot be loaded denies new peers, but condemns no
+    /// live channel; loaded again and denying, it does.
+    #[tokio::test]
+    async fn a_broken_acl_file_condemns_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("acl.json");
+        let deny = r#"{"rules": [{"match": "CN=a", "policy": "deny"}], "policy": "allow"}"#;
+        std::fs::write(&path, r#"{"policy": "allow"}"#).unwrap();
+        let file = crate::authz::ListFile::open(&path, true).unwrap();
+        let mut rx = file.subscribe();
+        let acl = route(file.clone());
+        let a = peer("CN=a", true);
+        assert_eq!(judge_acl(Some(&acl), &a), None);
+
+        std::fs::write(&path, "{ broken").unwrap();
+        loaded(&mut rx, false).await;
+        assert_ne!(file.check("CN=a"), crate::authz::Decision::Allow);
+        assert_eq!(judge_acl(Some(&acl), &a), None);
+
+        std::fs::write(&path, deny).unwrap();
+        loaded(&mut rx, true).await;
+        let j = judge_acl(Some(&acl), &a).expect("denied");
+        assert!(j.reason.contains("not allowed by ACL"), "{j:?}");
     }
 }

@@ -568,10 +568,10 @@ async fn handle(
     // From now on a CRL revoking the target's certificate cuts this
     // channel (see `revoke`).
     let mut live = revocation.map(|r| {
-        let leaf = tls::peer_leaf(tls.get_ref().1.peer_certificates()).unwrap_or_default();
+        let chain = tls.get_ref().1.peer_certificates().map(<[_]>::to_vec);
         r.live.register(LivePeer {
             dn: out.peer_dn.clone().unwrap_or_default(),
-            leaf: leaf.to_vec(),
+            chain: chain.unwrap_or_default(),
             static_route: false,
         })
     });

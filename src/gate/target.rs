@@ -542,7 +542,12 @@ async fn handle(
     // cuts this channel (see `revoke`).
     let live_peer = LivePeer {
         dn: peer.dn.clone(),
-        leaf: peer.leaf.clone(),
+        chain: tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(<[_]>::to_vec)
+            .unwrap_or_default(),
         static_route: matches!(admitted, Route::Static(_)),
     };
     // Registered first, judged second: a change in between is seen by
@@ -716,7 +721,7 @@ async fn handle(
 /// Records a channel's end on its migration (managed mode): the API
 /// shows the reason, so it is rendered here.
 fn crl_judge(check: &crl_watch::PeerCheck, p: &LivePeer) -> Option<Revoked> {
-    check.revoked(&p.leaf).map(|reason| Revoked {
+    check.revoked(&p.chain).map(|reason| Revoked {
         cause: Cause::Crl,
         reason,
     })
