@@ -206,18 +206,16 @@ impl Target {
                 t.crl_changed(loaded);
             }
         })?;
-        {
-            let mut r = self.revocation();
-            let first = r.x509_dir.is_none();
-            r.keep_live = keep_live;
-            r.x509_dir = Some(x509_dir.to_path_buf());
-            r._crl_watcher = Some(watcher);
-            drop(r);
-            if first {
-                self.follow_acl();
-            } else {
-                self.recheck_all("configuration reloaded");
-            }
+        let mut r = self.revocation();
+        let first = r.x509_dir.is_none();
+        r.keep_live = keep_live;
+        r.x509_dir = Some(x509_dir.to_path_buf());
+        r._crl_watcher = Some(watcher);
+        drop(r);
+        if first {
+            self.follow_acl();
+        } else {
+            self.recheck_all("configuration reloaded");
         }
         Ok(())
     }
@@ -554,8 +552,17 @@ async fn handle(
     // one or the other.
     let mut live = target.live.register(live_peer.clone());
     if let Some(why) = target.judge_now(&live_peer, crl_generation) {
-        // Not forwarded yet: nothing reached the target QEMU.
+        // Not forwarded yet: nothing reached the target QEMU. A miggate
+        // source is told, as for a refusal.
         tracing::warn!(peer.dn = %crate::authz::shown(&peer.dn), reason = %why.reason, "closing a channel admitted under the previous ACL or CRL");
+        let send = async {
+            if miggate_peer {
+                let reason = "peer no longer allowed (revoked while admitted)".to_string();
+                frames::write_verdict(&mut tls, &Verdict::Refused { reason }).await?;
+            }
+            tls.shutdown().await
+        };
+        let _ = tokio::time::timeout(crate::timeouts::VERDICT_WRITE, send).await;
         return Err(fail(admitted, Failure::Revoked(why)));
     }
 
@@ -718,8 +725,7 @@ async fn handle(
     }
 }
 
-/// Records a channel's end on its migration (managed mode): the API
-/// shows the reason, so it is rendered here.
+/// The CRL judgement of a live peer: its presented chain re-verified.
 fn crl_judge(check: &crl_watch::PeerCheck, p: &LivePeer) -> Option<Revoked> {
     check.revoked(&p.chain).map(|reason| Revoked {
         cause: Cause::Crl,
@@ -727,6 +733,8 @@ fn crl_judge(check: &crl_watch::PeerCheck, p: &LivePeer) -> Option<Revoked> {
     })
 }
 
+/// Records a channel's end on its migration (managed mode): the API
+/// shows the reason, so it is rendered here.
 fn finish_channel(admitted: Route, why: &dyn std::fmt::Display) {
     if let Route::Ticket(g) = admitted {
         g.finish(Err(why.to_string()));
@@ -897,5 +905,56 @@ mod tests {
         drop(a1);
         let _c1 = t.try_pending(c).unwrap();
         assert_eq!(t.pending.lock().unwrap().by_ip.len(), 3);
+    }
+
+    /// A channel whose handshake used the CRL before the one now in force
+    /// is judged by the new one once registered; one whose handshake used
+    /// the current CRL is not re-verified; the static route's ACL always
+    /// judges; `keep_live` spares both.
+    #[test]
+    fn judged_again_once_registered() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        crate::creds::pki::init(d, &Default::default()).unwrap();
+        let tls = tls::server_config(d, &[]).unwrap();
+        let route = StaticRoute {
+            forward: "tcp:127.0.0.1:1".parse().unwrap(),
+            authz: Arc::new(crate::authz::Simple::new("CN=someone else")),
+            expect: Default::default(),
+        };
+        let t = Target::new(
+            tls,
+            None,
+            None,
+            Duration::from_secs(1),
+            None,
+            Limits::default(),
+        );
+        t.watch_revocations(d, false).unwrap();
+        let chain = tls::certs(&d.join(tls::CLIENT_CERT)).unwrap();
+        let ticket = LivePeer {
+            dn: "CN=x".into(),
+            chain,
+            static_route: false,
+        };
+        let (_, before) = t.tls_for_handshake();
+        assert_eq!(t.judge_now(&ticket, before), None);
+
+        crate::creds::pki::revoke(d, &d.join(tls::CLIENT_CERT), 30).unwrap();
+        t.crl_changed(crl_watch::load(d));
+        let (_, now) = t.tls_for_handshake();
+        assert!(now > before);
+        let why = t.judge_now(&ticket, before).expect("revoked since");
+        assert_eq!(why.cause, Cause::Crl);
+        assert_eq!(t.judge_now(&ticket, now), None, "its handshake saw the CRL");
+
+        *t.route.write().unwrap() = Some(Arc::new(route));
+        let on_route = LivePeer {
+            static_route: true,
+            ..ticket
+        };
+        assert_eq!(t.judge_now(&on_route, now).unwrap().cause, Cause::Acl);
+        t.revocation().keep_live = true;
+        assert_eq!(t.judge_now(&on_route, before), None);
     }
 }
