@@ -628,3 +628,43 @@ async fn acl_edit_in_postcopy_pauses_and_recovers_once_allowed_again() {
         assert_eq!(r["outcome"], "failed", "{r}");
     }
 }
+
+/// `pki revoke` of the source's certificate also cuts a registered
+/// migration (its ticket does not outrank the CRL); the daemon's metrics
+/// and API say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pki_revoke_closes_a_registered_migration_too() {
+    let mut h = Held::start(TargetSide::DaemonTicket).await;
+    let (pki, cert) = (h.pki.clone(), h.pki.join("client-cert.pem"));
+    let t = Instant::now();
+    run_ok(&[
+        "pki",
+        "revoke",
+        "--ca-dir",
+        pki.to_str().unwrap(),
+        cert.to_str().unwrap(),
+    ]);
+    h.expect_cut(t, &["revoked: peer certificate serial "])
+        .await;
+    assert_eq!(
+        h.metric("miggate_revocations_total{cause=\"crl\"}").await,
+        1
+    );
+    let id = h.id.clone().unwrap();
+    let api = h.api.as_ref().unwrap();
+    let deadline = tokio::time::Instant::now() + EVENT_TIMEOUT;
+    let v = loop {
+        let v = api.migration(&id).await.unwrap();
+        if v.channels_open == 0 && v.state.as_str() == "failed" {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{v:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        v.reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("revoked: ")),
+        "{v:?}"
+    );
+}
