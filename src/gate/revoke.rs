@@ -6,8 +6,9 @@
 //! certificate, the route that admitted it) in the gateway's [`Live`]
 //! table and gets a [`LiveGuard`]; the gate `select!`s its relay against
 //! [`LiveGuard::revoked`], a `watch` receiver that wakes only when the
-//! channel is cut. The relay's hot path pays nothing: no lock, no check
-//! per read. On a change, [`Live::recheck`] runs the caller's judgement
+//! channel is cut. The relay's hot path pays next to nothing: no shared
+//! lock, no check per read (re-polling the receiver when the relay wakes
+//! takes this channel's own, uncontended `Notify` lock). On a change, [`Live::recheck`] runs the caller's judgement
 //! (a pure function of the entry: ACL decision, CRL verdict) over the
 //! table, off the data path, and cuts the entries it condemns. Dropping
 //! the relay closes both sockets, as a stall or a `DELETE` does: the
