@@ -196,28 +196,22 @@ pub struct SourceRevocation {
     server_name: rustls_pki_types::ServerName<'static>,
     keep_live: bool,
     tls: std::sync::RwLock<Arc<rustls::ClientConfig>>,
+    /// The CRL taken last (with the `tls` built from it).
+    check: Mutex<Option<Arc<crate::creds::crl_watch::PeerCheck>>>,
     crl_error: Mutex<Option<String>>,
     _watcher: Mutex<Option<notify::RecommendedWatcher>>,
 }
 
 impl SourceRevocation {
     /// Starts watching `dir/ca-crl.pem`; `tls` is the configuration in
-    /// force until a new CRL replaces it (with `alpn`).
+    /// force until a new CRL replaces it (keeping its ALPN protocols).
     pub fn start(
         dir: &std::path::Path,
         server_name: rustls_pki_types::ServerName<'static>,
         keep_live: bool,
         tls: Arc<rustls::ClientConfig>,
     ) -> Result<Arc<SourceRevocation>, crate::authz::AuthzError> {
-        let rev = Arc::new(SourceRevocation {
-            live: Arc::default(),
-            dir: dir.to_path_buf(),
-            server_name,
-            keep_live,
-            tls: std::sync::RwLock::new(tls),
-            crl_error: Mutex::new(None),
-            _watcher: Mutex::new(None),
-        });
+        let rev = Self::unwatched(dir, server_name, keep_live, tls);
         let weak = Arc::downgrade(&rev);
         let w = crate::creds::crl_watch::watch(dir, move |loaded| {
             if let Some(r) = weak.upgrade() {
@@ -228,9 +222,44 @@ impl SourceRevocation {
         Ok(rev)
     }
 
+    fn unwatched(
+        dir: &std::path::Path,
+        server_name: rustls_pki_types::ServerName<'static>,
+        keep_live: bool,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Arc<SourceRevocation> {
+        Arc::new(SourceRevocation {
+            live: Arc::default(),
+            dir: dir.to_path_buf(),
+            server_name,
+            keep_live,
+            tls: std::sync::RwLock::new(tls),
+            check: Mutex::new(None),
+            crl_error: Mutex::new(None),
+            _watcher: Mutex::new(None),
+        })
+    }
+
     /// The client configuration for a new handshake.
     pub fn tls(&self) -> Arc<rustls::ClientConfig> {
         self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A channel just registered as live whose handshake used `used`:
+    /// if a CRL was taken since, it is judged by it (a change between the
+    /// handshake and the registration would otherwise be missed).
+    pub fn judge_since(&self, used: &Arc<rustls::ClientConfig>, p: &LivePeer) -> Option<Revoked> {
+        if self.keep_live {
+            return None;
+        }
+        let check = self.check.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if Arc::ptr_eq(used, &self.tls()) {
+            return None;
+        }
+        check?.revoked(&p.chain).map(|reason| Revoked {
+            cause: Cause::Crl,
+            reason,
+        })
     }
 
     fn crl_changed(
@@ -260,6 +289,10 @@ impl SourceRevocation {
             }
         };
         *self.crl_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let check = Arc::new(check);
+        // The check first: a channel that sees the new configuration
+        // finds the check that goes with it.
+        *self.check.lock().unwrap_or_else(|p| p.into_inner()) = Some(check.clone());
         *self.tls.write().unwrap_or_else(|p| p.into_inner()) = config;
         let live = self.live.len();
         if self.keep_live {
@@ -351,6 +384,37 @@ mod tests {
         assert!(gone.reason.contains("removed by a reload"), "{gone:?}");
         let any = route(Arc::new(crate::authz::AnyVerified));
         assert_eq!(judge_acl(Some(&any), &peer("CN=a", true)), None);
+    }
+
+    /// The source side: a target certificate revoked by a CRL taken after
+    /// the channel's handshake is judged by it once registered; a channel
+    /// whose handshake used the new configuration is not re-verified.
+    #[test]
+    fn source_judged_by_a_crl_taken_since_its_handshake() {
+        use crate::creds::{crl_watch, pki, tls};
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        pki::init(d, &Default::default()).unwrap();
+        let old = tls::client_config(d, &[tls::ALPN_MIGGATE]).unwrap();
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        // No watcher: the test makes the changes happen, one at a time.
+        let rev = SourceRevocation::unwatched(d, name, false, old.clone());
+        let target = LivePeer {
+            dn: "CN=localhost".into(),
+            chain: tls::certs(&d.join(tls::SERVER_CERT)).unwrap(),
+            static_route: false,
+        };
+        assert_eq!(rev.judge_since(&old, &target), None);
+
+        pki::revoke(d, &d.join(tls::SERVER_CERT), 30).unwrap();
+        rev.crl_changed(crl_watch::load(d));
+        let new = rev.tls();
+        assert!(!Arc::ptr_eq(&old, &new));
+        assert_eq!(new.alpn_protocols, vec![tls::ALPN_MIGGATE.to_vec()]);
+        let why = rev.judge_since(&old, &target).expect("revoked since");
+        assert_eq!(why.cause, Cause::Crl);
+        assert!(why.reason.contains("ca-crl.pem"), "{why:?}");
+        assert_eq!(rev.judge_since(&new, &target), None);
     }
 
     /// Waits for a reload (not the initial load) that loaded, or not.

@@ -411,7 +411,7 @@ async fn handle(
     crate::net::tune(&sock);
     let host = hostname(&cfg.server_name);
     let config = revocation.map_or_else(|| cfg.tls.clone(), SourceRevocation::tls);
-    let connector = TlsConnector::from(config);
+    let connector = TlsConnector::from(config.clone());
     let mut tls = match tokio::time::timeout_at(
         deadline,
         connector.connect(
@@ -567,14 +567,24 @@ async fn handle(
     }
     // From now on a CRL revoking the target's certificate cuts this
     // channel (see `revoke`).
-    let mut live = revocation.map(|r| {
+    let mut live = None;
+    if let Some(r) = revocation {
         let chain = tls.get_ref().1.peer_certificates().map(<[_]>::to_vec);
-        r.live.register(LivePeer {
+        let peer = LivePeer {
             dn: out.peer_dn.clone().unwrap_or_default(),
             chain: chain.unwrap_or_default(),
             static_route: false,
-        })
-    });
+        };
+        // Registered first, judged second: a CRL taken in between is
+        // seen by one or the other.
+        live = Some(r.live.register(peer.clone()));
+        if let Some(why) = r.judge_since(&config, &peer) {
+            if let Some(e) = &entry {
+                e.failed();
+            }
+            return Err(failed(why.reason));
+        }
+    }
     let names = ("source->target", "target->source");
     let closes = (Close::AnyEof, Close::tls_peer(miggate_peer, "target"));
     // A main channel's stream says whether a preempt channel may join it;
