@@ -74,6 +74,14 @@ pub trait Sink: Send + Sync {
         let _ = (class, cause);
         self.record(record);
     }
+
+    /// An admitted channel cut because its peer is no longer allowed
+    /// ([`crate::gate::revoke`]; `cause`: `acl`, `crl`, `deleted`). By
+    /// default, just the record (a failed one).
+    fn revoked(&self, record: &Record, cause: &'static str) {
+        let _ = cause;
+        self.record(record);
+    }
 }
 
 pub struct Outcome {
@@ -126,6 +134,12 @@ impl Outcome {
         );
     }
 
+    /// Ends an admitted channel cut by a revocation (`failed`, with the
+    /// reason), with its cause for sinks.
+    pub fn revoked(mut self, cause: &'static str, reason: &str) {
+        self.emit(Ending::Failed, Some(reason), Some((REVOKED, cause)));
+    }
+
     /// Ends a connection closed unread because the gateway is at its limit
     /// of connections waiting for admission (class `overload`).
     pub fn overloaded(mut self, why: &str) {
@@ -162,12 +176,17 @@ impl Outcome {
             log(&record);
         }
         match (&self.sink, class) {
+            (Some(sink), Some((REVOKED, cause))) => sink.revoked(&record, cause),
             (Some(sink), Some((class, cause))) => sink.refused(&record, class, cause),
             (Some(sink), None) => sink.record(&record),
             (None, _) => {}
         }
     }
 }
+
+/// Marks a revocation among the classes `emit` passes on (never a
+/// refusal class: a revoked channel was admitted, and `failed`).
+const REVOKED: &str = "revoked";
 
 /// Refusal class of connections closed at the pending limit.
 pub const OVERLOAD: &str = "overload";

@@ -25,7 +25,7 @@
 use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock, Weak};
+use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use notify::event::{AccessKind, AccessMode, ModifyKind};
@@ -83,19 +83,10 @@ impl ListFile {
 
         // Watch before the first load so a change in between is not missed.
         let (watcher, events) = if refresh {
-            let (tx, rx) = mpsc::channel();
-            let mut w = notify::recommended_watcher(move |ev| {
-                let _ = tx.send(ev);
-            })
-            .map_err(|source| AuthzError::Watch {
+            let (w, rx) = watch_dir(&dir).map_err(|source| AuthzError::Watch {
                 path: dir.clone(),
                 source,
             })?;
-            w.watch(&dir, RecursiveMode::NonRecursive)
-                .map_err(|source| AuthzError::Watch {
-                    path: dir.clone(),
-                    source,
-                })?;
             (Some(w), Some(rx))
         } else {
             (None, None)
@@ -117,9 +108,16 @@ impl ListFile {
 
         if let Some(rx) = events {
             let weak = Arc::downgrade(&shared);
+            let reload = move || match weak.upgrade() {
+                Some(shared) => {
+                    shared.reload();
+                    true
+                }
+                None => false,
+            };
             std::thread::Builder::new()
                 .name("miggate-acl-watch".into())
-                .spawn(move || watch_loop(rx, name, weak))
+                .spawn(move || watch_loop(rx, name, reload))
                 .map_err(|e| AuthzError::Watch {
                     path: dir,
                     source: notify::Error::io(e),
@@ -148,6 +146,10 @@ impl ListFile {
 }
 
 impl Authz for ListFile {
+    fn reloads(&self) -> Option<watch::Receiver<ReloadState>> {
+        Some(self.subscribe())
+    }
+
     fn check(&self, identity: &str) -> Decision {
         let current = self.shared.current();
         match &*current {
@@ -239,7 +241,7 @@ fn relevant(ev: &notify::Result<notify::Event>, name: &OsStr) -> bool {
         Ok(ev) => ev,
         Err(e) => {
             // Events may have been lost: reload to be safe.
-            tracing::warn!(error = %e, "ACL file watcher error");
+            tracing::warn!(error = %e, "file watcher error: reloading in case events were lost");
             return true;
         }
     };
@@ -256,11 +258,49 @@ fn relevant(ev: &notify::Result<notify::Event>, name: &OsStr) -> bool {
     kind && ev.paths.iter().any(|p| p.file_name() == Some(name))
 }
 
-fn watch_loop(
-    events: mpsc::Receiver<notify::Result<notify::Event>>,
-    name: OsString,
-    shared: Weak<Shared>,
-) {
+type Events = mpsc::Receiver<notify::Result<notify::Event>>;
+
+/// A watcher of directory `dir` (not recursive) and its events.
+fn watch_dir(dir: &Path) -> Result<(RecommendedWatcher, Events), notify::Error> {
+    let (tx, rx) = mpsc::channel();
+    let mut w = notify::recommended_watcher(move |ev| {
+        let _ = tx.send(ev);
+    })?;
+    w.watch(dir, RecursiveMode::NonRecursive)?;
+    Ok((w, rx))
+}
+
+/// Watches the file at `path` the way the ACL file is watched (its
+/// directory, so a rename into place or a deletion is seen; bursts
+/// debounced) and calls `changed` on a thread of its own after each
+/// change, until `changed` returns false or the returned watcher is
+/// dropped. `ca-crl.pem` is watched with this too (`creds::crl_watch`).
+pub fn watch_file(
+    path: &Path,
+    thread_name: &str,
+    changed: impl FnMut() -> bool + Send + 'static,
+) -> Result<RecommendedWatcher, AuthzError> {
+    let (Some(name), Some(dir)) = (path.file_name(), path.parent()) else {
+        return Err(AuthzError::NoFileName {
+            path: path.to_path_buf(),
+        });
+    };
+    let name = name.to_os_string();
+    let watch_err = |source| AuthzError::Watch {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let (w, rx) = watch_dir(dir).map_err(watch_err)?;
+    std::thread::Builder::new()
+        .name(thread_name.into())
+        .spawn(move || watch_loop(rx, name, changed))
+        .map_err(|e| watch_err(notify::Error::io(e)))?;
+    Ok(w)
+}
+
+/// Calls `changed` after each burst of relevant events, until it returns
+/// false or the watcher (the sender of `events`) is gone.
+fn watch_loop(events: Events, name: OsString, mut changed: impl FnMut() -> bool) {
     while let Ok(first) = events.recv() {
         if !relevant(&first, &name) {
             continue;
@@ -278,10 +318,9 @@ fn watch_loop(
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
         }
-        let Some(shared) = shared.upgrade() else {
+        if !changed() {
             return;
-        };
-        shared.reload();
+        }
     }
 }
 

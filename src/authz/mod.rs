@@ -14,7 +14,7 @@ mod simple;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-pub use file::{ListFile, ReloadState};
+pub use file::{watch_file, ListFile, ReloadState};
 pub use glob::glob_match;
 pub use list::{AclError, Format, List, Policy, Rule};
 pub use simple::Simple;
@@ -33,6 +33,12 @@ pub enum Decision {
 /// An access check on a peer identity (the subject DN string).
 pub trait Authz: Send + Sync {
     fn check(&self, identity: &str) -> Decision;
+
+    /// The reloads of an authz that reloads by itself (an ACL file with
+    /// refresh), so that live connections can be re-checked after each.
+    fn reloads(&self) -> Option<tokio::sync::watch::Receiver<ReloadState>> {
+        None
+    }
 }
 
 #[derive(Debug, thiserror::Error)]

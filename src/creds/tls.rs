@@ -49,6 +49,10 @@ pub enum CredsError {
     },
     #[error("{dir}: cannot build the certificate verifier: {why}")]
     Verifier { dir: PathBuf, why: String },
+    /// A CRL that parses but cannot be used (another issuer, a bad
+    /// signature): every handshake would fail on it.
+    #[error("{path}: unusable revocation list: {why}")]
+    BadCrl { path: PathBuf, why: String },
     /// A private key that is not private (or not ours), or unreadable.
     #[error(transparent)]
     Key(#[from] KeyFileError),
@@ -70,7 +74,7 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(p)
 }
 
-fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CredsError> {
+pub(crate) fn certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, CredsError> {
     let read_err = |source| CredsError::Read {
         path: path.to_path_buf(),
         source,
@@ -97,7 +101,7 @@ fn key(path: &Path) -> Result<PrivateKeyDer<'static>, CredsError> {
     })
 }
 
-fn roots(dir: &Path) -> Result<Arc<RootCertStore>, CredsError> {
+pub(crate) fn roots(dir: &Path) -> Result<Arc<RootCertStore>, CredsError> {
     let path = dir.join(CA_CERT);
     let mut store = RootCertStore::empty();
     for cert in certs(&path)? {
@@ -109,7 +113,9 @@ fn roots(dir: &Path) -> Result<Arc<RootCertStore>, CredsError> {
     Ok(Arc::new(store))
 }
 
-fn crls(dir: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, CredsError> {
+/// The CRLs of `dir/ca-crl.pem` (none if the file is absent). Parsed
+/// only: [`super::crl_watch::load`] also checks that they apply.
+pub(crate) fn crls(dir: &Path) -> Result<Vec<CertificateRevocationListDer<'static>>, CredsError> {
     let path = dir.join(CA_CRL);
     if !path.exists() {
         return Ok(Vec::new());
@@ -141,9 +147,18 @@ fn config_err(dir: &Path) -> impl Fn(rustls::Error) -> CredsError + '_ {
 /// Server (target gateway) config: server-cert/key, clients must present a
 /// certificate issued by ca-cert.pem and not revoked by ca-crl.pem.
 pub fn server_config(dir: &Path, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, CredsError> {
+    server_config_with(dir, alpn, super::crl_watch::load(dir)?)
+}
+
+/// [`server_config`] with CRLs already read (and checked) by the caller.
+pub fn server_config_with(
+    dir: &Path,
+    alpn: &[&[u8]],
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<ServerConfig>, CredsError> {
     let provider = provider();
     let verifier = WebPkiClientVerifier::builder_with_provider(roots(dir)?, provider.clone())
-        .with_crls(crls(dir)?)
+        .with_crls(crls)
         .build()
         .map_err(verifier_err(dir))?;
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -161,9 +176,19 @@ pub fn server_config(dir: &Path, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, Cr
 /// Client (source gateway) config: client-cert/key, the server must present
 /// a certificate issued by ca-cert.pem for the expected hostname.
 pub fn client_config(dir: &Path, alpn: &[&[u8]]) -> Result<Arc<ClientConfig>, CredsError> {
+    let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+    client_config_with(dir, &alpn, super::crl_watch::load(dir)?)
+}
+
+/// [`client_config`] with CRLs already read (and checked) by the caller.
+pub fn client_config_with(
+    dir: &Path,
+    alpn: &[Vec<u8>],
+    crls: Vec<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<ClientConfig>, CredsError> {
     let provider = provider();
     let verifier = WebPkiServerVerifier::builder_with_provider(roots(dir)?, provider.clone())
-        .with_crls(crls(dir)?)
+        .with_crls(crls)
         .build()
         .map_err(verifier_err(dir))?;
     let mut config = ClientConfig::builder_with_provider(provider)

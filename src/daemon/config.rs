@@ -26,6 +26,7 @@
 //! # authz_identity = "..."  | authz_list_file = "..." (no_refresh) | allow_any_verified_peer = true
 //! # expect_uuid = "..."
 //! stall_timeout = 30
+//! # keep_live_on_acl_change = true  # ACL/CRL changes spare live channels
 //! ```
 //!
 //! Every flag of `miggate target` has a key of the same name in `[[target]]`.
@@ -201,6 +202,11 @@ pub struct TargetSection {
     pub max_pending: usize,
     #[serde(default = "default_max_pending_per_ip")]
     pub max_pending_per_ip: usize,
+    /// ACL and CRL changes (file reloads, a daemon reload) apply to new
+    /// connections only; by default they also close the live channels of
+    /// peers no longer allowed (`gate::revoke`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub keep_live_on_acl_change: bool,
 }
 
 fn default_runtime_dir() -> PathBuf {
@@ -237,6 +243,10 @@ pub struct BuiltTarget {
     pub route: Option<StaticRoute>,
     pub stall: Duration,
     pub limits: crate::gate::target::Limits,
+    /// Its PKI directory (`ca-crl.pem` is watched there).
+    pub x509_dir: PathBuf,
+    /// `keep_live_on_acl_change`.
+    pub keep_live: bool,
     /// The route in words, for the "listening" log line.
     pub route_desc: String,
 }
@@ -434,6 +444,8 @@ impl Config {
                     max_pending: t.max_pending,
                     max_pending_per_ip: t.max_pending_per_ip,
                 },
+                x509_dir: t.x509_dir.clone(),
+                keep_live: t.keep_live_on_acl_change,
                 route_desc,
             });
         }

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use crate::admit::registry::{Phase, Registry};
+use crate::gate::revoke::CAUSES;
 use crate::outcome::{Ending, Record, Sink};
 use crate::relay::TlsEnd;
 
@@ -70,6 +71,8 @@ pub struct Metrics {
     /// Refusals by (class, cause): both labels come from fixed lists
     /// ([`crate::admit::Refusal::cause`]), so the map stays small.
     causes: std::sync::Mutex<std::collections::BTreeMap<(&'static str, &'static str), u64>>,
+    /// Live channels cut because their peer is no longer allowed, by cause.
+    revocations: [AtomicU64; CAUSES.len()],
 }
 
 impl Metrics {
@@ -136,6 +139,19 @@ impl Metrics {
             let _ = writeln!(
                 w,
                 "miggate_refusal_causes_total{{reason=\"{c}\",cause=\"{cause}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            w,
+            "# HELP miggate_revocations_total Admitted target connections closed because their peer is no longer allowed: acl (the ACL now denies its DN), crl (ca-crl.pem revokes its certificate), deleted (its registration was deleted). Also counted in miggate_connections_total{{outcome=\"failed\"}}."
+        );
+        let _ = writeln!(w, "# TYPE miggate_revocations_total counter");
+        for (c, n) in CAUSES.iter().zip(&self.revocations) {
+            let _ = writeln!(
+                w,
+                "miggate_revocations_total{{cause=\"{}\"}} {}",
+                c.as_str(),
+                n.load(Relaxed)
             );
         }
         let _ = writeln!(
@@ -219,6 +235,13 @@ impl Sink for Metrics {
         }
     }
 
+    fn revoked(&self, record: &Record, cause: &'static str) {
+        self.count(record);
+        if let Some(i) = CAUSES.iter().position(|c| c.as_str() == cause) {
+            self.revocations[i].fetch_add(1, Relaxed);
+        }
+    }
+
     fn refused(&self, record: &Record, class: &'static str, cause: &'static str) {
         self.count(record);
         *self
@@ -288,6 +311,27 @@ mod tests {
             "miggate_admission_seconds_bucket{le=\"+Inf\"} 1",
             "miggate_admission_seconds_count 1",
             "miggate_active_migrations 0",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
+        }
+    }
+
+    /// A revoked channel counts as failed, and by its cause; a cause not
+    /// in the list is only a failure.
+    #[test]
+    fn revocations_by_cause() {
+        let m = Metrics::new();
+        m.revoked(&record(Ending::Failed, None), "acl");
+        m.revoked(&record(Ending::Failed, None), "crl");
+        m.revoked(&record(Ending::Failed, None), "crl");
+        m.revoked(&record(Ending::Failed, None), "nonsense");
+        let text = m.render(&Registry::new(Duration::from_secs(1)));
+        for line in [
+            "miggate_connections_total{outcome=\"failed\"} 4",
+            "miggate_revocations_total{cause=\"acl\"} 1",
+            "miggate_revocations_total{cause=\"crl\"} 2",
+            "miggate_revocations_total{cause=\"deleted\"} 0",
+            "miggate_refusals_total{reason=\"other\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing in\n{text}");
         }

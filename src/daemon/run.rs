@@ -49,6 +49,8 @@ pub enum DaemonError {
     Api(#[from] ServerError),
     #[error("cannot install the {0} handler")]
     Signal(&'static str, #[source] std::io::Error),
+    #[error("cannot watch the PKI directory for CRL changes")]
+    Watch(#[source] Box<crate::authz::AuthzError>),
     #[error("a listener stopped")]
     Serve(#[source] std::io::Error),
 }
@@ -81,6 +83,9 @@ impl Control for Daemon {
         for (t, b) in self.targets.iter().zip(built.targets) {
             t.set_tls(b.tls);
             t.set_route(b.route);
+            // Re-checks live channels against the new ACL and CRL.
+            t.watch_revocations(&b.x509_dir, b.keep_live)
+                .map_err(|e| chain(&e))?;
         }
         if let (Some(admin), Some(b)) = (&self.admin, built.api_tls) {
             admin.set(b.tls, b.authz);
@@ -159,6 +164,8 @@ pub async fn run(path: &Path) -> Result<(), DaemonError> {
             Some(sink.clone()),
             b.limits,
         );
+        gate.watch_revocations(&b.x509_dir, b.keep_live)
+            .map_err(|e| DaemonError::Watch(Box::new(e)))?;
         tasks.spawn(target::serve(listener, gate.clone()));
         targets.push(gate);
         listen.push(addr);

@@ -3,6 +3,7 @@
 //! of live main channels.
 
 pub mod joinable;
+pub mod revoke;
 pub mod native_join;
 pub mod source;
 pub mod target;

@@ -77,6 +77,8 @@ use tokio::time::Instant;
 use tokio_rustls::TlsConnector;
 
 use super::joinable::{JoinBy, Joinable, MainInfo, NoJoin, PostcopyTap};
+use super::revoke::LivePeer;
+pub use super::revoke::SourceRevocation;
 use super::{bounded_by_main, read_until, JoinedEnd, MainGuard};
 use crate::admit::decide::sniff_decider;
 use crate::admit::ticket::Ticket;
@@ -189,6 +191,17 @@ impl Drop for LocalListener {
 }
 
 pub async fn serve(listener: LocalListener, cfg: SourceConfig) -> std::io::Result<()> {
+    serve_with(listener, cfg, None).await
+}
+
+/// [`serve`], with `ca-crl.pem` watched (`miggate source`): new CRLs apply
+/// to new handshakes, and unless `--keep-live-on-acl-change` a live
+/// channel whose target's certificate a new CRL revokes is cut.
+pub async fn serve_with(
+    listener: LocalListener,
+    cfg: SourceConfig,
+    revocation: Option<Arc<SourceRevocation>>,
+) -> std::io::Result<()> {
     let cfg = Arc::new(cfg);
     let mains = watch::Sender::new(0usize);
     let joinable = match (&cfg.resume, &listener) {
@@ -220,10 +233,12 @@ pub async fn serve(listener: LocalListener, cfg: SourceConfig) -> std::io::Resul
             }
         };
         let (cfg, mains, joinable) = (cfg.clone(), mains.clone(), joinable.clone());
+        let revocation = revocation.clone();
         tokio::spawn(async move {
             let mut out = Outcome::new("source", addr);
             out.sink = cfg.sink.clone();
-            match handle(local, &cfg, &mains, &joinable, &mut out).await {
+            let rev = revocation.as_deref();
+            match handle(local, &cfg, rev, &mains, &joinable, &mut out).await {
                 Ok(()) => out.finish(Ending::Completed, None),
                 Err((ending, reason)) => out.finish(ending, Some(&reason)),
             }
@@ -333,6 +348,7 @@ async fn resume(
 async fn handle(
     mut local: Plain,
     cfg: &SourceConfig,
+    revocation: Option<&SourceRevocation>,
     mains: &watch::Sender<usize>,
     joinable: &Joinable,
     out: &mut Outcome,
@@ -394,7 +410,8 @@ async fn handle(
     };
     crate::net::tune(&sock);
     let host = hostname(&cfg.server_name);
-    let connector = TlsConnector::from(cfg.tls.clone());
+    let config = revocation.map_or_else(|| cfg.tls.clone(), SourceRevocation::tls);
+    let connector = TlsConnector::from(config.clone());
     let mut tls = match tokio::time::timeout_at(
         deadline,
         connector.connect(
@@ -548,6 +565,26 @@ async fn handle(
     if let Plain::Tcp(s) = &local {
         crate::net::socket::open_window(s);
     }
+    // From now on a CRL revoking the target's certificate cuts this
+    // channel (see `revoke`).
+    let mut live = None;
+    if let Some(r) = revocation {
+        let chain = tls.get_ref().1.peer_certificates().map(<[_]>::to_vec);
+        let peer = LivePeer {
+            dn: out.peer_dn.clone().unwrap_or_default(),
+            chain: chain.unwrap_or_default(),
+            static_route: false,
+        };
+        // Registered first, judged second: a CRL taken in between is
+        // seen by one or the other.
+        live = Some(r.live.register(peer.clone()));
+        if let Some(why) = r.judge_since(&config, &peer) {
+            if let Some(e) = &entry {
+                e.failed();
+            }
+            return Err(failed(why.reason));
+        }
+    }
     let names = ("source->target", "target->source");
     let closes = (Close::AnyEof, Close::tls_peer(miggate_peer, "target"));
     // A main channel's stream says whether a preempt channel may join it;
@@ -564,22 +601,36 @@ async fn handle(
         None => cfg.stall,
     };
     let main_ended = preempt_of.as_ref().map(|m| joinable.ended(m));
-    let relayed = match cfg.rekey_after {
-        Some(every) => {
-            let tls = Rekeying::new(
-                tls,
-                every,
-                crate::timeouts::MIN_REKEY_GAP,
-                out.counters.clone(),
-            );
-            let relay = crate::relay::relay(local, tls, names, closes, idle, out.counters.clone());
-            bounded_by_main(relay, main_ended, cfg.stall).await
-        }
-        None => {
-            let relay = crate::relay::relay(local, tls, names, closes, idle, out.counters.clone());
-            bounded_by_main(relay, main_ended, cfg.stall).await
+    let counters = out.counters.clone();
+    let relay = async move {
+        match cfg.rekey_after {
+            Some(every) => {
+                let tls =
+                    Rekeying::new(tls, every, crate::timeouts::MIN_REKEY_GAP, counters.clone());
+                let relay = crate::relay::relay(local, tls, names, closes, idle, counters);
+                bounded_by_main(relay, main_ended, cfg.stall).await
+            }
+            None => {
+                let relay = crate::relay::relay(local, tls, names, closes, idle, counters);
+                bounded_by_main(relay, main_ended, cfg.stall).await
+            }
         }
     };
+    // Dropping the relay closes both sockets: the source QEMU's migration
+    // fails, its VM keeps running.
+    let (relayed, revoked) = match live.as_mut() {
+        Some(g) => tokio::select! {
+            r = relay => (r, None),
+            why = g.revoked() => (Ok(()), Some(why)),
+        },
+        None => (relay.await, None),
+    };
+    if let Some(why) = revoked {
+        if let Some(e) = &entry {
+            e.failed();
+        }
+        return Err(failed(why.reason));
+    }
     if relayed.is_err() {
         // Cut: a postcopy migration may resume it (see `joinable`).
         if let Some(e) = &entry {

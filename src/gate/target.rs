@@ -44,6 +44,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
 use super::native_join::{self, NativeJoin, NativeJoins};
+use super::revoke::{self, Cause, Live, LivePeer, Revoked};
 use super::{read_more, MainGuard};
 // The static route is admission's policy; re-exported because a listener
 // is built with one.
@@ -52,6 +53,7 @@ pub use crate::admit::decide::StaticRoute;
 use crate::admit::decide::{Admission, Offer, Route, Step};
 use crate::admit::registry::Registry;
 use crate::admit::{self, NoMain, Refusal};
+use crate::creds::{crl_watch, tls};
 use crate::net::mtls;
 use crate::outcome::{Ending, Outcome, Sink};
 use crate::relay::native::NativeMains;
@@ -133,6 +135,25 @@ pub struct Target {
     bindings: Arc<Bindings>,
     /// The native-TLS ones (no token: see `native_join`).
     native_joins: NativeJoins,
+    /// Live channels by peer, re-checked on ACL and CRL changes.
+    live: Arc<Live>,
+    revocation: Mutex<Revocation>,
+}
+
+/// How ACL and CRL changes reach live channels ([`Target::watch_revocations`]).
+#[derive(Default)]
+struct Revocation {
+    /// `--keep-live-on-acl-change`: changes apply to new connections only.
+    keep_live: bool,
+    /// The PKI directory whose `ca-crl.pem` is watched.
+    x509_dir: Option<std::path::PathBuf>,
+    _crl_watcher: Option<notify::RecommendedWatcher>,
+    /// The last reason a new CRL was not taken, to say it once.
+    crl_error: Option<String>,
+    /// The CRL taken last, and how many were taken since the start: a
+    /// channel whose handshake used an older one is re-checked with it.
+    crl_check: Option<Arc<crl_watch::PeerCheck>>,
+    crl_generation: u64,
 }
 
 impl Target {
@@ -163,7 +184,192 @@ impl Target {
             pending: Mutex::default(),
             bindings: Arc::default(),
             native_joins: NativeJoins::default(),
+            live: Arc::default(),
+            revocation: Mutex::default(),
         })
+    }
+
+    /// Makes ACL and CRL changes reach live channels: watches
+    /// `x509_dir/ca-crl.pem` (new CRLs apply to new handshakes, and
+    /// re-verify live peers) and follows the static route's ACL file
+    /// reloads; unless `keep_live`, a live channel whose peer is no longer
+    /// allowed is cut ([`super::revoke`]). Called again on a daemon reload
+    /// (with the reloaded settings), it re-checks every live channel.
+    pub fn watch_revocations(
+        self: &Arc<Self>,
+        x509_dir: &std::path::Path,
+        keep_live: bool,
+    ) -> Result<(), crate::authz::AuthzError> {
+        let weak = Arc::downgrade(self);
+        let watcher = crl_watch::watch(x509_dir, move |loaded| {
+            if let Some(t) = weak.upgrade() {
+                t.crl_changed(loaded);
+            }
+        })?;
+        let mut r = self.revocation();
+        let first = r.x509_dir.is_none();
+        r.keep_live = keep_live;
+        r.x509_dir = Some(x509_dir.to_path_buf());
+        r._crl_watcher = Some(watcher);
+        drop(r);
+        if first {
+            self.follow_acl();
+        } else {
+            self.recheck_all("configuration reloaded");
+        }
+        Ok(())
+    }
+
+    fn revocation(&self) -> std::sync::MutexGuard<'_, Revocation> {
+        self.revocation.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Follows the current static route's ACL file: after each reload
+    /// that loaded, live channels of the static route are re-checked.
+    fn follow_acl(self: &Arc<Self>) {
+        let Some(mut rx) = self.current_route().and_then(|r| r.authz.reloads()) else {
+            return;
+        };
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(self);
+        rt.spawn(async move {
+            rx.borrow_and_update();
+            // Ends when the ACL file is dropped (replaced by a reload, and
+            // its last live channel gone).
+            while rx.changed().await.is_ok() {
+                let state = rx.borrow_and_update().clone();
+                let Some(t) = weak.upgrade() else { return };
+                t.acl_reloaded(&state);
+            }
+        });
+    }
+
+    fn acl_reloaded(&self, state: &crate::authz::ReloadState) {
+        let live = self.live.len();
+        if let Err(why) = &state.result {
+            tracing::error!(
+                generation = state.generation, error = %why, live,
+                "ACL file cannot be loaded: new connections are denied, live channels are kept (fix the file)"
+            );
+            return;
+        }
+        if self.revocation().keep_live {
+            tracing::info!(
+                live,
+                "ACL file reloaded: live channels kept (keep-live-on-acl-change)"
+            );
+            return;
+        }
+        let route = self.current_route();
+        let cut = self
+            .live
+            .recheck(|p| revoke::judge_acl(route.as_deref(), p));
+        tracing::info!(
+            live,
+            closed = cut,
+            "ACL file reloaded: live channels re-checked"
+        );
+    }
+
+    /// A new `ca-crl.pem`, or why it cannot be used (then nothing
+    /// changes). Runs on the watcher's thread.
+    fn crl_changed(&self, loaded: Result<crl_watch::Crls, crate::creds::tls::CredsError>) {
+        let Some(dir) = self.revocation().x509_dir.clone() else {
+            return;
+        };
+        let built = loaded.and_then(|crls| {
+            let tls = tls::server_config_with(&dir, &[tls::ALPN_MIGGATE], crls.clone())?;
+            let check = crl_watch::PeerCheck::clients(&dir, crls)?;
+            Ok((tls, check))
+        });
+        let (tls, check) = match built {
+            Ok(x) => x,
+            Err(e) => {
+                let why = crate::error::chain(&e);
+                let mut r = self.revocation();
+                if r.crl_error.as_deref() != Some(why.as_str()) {
+                    tracing::error!(
+                        error = %why, live = self.live.len(),
+                        "the new ca-crl.pem cannot be used: the previous CRL stays in force for new handshakes and no live channel is re-checked (fix the file)"
+                    );
+                    r.crl_error = Some(why);
+                }
+                return;
+            }
+        };
+        let check = Arc::new(check);
+        {
+            let mut r = self.revocation();
+            r.crl_error = None;
+            r.crl_check = Some(check.clone());
+            r.crl_generation += 1;
+            // Under the lock: a handshake that reads the generation
+            // before the swap is re-checked after its admission.
+            self.set_tls(tls);
+        }
+        let live = self.live.len();
+        if self.revocation().keep_live {
+            tracing::info!(
+                live,
+                "CRL reloaded: live channels kept (keep-live-on-acl-change)"
+            );
+            return;
+        }
+        let cut = self.live.recheck(|p| crl_judge(&check, p));
+        tracing::info!(live, closed = cut, "CRL reloaded: live channels re-checked");
+    }
+
+    /// Re-checks every live channel against the ACL and the CRL in
+    /// force (a daemon reload: both may have changed).
+    fn recheck_all(&self, why: &str) {
+        let r = self.revocation();
+        let (keep_live, dir) = (r.keep_live, r.x509_dir.clone());
+        drop(r);
+        let live = self.live.len();
+        if keep_live {
+            tracing::info!(live, "{why}: live channels kept (keep-live-on-acl-change)");
+            return;
+        }
+        let route = self.current_route();
+        let check = dir.and_then(|d| {
+            let crls = crl_watch::load(&d).ok()?;
+            crl_watch::PeerCheck::clients(&d, crls).ok().map(Arc::new)
+        });
+        if let Some(c) = &check {
+            let mut r = self.revocation();
+            r.crl_check = Some(c.clone());
+            r.crl_generation += 1;
+        }
+        let cut = self.live.recheck(|p| {
+            revoke::judge_acl(route.as_deref(), p)
+                .or_else(|| check.as_ref().and_then(|c| crl_judge(c, p)))
+        });
+        tracing::info!(live, closed = cut, "{why}: live channels re-checked");
+    }
+
+    /// The TLS configuration for a new handshake, and the CRL generation
+    /// it carries.
+    fn tls_for_handshake(&self) -> (Arc<ServerConfig>, u64) {
+        let r = self.revocation();
+        (self.current_tls(), r.crl_generation)
+    }
+
+    /// A channel just registered as live, judged by what is in force now:
+    /// a change between its admission's checks and its registration would
+    /// otherwise be missed. `crl_generation`: the CRL its handshake used.
+    fn judge_now(&self, p: &LivePeer, crl_generation: u64) -> Option<Revoked> {
+        let r = self.revocation();
+        if r.keep_live {
+            return None;
+        }
+        let check = (r.crl_generation != crl_generation)
+            .then(|| r.crl_check.clone())
+            .flatten();
+        drop(r);
+        revoke::judge_acl(self.current_route().as_deref(), p)
+            .or_else(|| check.and_then(|c| crl_judge(&c, p)))
     }
 
     /// Its bindings: the daemon rekeys a paused one for a recovery.
@@ -200,9 +406,13 @@ impl Target {
         *self.tls.write().unwrap_or_else(|p| p.into_inner()) = tls;
     }
 
-    /// Replaces the static route for new connections.
-    pub fn set_route(&self, route: Option<StaticRoute>) {
+    /// Replaces the static route for new connections (and follows its
+    /// ACL file's reloads, if [`Target::watch_revocations`] was called).
+    pub fn set_route(self: &Arc<Self>, route: Option<StaticRoute>) {
         *self.route.write().unwrap_or_else(|p| p.into_inner()) = route.map(Arc::new);
+        if self.revocation().x509_dir.is_some() {
+            self.follow_acl();
+        }
     }
 
     fn current_tls(&self) -> Arc<ServerConfig> {
@@ -249,6 +459,7 @@ pub async fn serve(listener: TcpListener, target: Arc<Target>) -> std::io::Resul
             match handle(sock, addr, &target, pending, &mut out).await {
                 Ok(()) => out.finish(Ending::Completed, None),
                 Err(End::Refused(r)) => out.refuse(&r),
+                Err(End::Failed(Failure::Revoked(r))) => out.revoked(r.cause.as_str(), &r.reason),
                 Err(End::Failed(f)) => out.finish(Ending::Failed, Some(&f.to_string())),
             }
         });
@@ -276,8 +487,9 @@ enum Failure {
     },
     #[error("{0}")]
     Relay(crate::relay::RelayError),
-    #[error("migration cancelled by the operator")]
-    Cancelled,
+    /// Its peer is no longer allowed, or its registration was deleted.
+    #[error("{}", .0.reason)]
+    Revoked(Revoked),
     #[error("its main channel ended {} s ago and this channel is still open", .0.as_secs())]
     MainEnded(Duration),
 }
@@ -297,7 +509,8 @@ async fn handle(
 ) -> Result<(), End> {
     let stall = target.stall;
     let handshake = target.limits.handshake;
-    let acceptor = TlsAcceptor::from(target.current_tls());
+    let (tls_config, crl_generation) = target.tls_for_handshake();
+    let acceptor = TlsAcceptor::from(tls_config);
     // No read buffer until admission: see `TlsSocket`.
     let sock = crate::net::socket::tls_socket_unbuffered(sock);
     let (mut tls, peer) = mtls::accept(&acceptor, sock, handshake)
@@ -323,6 +536,35 @@ async fn handle(
     // Admitted: the relay's read buffer now, and the pending slot is free.
     tls.get_mut().0.grow();
     drop(pending);
+    // From now on an ACL or CRL change that no longer allows the peer
+    // cuts this channel (see `revoke`).
+    let live_peer = LivePeer {
+        dn: peer.dn.clone(),
+        chain: tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .map(<[_]>::to_vec)
+            .unwrap_or_default(),
+        static_route: matches!(admitted, Route::Static(_)),
+    };
+    // Registered first, judged second: a change in between is seen by
+    // one or the other.
+    let mut live = target.live.register(live_peer.clone());
+    if let Some(why) = target.judge_now(&live_peer, crl_generation) {
+        // Not forwarded yet: nothing reached the target QEMU. A miggate
+        // source is told, as for a refusal.
+        tracing::warn!(peer.dn = %crate::authz::shown(&peer.dn), reason = %why.reason, "closing a channel admitted under the previous ACL or CRL");
+        let send = async {
+            if miggate_peer {
+                let reason = "peer no longer allowed (revoked while admitted)".to_string();
+                frames::write_verdict(&mut tls, &Verdict::Refused { reason }).await?;
+            }
+            tls.shutdown().await
+        };
+        let _ = tokio::time::timeout(crate::timeouts::VERDICT_WRITE, send).await;
+        return Err(fail(admitted, Failure::Revoked(why)));
+    }
 
     // Main first: see the module comment.
     let mains = match &admitted {
@@ -444,15 +686,25 @@ async fn handle(
         out.counters.clone(),
     );
     let relay = super::bounded_by_main(relay, joined.as_ref().map(Joined::main_ended), stall);
+    // Dropping the relay closes both sockets: both QEMUs see the
+    // migration fail; the source VM keeps running.
     let result = match &admitted {
-        Route::Static(_) => relay.await.map_err(Failure::from),
+        Route::Static(_) => tokio::select! {
+            r = relay => r.map_err(Failure::from),
+            why = live.revoked() => Err(Failure::Revoked(why)),
+        },
         Route::Ticket(g) => {
             let mig = g.migration().clone();
             tokio::select! {
                 r = relay => r.map_err(Failure::from),
-                // Dropping the relay closes both sockets: both QEMUs see
-                // the migration fail; the source VM keeps running.
-                _ = mig.cancelled() => Err(Failure::Cancelled),
+                why = live.revoked() => Err(Failure::Revoked(why)),
+                _ = mig.cancelled() => Err(Failure::Revoked(Revoked {
+                    cause: Cause::Deleted,
+                    reason: format!(
+                        "revoked: registration {} deleted (DELETE /v1/migrations/{}): migration cancelled by the operator",
+                        mig.id, mig.id
+                    ),
+                })),
             }
         }
     };
@@ -471,6 +723,14 @@ async fn handle(
             Err(fail(admitted, e))
         }
     }
+}
+
+/// The CRL judgement of a live peer: its presented chain re-verified.
+fn crl_judge(check: &crl_watch::PeerCheck, p: &LivePeer) -> Option<Revoked> {
+    check.revoked(&p.chain).map(|reason| Revoked {
+        cause: Cause::Crl,
+        reason,
+    })
 }
 
 /// Records a channel's end on its migration (managed mode): the API
@@ -645,5 +905,57 @@ mod tests {
         drop(a1);
         let _c1 = t.try_pending(c).unwrap();
         assert_eq!(t.pending.lock().unwrap().by_ip.len(), 3);
+    }
+
+    /// A channel whose handshake used the CRL before the one now in force
+    /// is judged by the new one once registered; one whose handshake used
+    /// the current CRL is not re-verified; the static route's ACL always
+    /// judges; `keep_live` spares both.
+    #[test]
+    fn judged_again_once_registered() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        crate::creds::pki::init(d, &Default::default()).unwrap();
+        let tls = tls::server_config(d, &[]).unwrap();
+        let route = StaticRoute {
+            forward: "tcp:127.0.0.1:1".parse().unwrap(),
+            authz: Arc::new(crate::authz::Simple::new("CN=someone else")),
+            expect: Default::default(),
+        };
+        let t = Target::new(
+            tls,
+            None,
+            None,
+            Duration::from_secs(1),
+            None,
+            Limits::default(),
+        );
+        // No watcher: the test makes the changes happen, one at a time.
+        t.revocation().x509_dir = Some(d.to_path_buf());
+        let chain = tls::certs(&d.join(tls::CLIENT_CERT)).unwrap();
+        let ticket = LivePeer {
+            dn: "CN=x".into(),
+            chain,
+            static_route: false,
+        };
+        let (_, before) = t.tls_for_handshake();
+        assert_eq!(t.judge_now(&ticket, before), None);
+
+        crate::creds::pki::revoke(d, &d.join(tls::CLIENT_CERT), 30).unwrap();
+        t.crl_changed(crl_watch::load(d));
+        let (_, now) = t.tls_for_handshake();
+        assert!(now > before);
+        let why = t.judge_now(&ticket, before).expect("revoked since");
+        assert_eq!(why.cause, Cause::Crl);
+        assert_eq!(t.judge_now(&ticket, now), None, "its handshake saw the CRL");
+
+        *t.route.write().unwrap() = Some(Arc::new(route));
+        let on_route = LivePeer {
+            static_route: true,
+            ..ticket
+        };
+        assert_eq!(t.judge_now(&on_route, now).unwrap().cause, Cause::Acl);
+        t.revocation().keep_live = true;
+        assert_eq!(t.judge_now(&on_route, before), None);
     }
 }

@@ -156,6 +156,12 @@ struct TargetArgs {
     #[arg(long, default_value_t = miggate::timeouts::DEFAULT_MAX_PENDING_PER_IP,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=miggate::timeouts::MAX_PENDING as u64))]
     max_pending_per_ip: usize,
+    /// ACL file reloads and ca-crl.pem changes apply to new connections
+    /// only. By default they also close the live channels of a peer no
+    /// longer allowed (its source QEMU's migration fails, the VM keeps
+    /// running on the source).
+    #[arg(long)]
+    keep_live_on_acl_change: bool,
 }
 
 #[derive(Args)]
@@ -208,6 +214,11 @@ struct SourceArgs {
     /// credentials (SO_PEERCRED), without speaking QMP.
     #[arg(long, value_name = "unix:PATH", value_parser = miggate::migrate::parse_qmp)]
     source_qmp: Option<PathBuf>,
+    /// A new ca-crl.pem applies to new connections only. By default a
+    /// live channel whose target's certificate it revokes is also closed
+    /// (the source QEMU's migration fails, the VM keeps running).
+    #[arg(long)]
+    keep_live_on_acl_change: bool,
 }
 
 /// A file mode in octal (`600`, `0600`, `0o600`), permission bits only.
@@ -388,6 +399,7 @@ async fn run_target(a: TargetArgs) -> Result<()> {
         max_pending_per_ip: a.max_pending_per_ip,
     };
     let gate = target::Target::new(tls, Some(route), None, stall, None, limits);
+    gate.watch_revocations(&a.x509_dir, a.keep_live_on_acl_change)?;
     tokio::select! {
         r = target::serve(listener, gate) => r?,
         _ = shutdown_signal() => tracing::info!("shutting down"),
@@ -463,6 +475,12 @@ async fn run_source(a: SourceArgs) -> Result<()> {
         ),
     };
     tracing::info!(role = "source", listen = %shown, connect = %a.connect, tls_hostname = %host, local_peer = %only, "listening");
+    let revocation = source::SourceRevocation::start(
+        &a.x509_dir,
+        server_name.clone(),
+        a.keep_live_on_acl_change,
+        tls.clone(),
+    )?;
     let cfg = source::SourceConfig {
         tls,
         connect: a.connect,
@@ -474,7 +492,7 @@ async fn run_source(a: SourceArgs) -> Result<()> {
         resume: resume_token(a.resume_token_file.as_deref(), &listener)?,
     };
     tokio::select! {
-        r = source::serve(listener, cfg) => r?,
+        r = source::serve_with(listener, cfg, Some(revocation)) => r?,
         _ = shutdown_signal() => tracing::info!("shutting down"),
     }
     Ok(())
