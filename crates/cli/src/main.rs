@@ -156,6 +156,13 @@ struct TargetArgs {
     #[arg(long, default_value_t = miggate::timeouts::DEFAULT_MAX_PENDING_PER_IP,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=miggate::timeouts::MAX_PENDING as u64))]
     max_pending_per_ip: usize,
+    /// Refresh each channel's TLS 1.3 keys after every N MiB this side
+    /// sends (towards the source: the return path, postcopy pages), at
+    /// most one per 250 ms. Without it, this side's keys change only in
+    /// answer to a source's key update request, when it next sends data.
+    #[arg(long, value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(1..=miggate::timeouts::MAX_REKEY_AFTER_MIB))]
+    rekey_after_mib: Option<u64>,
 }
 
 #[derive(Args)]
@@ -388,6 +395,7 @@ async fn run_target(a: TargetArgs) -> Result<()> {
         max_pending_per_ip: a.max_pending_per_ip,
     };
     let gate = target::Target::new(tls, Some(route), None, stall, None, limits);
+    gate.set_rekey_after(a.rekey_after_mib.map(|m| m << 20));
     tokio::select! {
         r = target::serve(listener, gate) => r?,
         _ = shutdown_signal() => tracing::info!("shutting down"),
