@@ -8,6 +8,7 @@ pub mod managed_run;
 pub mod daemon;
 pub mod gateway;
 pub mod guest;
+pub mod longstream;
 pub mod native;
 pub mod nobody;
 pub mod postcopy;
