@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::longstream::{native_tls_migration, run, Figures, LongStream};
 
+const MIB: u64 = 1 << 20;
 const GIB: u64 = 1 << 30;
 
 /// What a stream's figures must show: both directions intact, records
@@ -55,6 +56,21 @@ async fn a_gib_each_way_survives_key_updates_in_both_directions() {
 
 fn fixture_len() -> u64 {
     miggate_lab::fixtures::QEMU72_MAIN_UUID.len() as u64
+}
+
+/// A running guest's migration into QEMU's native TLS keeps streaming
+/// (downtime limit 1 ms) until 512 MiB went through the source gateway,
+/// which rekeys every MiB (GnuTLS' limit of 8 per second respected by the
+/// 250 ms gap): QEMU takes every update, converges, and the guest runs on
+/// the target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_a_gib_into_qemu_native_tls_with_key_updates() {
+    let f = native_tls_migration(256, 512 * MIB, 1, Duration::from_secs(240)).await;
+    println!("native TLS: {}", f.summary());
+    assert!(f.transferred >= 512 * MIB, "{}", f.summary());
+    assert!(f.passes >= 4, "{}", f.summary());
+    // Seconds of stream: a key update per 250 ms.
+    assert!(f.key_updates >= 4, "{}: {}", f.summary(), f.record);
 }
 
 fn env_u64(name: &str, default: u64) -> u64 {
