@@ -3,7 +3,7 @@
 # updates"), in a release build:
 #   scripts/longstream.sh [--gib N] [--back-gib N] [--rekey-after-mib M]
 #       N GiB (default 64) from a generator through a source and a target
-#       gateway into a sink, and --back-gib (default: the same) back from
+#       gateway into a sink, and --back-gib (default: a quarter) back from
 #       the sink, both gateways rekeying every M MiB they send (default 64,
 #       at most one update per 250 ms); SHA-256 on both ends of both ways.
 #   scripts/longstream.sh --native-gib N [--rekey-after-mib M]
