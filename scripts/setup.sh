@@ -10,8 +10,10 @@ if [ "${1:-}" = "--qemu10-optional" ]; then QEMU10_REQUIRED=0; fi
 # Debian packages: QEMU (the real peers of every test), openssl (awkward
 # test certificates), gnutls-bin (certtool, to inspect certificates),
 # socat and stunnel4 (the benchmark's comparison peers), seabios comes with
-# qemu-system-x86.
-PACKAGES=(qemu-system-x86 openssl gnutls-bin socat stunnel4 ca-certificates)
+# qemu-system-x86. systemd for systemd-analyze (the unit's test checks
+# contrib/systemd with it; a Debian 12 container lacks it; it is not run as
+# init).
+PACKAGES=(qemu-system-x86 openssl gnutls-bin socat stunnel4 ca-certificates systemd)
 
 missing=()
 for p in "${PACKAGES[@]}"; do

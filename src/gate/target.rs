@@ -32,6 +32,7 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -57,6 +58,7 @@ use crate::creds::{crl_watch, tls};
 use crate::net::mtls;
 use crate::outcome::{Ending, Outcome, Sink};
 use crate::relay::native::NativeMains;
+use crate::relay::rekey::Rekeying;
 use crate::relay::Close;
 use crate::wire::frames::{self, Verdict};
 use crate::wire::qemu::{StreamKind, SNIFF_MAX};
@@ -138,6 +140,9 @@ pub struct Target {
     /// Live channels by peer, re-checked on ACL and CRL changes.
     live: Arc<Live>,
     revocation: Mutex<Revocation>,
+    /// Refresh this side's sending keys after every this many bytes sent
+    /// on a channel (`--rekey-after-mib`; see `relay::rekey`); 0: never.
+    rekey_after: AtomicU64,
 }
 
 /// How ACL and CRL changes reach live channels ([`Target::watch_revocations`]).
@@ -186,6 +191,7 @@ impl Target {
             native_joins: NativeJoins::default(),
             live: Arc::default(),
             revocation: Mutex::default(),
+            rekey_after: AtomicU64::new(0),
         })
     }
 
@@ -370,6 +376,18 @@ impl Target {
         drop(r);
         revoke::judge_acl(self.current_route().as_deref(), p)
             .or_else(|| check.and_then(|c| crl_judge(&c, p)))
+    }
+
+    /// Key updates on this side's sending direction after every `bytes`
+    /// sent on a channel (`None`: only the answers to the source's
+    /// requests, at rustls' pace). For channels admitted from now on.
+    pub fn set_rekey_after(&self, bytes: Option<u64>) {
+        self.rekey_after
+            .store(bytes.unwrap_or(0), Ordering::Relaxed);
+    }
+
+    fn rekey_after(&self) -> Option<u64> {
+        Some(self.rekey_after.load(Ordering::Relaxed)).filter(|&b| b > 0)
     }
 
     /// Its bindings: the daemon rekeys a paused one for a recovery.
@@ -677,6 +695,25 @@ async fn handle(
     } else {
         stall
     };
+    // A TLS 1.2 peer (a native QEMU may negotiate it) has no key update:
+    // its channel runs without, and says so.
+    let rekey = target.rekey_after().filter(|_| {
+        let v = tls.get_ref().1.protocol_version();
+        let tls13 = v == Some(rustls::ProtocolVersion::TLSv1_3);
+        if !tls13 {
+            tracing::warn!(
+                peer.dn = out.peer_dn.as_deref().unwrap_or("-"),
+                "--rekey-after-mib: the peer negotiated {v:?}, which has no key update; this channel is not rekeyed"
+            );
+        }
+        tls13
+    });
+    let tls = Rekeying::optional(
+        tls,
+        rekey,
+        crate::timeouts::MIN_REKEY_GAP,
+        out.counters.clone(),
+    );
     let relay = crate::relay::relay(
         native_join::tap(tls, &prefix, native_main.as_ref()),
         backend,

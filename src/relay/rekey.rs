@@ -9,6 +9,14 @@
 //! in answer) after every N MiB of a channel, so that rekeying is exercised
 //! on every migration, and tested.
 //!
+//! The answer to update_requested is not a key update of its own: rustls
+//! (and GnuTLS) queue it until they next send data, and fold further
+//! requests into the queued one. The target gateway's sending direction
+//! (the return path, postcopy pages) therefore has its keys refreshed only
+//! as often as it sends something; `miggate target --rekey-after-mib`
+//! makes it rekey after every N MiB it sends, like the source, counted in
+//! its own records.
+//!
 //! QEMU's GnuTLS refuses a ninth key update within one second
 //! (`GNUTLS_E_TOO_MANY_HANDSHAKE_PACKETS`, and the migration fails with
 //! "Cannot read from TLS channel"), so updates are spaced by at least
@@ -46,7 +54,8 @@ impl<IO> RefreshKeys for tokio_rustls::server::TlsStream<IO> {
 /// `Counters::key_updates` (the outcome record reports it).
 pub struct Rekeying<S> {
     inner: S,
-    every: u64,
+    /// `None`: never (the stream passes through).
+    every: Option<u64>,
     since: u64,
     min_gap: Duration,
     last: Option<Instant>,
@@ -56,9 +65,20 @@ pub struct Rekeying<S> {
 impl<S> Rekeying<S> {
     /// Rekeys after every `every` bytes, but never twice within `min_gap`.
     pub fn new(inner: S, every: u64, min_gap: Duration, counters: Arc<Counters>) -> Self {
+        Self::optional(inner, Some(every), min_gap, counters)
+    }
+
+    /// [`Rekeying::new`], or a stream that is never rekeyed (`None`): one
+    /// type whether or not the operator asked for key updates.
+    pub fn optional(
+        inner: S,
+        every: Option<u64>,
+        min_gap: Duration,
+        counters: Arc<Counters>,
+    ) -> Self {
         Rekeying {
             inner,
-            every: every.max(1),
+            every: every.map(|e| e.max(1)),
             since: 0,
             min_gap,
             last: None,
@@ -75,9 +95,12 @@ impl<S: RefreshKeys + AsyncWrite + Unpin> AsyncWrite for Rekeying<S> {
     ) -> Poll<std::io::Result<usize>> {
         let this = &mut *self;
         let n = std::task::ready!(Pin::new(&mut this.inner).poll_write(cx, buf))?;
+        let Some(every) = this.every else {
+            return Poll::Ready(Ok(n));
+        };
         this.since += n as u64;
         let spaced = this.last.map_or(true, |t| t.elapsed() >= this.min_gap);
-        if this.since >= this.every && spaced {
+        if this.since >= every && spaced {
             this.since = 0;
             this.last = Some(Instant::now());
             // Fails only on a TLS 1.2 session, which has no key update:
@@ -181,5 +204,56 @@ mod tests {
             "expected >= 100 key updates, sent {}",
             counters.key_updates()
         );
+    }
+
+    /// The target gateway's side (`miggate target --rekey-after-mib`): a
+    /// server that rekeys its own sending direction every 64 KiB while
+    /// the client only reads, as on a return path; a stream built with
+    /// no interval never rekeys.
+    #[tokio::test]
+    async fn a_server_rekeys_its_sending_direction() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki_dir = dir.path().join("pki");
+        pki::init(&pki_dir, &pki::InitOptions::default()).unwrap();
+        let server_cfg = tls::server_config(&pki_dir, &[]).unwrap();
+        let client_cfg = tls::client_config(&pki_dir, &[]).unwrap();
+        const LEN: usize = 8 << 20;
+        let payload: Arc<Vec<u8>> = Arc::new((0..LEN).map(|i| (i * 13 + i / 999) as u8).collect());
+
+        for every in [Some(64 * 1024), None] {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (acceptor, send) = (
+                tokio_rustls::TlsAcceptor::from(server_cfg.clone()),
+                payload.clone(),
+            );
+            let counters = Arc::new(Counters::default());
+            let c = counters.clone();
+            let server = tokio::spawn(async move {
+                let (sock, _) = listener.accept().await.unwrap();
+                let tls = acceptor.accept(sock).await.unwrap();
+                let mut s = Rekeying::optional(tls, every, Duration::ZERO, c);
+                for chunk in send.chunks(16 * 1024) {
+                    s.write_all(chunk).await.unwrap();
+                }
+                s.shutdown().await.unwrap();
+            });
+            let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let connector = tokio_rustls::TlsConnector::from(client_cfg.clone());
+            let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+            let mut tls = connector.connect(name, sock).await.unwrap();
+            let mut got = Vec::with_capacity(LEN);
+            tls.read_to_end(&mut got).await.unwrap();
+            server.await.unwrap();
+            assert!(got == *payload, "client received corrupted bytes");
+            match every {
+                Some(_) => assert!(
+                    counters.key_updates() >= 100,
+                    "expected >= 100 key updates from the server, sent {}",
+                    counters.key_updates()
+                ),
+                None => assert_eq!(counters.key_updates(), 0, "no interval: no key update"),
+            }
+        }
     }
 }

@@ -162,6 +162,13 @@ struct TargetArgs {
     /// running on the source).
     #[arg(long)]
     keep_live_on_acl_change: bool,
+    /// Refresh each channel's TLS 1.3 keys after every N MiB this side
+    /// sends (towards the source: the return path, postcopy pages), at
+    /// most one per 250 ms. Without it, this side's keys change only in
+    /// answer to a source's key update request, when it next sends data.
+    #[arg(long, value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(1..=miggate::timeouts::MAX_REKEY_AFTER_MIB))]
+    rekey_after_mib: Option<u64>,
 }
 
 #[derive(Args)]
@@ -400,6 +407,7 @@ async fn run_target(a: TargetArgs) -> Result<()> {
     };
     let gate = target::Target::new(tls, Some(route), None, stall, None, limits);
     gate.watch_revocations(&a.x509_dir, a.keep_live_on_acl_change)?;
+    gate.set_rekey_after(a.rekey_after_mib.map(|m| m << 20));
     tokio::select! {
         r = target::serve(listener, gate) => r?,
         _ = shutdown_signal() => tracing::info!("shutting down"),

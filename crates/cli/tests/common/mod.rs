@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod faults;
 pub mod gateway;
 pub mod guest;
+pub mod longstream;
 pub mod native;
 pub mod netns;
 pub mod nobody;
