@@ -13,3 +13,4 @@ pub mod nobody;
 pub mod postcopy;
 pub mod qemu;
 pub mod scenario;
+pub mod soak;
