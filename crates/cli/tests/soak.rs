@@ -17,7 +17,7 @@ use common::soak::{count_from_env, run, Via};
 
 /// Enough for the short version to show a per-migration leak of a relay
 /// buffer (256 KiB) within the checked range; ~1 s per migration here.
-const DEFAULT_COUNT: usize = 12;
+const DEFAULT_COUNT: usize = 15;
 
 /// The first migration whose figures count: the first ones warm the
 /// allocator and the TLS session caches up.

@@ -150,6 +150,54 @@ impl Carrier {
     }
 }
 
+/// The daemon forgets an ended registration after `retention` (default
+/// 1 h: the API shows it until then). The soak's daemon forgets them
+/// after [`RETENTION_SECS`], so that its RSS measures what stays behind
+/// a migration, not the records it keeps on purpose
+/// (`MIGGATE_SOAK_RETENTION=3600` measures those too).
+pub const RETENTION_SECS: u64 = 2;
+
+fn retention() -> u64 {
+    match std::env::var("MIGGATE_SOAK_RETENTION") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("MIGGATE_SOAK_RETENTION={v:?}: expected seconds")),
+        Err(_) => RETENTION_SECS,
+    }
+}
+
+/// A daemon as `common::daemon::start` runs it (one loopback listener, an
+/// API socket), with `retention` from [`retention`].
+async fn daemon(dir: &Path, pki: &Path) -> Daemon {
+    let api = dir.join("api.sock");
+    let config = dir.join("daemon.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[daemon]\nruntime_dir = {:?}\nretention = {}\n\n[api]\nsocket = {:?}\n\n\
+             [[target]]\nlisten = \"127.0.0.1:0\"\nx509_dir = {:?}\n",
+            dir.join("run").display().to_string(),
+            retention(),
+            api.display().to_string(),
+            pki.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut gw = miggate()
+        .gateway(&["daemon", "--config", config.to_str().unwrap()])
+        .await
+        .unwrap();
+    gw.wait_event(|v| v["message"] == "API listening", EVENT_TIMEOUT)
+        .await
+        .unwrap();
+    Daemon {
+        gw,
+        api,
+        config,
+        metrics: None,
+    }
+}
+
 /// Runs `count` back-to-back migrations of one running guest via `via`,
 /// printing a line per migration; panics on the first failure.
 pub async fn run(via: Via, count: usize) -> Report {
@@ -200,9 +248,12 @@ pub async fn run(via: Via, count: usize) -> Report {
                 incoming,
             }
         }
-        Via::Daemon => Carrier::Daemon(super::daemon::start(&dir, &pki).await),
+        Via::Daemon => Carrier::Daemon(daemon(&dir, &pki).await),
     };
     let procs = path.procs();
+    if via == Via::Daemon {
+        eprintln!("daemon retention of ended registrations: {} s", retention());
+    }
     eprintln!(
         "soak via {}: {count} migrations of a running {RAM_MIB} MiB guest (VM {uuid}); \
          measured: {}",
