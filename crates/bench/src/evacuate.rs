@@ -94,6 +94,15 @@ struct Batch {
     wall: f64,
     /// Bytes the sources sent (`ram.transferred`).
     bytes: u64,
+    /// CPU seconds (user + system) of the miggate processes during the
+    /// migrations: what the machine's load does not change much.
+    cpu: f64,
+}
+
+impl Batch {
+    fn cpu_per_gib(&self) -> f64 {
+        self.cpu / (self.bytes.max(1) as f64 / super::GIB)
+    }
 }
 
 /// Starts `k` pairs of QEMUs (VM `first + i`), `START_BATCH` at a time.
@@ -145,16 +154,29 @@ async fn start_vms(first: usize, k: usize, s: &Setup<'_>, dir: &Path) -> Result<
 /// The miggate processes of a path; killed when dropped.
 #[allow(clippy::large_enum_variant)] // one per batch, never moved around
 enum Carriers {
-    Pairs(#[allow(dead_code)] Vec<peers::Layer>),
+    Pairs(Vec<peers::Layer>),
     Daemon {
         daemon: miggate_lab::Daemon,
         ids: Vec<String>,
-        #[allow(dead_code)]
         sources: Vec<miggate_lab::Gateway>,
     },
 }
 
 impl Carriers {
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Carriers::Pairs(layers) => layers.iter().flat_map(peers::Layer::pids).collect(),
+            Carriers::Daemon {
+                daemon, sources, ..
+            } => daemon
+                .gw
+                .pid()
+                .into_iter()
+                .chain(sources.iter().filter_map(miggate_lab::Gateway::pid))
+                .collect(),
+        }
+    }
+
     fn logs(&self) -> String {
         match self {
             Carriers::Pairs(layers) => layers
@@ -259,6 +281,8 @@ async fn batch(via: Via, first: usize, k: usize, s: &Setup<'_>) -> Result<Batch>
     let carriers = carriers(via, &mut vms, s, dir.path()).await?;
     eprintln!("evacuate {}: migrating {k} VMs at once", via.label(k));
 
+    let pids = carriers.pids();
+    let cpu0 = sys::cpu_total(&pids);
     let mut set = tokio::task::JoinSet::new();
     for mut vm in vms {
         set.spawn(async move {
@@ -274,6 +298,7 @@ async fn batch(via: Via, first: usize, k: usize, s: &Setup<'_>) -> Result<Batch>
     while let Some(r) = set.join_next().await {
         done.push(r.context("migration task")??);
     }
+    let cpu = sys::cpu_total(&pids) - cpu0;
     done.sort_by_key(|d| d.0.i);
 
     let mut seconds = Vec::with_capacity(k);
@@ -345,6 +370,7 @@ async fn batch(via: Via, first: usize, k: usize, s: &Setup<'_>) -> Result<Batch>
         seconds,
         wall,
         bytes,
+        cpu,
     })
 }
 
@@ -362,7 +388,7 @@ pub async fn run(n: usize, s: &Setup<'_>) -> String {
     );
     let _ = writeln!(
         out,
-        "{:<22} {:>4} {:>8} {:>10} {:>8} {:>11} {:>8} {:>24}",
+        "{:<22} {:>4} {:>8} {:>10} {:>8} {:>11} {:>8} {:>24} {:>16}",
         "path",
         "VMs",
         "wall s",
@@ -370,22 +396,26 @@ pub async fn run(n: usize, s: &Setup<'_>) -> String {
         "alone s",
         "alone MiB/s",
         "x alone",
-        "per-VM s min/median/max"
+        "per-VM s min/median/max",
+        "CPU-s/GiB all/1"
     );
     for via in [Via::Pairs, Via::Daemon] {
         // The single VM is number n: its RAM differs from all the others'.
         let res = async {
-            let mut alone = Vec::with_capacity(ALONE_ROUNDS);
+            let (mut alone, mut alone_cpu) = (Vec::new(), Vec::new());
             for _ in 0..ALONE_ROUNDS {
-                alone.push(batch(via, n, 1, s).await?.wall);
+                let b = batch(via, n, 1, s).await?;
+                alone.push(b.wall);
+                alone_cpu.push(b.cpu_per_gib());
             }
             let all = batch(via, 0, n, s).await?;
-            anyhow::Ok((sys::median(&alone).unwrap_or(f64::NAN), all))
+            let med = |v: &[f64]| sys::median(v).unwrap_or(f64::NAN);
+            anyhow::Ok((med(&alone), med(&alone_cpu), all))
         }
         .await;
         let label = via.label(n);
         match res {
-            Ok((alone, all)) => {
+            Ok((alone, alone_cpu, all)) => {
                 let ram = f64::from(s.ram_mib);
                 let aggr = ram * n as f64 / all.wall;
                 let single = ram / alone;
@@ -396,7 +426,7 @@ pub async fn run(n: usize, s: &Setup<'_>) -> String {
                 );
                 let _ = writeln!(
                     out,
-                    "{:<22} {:>4} {:>8.3} {:>10.0} {:>8.3} {:>11.0} {:>8.2} {:>24}",
+                    "{:<22} {:>4} {:>8.3} {:>10.0} {:>8.3} {:>11.0} {:>8.2} {:>24} {:>16}",
                     label,
                     n,
                     all.wall,
@@ -405,6 +435,7 @@ pub async fn run(n: usize, s: &Setup<'_>) -> String {
                     single,
                     aggr / single,
                     format!("{lo:.3} / {med:.3} / {hi:.3}"),
+                    format!("{:.2} / {alone_cpu:.2}", all.cpu_per_gib()),
                 );
                 eprintln!(
                     "evacuate {label}: {:.1} MiB sent in all",
@@ -425,7 +456,8 @@ pub async fn run(n: usize, s: &Setup<'_>) -> String {
     let _ = writeln!(
         out,
         "wall: first migrate to last completion; aggr: guest RAM moved per second of wall time; \
-         x alone: aggregate / one migration alone. Standalone gateways: one pair per VM (a \
+         x alone: aggregate / one migration alone; CPU-s/GiB: user+system time of the miggate \
+         processes per GiB sent, all at once / alone (median). Standalone gateways: one pair per VM (a \
          target gateway forwards to one address); daemon: one target process for all."
     );
     out
