@@ -97,6 +97,8 @@ struct Batch {
     /// CPU seconds (user + system) of the miggate processes during the
     /// migrations: what the machine's load does not change much.
     cpu: f64,
+    /// The same for the QEMUs (both sides).
+    qemu_cpu: f64,
 }
 
 impl Batch {
@@ -282,7 +284,12 @@ async fn batch(via: Via, first: usize, k: usize, s: &Setup<'_>) -> Result<Batch>
     eprintln!("evacuate {}: migrating {k} VMs at once", via.label(k));
 
     let pids = carriers.pids();
-    let cpu0 = sys::cpu_total(&pids);
+    let qemu_pids: Vec<u32> = vms
+        .iter()
+        .flat_map(|v| [v.src.pid(), v.dst.pid()])
+        .flatten()
+        .collect();
+    let (cpu0, qcpu0) = (sys::cpu_total(&pids), sys::cpu_total(&qemu_pids));
     let mut set = tokio::task::JoinSet::new();
     for mut vm in vms {
         set.spawn(async move {
@@ -299,6 +306,7 @@ async fn batch(via: Via, first: usize, k: usize, s: &Setup<'_>) -> Result<Batch>
         done.push(r.context("migration task")??);
     }
     let cpu = sys::cpu_total(&pids) - cpu0;
+    let qemu_cpu = sys::cpu_total(&qemu_pids) - qcpu0;
     done.sort_by_key(|d| d.0.i);
 
     let mut seconds = Vec::with_capacity(k);
@@ -371,6 +379,7 @@ async fn batch(via: Via, first: usize, k: usize, s: &Setup<'_>) -> Result<Batch>
         wall,
         bytes,
         cpu,
+        qemu_cpu,
     })
 }
 
@@ -399,6 +408,8 @@ pub async fn run(n: usize, s: &Setup<'_>) -> String {
         "per-VM s min/median/max",
         "CPU-s/GiB all/1"
     );
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let mut notes = Vec::new();
     for via in [Via::Pairs, Via::Daemon] {
         // The single VM is number n: its RAM differs from all the others'.
         let res = async {
@@ -441,6 +452,14 @@ pub async fn run(n: usize, s: &Setup<'_>) -> String {
                     "evacuate {label}: {:.1} MiB sent in all",
                     all.bytes as f64 / super::MIB
                 );
+                notes.push(format!(
+                    "{label}: the migrations' processes used {:.0} % of the machine's {} CPUs \
+                     during the wall time (miggate {:.1} CPU-s, QEMUs {:.1} CPU-s)",
+                    (all.cpu + all.qemu_cpu) / (all.wall * cpus) * 100.0,
+                    cpus,
+                    all.cpu,
+                    all.qemu_cpu
+                ));
             }
             Err(e) => {
                 eprintln!("evacuate {label}: FAILED: {e:#}");
@@ -460,5 +479,8 @@ pub async fn run(n: usize, s: &Setup<'_>) -> String {
          processes per GiB sent, all at once / alone (median). Standalone gateways: one pair per VM (a \
          target gateway forwards to one address); daemon: one target process for all."
     );
+    for n in notes {
+        let _ = writeln!(out, "{n}");
+    }
     out
 }
