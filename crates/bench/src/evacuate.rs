@@ -37,6 +37,11 @@ use super::sys;
 const START_BATCH: usize = 8;
 /// All N migrations together, on a busy 2-core machine.
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long the daemon may take to book the migrations and close what
+/// they used once the QEMUs are done.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often the daemon's API and descriptors are looked at meanwhile.
+const POLL: Duration = Duration::from_millis(50);
 /// Migrations of one VM alone per path: the median is the reference (one
 /// sample on a shared machine varies twofold).
 const ALONE_ROUNDS: usize = 3;
@@ -161,6 +166,8 @@ enum Carriers {
         daemon: miggate_lab::Daemon,
         ids: Vec<String>,
         sources: Vec<miggate_lab::Gateway>,
+        /// The daemon's open descriptors before the registrations.
+        baseline: usize,
     },
 }
 
@@ -217,6 +224,7 @@ async fn carriers(via: Via, vms: &mut [Vm], s: &Setup<'_>, dir: &Path) -> Result
             std::fs::create_dir(&ddir).context("creating the daemon's directory")?;
             let m = Miggate::new(bin);
             let daemon = m.daemon(&ddir, s.pki, &DaemonOpts::default()).await?;
+            let baseline = sys::fd_count(daemon.gw.pid().context("the daemon exited")?);
             let api = daemon.client()?;
             let pki = s.pki.display().to_string();
             let (mut ids, mut sources) = (Vec::new(), Vec::new());
@@ -266,6 +274,7 @@ async fn carriers(via: Via, vms: &mut [Vm], s: &Setup<'_>, dir: &Path) -> Result
                 daemon,
                 ids,
                 sources,
+                baseline,
             })
         }
     }
@@ -353,16 +362,45 @@ async fn batch(via: Via, first: usize, k: usize, s: &Setup<'_>) -> Result<Batch>
             vm.uuid
         );
     }
-    if let Carriers::Daemon { daemon, ids, .. } = &carriers {
+    if let Carriers::Daemon {
+        daemon,
+        ids,
+        baseline,
+        ..
+    } = &carriers
+    {
+        // The daemon books a migration once its target QEMU said how it
+        // went, after the sockets closed: poll for it.
         let api = daemon.client()?;
+        let deadline = tokio::time::Instant::now() + SETTLE_TIMEOUT;
         for id in ids {
-            let v = api.migration(id).await?;
+            loop {
+                let v = api.migration(id).await?;
+                if v.state == Phase::Completed && v.channels_seen == 1 {
+                    break;
+                }
+                ensure!(
+                    tokio::time::Instant::now() < deadline,
+                    "the daemon books migration {id} {:?} with {} channels",
+                    v.state,
+                    v.channels_seen
+                );
+                tokio::time::sleep(POLL).await;
+            }
+        }
+        // Nothing of the N migrations may stay open in the daemon: its
+        // descriptors come back to what it had before the registrations.
+        let pid = daemon.gw.pid().context("the daemon exited")?;
+        loop {
+            let now = sys::fd_count(pid);
+            if now <= *baseline {
+                break;
+            }
             ensure!(
-                v.state == Phase::Completed && v.channels_seen == 1,
-                "the daemon books migration {id} {:?} with {} channels",
-                v.state,
-                v.channels_seen
+                tokio::time::Instant::now() < deadline,
+                "the daemon holds {now} descriptors after {k} migrations ended, {baseline} before"
             );
+            tokio::time::sleep(POLL).await;
         }
     }
     let wall = last_end
