@@ -13,6 +13,7 @@
 //! skipped, never silently left out.
 
 pub mod flood;
+mod evacuate;
 mod handshake;
 mod local;
 mod migration;
@@ -201,6 +202,14 @@ pub struct BenchArgs {
     /// 127.0.0.1. The hop between the two sides is TCP either way.
     #[arg(long, value_enum, default_value = "unix")]
     pub local: local::LocalKind,
+    /// Host evacuation instead of the other measurements: N guests of
+    /// `--evacuate-ram-mib` migrated at once through standalone gateway
+    /// pairs and through one daemon with N tickets (each after one alone).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub evacuate: Option<u16>,
+    /// Guest RAM of `--evacuate`, MiB.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(16..=1024))]
+    pub evacuate_ram_mib: u32,
     /// CI smoke run: 64 MiB guest, 1 round, no warm-up, 64 MiB relay-only,
     /// 20 handshakes, 4 held channels, a flood of 200. Overrides those options.
     #[arg(long)]
@@ -274,6 +283,24 @@ pub async fn run(mut args: BenchArgs) -> Result<()> {
     let qemu_cmd = qemu.command().ok();
     let absent = qemu_cmd.is_none().then(|| qemu_absent(qemu));
     println!("{}", machine(qemu, qemu_cmd.as_ref(), accel));
+
+    if let Some(n) = args.evacuate {
+        if let Some(why) = absent {
+            anyhow::bail!("--evacuate: {why}");
+        }
+        let setup = evacuate::Setup {
+            installed: &inst,
+            pki: &pki,
+            client_dn: CLIENT_DN,
+            workdir: work.path(),
+            ram_mib: args.evacuate_ram_mib,
+            accel,
+            qemu,
+            ram_cache: args.cache_dir.as_deref(),
+        };
+        println!("{}", evacuate::run(usize::from(n), &setup).await);
+        return Ok(());
+    }
 
     if !args.no_migration {
         let transports: Vec<Transport> = if args.transports.is_empty() {

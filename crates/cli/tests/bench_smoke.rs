@@ -5,7 +5,8 @@
 //! of passing unmeasured. No timing assertions: CI machines are too noisy
 //! for that; the README's table comes from full runs. Also the smallest
 //! runs of `bench` and `demo` with `--qemu 10.0` (seconds each): they must
-//! run on that QEMU and say so.
+//! run on that QEMU and say so. And `bench --evacuate 4`, the code path
+//! of the host evacuation (`--evacuate 32` in README's figures).
 
 mod common;
 
@@ -143,4 +144,38 @@ fn demo_on_qemu10_migrates_on_it() {
         out.contains("[5/5] the guest runs on the destination"),
         "{out}"
     );
+}
+
+/// `--evacuate 4`: four paused guests (each its own RAM seed and UUID)
+/// migrate at once through standalone gateway pairs and through one
+/// daemon holding four tickets, after one alone. The bench checks every
+/// arrival itself (both QEMUs completed, the target's UUID and RAM hash
+/// its source's, the daemon's record) and prints "failed: ..." instead
+/// of a row otherwise.
+#[test]
+fn bench_evacuate_lands_every_vm_in_its_own_target() {
+    common::qemu::qemu_binary().unwrap();
+    let run = Command::new(BIN)
+        .args(["bench", "--evacuate", "4"])
+        .output()
+        .expect("run miggate bench --evacuate");
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "miggate bench --evacuate 4 failed:\n{out}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    for name in ["gateway pairs (x4)", "daemon, 4 tickets"] {
+        let cell = row(&out, "Evacuation:", name);
+        let cols: Vec<&str> = cell.split_whitespace().collect();
+        assert_eq!(cols.first(), Some(&"4"), "{name}: {cell:?}\n{out}");
+        // wall s, aggregate MiB/s, alone s, alone MiB/s, x alone: figures.
+        for c in &cols[1..6.min(cols.len())] {
+            assert!(
+                c.parse::<f64>().is_ok_and(|v| v > 0.0),
+                "{name}: {cell:?} is not a row of figures\n{out}"
+            );
+        }
+        assert!(cols.len() >= 6, "{name}: {cell:?}\n{out}");
+    }
 }

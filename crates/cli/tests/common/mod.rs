@@ -16,3 +16,4 @@ pub mod nobody;
 pub mod postcopy;
 pub mod qemu;
 pub mod scenario;
+pub mod soak;
