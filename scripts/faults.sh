@@ -50,9 +50,12 @@ printf '%-16s | %-10s | %-10s | %-12s\n' "path cut" "" "$r" ""
 [ "$r" = survived ] && ok=$((ok + 1))
 [ "$r" != - ] && tried=$((tried + 1))
 printf '\nsurvived %d of %d in %d s\n' "$ok" "$tried" "$secs"
-# Postcopy, outside the count: the test asserts a known limitation (both
-# QEMUs paused, nothing lost, recovery through a restarted gateway refused).
-r=$(result postcopy_faults::target_gateway_killed_in_postcopy)
-[ "$r" = survived ] && r="as documented: both QEMUs paused, recovery through a restarted gateway refused"
+# Postcopy, outside the count: the target gateway killed mid-postcopy,
+# recovered through a restart with its --state-dir (and refused without).
+r=$(result postcopy_faults::target_gateway_killed_in_postcopy_recovers_with_its_state_dir)
+[ "$r" = survived ] && r="recovered through a restarted gateway with --state-dir"
 printf 'postcopy, target gateway killed: %s\n' "$r"
+r=$(result postcopy_faults::target_gateway_killed_in_postcopy_without_state_refuses_the_recovery)
+[ "$r" = survived ] && r="as documented: recovery refused, nothing reaches the target QEMU"
+printf 'postcopy, target gateway killed, no --state-dir: %s\n' "$r"
 exit "$status"

@@ -20,12 +20,13 @@
 //! ([`MAX_PAUSED`]); the oldest goes first.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
+use super::binding_state::{self, Saved, StateError, StateFile};
 use crate::wire::frames::Secret;
 
 /// Why a joining channel is refused.
@@ -109,12 +110,17 @@ struct Entry {
     ended: watch::Receiver<bool>,
     /// Its main channel failed: it may be resumed until then.
     paused_until: Option<Instant>,
+    /// The same end, as saved in the state file (a live one's counts from
+    /// its bind: if the process dies, it is paused at most this long).
+    until_unix: u64,
 }
 
 /// The live bindings of one listener.
 #[derive(Default)]
 pub struct Bindings {
     map: Mutex<HashMap<TokenHash, Entry>>,
+    /// Where the static route's bindings are kept across restarts.
+    state: OnceLock<StateFile>,
 }
 
 /// Held by the bound main channel; dropping it ends the binding (and
@@ -139,11 +145,13 @@ impl Drop for BindGuard {
         if self.failed {
             if let Some(e) = map.get_mut(&self.key) {
                 e.paused_until = Some(Instant::now() + crate::timeouts::RECOVERY_WINDOW);
+                e.until_unix = binding_state::unix_after(crate::timeouts::RECOVERY_WINDOW);
             }
             Bindings::bound_paused(&mut map);
         } else {
             map.remove(&self.key);
         }
+        self.bindings.save(&map);
         drop(map);
         self.ended.send_replace(true);
     }
@@ -177,6 +185,59 @@ impl Bindings {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Keeps the static route's bindings in `dir` from now on (see
+    /// [`binding_state`]), and takes back those saved there by an earlier
+    /// process, paused: their main channels died with it. Called once,
+    /// before the first connection. Returns how many were taken back.
+    pub fn persist_in(&self, dir: &std::path::Path) -> Result<usize, StateError> {
+        let (file, saved) = StateFile::open(dir)?;
+        let mut map = self.lock();
+        let n = saved.len();
+        for s in saved {
+            let Ok(key) = <TokenHash>::try_from(hex::decode(&s.sha256).unwrap_or_default()) else {
+                continue;
+            };
+            // Ended from the start: nothing can join a paused binding.
+            let (_, ended) = watch::channel(true);
+            map.insert(
+                key,
+                Entry {
+                    peer_dn: s.peer_dn,
+                    scope: Scope::Static,
+                    joined: false,
+                    ended,
+                    paused_until: Some(Instant::now() + binding_state::left(s.until)),
+                    until_unix: s.until,
+                },
+            );
+        }
+        Bindings::bound_paused(&mut map);
+        let _ = self.state.set(file);
+        self.save(&map);
+        Ok(n)
+    }
+
+    /// Writes the static route's bindings to the state file, if any. A
+    /// failure is logged, not fatal: the migration goes on, only its
+    /// recovery after a restart of this process is at stake.
+    fn save(&self, map: &HashMap<TokenHash, Entry>) {
+        let Some(file) = self.state.get() else {
+            return;
+        };
+        let saved = map
+            .iter()
+            .filter(|(_, e)| e.scope == Scope::Static)
+            .map(|(k, e)| Saved {
+                sha256: hex::encode(k),
+                peer_dn: e.peer_dn.clone(),
+                until: e.until_unix,
+            })
+            .collect();
+        if let Err(e) = file.save(saved) {
+            tracing::error!(error = %e, "cannot save the postcopy recovery state: a restart of this gateway would lose the recovery of a paused migration");
+        }
+    }
+
     /// Forgets paused bindings past their window, and the oldest beyond
     /// [`MAX_PAUSED`].
     fn bound_paused(map: &mut HashMap<TokenHash, Entry>) {
@@ -208,8 +269,10 @@ impl Bindings {
                 joined: false,
                 ended: rx,
                 paused_until: None,
+                until_unix: binding_state::unix_after(crate::timeouts::RECOVERY_WINDOW),
             },
         );
+        self.save(&self.lock());
         let guard = BindGuard {
             bindings: self.clone(),
             key,
@@ -242,6 +305,7 @@ impl Bindings {
         let mut map = self.lock();
         let key = Bindings::paused(&mut map, token, peer_dn, scope)?;
         map.remove(&key);
+        self.save(&map);
         Ok(())
     }
 

@@ -6,6 +6,7 @@
 //! taken), under the registry's lock.
 
 pub mod binding;
+pub mod binding_state;
 pub mod decide;
 pub mod registry;
 pub mod ticket;

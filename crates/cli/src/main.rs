@@ -169,6 +169,12 @@ struct TargetArgs {
     #[arg(long, value_name = "MIB",
           value_parser = clap::value_parser!(u64).range(1..=miggate::timeouts::MAX_REKEY_AFTER_MIB))]
     rekey_after_mib: Option<u64>,
+    /// Keep the postcopy recovery state (hashes of binding tokens) in this
+    /// private directory (created 0700), so that a migration paused in
+    /// postcopy can still be recovered through this gateway after it
+    /// restarts. Without it, a restart loses those recoveries.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -408,6 +414,15 @@ async fn run_target(a: TargetArgs) -> Result<()> {
     let gate = target::Target::new(tls, Some(route), None, stall, None, limits);
     gate.watch_revocations(&a.x509_dir, a.keep_live_on_acl_change)?;
     gate.set_rekey_after(a.rekey_after_mib.map(|m| m << 20));
+    if let Some(dir) = &a.state_dir {
+        let n = gate.bindings().persist_in(dir)?;
+        if n > 0 {
+            tracing::info!(
+                paused = n, dir = %dir.display(),
+                "postcopy recovery state taken back: migrations paused before the restart may resume"
+            );
+        }
+    }
     tokio::select! {
         r = target::serve(listener, gate) => r?,
         _ = shutdown_signal() => tracing::info!("shutting down"),

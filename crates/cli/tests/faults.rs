@@ -108,17 +108,20 @@ mod postcopy_faults {
     /// The target gateway killed mid-postcopy (the VM runs on the target,
     /// most pages still on the source): both QEMUs pause, the guest split
     /// across them but nothing lost, and the source gateway lets go of the
-    /// channel. A target gateway restarted on the same address refuses the
-    /// source QEMU's recovery, though: the cut main channel's binding (the
-    /// token the resumed channel presents) lived in the killed process.
-    /// Nothing reaches the target QEMU, which keeps waiting for a recovery;
-    /// a 7.2 source stays in `postcopy-recover` (10 s and more, seen while
-    /// writing this), where `migrate-pause` no longer applies. (A
-    /// limitation, not fixed: see README, Reliability, Faults.)
+    /// channel. A target gateway restarted on the same address with the
+    /// same `--state-dir` takes the cut main channel's binding back from
+    /// disk, admits the source QEMU's resumed main channel (its source
+    /// gateway still holds the token), and the migration completes with
+    /// the RAM intact. Without a state directory the binding dies with the
+    /// process and the recovery is refused (checked first, on the fresh
+    /// gateway: nothing reaches the target QEMU, which keeps waiting).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn target_gateway_killed_in_postcopy() {
+    async fn target_gateway_killed_in_postcopy_recovers_with_its_state_dir() {
         let pki = pki();
         let pki = pki_dir(&pki);
+        let state = tempfile::tempdir().unwrap();
+        let state_dir = state.path().join("state");
+        let state_arg = state_dir.to_str().unwrap().to_string();
         let uuid = uuid::Uuid::new_v4();
         let mut opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0x9c2 }, 128);
         opts.uuid = Some(uuid);
@@ -129,7 +132,34 @@ mod postcopy_faults {
         ];
         let (mut src, mut dst, port) = qemu_pair_with(&opts, Versions::Q72, &caps, None).await;
         slow_postcopy(&mut src).await;
-        let tgw = checking_target_gateway(&pki, port, uuid).await;
+        let src_hash = src.ram_sha256().await.unwrap();
+        let (forward, uuid_s) = (format!("tcp:127.0.0.1:{port}"), uuid.to_string());
+        let x509 = pki.to_str().unwrap().to_string();
+        let target_args = |addr: &str, state: Option<&str>| {
+            let mut v: Vec<String> = [
+                "target",
+                "--listen",
+                addr,
+                "--x509-dir",
+                &x509,
+                "--forward",
+                &forward,
+                "--authz-identity",
+                SOURCE_DN,
+                "--expect-uuid",
+                &uuid_s,
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+            if let Some(dir) = state {
+                v.extend(["--state-dir".to_string(), dir.to_string()]);
+            }
+            v
+        };
+        let args = target_args("127.0.0.1:0", Some(&state_arg));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let tgw = miggate().gateway(&args).await.unwrap();
         let tgw_addr = tgw.addr.clone();
         let mut sgw = source_gateway(&pki, &tgw_addr, &["--stall-timeout", "3"]).await;
         let idle = sockets(sgw.pid().unwrap());
@@ -161,9 +191,80 @@ mod postcopy_faults {
             sgw.log_text()
         })
         .await;
+        let saved = std::fs::read_to_string(state_dir.join("bindings.json")).unwrap();
+        assert!(saved.contains(SOURCE_DN), "{saved}");
 
         // The operator's recovery, through a target gateway restarted on
-        // the same address.
+        // the same address with the same state directory.
+        let args = target_args(&tgw_addr, Some(&state_arg));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let mut tgw2 = miggate().gateway(&args).await.unwrap();
+        dst.cmd("migrate-recover", json!({ "uri": forward }))
+            .await
+            .unwrap();
+        src.cmd(
+            "migrate",
+            json!({ "uri": format!("tcp:{}", sgw.addr), "resume": true }),
+        )
+        .await
+        .unwrap();
+        let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+        let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+        assert_eq!(
+            (s.status.as_deref(), d.status.as_deref()),
+            (Some("completed"), Some("completed")),
+            "source: {:?}\ntarget: {:?}\ntarget gateway:\n{}",
+            s.raw,
+            d.error_desc,
+            tgw2.log_text()
+        );
+        assert_eq!(dst.ram_sha256().await.unwrap(), src_hash);
+        let rec = tgw2.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+        assert_eq!(
+            (&rec["outcome"], &rec["channel"]),
+            (&json!("completed"), &json!("main-resumed")),
+            "{rec}"
+        );
+        // Spent: the state file no longer holds the resumed binding.
+        let saved = std::fs::read_to_string(state_dir.join("bindings.json")).unwrap();
+        assert!(!saved.contains(SOURCE_DN), "{saved}");
+        println!("FAULT postcopy: target gateway killed; recovered through a restarted one with its --state-dir");
+    }
+
+    /// The same kill without `--state-dir`: the restarted gateway has no
+    /// binding to resume, refuses the recovery, and the target QEMU gets
+    /// nothing (still paused, still listening).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn target_gateway_killed_in_postcopy_without_state_refuses_the_recovery() {
+        let pki = pki();
+        let pki = pki_dir(&pki);
+        let uuid = uuid::Uuid::new_v4();
+        let mut opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0x9c3 }, 128);
+        opts.uuid = Some(uuid);
+        let caps = [
+            ("validate-uuid", true),
+            ("postcopy-ram", true),
+            ("return-path", true),
+        ];
+        let (mut src, mut dst, port) = qemu_pair_with(&opts, Versions::Q72, &caps, None).await;
+        slow_postcopy(&mut src).await;
+        let tgw = checking_target_gateway(&pki, port, uuid).await;
+        let tgw_addr = tgw.addr.clone();
+        let mut sgw = source_gateway(&pki, &tgw_addr, &["--stall-timeout", "3"]).await;
+
+        src.migrate(&format!("tcp:{}", sgw.addr)).await.unwrap();
+        wait_migration_status(&mut src, "active").await;
+        src.cmd("migrate-start-postcopy", json!({})).await.unwrap();
+        wait_migration_status(&mut dst, "postcopy-active").await;
+        wait_target_runs_the_vm(&mut dst).await;
+        wait_postcopy_bytes(&mut src, 4 << 20).await;
+        signal(tgw.pid().unwrap(), "KILL");
+        tgw.stop().await;
+        wait_migration_status(&mut src, "postcopy-paused").await;
+        wait_migration_status(&mut dst, "postcopy-paused").await;
+        let rec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+        assert_eq!(rec["outcome"], "failed", "{rec}");
+
         let (forward, uuid_s) = (format!("tcp:127.0.0.1:{port}"), uuid.to_string());
         let x509 = pki.to_str().unwrap();
         let mut tgw2 = miggate()
@@ -204,16 +305,8 @@ mod postcopy_faults {
                 .starts_with("no paused main channel has this binding token"),
             "{rec}"
         );
-        let rec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
-        assert_eq!(rec["outcome"], "refused", "{rec}");
-        // The target QEMU got nothing: still paused, still listening.
         let d = dst.query_migrate().await.unwrap();
         assert_eq!(d.status.as_deref(), Some("postcopy-paused"), "{:?}", d.raw);
-        let s = src.query_migrate().await.unwrap();
-        println!(
-            "FAULT postcopy: target gateway killed; recovery through a restarted one refused ({}); source QEMU {:?}, target QEMU {:?}",
-            rec["reason"], s.status, d.status
-        );
     }
 }
 
