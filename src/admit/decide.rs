@@ -25,7 +25,9 @@ use std::sync::Arc;
 use super::binding::{Bindings, Joined, Scope};
 use super::registry::{ChannelGuard, Migration, Registry};
 use super::ticket::Ticket;
-use super::{check_identity, check_stream, Expectation, Refusal, StreamError, TicketRefusal};
+use super::{
+    check_identity, check_stream, forward_for, Expectation, Refusal, StreamError, TicketRefusal,
+};
 use crate::authz::Authz;
 use crate::net::Endpoint;
 use crate::wire::frames::{self, Hello, Secret};
@@ -273,6 +275,7 @@ impl<'a> Admission<'a> {
             .ok_or(super::binding::JoinRefusal::Unknown)?;
         let (route, joined) = match (route, &self.migration) {
             (Some(route), _) => {
+                forward_for(&route.forward, &StreamKind::Preempt)?;
                 let j = bindings.join(token, self.peer_dn, &Scope::Static)?;
                 (Route::Static(route), j)
             }
@@ -296,6 +299,7 @@ impl<'a> Admission<'a> {
             .ok_or(super::binding::JoinRefusal::NotPaused)?;
         match (route, &self.migration) {
             (Some(route), _) => {
+                forward_for(&route.forward, &StreamKind::Resumed)?;
                 bindings.resume(token, self.peer_dn, &Scope::Static)?;
                 Ok(Route::Static(route))
             }
@@ -325,6 +329,16 @@ impl<'a> Admission<'a> {
         match (route, &self.migration) {
             (Some(route), _) => {
                 check_stream(&route.expect, kind)?;
+                // A per-VM forward: this channel's own copy of the route,
+                // pointing at its VM's socket.
+                let route = match forward_for(&route.forward, kind)? {
+                    None => route,
+                    Some(forward) => Arc::new(StaticRoute {
+                        forward,
+                        authz: route.authz.clone(),
+                        expect: route.expect.clone(),
+                    }),
+                };
                 Ok(Route::Static(route))
             }
             (None, Some(m)) => Ok(Route::Ticket(m.admit_channel(self.peer_dn, kind)?)),

@@ -61,6 +61,16 @@ pub enum Refusal {
     /// A channel that joins a main channel (postcopy preempt) it may not.
     #[error("{0}")]
     Join(#[from] binding::JoinRefusal),
+    /// The static route forwards per VM (`{uuid}` in `--forward`) and this
+    /// channel names no VM.
+    #[error(
+        "the forward {forward} is chosen by the VM UUID, but the {channel} carries none{hint}"
+    )]
+    ForwardNeedsUuid {
+        forward: Endpoint,
+        channel: &'static str,
+        hint: &'static str,
+    },
 }
 
 /// A DN the route's or the registration's authz does not let in.
@@ -238,7 +248,9 @@ impl Refusal {
             Refusal::NotAuthorized(_) => "authz",
             Refusal::Ticket(_) => "ticket",
             Refusal::Join(_) => "binding",
-            Refusal::UuidMismatch { .. } | Refusal::UuidMissing { .. } => "uuid",
+            Refusal::UuidMismatch { .. }
+            | Refusal::UuidMissing { .. }
+            | Refusal::ForwardNeedsUuid { .. } => "uuid",
             Refusal::Stream(_)
             | Refusal::NoMainChannel(_)
             | Refusal::TargetUnreachable { .. }
@@ -261,6 +273,7 @@ impl Refusal {
             Refusal::NotAuthorized(AuthzRefusal::TicketInUse { .. }) => "ticket_in_use",
             Refusal::UuidMismatch { .. } => "mismatch",
             Refusal::UuidMissing { .. } => "missing",
+            Refusal::ForwardNeedsUuid { .. } => "missing_for_forward",
             Refusal::Stream(StreamError::Read(_)) => "read_error",
             Refusal::Stream(_) => "not_qemu",
             Refusal::NoMainChannel(_) => "no_main_channel",
@@ -282,6 +295,9 @@ impl Refusal {
             // Says what to fix on the source, nothing about the VM expected.
             Refusal::UuidMissing { .. } => {
                 "wrong VM: the stream carries no VM UUID (enable the source QEMU's validate-uuid capability and give it -uuid)".into()
+            }
+            Refusal::ForwardNeedsUuid { channel, hint, .. } => {
+                format!("wrong VM: the {channel} carries no VM UUID{hint}")
             }
             Refusal::Stream(_) => "not a QEMU migration stream".into(),
             Refusal::NoMainChannel(_) => "multifd channel without an admitted main channel".into(),
@@ -329,6 +345,49 @@ pub fn check_stream(expect: &Expectation, kind: &StreamKind) -> Result<(), Refus
     }
 }
 
+/// What a per-VM forward (`--forward unix:/run/vms/{uuid}.sock`) puts in
+/// place of [`UUID_PLACEHOLDER`]: the stream's VM UUID, hyphenated lower
+/// hex (nothing else can reach the path: no `/`, no `..`).
+pub const UUID_PLACEHOLDER: &str = "{uuid}";
+
+/// Whether `forward` is chosen per VM ([`UUID_PLACEHOLDER`] in its path).
+pub fn forward_is_per_vm(forward: &Endpoint) -> bool {
+    matches!(forward, Endpoint::Unix(p) if p.to_string_lossy().contains(UUID_PLACEHOLDER))
+}
+
+/// The endpoint a channel of `kind` goes to on a per-VM forward, or `None`
+/// when `forward` is a fixed one. Channels without a UUID of their own
+/// (postcopy preempt, a resumed main channel) are refused there: their VM
+/// is their main channel's, which a per-VM route does not track (yet).
+pub fn forward_for(forward: &Endpoint, kind: &StreamKind) -> Result<Option<Endpoint>, Refusal> {
+    let Endpoint::Unix(path) = forward else {
+        return Ok(None);
+    };
+    let template = path.to_string_lossy();
+    if !template.contains(UUID_PLACEHOLDER) {
+        return Ok(None);
+    }
+    const NO_UUID: &str = " (enable the source QEMU's validate-uuid capability and give it -uuid)";
+    const NO_POSTCOPY: &str = " (postcopy is not supported on a per-VM forward: use one target gateway per VM, or the daemon)";
+    let missing = |channel, hint| Refusal::ForwardNeedsUuid {
+        forward: forward.clone(),
+        channel,
+        hint,
+    };
+    let uuid = match kind {
+        StreamKind::Main { uuid, .. } => uuid
+            .filter(|u| !u.is_nil())
+            .ok_or(missing("main channel", NO_UUID))?,
+        StreamKind::Multifd { uuid, .. } => Some(*uuid)
+            .filter(|u| !u.is_nil())
+            .ok_or(missing("multifd channel", NO_UUID))?,
+        StreamKind::Preempt => return Err(missing("postcopy preempt channel", NO_POSTCOPY)),
+        StreamKind::Resumed => return Err(missing("resumed main channel", NO_POSTCOPY)),
+    };
+    let path = template.replace(UUID_PLACEHOLDER, &uuid.hyphenated().to_string());
+    Ok(Some(Endpoint::Unix(path.into())))
+}
+
 /// A short label of the channel for logs: `main` or `multifd/N`.
 pub fn channel_label(kind: &StreamKind) -> String {
     match kind {
@@ -355,6 +414,45 @@ mod tests {
         StreamKind::Main {
             uuid,
             machine: None,
+        }
+    }
+
+    #[test]
+    fn a_per_vm_forward_takes_the_streams_uuid_and_nothing_else() {
+        let fixed: Endpoint = "unix:/run/in.sock".parse().unwrap();
+        assert!(!forward_is_per_vm(&fixed));
+        let a = Uuid::parse_str("5e1b9bd3-64e2-4d6a-8c3a-0d2a4a7f2b11").unwrap();
+        assert_eq!(forward_for(&fixed, &main(Some(a))), Ok(None));
+        let tcp: Endpoint = "tcp:127.0.0.1:4444".parse().unwrap();
+        assert_eq!(forward_for(&tcp, &main(None)), Ok(None));
+
+        let per_vm: Endpoint = "unix:/run/vms/{uuid}/in.sock".parse().unwrap();
+        assert!(forward_is_per_vm(&per_vm));
+        let want = Endpoint::Unix("/run/vms/5e1b9bd3-64e2-4d6a-8c3a-0d2a4a7f2b11/in.sock".into());
+        assert_eq!(forward_for(&per_vm, &main(Some(a))), Ok(Some(want.clone())));
+        let multifd = StreamKind::Multifd {
+            uuid: a,
+            channel: 1,
+        };
+        assert_eq!(forward_for(&per_vm, &multifd), Ok(Some(want)));
+        for kind in [
+            main(None),
+            main(Some(Uuid::nil())),
+            StreamKind::Multifd {
+                uuid: Uuid::nil(),
+                channel: 0,
+            },
+            StreamKind::Preempt,
+            StreamKind::Resumed,
+        ] {
+            let r = forward_for(&per_vm, &kind).unwrap_err();
+            assert_eq!(
+                (r.class(), r.cause()),
+                ("uuid", "missing_for_forward"),
+                "{r}"
+            );
+            assert!(r.public().starts_with("wrong VM"), "{}", r.public());
+            assert!(!r.public().contains("/run/vms"), "the path stays private");
         }
     }
 

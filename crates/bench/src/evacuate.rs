@@ -10,11 +10,12 @@
 //! in another VM's target would fail both). The wall time runs from the
 //! first `migrate` to the last terminal event.
 //!
-//! A standalone target gateway forwards to one address (`--forward`), so
-//! it can carry one VM's migrations only: path (a) is one source/target
-//! pair per VM (what an evacuation with static routes needs). Demuxing
-//! many VMs on one target listener is what the daemon's tickets are for,
-//! path (b): one target process, N concurrent migrations.
+//! Path (a) is one `miggate source` and one `miggate target` for all N
+//! VMs: the target gateway forwards per VM (`--forward
+//! unix:DIR/in-{uuid}.sock`), each channel to the socket named by the VM
+//! UUID its stream carries, where that VM's target QEMU listens. Path (b)
+//! is the daemon's: one target process, N registrations and tickets, a
+//! source gateway per ticket.
 
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
@@ -61,7 +62,8 @@ pub struct Setup<'a> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Via {
-    /// One `miggate source` / `miggate target` pair per VM.
+    /// One `miggate source` / `miggate target` pair for all VMs, the
+    /// target forwarding per VM UUID.
     Pairs,
     /// One `miggate daemon`, a registration and ticket per VM, a
     /// `miggate source --ticket-file` per VM.
@@ -71,7 +73,7 @@ enum Via {
 impl Via {
     fn label(self, n: usize) -> String {
         match self {
-            Via::Pairs => format!("gateway pairs (x{n})"),
+            Via::Pairs => "one gateway pair".to_string(),
             Via::Daemon => format!("daemon, {n} tickets"),
         }
     }
@@ -203,21 +205,22 @@ async fn carriers(via: Via, vms: &mut [Vm], s: &Setup<'_>, dir: &Path) -> Result
     let bin = &s.installed.miggate;
     match via {
         Via::Pairs => {
-            let mut layers = Vec::with_capacity(vms.len());
+            // One pair: the target gateway picks each VM's socket by the
+            // UUID in its stream; the source gateway takes every QEMU.
+            let per_vm = Local::Unix(dir.join("in-{uuid}.sock"));
+            let checks = MiggateChecks {
+                client_dn: s.client_dn,
+                expect_uuid: None,
+            };
+            let entry = Local::Unix(dir.join("src.sock"));
+            let layer = peers::miggate(bin, s.pki, entry, &per_vm, &checks).await?;
             for vm in vms.iter_mut() {
-                let incoming = Local::Unix(dir.join(format!("in-{}.sock", vm.i)));
+                let incoming = Local::Unix(dir.join(format!("in-{}.sock", vm.uuid)));
                 vm.dst.set_capabilities(&[("return-path", true)]).await?;
                 vm.dst.migrate_incoming(&incoming.uri()).await?;
-                let entry = Local::Unix(dir.join(format!("src-{}.sock", vm.i)));
-                let checks = MiggateChecks {
-                    client_dn: s.client_dn,
-                    expect_uuid: Some(vm.uuid),
-                };
-                let layer = peers::miggate(bin, s.pki, entry, &incoming, &checks).await?;
                 vm.entry = layer.entry.uri();
-                layers.push(layer);
             }
-            Ok(Carriers::Pairs(layers))
+            Ok(Carriers::Pairs(vec![layer]))
         }
         Via::Daemon => {
             let ddir = dir.join("daemon");
@@ -514,8 +517,9 @@ pub async fn run(n: usize, s: &Setup<'_>) -> String {
         out,
         "wall: first migrate to last completion; aggr: guest RAM moved per second of wall time; \
          x alone: aggregate / one migration alone; CPU-s/GiB: user+system time of the miggate \
-         processes per GiB sent, all at once / alone (median). Standalone gateways: one pair per VM (a \
-         target gateway forwards to one address); daemon: one target process for all."
+         processes per GiB sent, all at once / alone (median). One gateway pair: one source and one \
+         target gateway for all, the target forwarding by VM UUID (--forward unix:DIR/in-{{uuid}}.sock); \
+         daemon: one target process for all, one ticket and source gateway per VM."
     );
     for n in notes {
         let _ = writeln!(out, "{n}");

@@ -120,7 +120,10 @@ struct TargetArgs {
     /// PKI directory in QEMU's layout (uses server-cert/key, ca-cert, ca-crl).
     #[arg(long)]
     x509_dir: PathBuf,
-    /// Where the target QEMU listens: tcp:HOST:PORT or unix:PATH.
+    /// Where the target QEMU listens: tcp:HOST:PORT or unix:PATH. A unix
+    /// path containing {uuid} is chosen per VM: each channel goes to the
+    /// socket named by the VM UUID its stream carries (one gateway pair
+    /// for many VMs; needs validate-uuid and -uuid; no postcopy).
     #[arg(long)]
     forward: Endpoint,
     /// Allow exactly this client certificate DN (QEMU authz-simple).
@@ -172,7 +175,8 @@ struct TargetArgs {
     /// Keep the postcopy recovery state (hashes of binding tokens) in this
     /// private directory (created 0700), so that a migration paused in
     /// postcopy can still be recovered through this gateway after it
-    /// restarts. Without it, a restart loses those recoveries.
+    /// restarts. Without it, a restart loses those recoveries. One
+    /// directory per gateway process.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
 }
