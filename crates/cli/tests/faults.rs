@@ -199,26 +199,11 @@ mod postcopy_faults {
         let args = target_args(&tgw_addr, Some(&state_arg));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut tgw2 = miggate().gateway(&args).await.unwrap();
-        dst.cmd("migrate-recover", json!({ "uri": forward }))
-            .await
-            .unwrap();
-        src.cmd(
-            "migrate",
-            json!({ "uri": format!("tcp:{}", sgw.addr), "resume": true }),
-        )
-        .await
-        .unwrap();
-        let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
-        let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
-        assert_eq!(
-            (s.status.as_deref(), d.status.as_deref()),
-            (Some("completed"), Some("completed")),
-            "source: {:?}\ntarget: {:?}\ntarget gateway:\n{}",
-            s.raw,
-            d.error_desc,
+        let resume = format!("tcp:{}", sgw.addr);
+        recover_and_complete(&mut src, &mut dst, &forward, &resume, &src_hash, || {
             tgw2.log_text()
-        );
-        assert_eq!(dst.ram_sha256().await.unwrap(), src_hash);
+        })
+        .await;
         let rec = tgw2.wait_outcome(EVENT_TIMEOUT).await.unwrap();
         assert_eq!(
             (&rec["outcome"], &rec["channel"]),

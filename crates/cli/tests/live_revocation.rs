@@ -632,28 +632,16 @@ async fn revoked_in_postcopy(change: Change) {
     )
     .await
     .unwrap();
-    dst.cmd(
-        "migrate-recover",
-        json!({ "uri": format!("tcp:127.0.0.1:{port}") }),
+    let (recover, resume) = (format!("tcp:127.0.0.1:{port}"), format!("tcp:{}", sgw.addr));
+    recover_and_complete(
+        &mut src,
+        &mut dst,
+        &recover,
+        &resume,
+        &src_hash,
+        String::new,
     )
-    .await
-    .unwrap();
-    src.cmd(
-        "migrate",
-        json!({ "uri": format!("tcp:{}", sgw.addr), "resume": true }),
-    )
-    .await
-    .unwrap();
-    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
-    let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
-    assert_eq!(
-        (s.status.as_deref(), d.status.as_deref()),
-        (Some("completed"), Some("completed")),
-        "source: {:?}\ntarget: {:?}",
-        s.raw,
-        d.error_desc
-    );
-    assert_eq!(dst.ram_sha256().await.unwrap(), src_hash);
+    .await;
     let resumed = outcomes(&mut tgw, 2).await;
     assert!(
         resumed

@@ -142,30 +142,16 @@ async fn recovers_after_the_path_is_cut(versions: Versions) {
     wait_migration_status(&mut src, "postcopy-paused").await;
     wait_migration_status(&mut dst, "postcopy-paused").await;
 
-    dst.cmd(
-        "migrate-recover",
-        json!({ "uri": format!("tcp:127.0.0.1:{port}") }),
+    let (recover, resume) = (format!("tcp:127.0.0.1:{port}"), format!("tcp:{}", sgw.addr));
+    recover_and_complete(
+        &mut src,
+        &mut dst,
+        &recover,
+        &resume,
+        &src_hash,
+        String::new,
     )
-    .await
-    .unwrap();
-    src.cmd(
-        "migrate",
-        json!({ "uri": format!("tcp:{}", sgw.addr), "resume": true }),
-    )
-    .await
-    .unwrap();
-    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
-    let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
-    assert_eq!(
-        (s.status.as_deref(), d.status.as_deref()),
-        (Some("completed"), Some("completed")),
-        "source: {:?}\ntarget: {:?}\nsource stderr:\n{}\ntarget stderr:\n{}",
-        s.raw,
-        d.error_desc,
-        src.stderr_text(),
-        dst.stderr_text()
-    );
-    assert_eq!(dst.ram_sha256().await.unwrap(), src_hash);
+    .await;
 
     // The cut channels failed; the resumed main channel and its preempt
     // channel completed, on both gateways.

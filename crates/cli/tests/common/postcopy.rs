@@ -125,3 +125,36 @@ pub async fn wait_migration_status(q: &mut Qemu, status: &str) {
         );
     }
 }
+
+/// The operator's recovery after a cut mid-postcopy: the target QEMU
+/// listens again on `recover_uri`, the source resumes to `resume_uri`, and
+/// both ends must complete with the target's RAM hashing to `src_hash`.
+/// `logs` adds what explains a failure (a gateway's log).
+pub async fn recover_and_complete(
+    src: &mut Qemu,
+    dst: &mut Qemu,
+    recover_uri: &str,
+    resume_uri: &str,
+    src_hash: &str,
+    logs: impl Fn() -> String,
+) {
+    dst.cmd("migrate-recover", json!({ "uri": recover_uri }))
+        .await
+        .unwrap();
+    src.cmd("migrate", json!({ "uri": resume_uri, "resume": true }))
+        .await
+        .unwrap();
+    let s = src.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+    let d = dst.wait_migration_end(MIGRATION_TIMEOUT).await.unwrap();
+    assert_eq!(
+        (s.status.as_deref(), d.status.as_deref()),
+        (Some("completed"), Some("completed")),
+        "source: {:?}\ntarget: {:?}\nsource stderr:\n{}\ntarget stderr:\n{}\n{}",
+        s.raw,
+        d.error_desc,
+        src.stderr_text(),
+        dst.stderr_text(),
+        logs()
+    );
+    assert_eq!(dst.ram_sha256().await.unwrap(), src_hash);
+}
