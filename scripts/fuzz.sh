@@ -9,6 +9,8 @@
 #       executions, exec/s, coverage (edges) and features, corpus files and
 #       bytes, crashes. A crash stops its target; the input is left in
 #       fuzz/artifacts/<target>/ and the script exits 1.
+#   FUZZ_LOGS=DIR keeps each target's libFuzzer output as DIR/<target>.log.
+#
 #   scripts/fuzz.sh --ci [TARGET...]
 #       The short run CI does: 20 s per target (--time overrides), new
 #       inputs go to a temporary directory (the committed corpus is only
@@ -86,10 +88,16 @@ fi
     exit 1
 }
 echo "fuzz: building the targets (release, debug assertions, address sanitizer)"
-(cd fuzz && cargo +nightly fuzz build -O --debug-assertions "${targets[@]:0:$((${#targets[@]} == 1))}")
+(cd fuzz && cargo +nightly fuzz build -O --debug-assertions)
+# The binaries run directly from here on: an edit of the sources during a
+# long run does not rebuild them under it.
+bin="$PWD/fuzz/target/x86_64-unknown-linux-gnu/release"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
+# libFuzzer's full output per target: FUZZ_LOGS=DIR keeps it.
+logs="${FUZZ_LOGS:-$work}"
+mkdir -p "$logs"
 rows=()
 failed=0
 for t in "${targets[@]}"; do
@@ -110,14 +118,14 @@ for t in "${targets[@]}"; do
     *) max_len=4096 ;;
     esac
     before=$(find "fuzz/artifacts/$t" -type f | wc -l)
-    log="$work/$t.log"
+    log="$logs/$t.log"
     echo "fuzz: $t for ${secs} s"
     start=$(date +%s)
     set +e
     # One process (what -jobs=1 amounts to); crashes land in fuzz/artifacts/<target>/.
-    (cd fuzz && cargo +nightly fuzz run -O --debug-assertions "$t" "${dirs[@]}" -- \
-        -max_total_time="$secs" -max_len="$max_len" -timeout=10 -rss_limit_mb=2048 \
-        -print_final_stats=1) >"$log" 2>&1
+    "$bin/$t" "${dirs[@]}" -max_total_time="$secs" -max_len="$max_len" -timeout=10 \
+        -rss_limit_mb=2048 -print_final_stats=1 -artifact_prefix="fuzz/artifacts/$t/" \
+        >"$log" 2>&1
     rc=$?
     set -e
     took=$(($(date +%s) - start))
@@ -127,7 +135,7 @@ for t in "${targets[@]}"; do
     if ((rc != 0)); then
         failed=1
         echo "fuzz: $t FAILED (exit $rc); the end of its log:" >&2
-        tail -40 "$log" >&2
+        grep -v '^INFO:' "$log" | grep -B2 -A12 -m1 -E 'panicked|ERROR: |SUMMARY' >&2 || tail -30 "$log" >&2
         ls -t "fuzz/artifacts/$t" 2>/dev/null | head -3 | sed "s|^|fuzz: artifact fuzz/artifacts/$t/|" >&2
     fi
     execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
@@ -138,12 +146,18 @@ for t in "${targets[@]}"; do
     ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")
     if ((!ci)) && ((rc == 0)); then
         echo "fuzz: minimising fuzz/corpus/$t"
-        (cd fuzz && cargo +nightly fuzz cmin -O --debug-assertions "$t" "$corpus" -- \
-            -max_len="$max_len" -timeout=10 -rss_limit_mb=2048) >"$work/$t.cmin.log" 2>&1 || {
-            echo "fuzz: cmin of $t failed:" >&2
+        # What cargo fuzz cmin does: merge into an empty directory the
+        # inputs that add coverage, then keep only those.
+        mkdir -p "$work/$t.min"
+        if "$bin/$t" -merge=1 -max_len="$max_len" -timeout=10 -rss_limit_mb=2048 \
+            "$work/$t.min" "$corpus" >"$work/$t.cmin.log" 2>&1; then
+            find "$corpus" -type f -delete
+            cp "$work/$t.min"/* "$corpus"/
+        else
+            echo "fuzz: minimising $t failed:" >&2
             tail -20 "$work/$t.cmin.log" >&2
             failed=1
-        }
+        fi
     fi
     files=$(find "$corpus" -type f | wc -l)
     bytes=$(du -sb "$corpus" | cut -f1)
@@ -156,6 +170,6 @@ printf '%-13s %7s %12s %8s %8s %8s %7s %9s %7s\n' target seconds executions exec
     coverage features corpus bytes crashes
 printf '%s\n' "${rows[@]}"
 if ((failed)); then
-    echo "fuzz: a target failed; reproduce with: cd fuzz && cargo +nightly fuzz run TARGET artifacts/TARGET/FILE" >&2
+    echo "fuzz: a target failed; reproduce with: fuzz/target/x86_64-unknown-linux-gnu/release/TARGET fuzz/artifacts/TARGET/FILE" >&2
     exit 1
 fi
