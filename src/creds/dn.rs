@@ -125,7 +125,7 @@ fn render_ava(ava: &Tlv, out: &mut Vec<u8>) -> Result<(), DnError> {
             "AttributeTypeAndValue is not exactly a type and a value",
         ));
     };
-    if kind.class != UNIVERSAL || kind.number != OID {
+    if kind.class != UNIVERSAL || kind.constructed || kind.number != OID {
         return Err(parse_err("attribute type is not an OID"));
     }
     let oid = oid_string(kind.content)?;
@@ -736,6 +736,11 @@ mod tests {
         // An AVA that is a SET, not a SEQUENCE.
         assert!(matches!(
             dn_of("300e310c310a06035504030c03616263"),
+            Err(DnError::Parse(_))
+        ));
+        // An attribute type that is a constructed OID (tag 0x26).
+        assert!(matches!(
+            dn_of("300e310c300a26035504030c03616263"),
             Err(DnError::Parse(_))
         ));
         // An AVA with a third element.
