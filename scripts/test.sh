@@ -9,3 +9,6 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 cargo fmt --all --check
 # Two test threads: QEMUs, gateways and tests share two cores.
 cargo test --locked --workspace -- --test-threads=2
+# The fuzz targets: the corpus replays in cargo test (fuzz_corpus); here a
+# short libFuzzer run of each (scripts/fuzz.sh --ci, 20 s per target).
+scripts/fuzz.sh --ci

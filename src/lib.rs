@@ -28,3 +28,7 @@ pub mod qmp;
 pub mod control;
 pub mod daemon;
 pub mod migrate;
+
+/// Entry points of the fuzz targets and of their corpus replay test.
+#[doc(hidden)]
+pub mod fuzzing;

@@ -8,7 +8,7 @@
 mod file;
 mod glob;
 mod list;
-mod qjson;
+pub(crate) mod qjson;
 mod simple;
 
 use std::path::PathBuf;

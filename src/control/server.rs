@@ -185,7 +185,7 @@ async fn incoming(
 /// The listeners a registration names, as indices into `listen`; by
 /// default the first. Each listener has its own CA: binding the ticket to
 /// the listener the operator meant keeps another CA's certificates out.
-fn bind_listeners(
+pub(crate) fn bind_listeners(
     listen: &[String],
     refs: Option<&[ListenerRef]>,
 ) -> Result<Vec<usize>, ApiFailure> {
@@ -224,7 +224,7 @@ fn bind_listeners(
 
 /// `tcp:HOST:PORT` or `unix:PATH`, the prefix required: a bare HOST:PORT
 /// in a registration is more likely a mistake than a shorthand.
-fn parse_forward(s: &str) -> Result<Endpoint, ApiFailure> {
+pub(crate) fn parse_forward(s: &str) -> Result<Endpoint, ApiFailure> {
     let bad = |why: String| {
         ApiFailure::bad(format!(
             "forward {s:?} is not tcp:HOST:PORT, unix:PATH or {{\"qmp\": \"unix:PATH\"}}: {why}"
@@ -236,7 +236,7 @@ fn parse_forward(s: &str) -> Result<Endpoint, ApiFailure> {
     s.parse::<Endpoint>().map_err(bad)
 }
 
-fn build_allow(allow: &Allow) -> Result<(Arc<dyn Authz>, String), ApiFailure> {
+pub(crate) fn build_allow(allow: &Allow) -> Result<(Arc<dyn Authz>, String), ApiFailure> {
     Ok(match allow {
         Allow::Identity(dn) if dn.trim().is_empty() => {
             return Err(ApiFailure::bad("allow.identity is empty"))

@@ -63,6 +63,12 @@ pub fn subject_dn(cert_der: &[u8]) -> Result<String, DnError> {
     let mut out = Vec::new();
     let mut avas = 0;
     for (i, rdn) in rdns.iter().enumerate() {
+        // The schema libtasn1 decodes with: RDNSequence ::= SEQUENCE OF
+        // RelativeDistinguishedName ::= SET OF AttributeTypeAndValue. An
+        // element of another type fails the certificate's import in GnuTLS.
+        if !rdn.is(SET) {
+            return Err(parse_err("relative distinguished name is not a SET"));
+        }
         let values = Der(rdn.content).all()?;
         for (j, ava) in values.iter().enumerate() {
             render_ava(ava, &mut out)?;
@@ -103,18 +109,23 @@ fn subject_name(cert_der: &[u8]) -> Result<Tlv<'_>, DnError> {
     let _issuer = next()?;
     let _validity = next()?;
     let subject = next()?;
-    if subject.class != UNIVERSAL || subject.number != SEQUENCE {
+    if !subject.is(SEQUENCE) {
         return Err(parse_err("subject is not a SEQUENCE"));
     }
     Ok(subject)
 }
 
 fn render_ava(ava: &Tlv, out: &mut Vec<u8>) -> Result<(), DnError> {
+    if !ava.is(SEQUENCE) {
+        return Err(parse_err("AttributeTypeAndValue is not a SEQUENCE"));
+    }
     let mut parts = Der(ava.content).all()?.into_iter();
-    let (Some(kind), Some(value)) = (parts.next(), parts.next()) else {
-        return Err(parse_err("AttributeTypeAndValue lacks type or value"));
+    let (Some(kind), Some(value), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(parse_err(
+            "AttributeTypeAndValue is not exactly a type and a value",
+        ));
     };
-    if kind.class != UNIVERSAL || kind.number != OID {
+    if kind.class != UNIVERSAL || kind.constructed || kind.number != OID {
         return Err(parse_err("attribute type is not an OID"));
     }
     let oid = oid_string(kind.content)?;
@@ -169,6 +180,7 @@ const OCTET_STRING: u64 = 4;
 const OID: u64 = 6;
 const UTF8: u64 = 12;
 const SEQUENCE: u64 = 16;
+const SET: u64 = 17;
 const NUMERIC: u64 = 18;
 const PRINTABLE: u64 = 19;
 const TELETEX: u64 = 20;
@@ -366,6 +378,13 @@ struct Tlv<'a> {
 /// forms of tags and lengths (GnuTLS imports such certificates) but not
 /// indefinite lengths.
 struct Der<'a>(&'a [u8]);
+
+impl Tlv<'_> {
+    /// A constructed universal element of type `number` (SEQUENCE, SET).
+    fn is(&self, number: u64) -> bool {
+        self.class == UNIVERSAL && self.constructed && self.number == number
+    }
+}
 
 impl<'a> Der<'a> {
     fn next(&mut self) -> Result<Tlv<'a>, DnError> {
@@ -700,6 +719,35 @@ mod tests {
         let mut der = wrap("300e310c300a06035504030c0361ff62");
         der.push(0);
         assert!(matches!(subject_dn(&der), Err(DnError::Parse(_))));
+    }
+
+    /// Found by fuzzing (fuzz/regressions/dn/): a Name whose elements are
+    /// not SET OF SEQUENCE {type, value} was rendered as if they were;
+    /// GnuTLS's DER decoder refuses such a certificate, so QEMU denies it.
+    #[test]
+    fn rdn_and_ava_types_are_checked() {
+        // O=Org, then CN=b and OU=a inside a [UNIVERSAL 18] instead of a SET.
+        let not_a_set =
+            "3024310c300a060355040a0c034f72673214300806035504030c01623008060355040b0c0161";
+        assert!(matches!(dn_of(not_a_set), Err(DnError::Parse(_))));
+        // The same with a SET renders.
+        let set = "3024310c300a060355040a0c034f72673114300806035504030c01623008060355040b0c0161";
+        assert_eq!(dn_of(set).unwrap(), "O=Org,CN=b+OU=a");
+        // An AVA that is a SET, not a SEQUENCE.
+        assert!(matches!(
+            dn_of("300e310c310a06035504030c03616263"),
+            Err(DnError::Parse(_))
+        ));
+        // An attribute type that is a constructed OID (tag 0x26).
+        assert!(matches!(
+            dn_of("300e310c300a26035504030c03616263"),
+            Err(DnError::Parse(_))
+        ));
+        // An AVA with a third element.
+        assert!(matches!(
+            dn_of("3011310f300d06035504030c036162630500"),
+            Err(DnError::Parse(_))
+        ));
     }
 }
 

@@ -563,7 +563,7 @@ fn out_of_range(file: &Path, e: crate::timeouts::OutOfRange) -> ConfigError {
     }
 }
 
-fn authz_choice(
+pub(crate) fn authz_choice(
     identity: &Option<String>,
     list_file: &Option<PathBuf>,
     no_refresh: bool,
@@ -599,14 +599,14 @@ fn check_dir(dir: &Path) -> Result<(), String> {
     }
 }
 
-fn check_hostport(s: &str) -> Result<(), String> {
+pub(crate) fn check_hostport(s: &str) -> Result<(), String> {
     s.parse::<crate::net::HostPort>()
         .map(drop)
         .map_err(|e| e.to_string())
 }
 
 /// "0600", "600" or "0o600" -> 0o600; only permission bits.
-fn parse_mode(s: &str) -> Option<u32> {
+pub(crate) fn parse_mode(s: &str) -> Option<u32> {
     let digits = s.strip_prefix("0o").unwrap_or(s);
     let mode = u32::from_str_radix(digits, 8).ok()?;
     (mode <= 0o777).then_some(mode)

@@ -170,7 +170,7 @@ pub fn check_request(q: &QmpForward) -> Result<(), PrepareError> {
 }
 
 /// The QMP socket path of `forward.qmp`.
-fn qmp_path(q: &QmpForward) -> Result<&str, PrepareError> {
+pub(crate) fn qmp_path(q: &QmpForward) -> Result<&str, PrepareError> {
     q.qmp
         .strip_prefix("unix:")
         .filter(|p| !p.is_empty())

@@ -47,7 +47,9 @@ impl std::str::FromStr for HostPort {
             (host, port)
         };
         let port = port.parse::<u16>().map_err(|_| bad(""))?;
-        if host.is_empty() {
+        // No host name or address holds a bracket; one left inside
+        // ("[[h]:1") would print as a HostPort that does not parse back.
+        if host.is_empty() || host.contains(['[', ']']) {
             return Err(bad(""));
         }
         Ok(HostPort {
@@ -199,6 +201,12 @@ mod tests {
             "[::1]",
             "::1:80",
             "[]:80",
+            // Found by fuzzing (fuzz/regressions/control_body/): the host
+            // "[h" printed as "[h:80", which is not HOST:PORT.
+            "[[h]:80",
+            "[h]]:80",
+            "h]:80",
+            "[:80",
         ] {
             assert!(bad.parse::<HostPort>().is_err(), "{bad}");
         }

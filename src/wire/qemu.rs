@@ -249,6 +249,13 @@ pub fn sniff(prefix: &[u8]) -> Result<StreamKind, SniffError> {
 /// `postcopy-ram` capability is on. `None`: more bytes are needed;
 /// anything that is not a main stream, or unexpected, is `Some(false)`.
 pub fn postcopy_advised(stream: &[u8]) -> Option<bool> {
+    // Not QEVM from its first byte: no need to wait for a whole magic.
+    if !QEVM_MAGIC
+        .to_be_bytes()
+        .starts_with(&stream[..stream.len().min(4)])
+    {
+        return Some(false);
+    }
     let mut c = Cursor {
         buf: stream,
         pos: 0,
@@ -750,6 +757,10 @@ mod tests {
         // Not a main stream at all.
         assert_eq!(postcopy_advised(&[0x11, 0x22, 0x33, 0x44]), Some(false));
         assert_eq!(postcopy_advised(b"QEV"), None);
+        // Found by fuzzing (fuzz/regressions/qemu_stream/): a prefix that
+        // is already not QEVM (here a TLS record) is not "need more".
+        assert_eq!(postcopy_advised(&[0x16, 0x03, 0x02]), Some(false));
+        assert_eq!(postcopy_advised(&[0x11]), Some(false));
     }
 
     /// Captured from 7.2 and 10.0 resuming after a cut.
