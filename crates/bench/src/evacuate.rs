@@ -62,6 +62,9 @@ pub struct Setup<'a> {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Via {
+    /// No miggate: each source QEMU straight into its target's unix
+    /// socket (the control: what the QEMUs and the machine allow).
+    Plain,
     /// One `miggate source` / `miggate target` pair for all VMs, the
     /// target forwarding per VM UUID.
     Pairs,
@@ -73,6 +76,7 @@ enum Via {
 impl Via {
     fn label(self, n: usize) -> String {
         match self {
+            Via::Plain => "plain (no TLS), control".to_string(),
             Via::Pairs => "one gateway pair".to_string(),
             Via::Daemon => format!("daemon, {n} tickets"),
         }
@@ -163,6 +167,8 @@ async fn start_vms(first: usize, k: usize, s: &Setup<'_>, dir: &Path) -> Result<
 /// The miggate processes of a path; killed when dropped.
 #[allow(clippy::large_enum_variant)] // one per batch, never moved around
 enum Carriers {
+    /// Nothing between the QEMUs.
+    Plain,
     Pairs(Vec<peers::Layer>),
     Daemon {
         daemon: miggate_lab::Daemon,
@@ -176,6 +182,7 @@ enum Carriers {
 impl Carriers {
     fn pids(&self) -> Vec<u32> {
         match self {
+            Carriers::Plain => Vec::new(),
             Carriers::Pairs(layers) => layers.iter().flat_map(peers::Layer::pids).collect(),
             Carriers::Daemon {
                 daemon, sources, ..
@@ -190,6 +197,7 @@ impl Carriers {
 
     fn logs(&self) -> String {
         match self {
+            Carriers::Plain => String::new(),
             Carriers::Pairs(layers) => layers
                 .iter()
                 .map(peers::Layer::logs)
@@ -204,6 +212,15 @@ impl Carriers {
 async fn carriers(via: Via, vms: &mut [Vm], s: &Setup<'_>, dir: &Path) -> Result<Carriers> {
     let bin = &s.installed.miggate;
     match via {
+        Via::Plain => {
+            for vm in vms.iter_mut() {
+                let incoming = Local::Unix(dir.join(format!("in-{}.sock", vm.i)));
+                vm.dst.set_capabilities(&[("return-path", true)]).await?;
+                vm.dst.migrate_incoming(&incoming.uri()).await?;
+                vm.entry = incoming.uri();
+            }
+            Ok(Carriers::Plain)
+        }
         Via::Pairs => {
             // One pair: the target gateway picks each VM's socket by the
             // UUID in its stream; the source gateway takes every QEMU.
@@ -451,7 +468,7 @@ pub async fn run(n: usize, s: &Setup<'_>) -> String {
     );
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let mut notes = Vec::new();
-    for via in [Via::Pairs, Via::Daemon] {
+    for via in [Via::Plain, Via::Pairs, Via::Daemon] {
         // The single VM is number n: its RAM differs from all the others'.
         let res = async {
             let (mut alone, mut alone_cpu) = (Vec::new(), Vec::new());
@@ -487,7 +504,11 @@ pub async fn run(n: usize, s: &Setup<'_>) -> String {
                     single,
                     aggr / single,
                     format!("{lo:.3} / {med:.3} / {hi:.3}"),
-                    format!("{:.2} / {alone_cpu:.2}", all.cpu_per_gib()),
+                    if via == Via::Plain {
+                        "-".to_string()
+                    } else {
+                        format!("{:.2} / {alone_cpu:.2}", all.cpu_per_gib())
+                    },
                 );
                 eprintln!(
                     "evacuate {label}: {:.1} MiB sent in all",
@@ -517,7 +538,8 @@ pub async fn run(n: usize, s: &Setup<'_>) -> String {
         out,
         "wall: first migrate to last completion; aggr: guest RAM moved per second of wall time; \
          x alone: aggregate / one migration alone; CPU-s/GiB: user+system time of the miggate \
-         processes per GiB sent, all at once / alone (median). One gateway pair: one source and one \
+         processes per GiB sent, all at once / alone (median). Plain: the QEMUs alone, unix sockets, \
+         no TLS (the control). One gateway pair: one source and one \
          target gateway for all, the target forwarding by VM UUID (--forward unix:DIR/in-{{uuid}}.sock); \
          daemon: one target process for all, one ticket and source gateway per VM."
     );
