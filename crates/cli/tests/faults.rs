@@ -99,11 +99,89 @@ async fn path_between_gateways_cut_mid_stream() {
 mod postcopy_faults {
     use super::common;
     use common::faults::{signal, sockets, wait_idle};
-    use common::gateway::miggate;
+    use common::gateway::{miggate, Gateway};
     use common::postcopy::*;
-    use common::qemu::{Guest, QemuOpts};
+    use common::qemu::{Guest, Qemu, QemuOpts};
     use common::scenario::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
+
+    /// A QEMU 7.2 pair for a slow postcopy of a 128 MiB guest of random
+    /// RAM (`seed`) with a UUID of its own.
+    async fn postcopy_pair(seed: u64) -> (Qemu, Qemu, u16, uuid::Uuid) {
+        let uuid = uuid::Uuid::new_v4();
+        let mut opts = QemuOpts::new(Guest::PausedRandomRam { seed }, 128);
+        opts.uuid = Some(uuid);
+        let caps = [
+            ("validate-uuid", true),
+            ("postcopy-ram", true),
+            ("return-path", true),
+        ];
+        let (mut src, dst, port) = qemu_pair_with(&opts, Versions::Q72, &caps, None).await;
+        slow_postcopy(&mut src).await;
+        (src, dst, port, uuid)
+    }
+
+    /// `miggate target` on `addr` checking the source's DN and `uuid`,
+    /// forwarding to the target QEMU's `port`, with `--state-dir` if given.
+    fn target_args(
+        addr: &str,
+        pki: &std::path::Path,
+        port: u16,
+        uuid: uuid::Uuid,
+        state: Option<&std::path::Path>,
+    ) -> Vec<String> {
+        let mut v: Vec<String> = [
+            "target",
+            "--listen",
+            addr,
+            "--x509-dir",
+            pki.to_str().unwrap(),
+            "--forward",
+            &format!("tcp:127.0.0.1:{port}"),
+            "--authz-identity",
+            SOURCE_DN,
+            "--expect-uuid",
+            &uuid.to_string(),
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(dir) = state {
+            v.extend(["--state-dir".to_string(), dir.to_str().unwrap().to_string()]);
+        }
+        v
+    }
+
+    async fn start(args: &[String]) -> Gateway {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        miggate().gateway(&args).await.unwrap()
+    }
+
+    /// Migrates through `sgw` into postcopy, SIGKILLs the target gateway
+    /// once postcopy pages flow, waits until both QEMUs pause, and returns
+    /// the source gateway's record of the cut main channel (failed).
+    async fn kill_target_gateway_in_postcopy(
+        src: &mut Qemu,
+        dst: &mut Qemu,
+        tgw: Gateway,
+        sgw: &mut Gateway,
+    ) -> Value {
+        src.forget_old_events().await.unwrap();
+        src.migrate(&format!("tcp:{}", sgw.addr)).await.unwrap();
+        wait_migration_status(src, "active").await;
+        src.cmd("migrate-start-postcopy", json!({})).await.unwrap();
+        wait_migration_status(src, "postcopy-active").await;
+        wait_migration_status(dst, "postcopy-active").await;
+        wait_target_runs_the_vm(dst).await;
+        wait_postcopy_bytes(src, 4 << 20).await;
+        signal(tgw.pid().unwrap(), "KILL");
+        tgw.stop().await;
+        wait_migration_status(src, "postcopy-paused").await;
+        wait_migration_status(dst, "postcopy-paused").await;
+        let rec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+        assert_eq!(rec["outcome"], "failed", "{rec}");
+        rec
+    }
 
     /// The target gateway killed mid-postcopy (the VM runs on the target,
     /// most pages still on the source): both QEMUs pause, the guest split
@@ -113,72 +191,27 @@ mod postcopy_faults {
     /// disk, admits the source QEMU's resumed main channel (its source
     /// gateway still holds the token), and the migration completes with
     /// the RAM intact. Without a state directory the binding dies with the
-    /// process and the recovery is refused (checked first, on the fresh
-    /// gateway: nothing reaches the target QEMU, which keeps waiting).
+    /// process and the recovery is refused (the next test).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn target_gateway_killed_in_postcopy_recovers_with_its_state_dir() {
         let pki = pki();
         let pki = pki_dir(&pki);
         let state = tempfile::tempdir().unwrap();
         let state_dir = state.path().join("state");
-        let state_arg = state_dir.to_str().unwrap().to_string();
-        let uuid = uuid::Uuid::new_v4();
-        let mut opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0x9c2 }, 128);
-        opts.uuid = Some(uuid);
-        let caps = [
-            ("validate-uuid", true),
-            ("postcopy-ram", true),
-            ("return-path", true),
-        ];
-        let (mut src, mut dst, port) = qemu_pair_with(&opts, Versions::Q72, &caps, None).await;
-        slow_postcopy(&mut src).await;
+        let (mut src, mut dst, port, uuid) = postcopy_pair(0x9c2).await;
         let src_hash = src.ram_sha256().await.unwrap();
-        let (forward, uuid_s) = (format!("tcp:127.0.0.1:{port}"), uuid.to_string());
-        let x509 = pki.to_str().unwrap().to_string();
-        let target_args = |addr: &str, state: Option<&str>| {
-            let mut v: Vec<String> = [
-                "target",
-                "--listen",
-                addr,
-                "--x509-dir",
-                &x509,
-                "--forward",
-                &forward,
-                "--authz-identity",
-                SOURCE_DN,
-                "--expect-uuid",
-                &uuid_s,
-            ]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-            if let Some(dir) = state {
-                v.extend(["--state-dir".to_string(), dir.to_string()]);
-            }
-            v
-        };
-        let args = target_args("127.0.0.1:0", Some(&state_arg));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let tgw = miggate().gateway(&args).await.unwrap();
+        let tgw = start(&target_args(
+            "127.0.0.1:0",
+            &pki,
+            port,
+            uuid,
+            Some(&state_dir),
+        ))
+        .await;
         let tgw_addr = tgw.addr.clone();
         let mut sgw = source_gateway(&pki, &tgw_addr, &["--stall-timeout", "3"]).await;
         let idle = sockets(sgw.pid().unwrap());
-
-        src.forget_old_events().await.unwrap();
-        src.migrate(&format!("tcp:{}", sgw.addr)).await.unwrap();
-        wait_migration_status(&mut src, "active").await;
-        src.cmd("migrate-start-postcopy", json!({})).await.unwrap();
-        wait_migration_status(&mut src, "postcopy-active").await;
-        wait_migration_status(&mut dst, "postcopy-active").await;
-        wait_target_runs_the_vm(&mut dst).await;
-        wait_postcopy_bytes(&mut src, 4 << 20).await;
-        signal(tgw.pid().unwrap(), "KILL");
-        tgw.stop().await;
-
-        wait_migration_status(&mut src, "postcopy-paused").await;
-        wait_migration_status(&mut dst, "postcopy-paused").await;
-        let rec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
-        assert_eq!(rec["outcome"], "failed", "{rec}");
+        let rec = kill_target_gateway_in_postcopy(&mut src, &mut dst, tgw, &mut sgw).await;
         // An EOF without close_notify, or a reset when the killed process
         // had unread bytes: the kernel's choice.
         let reason = rec["reason"].as_str().unwrap();
@@ -196,10 +229,8 @@ mod postcopy_faults {
 
         // The operator's recovery, through a target gateway restarted on
         // the same address with the same state directory.
-        let args = target_args(&tgw_addr, Some(&state_arg));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut tgw2 = miggate().gateway(&args).await.unwrap();
-        let resume = format!("tcp:{}", sgw.addr);
+        let mut tgw2 = start(&target_args(&tgw_addr, &pki, port, uuid, Some(&state_dir))).await;
+        let (forward, resume) = (format!("tcp:127.0.0.1:{port}"), format!("tcp:{}", sgw.addr));
         recover_and_complete(&mut src, &mut dst, &forward, &resume, &src_hash, || {
             tgw2.log_text()
         })
@@ -223,51 +254,14 @@ mod postcopy_faults {
     async fn target_gateway_killed_in_postcopy_without_state_refuses_the_recovery() {
         let pki = pki();
         let pki = pki_dir(&pki);
-        let uuid = uuid::Uuid::new_v4();
-        let mut opts = QemuOpts::new(Guest::PausedRandomRam { seed: 0x9c3 }, 128);
-        opts.uuid = Some(uuid);
-        let caps = [
-            ("validate-uuid", true),
-            ("postcopy-ram", true),
-            ("return-path", true),
-        ];
-        let (mut src, mut dst, port) = qemu_pair_with(&opts, Versions::Q72, &caps, None).await;
-        slow_postcopy(&mut src).await;
+        let (mut src, mut dst, port, uuid) = postcopy_pair(0x9c3).await;
         let tgw = checking_target_gateway(&pki, port, uuid).await;
         let tgw_addr = tgw.addr.clone();
         let mut sgw = source_gateway(&pki, &tgw_addr, &["--stall-timeout", "3"]).await;
+        kill_target_gateway_in_postcopy(&mut src, &mut dst, tgw, &mut sgw).await;
 
-        src.migrate(&format!("tcp:{}", sgw.addr)).await.unwrap();
-        wait_migration_status(&mut src, "active").await;
-        src.cmd("migrate-start-postcopy", json!({})).await.unwrap();
-        wait_migration_status(&mut dst, "postcopy-active").await;
-        wait_target_runs_the_vm(&mut dst).await;
-        wait_postcopy_bytes(&mut src, 4 << 20).await;
-        signal(tgw.pid().unwrap(), "KILL");
-        tgw.stop().await;
-        wait_migration_status(&mut src, "postcopy-paused").await;
-        wait_migration_status(&mut dst, "postcopy-paused").await;
-        let rec = sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
-        assert_eq!(rec["outcome"], "failed", "{rec}");
-
-        let (forward, uuid_s) = (format!("tcp:127.0.0.1:{port}"), uuid.to_string());
-        let x509 = pki.to_str().unwrap();
-        let mut tgw2 = miggate()
-            .gateway(&[
-                "target",
-                "--listen",
-                &tgw_addr,
-                "--x509-dir",
-                x509,
-                "--forward",
-                &forward,
-                "--authz-identity",
-                SOURCE_DN,
-                "--expect-uuid",
-                &uuid_s,
-            ])
-            .await
-            .unwrap();
+        let mut tgw2 = start(&target_args(&tgw_addr, &pki, port, uuid, None)).await;
+        let forward = format!("tcp:127.0.0.1:{port}");
         dst.cmd("migrate-recover", json!({ "uri": forward }))
             .await
             .unwrap();
