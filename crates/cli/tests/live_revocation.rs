@@ -343,13 +343,7 @@ async fn pki_revoke_of_the_source_certificate_closes_its_live_channel() {
     let mut h = Held::start(TargetSide::Cli(&[])).await;
     let (pki, cert) = (h.pki.clone(), h.pki.join("client-cert.pem"));
     let t = Instant::now();
-    run_ok(&[
-        "pki",
-        "revoke",
-        "--ca-dir",
-        pki.to_str().unwrap(),
-        cert.to_str().unwrap(),
-    ]);
+    pki_revoke(&pki, &cert);
     let crl = format!("revoked by {}", pki.join("ca-crl.pem").display());
     let rec = h
         .expect_cut(t, &["revoked: peer certificate serial ", &crl])
@@ -378,13 +372,7 @@ async fn pki_revoke_of_the_target_certificate_closes_the_source_channel() {
     let mut h = Held::start(TargetSide::Cli(&[])).await;
     let (pki, cert) = (h.pki.clone(), h.pki.join("server-cert.pem"));
     let t = Instant::now();
-    run_ok(&[
-        "pki",
-        "revoke",
-        "--ca-dir",
-        pki.to_str().unwrap(),
-        cert.to_str().unwrap(),
-    ]);
+    pki_revoke(&pki, &cert);
     let crl = format!("revoked by {}", pki.join("ca-crl.pem").display());
     h.expect_cut_by(
         Cutter::Source,
@@ -595,13 +583,7 @@ async fn revoked_in_postcopy(change: Change) {
         }
         Change::Crl => {
             let cert = pki.join("client-cert.pem");
-            run_ok(&[
-                "pki",
-                "revoke",
-                "--ca-dir",
-                pki.to_str().unwrap(),
-                cert.to_str().unwrap(),
-            ]);
+            pki_revoke(&pki, &cert);
             "revoked: peer certificate serial ".to_string()
         }
     };
@@ -668,13 +650,7 @@ async fn pki_revoke_closes_a_registered_migration_too() {
     let mut h = Held::start(TargetSide::DaemonTicket).await;
     let (pki, cert) = (h.pki.clone(), h.pki.join("client-cert.pem"));
     let t = Instant::now();
-    run_ok(&[
-        "pki",
-        "revoke",
-        "--ca-dir",
-        pki.to_str().unwrap(),
-        cert.to_str().unwrap(),
-    ]);
+    pki_revoke(&pki, &cert);
     h.expect_cut(t, &["revoked: peer certificate serial "])
         .await;
     assert_eq!(
@@ -698,4 +674,15 @@ async fn pki_revoke_closes_a_registered_migration_too() {
             .is_some_and(|r| r.starts_with("revoked: ")),
         "{v:?}"
     );
+}
+
+/// `miggate pki revoke --ca-dir PKI CERT`: (re)writes PKI/ca-crl.pem.
+fn pki_revoke(pki: &std::path::Path, cert: &std::path::Path) {
+    run_ok(&[
+        "pki",
+        "revoke",
+        "--ca-dir",
+        pki.to_str().unwrap(),
+        cert.to_str().unwrap(),
+    ]);
 }
