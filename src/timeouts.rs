@@ -109,6 +109,13 @@ pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// the relay's arithmetic.
 pub const JOINED_IDLE: Duration = Duration::from_secs(30 * 86_400);
 
+/// Idle limit of an NBD channel (storage migration). A mirror job that
+/// has copied its disk sends only the guest's new writes, so an idle
+/// disk is silent for as long as the RAM migration lasts: silence is
+/// normal; the channel ends with its block job (or its migration's
+/// cancellation). Like [`JOINED_IDLE`], only a bound.
+pub const NBD_IDLE: Duration = Duration::from_secs(30 * 86_400);
+
 /// How long the binding of a main channel that failed stays resumable:
 /// a postcopy migration whose path was cut waits, paused and split across
 /// both hosts, for the operator's `migrate-recover` and resume.

@@ -26,11 +26,13 @@ use super::binding::{Bindings, Joined, Scope};
 use super::registry::{ChannelGuard, Migration, Registry};
 use super::ticket::Ticket;
 use super::{
-    check_identity, check_stream, forward_for, Expectation, Refusal, StreamError, TicketRefusal,
+    check_identity, check_stream, forward_for, Expectation, NbdRefusal, Refusal, StreamError,
+    TicketRefusal,
 };
 use crate::authz::Authz;
 use crate::net::Endpoint;
 use crate::wire::frames::{self, Hello, Secret};
+use crate::wire::nbd;
 use crate::wire::qemu::{self, SniffError, StreamKind, SNIFF_MAX};
 
 /// Where connections without a ticket go, and who may send them.
@@ -38,6 +40,17 @@ pub struct StaticRoute {
     pub forward: Endpoint,
     pub authz: Arc<dyn Authz>,
     pub expect: Expectation,
+    /// Where NBD channels go, and which exports (`--forward-nbd`,
+    /// `--nbd-export`); `None`: NBD channels are refused.
+    pub nbd: Option<NbdRoute>,
+}
+
+/// The static route's NBD channels: the target QEMU's NBD server, and the
+/// exports a client may ask for there.
+#[derive(Debug, Clone)]
+pub struct NbdRoute {
+    pub forward: Endpoint,
+    pub exports: Vec<String>,
 }
 
 /// What the listener offers a connection: the static route (if any), the
@@ -60,7 +73,7 @@ impl Route {
     pub fn forward(&self) -> &Endpoint {
         match self {
             Route::Static(r) => &r.forward,
-            Route::Ticket(g) => g.migration().forward(),
+            Route::Ticket(g) => g.forward(),
         }
     }
 }
@@ -94,6 +107,11 @@ enum State {
         from: usize,
         route: Option<Arc<StaticRoute>>,
         token: Secret,
+    },
+    /// An NBD channel: its client's opening follows the hello.
+    Nbd {
+        from: usize,
+        route: Option<Arc<StaticRoute>>,
     },
     Decided,
 }
@@ -165,6 +183,13 @@ impl<'a> Admission<'a> {
                                 Err(r) => return Step::Refused(r),
                             };
                             self.bind = hello.bind;
+                            if hello.nbd {
+                                if hello.bind || hello.join.is_some() || hello.resume.is_some() {
+                                    return Step::Refused(StreamError::NbdHello.into());
+                                }
+                                self.state = State::Nbd { from: used, route };
+                                continue;
+                            }
                             if let Some(token) = hello.resume {
                                 self.state = State::Resume {
                                     from: used,
@@ -233,6 +258,28 @@ impl<'a> Admission<'a> {
                             kind: StreamKind::Resumed,
                             route,
                         },
+                        Err(r) => Step::Refused(r),
+                    };
+                }
+                State::Nbd { from, route } => {
+                    let opening = match nbd::sniff_client(&buf[from..]) {
+                        Ok(None) if buf.len() - from < nbd::SNIFF_MAX => {
+                            self.state = State::Nbd { from, route };
+                            return Step::Read {
+                                from,
+                                max: from + nbd::SNIFF_MAX,
+                            };
+                        }
+                        Ok(None) => return Step::Refused(unrecognised(buf.len() - from)),
+                        Err(e) => return Step::Refused(StreamError::Nbd(e).into()),
+                        Ok(Some(o)) => o,
+                    };
+                    let kind = StreamKind::Nbd {
+                        export: opening.export,
+                    };
+                    self.kind = Some(kind.clone());
+                    return match self.admit_stream(route, &kind) {
+                        Ok(route) => Step::Admitted { from, kind, route },
                         Err(r) => Step::Refused(r),
                     };
                 }
@@ -327,6 +374,25 @@ impl<'a> Admission<'a> {
         kind: &StreamKind,
     ) -> Result<Route, Refusal> {
         match (route, &self.migration) {
+            (Some(route), _) if matches!(kind, StreamKind::Nbd { .. }) => {
+                let StreamKind::Nbd { export } = kind else {
+                    unreachable!()
+                };
+                let nbd = route.nbd.as_ref().ok_or(NbdRefusal::NoRoute)?;
+                if !nbd.exports.contains(export) {
+                    return Err(NbdRefusal::NotRegistered {
+                        export: export.clone(),
+                        migration: None,
+                    }
+                    .into());
+                }
+                Ok(Route::Static(Arc::new(StaticRoute {
+                    forward: nbd.forward.clone(),
+                    authz: route.authz.clone(),
+                    expect: route.expect.clone(),
+                    nbd: route.nbd.clone(),
+                })))
+            }
             (Some(route), _) => {
                 check_stream(&route.expect, kind)?;
                 // A per-VM forward: this channel's own copy of the route,
@@ -337,6 +403,7 @@ impl<'a> Admission<'a> {
                         forward,
                         authz: route.authz.clone(),
                         expect: route.expect.clone(),
+                        nbd: route.nbd.clone(),
                     }),
                 };
                 Ok(Route::Static(route))
@@ -371,6 +438,7 @@ mod tests {
             forward: Endpoint::Tcp("127.0.0.1:1".parse().unwrap()),
             authz,
             expect: Expectation::default(),
+            nbd: None,
         }))
     }
 
@@ -489,6 +557,8 @@ mod recovery_tests {
             channels: 1,
             listeners: vec![0],
             ttl: Duration::from_secs(60),
+            disks: Vec::new(),
+            nbd_forward: None,
         });
         // Another migration's paused binding, same peer.
         let (other, mut g) = bindings.bind(DN, Scope::Migration("other".into()));

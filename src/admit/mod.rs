@@ -71,6 +71,29 @@ pub enum Refusal {
         channel: &'static str,
         hint: &'static str,
     },
+    /// An NBD channel (storage migration) this route or migration does
+    /// not take.
+    #[error("{0}")]
+    Nbd(#[from] NbdRefusal),
+}
+
+/// Why an NBD channel is not admitted (its opening itself was fine).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NbdRefusal {
+    #[error(
+        "this gateway forwards no NBD channels (start it with --forward-nbd and --nbd-export)"
+    )]
+    NoRoute,
+    #[error("migration {migration} was registered without disks: it takes no NBD channel")]
+    NoDisks { migration: String },
+    /// `migration`: `None` on the static route.
+    #[error("NBD export {export:?} is not {}", match .migration { Some(m) => format!("a disk registered for migration {m}"), None => "one this gateway forwards (--nbd-export)".into() })]
+    NotRegistered {
+        export: String,
+        migration: Option<String>,
+    },
+    #[error("NBD export {export:?} of migration {migration} already has an open channel")]
+    Busy { export: String, migration: String },
 }
 
 /// A DN the route's or the registration's authz does not let in.
@@ -103,6 +126,13 @@ pub enum StreamError {
     NotResumed,
     #[error("read error: {0}")]
     Read(IoError),
+    /// The opening of an NBD channel (after a hello that declared one).
+    #[error("{0}")]
+    Nbd(crate::wire::nbd::NbdError),
+    #[error(
+        "a hello that declares an NBD channel cannot also join, resume or bind a main channel"
+    )]
+    NbdHello,
 }
 
 /// An I/O error that can be cloned with the refusal that carries it;
@@ -256,6 +286,7 @@ impl Refusal {
             | Refusal::TargetUnreachable { .. }
             | Refusal::ClosedEarly(_) => "stream",
             Refusal::Silent(_) | Refusal::Stalled { .. } => "stalled",
+            Refusal::Nbd(_) => "nbd",
         }
     }
 
@@ -275,6 +306,7 @@ impl Refusal {
             Refusal::UuidMissing { .. } => "missing",
             Refusal::ForwardNeedsUuid { .. } => "missing_for_forward",
             Refusal::Stream(StreamError::Read(_)) => "read_error",
+            Refusal::Stream(StreamError::Nbd(_) | StreamError::NbdHello) => "not_nbd",
             Refusal::Stream(_) => "not_qemu",
             Refusal::NoMainChannel(_) => "no_main_channel",
             Refusal::TargetUnreachable { .. } => "target_unreachable",
@@ -283,6 +315,9 @@ impl Refusal {
             Refusal::Join(j) => j.cause(),
             Refusal::Silent(_) => "silent",
             Refusal::Stalled { .. } => "stalled",
+            Refusal::Nbd(NbdRefusal::NoRoute | NbdRefusal::NoDisks { .. }) => "no_nbd_route",
+            Refusal::Nbd(NbdRefusal::NotRegistered { .. }) => "export_not_registered",
+            Refusal::Nbd(NbdRefusal::Busy { .. }) => "export_busy",
         }
     }
 
@@ -299,10 +334,19 @@ impl Refusal {
             Refusal::ForwardNeedsUuid { channel, hint, .. } => {
                 format!("wrong VM: the {channel} carries no VM UUID{hint}")
             }
+            Refusal::Stream(StreamError::Nbd(e)) => format!("not an NBD opening miggate takes: {e}"),
             Refusal::Stream(_) => "not a QEMU migration stream".into(),
             Refusal::NoMainChannel(_) => "multifd channel without an admitted main channel".into(),
             Refusal::TargetUnreachable { .. } => "the target is not ready for this migration".into(),
             Refusal::Ticket(t) => t.public().into(),
+            // The export is the peer's own word; the others are not told.
+            Refusal::Nbd(NbdRefusal::NotRegistered { export, .. }) => {
+                format!("NBD export {export:?} is not registered for this migration")
+            }
+            Refusal::Nbd(NbdRefusal::Busy { export, .. }) => {
+                format!("NBD export {export:?} is already in use")
+            }
+            Refusal::Nbd(_) => "this target takes no NBD channel for this migration".into(),
             Refusal::Join(j) => j.public().into(),
             // About the peer's own behaviour: nothing to hide.
             Refusal::Silent(_) | Refusal::Stalled { .. } | Refusal::ClosedEarly(_) => {
@@ -332,7 +376,7 @@ pub fn check_stream(expect: &Expectation, kind: &StreamKind) -> Result<(), Refus
     // QEMU puts the nil UUID in multifd packets when it has no -uuid.
     let (got, channel) = match kind {
         // Its VM is the main channel's it joined or resumes, checked there.
-        StreamKind::Preempt | StreamKind::Resumed => return Ok(()),
+        StreamKind::Preempt | StreamKind::Resumed | StreamKind::Nbd { .. } => return Ok(()),
         StreamKind::Main { uuid, .. } => (uuid.filter(|u| !u.is_nil()), "main channel"),
         StreamKind::Multifd { uuid, .. } => {
             (Some(*uuid).filter(|u| !u.is_nil()), "multifd channel")
@@ -383,6 +427,13 @@ pub fn forward_for(forward: &Endpoint, kind: &StreamKind) -> Result<Option<Endpo
             .ok_or(missing("multifd channel", NO_UUID))?,
         StreamKind::Preempt => return Err(missing("postcopy preempt channel", NO_POSTCOPY)),
         StreamKind::Resumed => return Err(missing("resumed main channel", NO_POSTCOPY)),
+        // Routed by `--forward-nbd`, never by this template.
+        StreamKind::Nbd { .. } => {
+            return Err(missing(
+                "NBD channel",
+                " (an NBD channel carries no VM UUID)",
+            ))
+        }
     };
     let path = template.replace(UUID_PLACEHOLDER, &uuid.hyphenated().to_string());
     Ok(Some(Endpoint::Unix(path.into())))
@@ -395,6 +446,11 @@ pub fn channel_label(kind: &StreamKind) -> String {
         StreamKind::Multifd { channel, .. } => format!("multifd/{channel}"),
         StreamKind::Preempt => "postcopy-preempt".into(),
         StreamKind::Resumed => "main-resumed".into(),
+        // The export name is the client's: printable, bounded.
+        StreamKind::Nbd { export } => {
+            let shown: String = export.escape_debug().take(64).collect();
+            format!("nbd:{shown}")
+        }
     }
 }
 
@@ -402,7 +458,7 @@ pub fn stream_uuid(kind: &StreamKind) -> Option<Uuid> {
     match kind {
         StreamKind::Main { uuid, .. } => *uuid,
         StreamKind::Multifd { uuid, .. } => Some(*uuid),
-        StreamKind::Preempt | StreamKind::Resumed => None,
+        StreamKind::Preempt | StreamKind::Resumed | StreamKind::Nbd { .. } => None,
     }
 }
 

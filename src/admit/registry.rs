@@ -16,7 +16,7 @@ use tokio::sync::watch;
 use uuid::Uuid;
 
 use super::ticket::{Ticket, TicketHash};
-use super::{check_stream, AuthzRefusal, Expectation, Refusal, TicketRefusal};
+use super::{check_stream, AuthzRefusal, Expectation, NbdRefusal, Refusal, TicketRefusal};
 use crate::authz::{Authz, Decision};
 use crate::net::Endpoint;
 use crate::relay::Counters;
@@ -41,6 +41,11 @@ pub struct IncomingSpec {
     pub listeners: Vec<usize>,
     /// The ticket is refused after this long if the migration has not started.
     pub ttl: Duration,
+    /// Storage migration: the NBD exports its source may open, one
+    /// channel each at a time (empty: NBD channels are refused).
+    pub disks: Vec<String>,
+    /// The target QEMU's NBD server, where those channels go.
+    pub nbd_forward: Option<Endpoint>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +123,31 @@ pub struct MigrationView {
     /// Recoveries issued so far (each with its own ticket).
     #[serde(default)]
     pub recoveries: u32,
+    /// Storage migration: each registered disk's NBD traffic.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskView>,
+}
+
+/// One disk of a storage migration, as the API shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskView {
+    pub export: String,
+    /// An NBD channel for it is open now.
+    pub open: bool,
+    /// NBD channels admitted for it so far (a client may reconnect).
+    pub channels_seen: u32,
+    /// Bytes from the source's NBD client (writes, mostly).
+    pub bytes_sent: u64,
+    /// Bytes back from the target QEMU's NBD server (replies).
+    pub bytes_recv: u64,
+}
+
+/// One registered disk's live state.
+struct Disk {
+    export: String,
+    open: bool,
+    seen: u32,
+    counters: Arc<Counters>,
 }
 
 struct Inner {
@@ -146,6 +176,8 @@ struct Inner {
     recoveries: u32,
     /// Failed at its recovery deadline: never paused again.
     given_up: bool,
+    /// The registered disks (storage migration), in the spec's order.
+    disks: Vec<Disk>,
 }
 
 /// A recovery issued by [`Migration::recover`], until its resumed main
@@ -244,10 +276,13 @@ impl Migration {
 
     /// Due for expiry: the time is up and the migration has not really
     /// started (no main channel; multifd channels alone do not count, they
-    /// cannot carry a migration without it).
+    /// cannot carry a migration without it). A disk being copied (an open
+    /// NBD channel: libvirt's order mirrors the disks before the RAM
+    /// migration starts) holds the expiry off while it lasts.
     fn expiry_due(&self, inner: &Inner, now: SystemTime) -> bool {
         matches!(inner.phase, Phase::Registered | Phase::Active)
             && !inner.main_seen
+            && !inner.disks.iter().any(|d| d.open)
             && now >= self.expires
     }
 
@@ -372,6 +407,9 @@ impl Migration {
                 return Err(self.refuse(&mut inner, r, true));
             }
         }
+        if let StreamKind::Nbd { export } = kind {
+            return self.admit_disk(&mut inner, peer_dn, export, now);
+        }
         let expect = Expectation {
             uuid: self.spec.vm_uuid,
         };
@@ -420,8 +458,62 @@ impl Migration {
         self.changed.send_modify(|g| *g += 1);
         Ok(ChannelGuard {
             mig: self.clone(),
-            is_main,
+            slot: if is_main {
+                Slot::Main
+            } else if is_preempt {
+                Slot::Preempt
+            } else {
+                Slot::Multifd
+            },
             counters,
+            forward: self.spec.forward.clone(),
+            result: None,
+        })
+    }
+
+    /// An NBD channel (the peer and the phase already checked): its
+    /// export must be a registered disk without an open channel.
+    fn admit_disk(
+        self: &Arc<Self>,
+        inner: &mut Inner,
+        peer_dn: &str,
+        export: &str,
+        now: SystemTime,
+    ) -> Result<ChannelGuard, Refusal> {
+        let (Some(forward), false) = (&self.spec.nbd_forward, inner.disks.is_empty()) else {
+            let r = NbdRefusal::NoDisks {
+                migration: self.id.clone(),
+            };
+            return Err(self.refuse(inner, r.into(), false));
+        };
+        let Some(i) = inner.disks.iter().position(|d| d.export == export) else {
+            let r = NbdRefusal::NotRegistered {
+                export: export.to_owned(),
+                migration: Some(self.id.clone()),
+            };
+            return Err(self.refuse(inner, r.into(), false));
+        };
+        if inner.disks[i].open {
+            let r = NbdRefusal::Busy {
+                export: export.to_owned(),
+                migration: self.id.clone(),
+            };
+            return Err(self.refuse(inner, r.into(), false));
+        }
+        let disk = &mut inner.disks[i];
+        disk.open = true;
+        disk.seen += 1;
+        let counters = disk.counters.clone();
+        inner.phase = Phase::Active;
+        inner.peer_dn = Some(peer_dn.to_string());
+        inner.started.get_or_insert((now, Instant::now()));
+        inner.open += 1;
+        self.changed.send_modify(|g| *g += 1);
+        Ok(ChannelGuard {
+            mig: self.clone(),
+            slot: Slot::Disk(i),
+            counters,
+            forward: forward.clone(),
             result: None,
         })
     }
@@ -661,6 +753,17 @@ impl Migration {
                 .filter(|_| matches!(inner.phase, Phase::Paused | Phase::Recovering))
                 .map(rfc3339),
             recoveries: inner.recoveries,
+            disks: inner
+                .disks
+                .iter()
+                .map(|d| DiskView {
+                    export: d.export.clone(),
+                    open: d.open,
+                    channels_seen: d.seen,
+                    bytes_sent: d.counters.forward(),
+                    bytes_recv: d.counters.back(),
+                })
+                .collect(),
         }
     }
 }
@@ -674,14 +777,26 @@ impl Migration {
 /// its source again, until it expires.
 pub struct ChannelGuard {
     mig: Arc<Migration>,
-    is_main: bool,
+    slot: Slot,
     counters: Arc<Counters>,
+    /// Where it goes: the migration's forward, or its NBD server.
+    forward: Endpoint,
     result: Option<Result<(), String>>,
+}
+
+/// Which of its migration's slots a channel holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Main,
+    Multifd,
+    Preempt,
+    /// An NBD channel of the disk at this index.
+    Disk(usize),
 }
 
 impl std::fmt::Debug for ChannelGuard {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "ChannelGuard({}, main={})", self.mig.id, self.is_main)
+        write!(f, "ChannelGuard({}, {:?})", self.mig.id, self.slot)
     }
 }
 
@@ -691,6 +806,10 @@ impl ChannelGuard {
     }
     pub fn migration(&self) -> &Arc<Migration> {
         &self.mig
+    }
+    /// Where the channel goes (the target QEMU, or its NBD server).
+    pub fn forward(&self) -> &Endpoint {
+        &self.forward
     }
     pub fn finish(mut self, result: Result<(), String>) {
         self.result = Some(result);
@@ -705,9 +824,25 @@ impl Drop for ChannelGuard {
             .unwrap_or_else(|| Err("channel dropped".into()));
         let mut inner = self.mig.lock();
         inner.open -= 1;
-        if !self.is_main && !inner.main_seen {
-            inner.seen -= 1;
-            inner.multifd_seen -= 1;
+        let is_main = self.slot == Slot::Main;
+        if let Slot::Disk(i) = self.slot {
+            inner.disks[i].open = false;
+            // A disk copy that broke is the migration's failure, whatever
+            // its main channel says (unless something said so first).
+            if let (Err(e), None) = (&result, &inner.reason) {
+                if inner.main_seen && !inner.phase.is_final() {
+                    inner.reason = Some(format!("disk {}: {e}", inner.disks[i].export));
+                }
+            }
+        }
+        if !is_main && !inner.main_seen {
+            match self.slot {
+                Slot::Disk(_) => {}
+                _ => {
+                    inner.seen -= 1;
+                    inner.multifd_seen -= 1;
+                }
+            }
             if let Err(e) = &result {
                 Migration::keep_refusal(&mut inner, e.clone());
             }
@@ -733,7 +868,7 @@ impl Drop for ChannelGuard {
         // loading may reset multifd sockets the source has not closed yet,
         // which is no failure. A multifd error stays in that connection's
         // own outcome record.
-        if self.is_main {
+        if is_main {
             inner.main_result = Some(result.clone());
         }
         if inner.open == 0 && inner.main_seen && !inner.phase.is_final() {
@@ -781,6 +916,16 @@ impl Registry {
     pub fn register(&self, spec: IncomingSpec) -> (Arc<Migration>, Ticket) {
         let ticket = Ticket::generate();
         let now = SystemTime::now();
+        let disks = spec
+            .disks
+            .iter()
+            .map(|export| Disk {
+                export: export.clone(),
+                open: false,
+                seen: 0,
+                counters: Arc::default(),
+            })
+            .collect();
         let mig = Arc::new(Migration {
             id: Uuid::new_v4().to_string(),
             registered: now,
@@ -806,6 +951,7 @@ impl Registry {
                 recovery: None,
                 recoveries: 0,
                 given_up: false,
+                disks,
             }),
             cancel: watch::Sender::new(false),
             mains: watch::Sender::new(0),
@@ -911,6 +1057,8 @@ mod tests {
             channels,
             ttl,
             listeners: vec![0],
+            disks: Vec::new(),
+            nbd_forward: None,
         }
     }
 

@@ -150,6 +150,8 @@ async fn incoming(
         channels: req.channels,
         ttl: Duration::from_secs(req.expires_in),
         listeners: listeners.clone(),
+        disks: Vec::new(),
+        nbd_forward: None,
     });
     if let (Some(sock), Forward::Qmp(q)) = (qmp_socket, &req.forward) {
         target_qemu::settle_when_ended(
@@ -443,6 +445,8 @@ mod tests {
                 channels: 1,
                 listeners: vec![0],
                 ttl: Duration::from_secs(60),
+                disks: Vec::new(),
+                nbd_forward: None,
             })
             .0
     }

@@ -430,6 +430,7 @@ impl Config {
                             expect: Expectation {
                                 uuid: t.expect_uuid,
                             },
+                            nbd: None,
                         }),
                         desc,
                     )

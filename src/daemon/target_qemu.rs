@@ -380,6 +380,8 @@ mod tests {
             channels: 1,
             ttl: Duration::from_secs(60),
             listeners: vec![0],
+            disks: Vec::new(),
+            nbd_forward: None,
         };
         let (mig, _) = reg.register(spec());
         let main = StreamKind::Main {

@@ -282,6 +282,7 @@ mod tests {
             forward: Endpoint::Tcp("127.0.0.1:1".parse().unwrap()),
             authz: Arc::new(AnyVerified),
             expect: Expectation::default(),
+            nbd: None,
         })
     }
 

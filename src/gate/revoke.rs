@@ -332,6 +332,7 @@ mod tests {
             forward: "tcp:127.0.0.1:1".parse().unwrap(),
             authz,
             expect: Default::default(),
+            nbd: None,
         }
     }
 

@@ -89,6 +89,7 @@ use crate::outcome::{Ending, Outcome, Sink};
 use crate::relay::rekey::Rekeying;
 use crate::relay::Close;
 use crate::wire::frames::{self, FrameError, Hello, Secret, Verdict};
+use crate::wire::nbd;
 use crate::wire::qemu::{postcopy_advised, resume_stream, StreamKind, SNIFF_MAX};
 
 pub struct SourceConfig {
@@ -191,7 +192,7 @@ impl Drop for LocalListener {
 }
 
 pub async fn serve(listener: LocalListener, cfg: SourceConfig) -> std::io::Result<()> {
-    serve_with(listener, cfg, None).await
+    serve_with(listener, Arc::new(cfg), None).await
 }
 
 /// [`serve`], with `ca-crl.pem` watched (`miggate source`): new CRLs apply
@@ -199,10 +200,9 @@ pub async fn serve(listener: LocalListener, cfg: SourceConfig) -> std::io::Resul
 /// channel whose target's certificate a new CRL revokes is cut.
 pub async fn serve_with(
     listener: LocalListener,
-    cfg: SourceConfig,
+    cfg: Arc<SourceConfig>,
     revocation: Option<Arc<SourceRevocation>>,
 ) -> std::io::Result<()> {
-    let cfg = Arc::new(cfg);
     let mains = watch::Sender::new(0usize);
     let joinable = match (&cfg.resume, &listener) {
         (
@@ -244,6 +244,177 @@ pub async fn serve_with(
             }
         });
     }
+}
+
+/// Accepts the source QEMU's NBD connections (storage migration: its
+/// `nbd` block node points here) and carries each to the target gateway
+/// as an NBD channel of this gateway's migration ([`crate::wire::nbd`]).
+pub async fn serve_nbd(
+    listener: LocalListener,
+    cfg: Arc<SourceConfig>,
+    revocation: Option<Arc<SourceRevocation>>,
+) -> std::io::Result<()> {
+    loop {
+        let accepted = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %e, "accept failed (NBD)");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (local, addr) = match accepted {
+            Ok(x) => x,
+            Err(reason) => {
+                let mut out = Outcome::new("source", None);
+                out.sink = cfg.sink.clone();
+                out.finish(Ending::Refused, Some(&reason));
+                continue;
+            }
+        };
+        let (cfg, revocation) = (cfg.clone(), revocation.clone());
+        tokio::spawn(async move {
+            let mut out = Outcome::new("source", addr);
+            out.sink = cfg.sink.clone();
+            match handle_nbd(local, &cfg, revocation.as_deref(), &mut out).await {
+                Ok(()) => out.finish(Ending::Completed, None),
+                Err((ending, reason)) => out.finish(ending, Some(&reason)),
+            }
+        });
+    }
+}
+
+/// One NBD connection: greet the client as its server would, up to the
+/// option that names its export; then hello + its opening to the target
+/// gateway, and its verdict; then relay. A refusal reaches the source
+/// QEMU as the error of its pending option (its block job shows it).
+async fn handle_nbd(
+    mut local: Plain,
+    cfg: &SourceConfig,
+    revocation: Option<&SourceRevocation>,
+    out: &mut Outcome,
+) -> Result<(), (Ending, String)> {
+    let failed = |msg: String| (Ending::Failed, msg);
+    let deadline = Instant::now() + cfg.stall;
+    let opening = match tokio::time::timeout_at(deadline, nbd::greet_client(&mut local)).await {
+        Err(_) => {
+            return Err(failed(format!(
+                "source QEMU's NBD client named no export within {} s",
+                cfg.stall.as_secs()
+            )))
+        }
+        Ok(Err(e)) => return Err(failed(format!("source QEMU's NBD client: {e}"))),
+        Ok(Ok(o)) => o,
+    };
+    out.channel = Some(admit::channel_label(&StreamKind::Nbd {
+        export: opening.export.clone(),
+    }));
+    let deadline = Instant::now() + cfg.stall;
+    let (mut tls, config, host) = match connect_target(cfg, revocation, deadline).await {
+        Ok(x) => x,
+        Err(e) => {
+            refuse_nbd(&mut local, &opening.naming, &e.1, cfg.stall).await;
+            return Err(e);
+        }
+    };
+    let conn = tls.get_ref().1;
+    out.peer_dn = tls::peer_leaf(conn.peer_certificates()).and_then(|c| dn::subject_dn(c).ok());
+    if conn.alpn_protocol() != Some(tls::ALPN_MIGGATE) {
+        let why = format!(
+            "{} is not a miggate gateway: an NBD channel needs one (QEMU's own NBD TLS starts inside the NBD negotiation, with NBD_OPT_STARTTLS)",
+            cfg.connect
+        );
+        refuse_nbd(&mut local, &opening.naming, &why, cfg.stall).await;
+        return Err(failed(why));
+    }
+    let hello = Hello {
+        ticket: cfg.ticket.as_ref().map(|t| frames::Secret::new(t.expose())),
+        nbd: true,
+        ..Hello::default()
+    };
+    let mut first = frames::encode_hello(&hello);
+    first.extend_from_slice(&opening.prefix);
+    let sent = async {
+        tls.write_all(&first).await?;
+        tls.flush().await
+    };
+    if let Err(e) = sent.await {
+        let why = format!(
+            "cannot send to {}: {}",
+            cfg.connect,
+            tls::describe_tls_error(&e, Some(&host))
+        );
+        refuse_nbd(&mut local, &opening.naming, &why, cfg.stall).await;
+        return Err(failed(why));
+    }
+    out.counters.forward.fetch_add(
+        opening.prefix.len() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let verdict = tokio::time::timeout(cfg.stall, frames::read_verdict(&mut tls)).await;
+    let refused = match verdict {
+        Ok(Ok(Verdict::Admitted)) => None,
+        Ok(Ok(Verdict::Refused { reason })) => {
+            Some((Ending::Refused, format!("target refused: {reason}")))
+        }
+        Ok(Ok(Verdict::Bound { .. })) => Some(failed(
+            "target gateway bound an NBD channel as a main channel".into(),
+        )),
+        Err(_) => Some(failed(format!(
+            "target gateway gave no verdict within {} s",
+            cfg.stall.as_secs()
+        ))),
+        Ok(Err(FrameError::Closed { .. })) => Some(failed(
+            "target gateway closed the connection without a verdict".into(),
+        )),
+        Ok(Err(e)) => Some(failed(format!("target gateway: {e}"))),
+    };
+    if let Some((ending, why)) = refused {
+        refuse_nbd(&mut local, &opening.naming, &why, cfg.stall).await;
+        return Err((ending, why));
+    }
+    out.admitted();
+    let mut live = None;
+    if let Some(r) = revocation {
+        let peer = LivePeer {
+            dn: out.peer_dn.clone().unwrap_or_default(),
+            chain: tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(<[_]>::to_vec)
+                .unwrap_or_default(),
+            static_route: false,
+        };
+        live = Some(r.live.register(peer.clone()));
+        if let Some(why) = r.judge_since(&config, &peer) {
+            return Err(failed(why.reason));
+        }
+    }
+    let names = ("source->target", "target->source");
+    let closes = (Close::AnyEof, Close::tls_peer(true, "target"));
+    let idle = crate::timeouts::NBD_IDLE;
+    let counters = out.counters.clone();
+    let tls = Rekeying::optional(
+        tls,
+        cfg.rekey_after,
+        crate::timeouts::MIN_REKEY_GAP,
+        counters.clone(),
+    );
+    let relay = crate::relay::relay(local, tls, names, closes, idle, counters);
+    let relayed = match live.as_mut() {
+        Some(g) => tokio::select! {
+            r = relay => r,
+            why = g.revoked() => return Err(failed(why.reason)),
+        },
+        None => relay.await,
+    };
+    relayed.map_err(|e| failed(e.to_string()))
+}
+
+/// [`nbd::refuse_client`], for at most `stall`.
+async fn refuse_nbd(local: &mut Plain, naming: &nbd::OptFrame, why: &str, stall: Duration) {
+    let _ = tokio::time::timeout(stall, nbd::refuse_client(local, naming, why)).await;
 }
 
 fn hostname(name: &ServerName<'_>) -> String {
@@ -345,6 +516,65 @@ async fn resume(
     }
 }
 
+/// Connects to the target and completes the TLS handshake by `deadline`;
+/// returns the stream, the client configuration it used (the CRL in
+/// force) and the target's name for messages.
+async fn connect_target(
+    cfg: &SourceConfig,
+    revocation: Option<&SourceRevocation>,
+    deadline: Instant,
+) -> Result<(Tls, Arc<ClientConfig>, String), (Ending, String)> {
+    let failed = |msg: String| (Ending::Failed, msg);
+    let sock = match tokio::time::timeout_at(deadline, TcpStream::connect(&cfg.connect)).await {
+        Err(_) => {
+            return Err(failed(format!(
+                "cannot connect to {}: no answer in {} s",
+                cfg.connect,
+                cfg.stall.as_secs()
+            )))
+        }
+        Ok(Err(e)) => return Err(failed(format!("cannot connect to {}: {e}", cfg.connect))),
+        Ok(Ok(s)) => s,
+    };
+    crate::net::tune(&sock);
+    let host = hostname(&cfg.server_name);
+    let config = revocation.map_or_else(|| cfg.tls.clone(), SourceRevocation::tls);
+    let connector = TlsConnector::from(config.clone());
+    let tls = match tokio::time::timeout_at(
+        deadline,
+        connector.connect(
+            cfg.server_name.clone(),
+            crate::net::socket::tls_socket(sock),
+        ),
+    )
+    .await
+    {
+        Err(_) => {
+            return Err(failed(format!(
+                "TLS handshake with {} did not complete within {} s",
+                cfg.connect,
+                cfg.stall.as_secs()
+            )))
+        }
+        Ok(Err(e)) => return Err(failed(tls::describe_tls_error(&e, Some(&host)))),
+        Ok(Ok(s)) => s,
+    };
+    // A key update is a TLS 1.3 message: refuse before sending anything
+    // rather than fail the migration after N MiB.
+    if cfg.rekey_after.is_some()
+        && tls.get_ref().1.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3)
+    {
+        return Err(failed(format!(
+            "--rekey-after-mib needs TLS 1.3, but {} negotiated {:?}",
+            cfg.connect,
+            tls.get_ref().1.protocol_version()
+        )));
+    }
+    Ok((tls, config, host))
+}
+
+type Tls = tokio_rustls::client::TlsStream<crate::net::TlsSocket>;
+
 async fn handle(
     mut local: Plain,
     cfg: &SourceConfig,
@@ -397,51 +627,7 @@ async fn handle(
     }
 
     let deadline = Instant::now() + cfg.stall;
-    let sock = match tokio::time::timeout_at(deadline, TcpStream::connect(&cfg.connect)).await {
-        Err(_) => {
-            return Err(failed(format!(
-                "cannot connect to {}: no answer in {} s",
-                cfg.connect,
-                cfg.stall.as_secs()
-            )))
-        }
-        Ok(Err(e)) => return Err(failed(format!("cannot connect to {}: {e}", cfg.connect))),
-        Ok(Ok(s)) => s,
-    };
-    crate::net::tune(&sock);
-    let host = hostname(&cfg.server_name);
-    let config = revocation.map_or_else(|| cfg.tls.clone(), SourceRevocation::tls);
-    let connector = TlsConnector::from(config.clone());
-    let mut tls = match tokio::time::timeout_at(
-        deadline,
-        connector.connect(
-            cfg.server_name.clone(),
-            crate::net::socket::tls_socket(sock),
-        ),
-    )
-    .await
-    {
-        Err(_) => {
-            return Err(failed(format!(
-                "TLS handshake with {} did not complete within {} s",
-                cfg.connect,
-                cfg.stall.as_secs()
-            )))
-        }
-        Ok(Err(e)) => return Err(failed(tls::describe_tls_error(&e, Some(&host)))),
-        Ok(Ok(s)) => s,
-    };
-    // A key update is a TLS 1.3 message: refuse before sending anything
-    // rather than fail the migration after N MiB.
-    if cfg.rekey_after.is_some()
-        && tls.get_ref().1.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3)
-    {
-        return Err(failed(format!(
-            "--rekey-after-mib needs TLS 1.3, but {} negotiated {:?}",
-            cfg.connect,
-            tls.get_ref().1.protocol_version()
-        )));
-    }
+    let (mut tls, config, host) = connect_target(cfg, revocation, deadline).await?;
     // Lives until the channel ends.
     let _main = matches!(kind, Some(StreamKind::Main { .. })).then(|| MainGuard::new(mains));
     let miggate_peer = {

@@ -50,8 +50,8 @@ use super::{read_more, MainGuard};
 // The static route is admission's policy; re-exported because a listener
 // is built with one.
 use crate::admit::binding::{BindGuard, Bindings, JoinRefusal, Joined, Scope};
-pub use crate::admit::decide::StaticRoute;
 use crate::admit::decide::{Admission, Offer, Route, Step};
+pub use crate::admit::decide::{NbdRoute, StaticRoute};
 use crate::admit::registry::Registry;
 use crate::admit::{self, NoMain, Refusal};
 use crate::creds::{crl_watch, tls};
@@ -61,6 +61,7 @@ use crate::relay::native::NativeMains;
 use crate::relay::rekey::Rekeying;
 use crate::relay::Close;
 use crate::wire::frames::{self, Verdict};
+use crate::wire::nbd;
 use crate::wire::qemu::{StreamKind, SNIFF_MAX};
 
 /// What an unauthenticated peer may cost: see [`crate::timeouts`] for
@@ -510,6 +511,8 @@ enum Failure {
     Revoked(Revoked),
     #[error("its main channel ended {} s ago and this channel is still open", .0.as_secs())]
     MainEnded(Duration),
+    #[error("NBD: {0}")]
+    Nbd(nbd::NbdError),
 }
 
 impl From<Refusal> for End {
@@ -594,7 +597,12 @@ async fn handle(
     match kind {
         // A joined channel's main channel is already forwarded: it got
         // its token with its verdict, sent once the target was connected.
-        StreamKind::Main { .. } | StreamKind::Preempt | StreamKind::Resumed => {}
+        // And a disk's NBD channel may come before any (libvirt mirrors
+        // the disks first).
+        StreamKind::Main { .. }
+        | StreamKind::Preempt
+        | StreamKind::Resumed
+        | StreamKind::Nbd { .. } => {}
         StreamKind::Multifd { .. } => {
             let mut rx = mains.subscribe();
             let wait = tokio::time::timeout_at(deadline, rx.wait_for(|n| *n > 0));
@@ -633,6 +641,41 @@ async fn handle(
             return Err(fail(admitted, Failure::Unreachable(r)));
         }
     };
+    // An NBD channel: the target QEMU's NBD server gets the client's
+    // opening before the verdict (see `wire::nbd`); what the client sent
+    // after its export-naming option is checked with the rest.
+    let mut prefix = prefix;
+    let mut nbd_export = None;
+    if let StreamKind::Nbd { export } = &kind {
+        let opened = match nbd::sniff_client(&prefix) {
+            Ok(Some(o)) => {
+                let open = nbd::open_server(&mut backend, &o);
+                match tokio::time::timeout(stall, open).await {
+                    Ok(r) => r.map(|()| o.used),
+                    Err(_) => Err(nbd::NbdError::Io(format!(
+                        "the NBD server did not answer within {} s",
+                        stall.as_secs()
+                    ))),
+                }
+            }
+            // Admission parsed the very same bytes.
+            _ => unreachable!("an admitted NBD channel has an opening"),
+        };
+        match opened {
+            Ok(used) => {
+                prefix.drain(..used);
+                nbd_export = Some(export.clone());
+            }
+            Err(e) => {
+                let r = Refusal::TargetUnreachable {
+                    forward: forward.clone(),
+                    error: std::io::Error::other(e.to_string()).into(),
+                };
+                refuse(&mut tls, miggate_peer, &r).await;
+                return Err(fail(admitted, Failure::Unreachable(r)));
+            }
+        }
+    }
     // How this channel's TLS must end (see `relay::native`); a native main
     // channel counts before its multifd channels may connect.
     let (_native_main, close) = match &kind {
@@ -645,6 +688,8 @@ async fn handle(
         // A native source's preempt channel (`native_join`): how QEMU
         // ends it is not known to be clean, so any EOF, as its main's.
         StreamKind::Preempt | StreamKind::Resumed => (None, Close::tls_peer(false, "source QEMU")),
+        // Only a miggate source declares one (first arm).
+        StreamKind::Nbd { .. } => (None, Close::tls_peer(true, "source")),
     };
     // Only now that the main channel's connection to the target QEMU is
     // established (first in its accept queue) may multifd channels connect.
@@ -684,14 +729,19 @@ async fn handle(
         forward = %forward,
         "admitted"
     );
-    if let Err(error) = backend.write_all(&prefix).await {
-        return Err(fail(admitted, Failure::Write { forward, error }));
+    // An NBD channel's leftover is the checked reader's, below.
+    if nbd_export.is_none() {
+        if let Err(error) = backend.write_all(&prefix).await {
+            return Err(fail(admitted, Failure::Write { forward, error }));
+        }
+        out.counters
+            .forward
+            .fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
-    out.counters
-        .forward
-        .fetch_add(prefix.len() as u64, std::sync::atomic::Ordering::Relaxed);
     let idle = if joined.is_some() {
         crate::timeouts::JOINED_IDLE
+    } else if nbd_export.is_some() {
+        crate::timeouts::NBD_IDLE
     } else {
         stall
     };
@@ -714,6 +764,13 @@ async fn handle(
         crate::timeouts::MIN_REKEY_GAP,
         out.counters.clone(),
     );
+    let tls = match &nbd_export {
+        Some(export) => match nbd::CheckedReads::new(tls, export, &prefix) {
+            Ok(t) => t,
+            Err(e) => return Err(fail(admitted, Failure::Nbd(e))),
+        },
+        None => nbd::CheckedReads::passthrough(tls),
+    };
     let relay = crate::relay::relay(
         native_join::tap(tls, &prefix, native_main.as_ref()),
         backend,
@@ -958,6 +1015,7 @@ mod tests {
             forward: "tcp:127.0.0.1:1".parse().unwrap(),
             authz: Arc::new(crate::authz::Simple::new("CN=someone else")),
             expect: Default::default(),
+            nbd: None,
         };
         let t = Target::new(
             tls,

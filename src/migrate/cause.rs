@@ -172,6 +172,7 @@ mod tests {
             refusals: refusals.iter().map(|s| s.to_string()).collect(),
             recover_by: None,
             recoveries: 0,
+            disks: Vec::new(),
         }
     }
 

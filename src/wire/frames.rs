@@ -60,6 +60,10 @@ pub struct Hello {
     /// migration recovering after its path was cut.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<Secret>,
+    /// An NBD channel (storage migration): after the hello come the NBD
+    /// client's opening bytes ([`super::nbd`]), not a QEMU stream.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub nbd: bool,
 }
 
 /// A secret as a frame carries it (a ticket, a binding token): the text,
@@ -102,6 +106,7 @@ impl Default for Hello {
             bind: false,
             join: None,
             resume: None,
+            nbd: false,
         }
     }
 }
@@ -401,6 +406,7 @@ mod props {
             secret(),
         )
             .prop_map(|(version, agent, ticket, bind, join, resume)| Hello {
+                nbd: false,
                 version,
                 agent,
                 ticket,

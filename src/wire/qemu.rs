@@ -190,6 +190,10 @@ pub enum StreamKind {
     /// with the recovery's commands ([`resume_stream`]), no header; its VM
     /// is the cut main channel's it resumes.
     Resumed,
+    /// An NBD channel (storage migration): declared by the source
+    /// gateway's hello, named by the export its client asks for
+    /// ([`super::nbd`]). No VM UUID: the ticket or the route says whose.
+    Nbd { export: String },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

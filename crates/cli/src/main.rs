@@ -126,6 +126,14 @@ struct TargetArgs {
     /// for many VMs; needs validate-uuid and -uuid; no postcopy).
     #[arg(long)]
     forward: Endpoint,
+    /// Storage migration: where the target QEMU's NBD server listens
+    /// (nbd-server-start), tcp:HOST:PORT or unix:PATH. NBD channels from
+    /// an authorized source go there, for the exports of --nbd-export only.
+    #[arg(long, value_name = "ENDPOINT", requires = "nbd_export")]
+    forward_nbd: Option<Endpoint>,
+    /// An NBD export an NBD channel may ask for (repeat for each disk).
+    #[arg(long, value_name = "NAME", requires = "forward_nbd")]
+    nbd_export: Vec<String>,
     /// Allow exactly this client certificate DN (QEMU authz-simple).
     #[arg(long)]
     authz_identity: Option<String>,
@@ -186,6 +194,12 @@ struct SourceArgs {
     /// Where the source QEMU migrates to: tcp:HOST:PORT or unix:PATH.
     #[arg(long)]
     listen: Endpoint,
+    /// Storage migration: where the source QEMU's NBD client connects (the
+    /// `server` of its `nbd` block node), tcp:HOST:PORT or unix:PATH; its
+    /// connections go to the target gateway as NBD channels. Same local
+    /// peer rules as --listen.
+    #[arg(long, value_name = "ENDPOINT")]
+    listen_nbd: Option<Endpoint>,
     /// The target gateway (or a target QEMU with native TLS), HOST:PORT.
     #[arg(long)]
     connect: String,
@@ -403,12 +417,23 @@ async fn run_target(a: TargetArgs) -> Result<()> {
         expect_uuid = a.expect_uuid.map(|u| u.to_string()).unwrap_or_else(|| "-".into()),
         "listening"
     );
+    if let Some(Endpoint::Unix(p)) = &a.forward_nbd {
+        if p.to_string_lossy()
+            .contains(miggate::admit::UUID_PLACEHOLDER)
+        {
+            bail!("--forward-nbd cannot be chosen per VM: an NBD channel carries no VM UUID");
+        }
+    }
     let route = target::StaticRoute {
         forward: a.forward,
         authz,
         expect: Expectation {
             uuid: a.expect_uuid,
         },
+        nbd: a.forward_nbd.map(|forward| target::NbdRoute {
+            forward,
+            exports: a.nbd_export,
+        }),
     };
     let limits = target::Limits {
         handshake: Duration::from_secs(a.handshake_timeout),
@@ -446,50 +471,35 @@ async fn run_source(a: SourceArgs) -> Result<()> {
     let server_name = ServerName::try_from(host.clone())
         .with_context(|| format!("{host:?} is not a valid TLS hostname"))?;
     let tls = tls::client_config(&a.x509_dir, &[tls::ALPN_MIGGATE])?;
-    if matches!(a.listen, Endpoint::Tcp(_)) && (a.source_pid.is_some() || a.source_qmp.is_some()) {
+    let tcp = |e: &Endpoint| matches!(e, Endpoint::Tcp(_));
+    if (tcp(&a.listen) || a.listen_nbd.as_ref().is_some_and(tcp))
+        && (a.source_pid.is_some() || a.source_qmp.is_some())
+    {
         bail!("--source-pid and --source-qmp need --listen unix:PATH: the kernel tells the peer's pid on unix sockets only");
     }
-    let listener = match &a.listen {
-        Endpoint::Tcp(addr) => {
-            let sockaddr = tokio::net::lookup_host((addr.host.as_str(), addr.port))
-                .await
-                .with_context(|| format!("cannot resolve {addr}"))?
-                .next()
-                .with_context(|| format!("{addr} resolves to no address"))?;
-            source::LocalListener::Tcp(
-                miggate::net::socket::bind_local_listener(sockaddr)
-                    .with_context(|| format!("cannot listen on {addr}"))?,
-            )
+    let only = match (a.source_pid, &a.source_qmp) {
+        (Some(pid), _) => Some(source::LocalPeer {
+            pid,
+            known_as: "from --source-pid".into(),
+        }),
+        (None, Some(qmp)) => {
+            let cred = miggate::qmp::server_cred(qmp).await.with_context(|| {
+                format!("cannot learn the source QEMU's pid from {}", qmp.display())
+            })?;
+            let pid = cred.pid().with_context(|| {
+                format!("the kernel did not tell the pid serving {}", qmp.display())
+            })?;
+            Some(source::LocalPeer {
+                pid,
+                known_as: format!("the QEMU of QMP socket {}", qmp.display()),
+            })
         }
-        Endpoint::Unix(path) => {
-            let only = match (a.source_pid, &a.source_qmp) {
-                (Some(pid), _) => Some(source::LocalPeer {
-                    pid,
-                    known_as: "from --source-pid".into(),
-                }),
-                (None, Some(qmp)) => {
-                    let cred = miggate::qmp::server_cred(qmp).await.with_context(|| {
-                        format!("cannot learn the source QEMU's pid from {}", qmp.display())
-                    })?;
-                    let pid = cred.pid().with_context(|| {
-                        format!("the kernel did not tell the pid serving {}", qmp.display())
-                    })?;
-                    Some(source::LocalPeer {
-                        pid,
-                        known_as: format!("the QEMU of QMP socket {}", qmp.display()),
-                    })
-                }
-                (None, None) => None,
-            };
-            let access = unix_bind::Access::mode(a.listen_mode);
-            let bound = unix_bind::bind(path, access)
-                .with_context(|| format!("cannot listen on unix:{}", path.display()))?;
-            source::LocalListener::Unix {
-                listener: bound.listener,
-                path: path.clone(),
-                only,
-            }
-        }
+        (None, None) => None,
+    };
+    let listener = local_listener(&a.listen, only.clone(), a.listen_mode).await?;
+    let nbd_listener = match &a.listen_nbd {
+        Some(e) => Some(local_listener(e, only, a.listen_mode).await?),
+        None => None,
     };
     let (shown, only) = match &listener {
         source::LocalListener::Tcp(l) => (format!("tcp:{}", l.local_addr()?), "-".to_string()),
@@ -518,11 +528,50 @@ async fn run_source(a: SourceArgs) -> Result<()> {
         sink: None,
         resume: resume_token(a.resume_token_file.as_deref(), &listener)?,
     };
+    let cfg = std::sync::Arc::new(cfg);
+    let nbd = async {
+        match nbd_listener {
+            Some(l) => source::serve_nbd(l, cfg.clone(), Some(revocation.clone())).await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::select! {
-        r = source::serve_with(listener, cfg, Some(revocation)) => r?,
+        r = source::serve_with(listener, cfg.clone(), Some(revocation.clone())) => r?,
+        r = nbd => r?,
         _ = shutdown_signal() => tracing::info!("shutting down"),
     }
     Ok(())
+}
+
+/// A local listener of `miggate source`: TCP on loopback, or a unix
+/// socket with `mode` that only `only` may use.
+async fn local_listener(
+    at: &Endpoint,
+    only: Option<source::LocalPeer>,
+    mode: u32,
+) -> Result<source::LocalListener> {
+    Ok(match at {
+        Endpoint::Tcp(addr) => {
+            let sockaddr = tokio::net::lookup_host((addr.host.as_str(), addr.port))
+                .await
+                .with_context(|| format!("cannot resolve {addr}"))?
+                .next()
+                .with_context(|| format!("{addr} resolves to no address"))?;
+            source::LocalListener::Tcp(
+                miggate::net::socket::bind_local_listener(sockaddr)
+                    .with_context(|| format!("cannot listen on {addr}"))?,
+            )
+        }
+        Endpoint::Unix(path) => {
+            let bound = unix_bind::bind(path, unix_bind::Access::mode(mode))
+                .with_context(|| format!("cannot listen on unix:{}", path.display()))?;
+            source::LocalListener::Unix {
+                listener: bound.listener,
+                path: path.clone(),
+                only,
+            }
+        }
+    })
 }
 
 async fn shutdown_signal() {

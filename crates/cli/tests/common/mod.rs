@@ -17,3 +17,4 @@ pub mod postcopy;
 pub mod qemu;
 pub mod scenario;
 pub mod soak;
+pub mod storage;

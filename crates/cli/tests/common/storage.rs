@@ -1,0 +1,160 @@
+//! Storage migration in the lab: raw disk images, a virtio disk on each
+//! QEMU, the target QEMU's NBD server, the source's mirror job, and the
+//! QMP sequence libvirt drives around the RAM migration
+//! (`virsh migrate --copy-storage-all`).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::qemu::{Qemu, QemuOpts};
+
+/// The disk's node name on both QEMUs, and the export's name.
+pub const NODE: &str = "disk0";
+/// The virtio-blk device's id; `qemu-io -d` reaches the disk through its
+/// backend, so that a write goes through the mirror like a guest's.
+pub const DEVICE: &str = "vd0";
+const JOB: &str = "mirror-disk0";
+const NBD_NODE: &str = "nbd-disk0";
+pub const JOB_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A raw image of `mib` MiB of random bytes (the lab's seeded generator).
+pub fn random_disk(dir: &Path, name: &str, mib: usize, seed: u64) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, miggate_lab::guest::random_ram(seed, mib << 20)).unwrap();
+    path
+}
+
+/// A raw image of `mib` MiB of zeroes (sparse).
+pub fn empty_disk(dir: &Path, name: &str, mib: usize) -> PathBuf {
+    let path = dir.join(name);
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len((mib as u64) << 20).unwrap();
+    path
+}
+
+/// `opts` with a virtio disk backed by `image`.
+pub fn with_disk(mut opts: QemuOpts, image: &Path) -> QemuOpts {
+    opts.extra_args.extend(
+        [
+            "-blockdev",
+            &format!(
+                "driver=file,filename={},node-name=file-{NODE}",
+                image.display()
+            ),
+            "-blockdev",
+            &format!("driver=raw,file=file-{NODE},node-name={NODE}"),
+            "-device",
+            &format!("virtio-blk-pci,drive={NODE},id={DEVICE}"),
+        ]
+        .map(str::to_owned),
+    );
+    opts
+}
+
+async fn ok(q: &mut Qemu, cmd: &str, args: Value) -> Value {
+    q.cmd(cmd, args.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{cmd} {args}: {e}\nstderr:\n{}", q.stderr_text()))
+}
+
+/// The target QEMU: its NBD server on `socket`, exporting the disk
+/// (writable) under [`NODE`].
+pub async fn serve_disk(dst: &mut Qemu, socket: &Path) {
+    let addr = json!({"type": "unix", "data": {"path": socket}});
+    ok(dst, "nbd-server-start", json!({ "addr": addr })).await;
+    let export =
+        json!({"type": "nbd", "id": NODE, "node-name": NODE, "name": NODE, "writable": true});
+    ok(dst, "block-export-add", export).await;
+}
+
+/// The source QEMU: an NBD node on `socket` (the source gateway's NBD
+/// listener) for export `export`, then a full mirror of the disk into it.
+/// Returns QEMU's error if either is refused (a refused NBD channel fails
+/// the `blockdev-add`, with the server's message).
+pub async fn start_mirror(src: &mut Qemu, socket: &Path, export: &str) -> Result<(), String> {
+    let node = json!({
+        "driver": "nbd", "node-name": NBD_NODE, "export": export,
+        "server": {"type": "unix", "path": socket},
+    });
+    src.cmd("blockdev-add", node)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mirror = json!({"job-id": JOB, "device": NODE, "target": NBD_NODE, "sync": "full"});
+    src.cmd("blockdev-mirror", mirror)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+/// The mirror job as `query-block-jobs` shows it (`None`: gone).
+pub async fn job(src: &mut Qemu) -> Option<Value> {
+    let jobs = ok(src, "query-block-jobs", json!({})).await;
+    jobs.as_array()?
+        .iter()
+        .find(|j| j["device"] == JOB)
+        .cloned()
+}
+
+/// Waits until the mirror has copied the disk and follows its writes.
+pub async fn wait_ready(src: &mut Qemu) {
+    let deadline = Instant::now() + JOB_TIMEOUT;
+    loop {
+        let j = job(src)
+            .await
+            .expect("the mirror job vanished before it was ready");
+        if j["ready"] == true {
+            return;
+        }
+        assert!(Instant::now() < deadline, "mirror never ready: {j}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until the job is gone; returns its last state seen.
+pub async fn wait_gone(src: &mut Qemu) -> Option<Value> {
+    let deadline = Instant::now() + JOB_TIMEOUT;
+    let mut last = None;
+    while let Some(j) = job(src).await {
+        assert!(Instant::now() < deadline, "mirror job never ended: {j}");
+        last = Some(j);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    last
+}
+
+/// libvirt's end of a copy: the ready mirror is cancelled (it finishes
+/// in sync, without pivoting: the source keeps its own disk), the NBD
+/// node removed (its connection closes), the target's export and server
+/// stopped.
+pub async fn finish(src: &mut Qemu, dst: &mut Qemu) {
+    ok(src, "block-job-cancel", json!({ "device": JOB })).await;
+    wait_gone(src).await;
+    ok(src, "blockdev-del", json!({ "node-name": NBD_NODE })).await;
+    ok(dst, "block-export-del", json!({ "id": NODE })).await;
+    ok(dst, "nbd-server-stop", json!({})).await;
+}
+
+/// A write through the disk's device, as the guest's would go (through
+/// the mirror): `len` bytes of `pattern` at `offset`.
+pub async fn write_through_device(q: &mut Qemu, pattern: u8, offset: u64, len: u64) {
+    let line =
+        format!("qemu-io -d {DEVICE}/virtio-backend \"write -P {pattern:#x} {offset} {len}\"");
+    let out = ok(q, "human-monitor-command", json!({ "command-line": line })).await;
+    assert!(
+        !out.as_str().unwrap_or_default().contains("rror"),
+        "qemu-io: {out}"
+    );
+}
+
+/// Flushes the disk to its image file (before the file is hashed).
+pub async fn flush(q: &mut Qemu) {
+    let line = format!("qemu-io -d {DEVICE}/virtio-backend \"flush\"");
+    ok(q, "human-monitor-command", json!({ "command-line": line })).await;
+}
+
+/// SHA-256 of an image file.
+pub fn image_sha256(path: &Path) -> String {
+    miggate_lab::qemu::sha256_hex(&std::fs::read(path).unwrap())
+}

@@ -1,0 +1,207 @@
+//! Storage migration through the gateways: the source QEMU's mirror job
+//! writes into the target QEMU's NBD server over an NBD channel of the
+//! gateway pair, in libvirt's order, and the disk arrives byte for byte.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::gateway::Gateway;
+use common::qemu::{Guest, Qemu, QemuOpts};
+use common::scenario::{
+    migrate_and_expect_completed, pki, pki_dir, source_gateway, target_gateway, SOURCE_DN,
+};
+use common::storage::{self, NODE};
+use tempfile::TempDir;
+
+const DISK_MIB: usize = 256;
+const RAM_MIB: u32 = 64;
+
+/// Two QEMUs with a disk each (the source's random, the target's empty),
+/// the target's NBD server started, and a gateway pair between them:
+/// `--listen-nbd` on the source, `--forward-nbd` with `exports` on the
+/// target.
+struct Lab {
+    _pki: TempDir,
+    dir: TempDir,
+    src: Qemu,
+    dst: Qemu,
+    src_img: PathBuf,
+    dst_img: PathBuf,
+    sgw: Gateway,
+    tgw: Gateway,
+    port: u16,
+}
+
+impl Lab {
+    /// `sentinel`: NBD channels go to this socket instead of the target
+    /// QEMU's NBD server (to see whether anything reached it).
+    async fn new(disk_mib: usize, exports: &[&str], sentinel: Option<&Path>) -> Lab {
+        let pki = pki();
+        let dir = tempfile::Builder::new()
+            .prefix("miggate-storage-")
+            .tempdir()
+            .unwrap();
+        let src_img = storage::random_disk(dir.path(), "src.img", disk_mib, 0x5107);
+        let dst_img = storage::empty_disk(dir.path(), "dst.img", disk_mib);
+        let opts = QemuOpts::new(Guest::PausedRandomRam { seed: 12 }, RAM_MIB);
+        let (mut src, mut dst) = Qemu::pair(
+            storage::with_disk(opts.clone(), &src_img),
+            storage::with_disk(opts.as_incoming(), &dst_img),
+        )
+        .await
+        .unwrap();
+        src.set_unlimited_bandwidth().await.unwrap();
+        let port = dst.migrate_incoming_any_port().await.unwrap();
+        let nbd = dir.path().join("target-nbd.sock");
+        storage::serve_disk(&mut dst, &nbd).await;
+        let forward_nbd = format!("unix:{}", sentinel.unwrap_or(&nbd).display());
+        let mut args = vec!["--authz-identity", SOURCE_DN, "--forward-nbd", &forward_nbd];
+        for e in exports {
+            args.extend(["--nbd-export", e]);
+        }
+        let tgw = target_gateway(&pki_dir(&pki), port, &args).await;
+        let listen_nbd = format!("unix:{}", Self::nbd_path(dir.path()).display());
+        let sgw = source_gateway(&pki_dir(&pki), &tgw.addr, &["--listen-nbd", &listen_nbd]).await;
+        Lab {
+            _pki: pki,
+            dir,
+            src,
+            dst,
+            src_img,
+            dst_img,
+            sgw,
+            tgw,
+            port,
+        }
+    }
+
+    fn nbd_path(dir: &Path) -> PathBuf {
+        dir.join("source-nbd.sock")
+    }
+
+    fn source_nbd(&self) -> PathBuf {
+        Self::nbd_path(self.dir.path())
+    }
+
+    fn ram_uri(&self) -> String {
+        format!("tcp:{}", self.sgw.addr)
+    }
+
+    /// The records of both gateways for NBD channels.
+    fn nbd_records(gw: &Gateway) -> Vec<serde_json::Value> {
+        gw.outcomes()
+            .into_iter()
+            .filter(|r| r["channel"].as_str().is_some_and(|c| c.starts_with("nbd:")))
+            .collect()
+    }
+}
+
+/// The whole of libvirt's sequence through the gateways: NBD server and
+/// export on the target, mirror until ready, writes while the RAM
+/// migrates, RAM migration, mirror cancelled (in sync) at the end. The
+/// target's image is the source's, byte for byte, writes included; the
+/// RAM arrived; the NBD channel's records say completed on both sides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_and_ram_arrive_intact_through_the_gateways() {
+    let mut lab = Lab::new(DISK_MIB, &[NODE], None).await;
+    let before = storage::image_sha256(&lab.src_img);
+    let nbd = lab.source_nbd();
+    storage::start_mirror(&mut lab.src, &nbd, NODE)
+        .await
+        .unwrap();
+    storage::wait_ready(&mut lab.src).await;
+    // Written after the bulk copy: only the mirror's dirty tracking can
+    // bring these to the target.
+    storage::write_through_device(&mut lab.src, 0x5a, 1 << 20, 1 << 20).await;
+    storage::write_through_device(&mut lab.src, 0xa5, (DISK_MIB as u64 - 1) << 20, 4096).await;
+    let uri = lab.ram_uri();
+    let ram = lab.src.ram_sha256().await.unwrap();
+    migrate_and_expect_completed(&mut lab.src, &mut lab.dst, &uri).await;
+    // Paused after the migration (its disk inactive): the cancel
+    // completes the mirror in sync.
+    storage::finish(&mut lab.src, &mut lab.dst).await;
+    storage::flush(&mut lab.src).await;
+    storage::flush(&mut lab.dst).await;
+
+    let (src_hash, dst_hash) = (
+        storage::image_sha256(&lab.src_img),
+        storage::image_sha256(&lab.dst_img),
+    );
+    assert_ne!(src_hash, before, "the writes changed the source disk");
+    assert_eq!(dst_hash, src_hash, "the target's disk is not the source's");
+    assert_eq!(lab.dst.ram_sha256().await.unwrap(), ram, "RAM");
+
+    for gw in [&mut lab.sgw, &mut lab.tgw] {
+        // Main channel and NBD channel.
+        let _ = common::scenario::outcomes(gw, 2).await;
+        let nbd = Lab::nbd_records(gw);
+        assert_eq!(nbd.len(), 1, "{}", gw.log_text());
+        assert_eq!(nbd[0]["channel"], "nbd:disk0");
+        assert_eq!(nbd[0]["outcome"], "completed", "{}", gw.log_text());
+        assert!(
+            nbd[0]["bytes_sent"].as_u64().unwrap() > (DISK_MIB as u64) << 20,
+            "{}",
+            nbd[0]
+        );
+    }
+    let _ = lab.port;
+}
+
+/// A unix listener standing in for the target QEMU's NBD server: it
+/// says whether anything connected.
+struct Sentinel(std::os::unix::net::UnixListener, PathBuf);
+
+impl Sentinel {
+    fn new(dir: &Path) -> Sentinel {
+        let path = dir.join("sentinel.sock");
+        let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        l.set_nonblocking(true).unwrap();
+        Sentinel(l, path)
+    }
+
+    fn assert_untouched(&self) {
+        match self.0.accept() {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("something connected to the NBD server: {other:?}"),
+        }
+    }
+}
+
+/// An export the target gateway does not forward: the source QEMU's
+/// `blockdev-add` fails with the gateway's reason, nothing connected to
+/// the NBD server, the source disk is unchanged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_not_forwarded_is_refused_before_the_nbd_server() {
+    let spare = tempfile::tempdir().unwrap();
+    let sentinel = Sentinel::new(spare.path());
+    let mut lab = Lab::new(16, &["other-disk"], Some(&sentinel.1)).await;
+    let src_before = storage::image_sha256(&lab.src_img);
+    let nbd = lab.source_nbd();
+    let err = storage::start_mirror(&mut lab.src, &nbd, NODE)
+        .await
+        .unwrap_err();
+    println!("QEMU says: {err}");
+    assert!(err.contains("Denied by server"), "{err}");
+    let rec = lab
+        .tgw
+        .wait_outcome(common::scenario::EVENT_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(rec["outcome"], "refused", "{rec}");
+    assert!(
+        rec["reason"].as_str().unwrap().contains("--nbd-export"),
+        "{rec}"
+    );
+    let rec = lab
+        .sgw
+        .wait_outcome(common::scenario::EVENT_TIMEOUT)
+        .await
+        .unwrap();
+    assert_eq!(rec["outcome"], "refused", "{rec}");
+    assert!(storage::job(&mut lab.src).await.is_none());
+    assert_eq!(lab.src.query_status().await.unwrap(), "prelaunch");
+    sentinel.assert_untouched();
+    storage::flush(&mut lab.src).await;
+    assert_eq!(storage::image_sha256(&lab.src_img), src_before);
+}
