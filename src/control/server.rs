@@ -6,6 +6,7 @@
 //! QMP-forward registration's target QEMU is the daemon's business
 //! ([`crate::daemon::target_qemu`]).
 
+use crate::qmp::storage::{self, DiskCopy};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -126,13 +127,26 @@ async fn incoming(
     }
     let listeners = bind_listeners(&st.listen, req.listeners.as_deref())?;
     let (allow, allow_desc) = build_allow(&req.allow)?;
+    let disks = check_disks(&req)?;
+    let mut nbd_forward = match &req.nbd_forward {
+        Some(s) => Some(parse_forward(s)?),
+        None => None,
+    };
+    let mut nbd_socket = None;
     let (forward, qmp_socket) = match &req.forward {
         Forward::Endpoint(s) => (parse_forward(s)?, None),
         Forward::Qmp(q) => {
             let sock = st
                 .runtime_dir
                 .join(format!("incoming-{}.sock", Uuid::new_v4()));
-            target_qemu::prepare(q, &sock).await.map_err(|e| {
+            // The target QEMU's NBD server, on a socket of the daemon's.
+            if !disks.is_empty() {
+                let nbd = st.runtime_dir.join(format!("nbd-{}.sock", Uuid::new_v4()));
+                nbd_forward = Some(Endpoint::Unix(nbd.clone()));
+                nbd_socket = Some(nbd);
+            }
+            let storage = nbd_socket.as_deref().map(|s| (s, disks.as_slice()));
+            target_qemu::prepare(q, &sock, storage).await.map_err(|e| {
                 let status = match e {
                     PrepareError::NotUnix(_) | PrepareError::Refused(_) => StatusCode::BAD_REQUEST,
                     _ => StatusCode::BAD_GATEWAY,
@@ -150,15 +164,17 @@ async fn incoming(
         channels: req.channels,
         ttl: Duration::from_secs(req.expires_in),
         listeners: listeners.clone(),
-        disks: Vec::new(),
-        nbd_forward: None,
+        disks: disks.iter().map(|d| d.export.clone()).collect(),
+        nbd_forward,
     });
     if let (Some(sock), Forward::Qmp(q)) = (qmp_socket, &req.forward) {
+        let storage = nbd_socket.map(|s| (s, disks));
         target_qemu::settle_when_ended(
             st.registry.clone(),
             mig.clone(),
             q,
             sock,
+            storage,
             st.target_qmps.clone(),
         );
     }
@@ -182,6 +198,79 @@ async fn incoming(
             listen: listeners.iter().map(|&i| st.listen[i].clone()).collect(),
         }),
     ))
+}
+
+/// Most disks one registration may carry.
+pub const MAX_DISKS: usize = 16;
+
+/// The request's disks, checked before anything is touched: names QEMU
+/// and the NBD channels can carry unambiguously, each export once, and
+/// where their NBD server is (the daemon's, with a QMP forward; the
+/// caller's `nbd_forward`, with an endpoint forward).
+fn check_disks(req: &IncomingRequest) -> Result<Vec<DiskCopy>, ApiFailure> {
+    let qmp = matches!(req.forward, Forward::Qmp(_));
+    if req.disks.is_empty() {
+        return match req.nbd_forward {
+            Some(_) => Err(ApiFailure::bad(
+                "nbd_forward without disks: name the disks that arrive over NBD",
+            )),
+            None => Ok(Vec::new()),
+        };
+    }
+    if req.disks.len() > MAX_DISKS {
+        return Err(ApiFailure::bad(format!(
+            "{} disks: at most {MAX_DISKS} per migration",
+            req.disks.len()
+        )));
+    }
+    if qmp && req.nbd_forward.is_some() {
+        return Err(ApiFailure::bad(
+            "nbd_forward is for an endpoint forward: with forward.qmp the daemon starts the target QEMU's NBD server itself",
+        ));
+    }
+    if !qmp && req.nbd_forward.is_none() {
+        return Err(ApiFailure::bad(
+            "disks with an endpoint forward need nbd_forward: where the target QEMU's NBD server listens",
+        ));
+    }
+    let mut out: Vec<DiskCopy> = Vec::new();
+    for d in &req.disks {
+        let node = match (&d.node, qmp) {
+            (Some(n), true) if storage::node_name_ok(n) => n.clone(),
+            (Some(n), true) => {
+                return Err(ApiFailure::bad(format!(
+                    "disks: {n:?} is not a QEMU block node name (a letter, then letters, digits, '-', '.', '_'; at most 31)"
+                )))
+            }
+            (None, true) => {
+                return Err(ApiFailure::bad(
+                    "disks: each disk needs node, the target QEMU's block node that receives it",
+                ))
+            }
+            (Some(_), false) => {
+                return Err(ApiFailure::bad(
+                    "disks: node is for a QMP forward (the daemon exports it); with an endpoint forward name the export only",
+                ))
+            }
+            (None, false) => String::new(),
+        };
+        let export = d.export_name().unwrap_or_default().to_string();
+        if !storage::export_name_ok(&export) {
+            return Err(ApiFailure::bad(format!(
+                "disks: export {export:?} must be 1 to 255 printable ASCII characters without spaces"
+            )));
+        }
+        if out.iter().any(|o| o.export == export) {
+            return Err(ApiFailure::bad(format!(
+                "disks: export {export:?} is named twice"
+            )));
+        }
+        out.push(DiskCopy {
+            target_node: node,
+            export,
+        });
+    }
+    Ok(out)
 }
 
 /// The listeners a registration names, as indices into `listen`; by

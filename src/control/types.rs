@@ -35,6 +35,35 @@ pub struct IncomingRequest {
     /// Default: the first listener only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listeners: Option<Vec<ListenerRef>>,
+    /// Storage migration: the disks that arrive over NBD channels. With a
+    /// QMP forward the daemon starts the target QEMU's NBD server (on a
+    /// socket of its own) and exports these nodes, writable; with an
+    /// endpoint forward, `nbd_forward` names the server already running.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub disks: Vec<DiskRequest>,
+    /// `unix:PATH` or `tcp:HOST:PORT` of the target QEMU's NBD server,
+    /// for `disks` with an endpoint forward.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbd_forward: Option<String>,
+}
+
+/// One disk of a storage migration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskRequest {
+    /// The target QEMU's block node that receives the disk (QMP forward).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The NBD export name the source's mirror asks for; default: `node`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export: Option<String>,
+}
+
+impl DiskRequest {
+    /// The export name: `export`, else the node's name.
+    pub fn export_name(&self) -> Option<&str> {
+        self.export.as_deref().or(self.node.as_deref())
+    }
 }
 
 /// A daemon listener: its index (0 = the first `[[target]]`) or its address.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use crate::admit::registry::{Migration, Phase, Registry};
 use crate::control::types::QmpForward;
 use crate::qmp::capabilities::{self, CapabilityError};
+use crate::qmp::storage::{self, DiskCopy};
 use crate::qmp::{MigrationParameters, Qmp, QmpError};
 
 /// Connecting to the target QEMU's QMP and preparing it. Each command is
@@ -178,8 +179,13 @@ pub(crate) fn qmp_path(q: &QmpForward) -> Result<&str, PrepareError> {
 }
 
 /// Sets the target QEMU's migration capabilities and parameters, then
-/// `migrate-incoming unix:SOCK`, where the gateway will forward.
-pub async fn prepare(q: &QmpForward, sock: &Path) -> Result<(), PrepareError> {
+/// `migrate-incoming unix:SOCK`, where the gateway will forward; with
+/// `storage`, also its NBD server on that socket, exporting those disks.
+pub async fn prepare(
+    q: &QmpForward,
+    sock: &Path,
+    storage: Option<(&Path, &[DiskCopy])>,
+) -> Result<(), PrepareError> {
     let path = qmp_path(q)?;
     check_request(q)?;
     let work = async {
@@ -213,9 +219,20 @@ pub async fn prepare(q: &QmpForward, sock: &Path) -> Result<(), PrepareError> {
         }
         // A socket left by an earlier migration would make QEMU's bind fail.
         let _ = std::fs::remove_file(sock);
-        qmp.migrate_incoming(&format!("unix:{}", sock.display()))
+        if let Some((nbd, disks)) = storage {
+            storage::serve_disks(&mut qmp, nbd, disks)
+                .await
+                .map_err(PrepareError::Command)?;
+        }
+        if let Err(e) = qmp
+            .migrate_incoming(&format!("unix:{}", sock.display()))
             .await
-            .map_err(PrepareError::Command)?;
+        {
+            if let Some((_, disks)) = storage {
+                storage::stop_serving(&mut qmp, disks).await;
+            }
+            return Err(PrepareError::Command(e));
+        }
         Ok(())
     };
     tokio::time::timeout(QMP_SETUP_TIMEOUT, work)
@@ -227,11 +244,15 @@ pub async fn prepare(q: &QmpForward, sock: &Path) -> Result<(), PrepareError> {
 
 /// Once `mig` has ended: removes its incoming socket and, unless it was
 /// cancelled, settles its outcome with the target QEMU's verdict.
+/// With `storage` (its NBD socket and disks): the target QEMU's NBD
+/// server is stopped once the channels have ended, whatever the end (a
+/// guest must not run with its disks still exported), before the verdict.
 pub fn settle_when_ended(
     registry: Arc<Registry>,
     mig: Arc<Migration>,
     q: &QmpForward,
     sock: PathBuf,
+    storage: Option<(PathBuf, Vec<DiskCopy>)>,
     qmps: Arc<TargetQmps>,
 ) {
     let qmp_path = q.qmp.trim_start_matches("unix:").to_string();
@@ -241,6 +262,10 @@ pub fn settle_when_ended(
         // again once its recovery has ended, or failed at its deadline.
         loop {
             wait_until_ended(&registry, &mig).await;
+            if let Some((nbd, disks)) = &storage {
+                stop_serving(&qmp_path, disks, &mig.id).await;
+                let _ = std::fs::remove_file(nbd);
+            }
             if mig.view().state == Phase::Cancelled
                 || !settle_with_qemu_verdict(&mig, &qmp_path).await
             {
@@ -250,6 +275,29 @@ pub fn settle_when_ended(
         qmps.remove(&mig.id);
         let _ = std::fs::remove_file(&sock);
     });
+}
+
+/// The target QEMU's NBD exports and server stopped; a failure is only
+/// logged (a QEMU that is gone has nothing exported any more).
+async fn stop_serving(qmp_path: &str, disks: &[DiskCopy], id: &str) {
+    let stop = async {
+        let mut qmp = Qmp::connect_unix(qmp_path).await?;
+        match storage::stop_serving(&mut qmp, disks).await {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    };
+    match tokio::time::timeout(QMP_SETUP_TIMEOUT, stop).await {
+        Ok(Ok(())) => {
+            tracing::info!(migration = %id, disks = disks.len(), "target QEMU's NBD exports and server stopped")
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(migration = %id, error = %e, "stopping the target QEMU's NBD exports")
+        }
+        Err(_) => {
+            tracing::warn!(migration = %id, "the target QEMU did not stop its NBD server in time")
+        }
+    }
 }
 
 /// Waits until the migration's channels have all ended (or it was

@@ -264,6 +264,8 @@ impl Managed {
             channels,
             expires_in: args.expires_in,
             listeners: None,
+            disks: Vec::new(),
+            nbd_forward: None,
         };
         let resp = api
             .register(&req)

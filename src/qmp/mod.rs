@@ -22,6 +22,7 @@ use tokio::net::UnixStream;
 use uuid::Uuid;
 
 pub mod capabilities;
+pub mod storage;
 
 /// How long `execute` waits for a response unless told otherwise. QMP
 /// commands answer promptly (migration runs in the background), so a long

@@ -260,6 +260,8 @@ async fn carriers(via: Via, vms: &mut [Vm], s: &Setup<'_>, dir: &Path) -> Result
                     channels: 1,
                     expires_in: MIGRATION_TIMEOUT.as_secs(),
                     listeners: None,
+                    disks: Vec::new(),
+                    nbd_forward: None,
                 };
                 let r = api
                     .register(&req)

@@ -181,6 +181,8 @@ fn request(vm: Option<Uuid>, forward: Forward) -> IncomingRequest {
         channels: 1,
         expires_in: 300,
         listeners: None,
+        disks: Vec::new(),
+        nbd_forward: None,
     }
 }
 

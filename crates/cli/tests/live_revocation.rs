@@ -170,6 +170,8 @@ impl Held {
                 channels: 1,
                 expires_in: 300,
                 listeners: None,
+                disks: Vec::new(),
+                nbd_forward: None,
             };
             let r = api.as_ref().unwrap().register(&req).await.unwrap();
             let f = tmp.path().join("ticket");

@@ -337,6 +337,8 @@ async fn recovery_tickets_are_one_shot() {
             channels: 1,
             expires_in: 300,
             listeners: None,
+            disks: Vec::new(),
+            nbd_forward: None,
         })
         .await
         .unwrap();

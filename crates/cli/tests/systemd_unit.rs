@@ -287,6 +287,8 @@ async fn daemon_with_the_units_rights_serves_a_migration() {
             channels: 1,
             expires_in: 300,
             listeners: None,
+            disks: Vec::new(),
+            nbd_forward: None,
         })
         .await
         .unwrap();

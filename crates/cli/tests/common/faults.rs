@@ -398,6 +398,8 @@ impl Lab {
                 channels: 1,
                 expires_in: 300,
                 listeners: None,
+                disks: Vec::new(),
+                nbd_forward: None,
             };
             let r = self
                 .api()

@@ -15,8 +15,8 @@ pub const NODE: &str = "disk0";
 /// The virtio-blk device's id; `qemu-io -d` reaches the disk through its
 /// backend, so that a write goes through the mirror like a guest's.
 pub const DEVICE: &str = "vd0";
-const JOB: &str = "mirror-disk0";
-const NBD_NODE: &str = "nbd-disk0";
+pub const JOB: &str = "mirror-disk0";
+pub const NBD_NODE: &str = "nbd-disk0";
 pub const JOB_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A raw image of `mib` MiB of random bytes (the lab's seeded generator).
