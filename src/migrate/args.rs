@@ -116,6 +116,18 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "ID",
           conflicts_with_all = ["native_tls", "target_qmp", "forward", "postcopy", "multifd"])]
     pub recover: Option<String>,
+    /// Copy the VM's writable disks too (storage migration without shared
+    /// storage): the daemon exports the target QEMU's nodes of the same
+    /// names over NBD, the source mirrors each disk into them through the
+    /// gateway before the RAM migration, and the copies complete at the
+    /// switch-over. Needs --target-qmp.
+    #[arg(long, conflicts_with_all = ["native_tls", "forward", "recover", "postcopy"])]
+    pub copy_storage: bool,
+    /// --copy-storage of this disk only (its block node name on both
+    /// QEMUs); repeat for each. Implies --copy-storage.
+    #[arg(long, value_name = "NODE",
+          conflicts_with_all = ["native_tls", "forward", "recover", "postcopy"])]
+    pub disk: Vec<String>,
     /// One JSON object per line on stdout: steps, progress, and a final result.
     #[arg(long)]
     pub json: bool,
@@ -147,8 +159,15 @@ impl MigrateArgs {
             postcopy_after_passes: DEFAULT_POSTCOPY_AFTER_PASSES,
             postcopy_preempt: false,
             recover: None,
+            copy_storage: false,
+            disk: Vec::new(),
             json: false,
         }
+    }
+
+    /// Disks are copied (`--copy-storage` or `--disk`).
+    pub fn copies_storage(&self) -> bool {
+        self.copy_storage || !self.disk.is_empty()
     }
 
     /// Within range: clap bounds the command line, `check` arguments
@@ -212,6 +231,25 @@ impl MigrateArgs {
                 value: self.multifd.into(),
             });
         }
+        if self.copies_storage() {
+            let qmp = matches!(
+                plan,
+                Plan::Gateway {
+                    forward: TargetForward::Qmp(_),
+                    ..
+                }
+            );
+            if !qmp || self.postcopy {
+                return Err(ArgsError::StorageNeedsTargetQmp);
+            }
+            if let Some(bad) = self
+                .disk
+                .iter()
+                .find(|d| !crate::qmp::storage::node_name_ok(d))
+            {
+                return Err(ArgsError::DiskName(bad.clone()));
+            }
+        }
         if self.postcopy_preempt && !self.postcopy {
             return Err(ArgsError::PreemptNeedsPostcopy);
         }
@@ -255,6 +293,10 @@ pub enum ArgsError {
     PostcopyNative,
     #[error("--recover goes through the target's daemon: not with --native-tls")]
     RecoverNative,
+    #[error("--copy-storage and --disk need --target and --target-qmp (the daemon exports the target QEMU's disks), without --postcopy")]
+    StorageNeedsTargetQmp,
+    #[error("--disk {0:?} is not a QEMU block node name")]
+    DiskName(String),
     #[error(transparent)]
     Range(#[from] crate::timeouts::OutOfRange),
     #[error("{option} must be at most {max}{unit}, not {value}")]

@@ -35,6 +35,8 @@ pub enum Cause {
     Gateway(#[from] ManagedError),
     #[error(transparent)]
     Native(#[from] NativeError),
+    #[error(transparent)]
+    Storage(#[from] super::storage::StorageError),
 }
 
 /// Our identity could not be read from `--x509-dir`.

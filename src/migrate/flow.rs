@@ -7,16 +7,19 @@ use uuid::Uuid;
 
 use super::args::{MigrateArgs, Plan, TargetForward};
 use super::error::{Cause, ClientDnError};
-use super::managed::Managed;
+use super::managed::{Managed, Vm};
 use super::native::Native;
 use super::progress::{bytes, Reporter, Snapshot};
 use super::signals::{Interrupt, Signals};
+use super::storage::{self, StorageError};
 use super::summary::{Failure, PostcopySummary, Summary};
 use super::{cause, EXIT_FAILED, EXIT_USAGE};
 use crate::creds::keyfile::{read_private, KeyFileError};
 use crate::creds::{dn, tls};
 use crate::error::chain;
-use crate::qmp::capabilities::{self, MULTIFD, POSTCOPY_PREEMPT, POSTCOPY_RAM};
+use crate::qmp::capabilities::{
+    self, MULTIFD, PAUSE_BEFORE_SWITCHOVER, POSTCOPY_PREEMPT, POSTCOPY_RAM,
+};
 use crate::qmp::{MigrationInfo, MigrationParameters, Qmp, QmpError, UNLIMITED_BANDWIDTH};
 
 /// How often `query-migrate` is asked for progress.
@@ -99,6 +102,8 @@ pub async fn execute(args: &MigrateArgs, rep: &mut Reporter) -> Result<Summary, 
         before,
         side: None,
         postcopy: Postcopy::default(),
+        disks: Vec::new(),
+        storage_done: None,
     };
     m.go(rep, &mut signals).await
 }
@@ -133,6 +138,10 @@ struct Migration<'a> {
     before: String,
     side: Option<Side>,
     postcopy: Postcopy,
+    /// --copy-storage: the disks (block nodes) mirrored to the target.
+    disks: Vec<String>,
+    /// Their copies were completed at `pre-switchover`, or why not.
+    storage_done: Option<Result<(), String>>,
 }
 
 /// Where a `--postcopy` migration stands.
@@ -172,6 +181,16 @@ impl Migration<'_> {
             Err(stop) => return Err(self.not_started(stop).await),
         };
         let uri = self.side.as_ref().expect("prepared").uri();
+        if !self.disks.is_empty() {
+            let copied = tokio::select! {
+                r = self.copy_disks(rep) => r.map_err(Stop::Cause),
+                sig = signals.recv() => Err(Stop::Interrupted(sig)),
+            };
+            if let Err(stop) = copied {
+                storage::abandon(&mut self.src, &self.disks).await;
+                return Err(self.not_started(stop).await);
+            }
+        }
         let started = Instant::now();
         if self.recovering() {
             rep.step(&format!(
@@ -253,6 +272,10 @@ impl Migration<'_> {
             // still paused until QEMU has connected (the command returns
             // first): it has stopped only once it left that state, or if
             // it never does.
+            if info.status.as_deref() == Some("pre-switchover") && self.storage_done.is_none() {
+                self.complete_disks(rep).await;
+                continue;
+            }
             let paused = info.status.as_deref() == Some("postcopy-paused");
             resumed |= !paused;
             let stopped =
@@ -276,13 +299,78 @@ impl Migration<'_> {
                 let known = self
                     .postcopy
                     .paused_by
-                    .map(|sig| Cause::PausedBySignal { signal: sig.name() });
+                    .map(|sig| Cause::PausedBySignal { signal: sig.name() })
+                    .or_else(|| match &self.storage_done {
+                        Some(Err(why)) => Some(Cause::Storage(StorageError::Mirror {
+                            node: self.disks.join(", "),
+                            why: why.clone(),
+                        })),
+                        _ => None,
+                    });
                 let mut f = self.failed(rep, known, Some(&info)).await;
                 if let Some(sig) = self.postcopy.paused_by {
                     f.exit_code = sig.exit_code();
                 }
                 Err(f)
             }
+        }
+    }
+
+    /// --copy-storage, before `migrate`: every disk mirrored into the
+    /// target until ready. A mirror that fails says why in the gateway's
+    /// words when it has them (QEMU's only name the NBD option refused).
+    async fn copy_disks(&mut self, rep: &mut Reporter) -> Result<(), Cause> {
+        let Some(Side::Managed(m)) = &self.side else {
+            unreachable!("--copy-storage goes through a daemon")
+        };
+        let socket = m.nbd_socket.clone().expect("an NBD socket with disks");
+        match storage::copy_until_ready(&mut self.src, &self.disks, &socket, rep).await {
+            Ok(_) => Ok(()),
+            Err(StorageError::Mirror { node, why }) => {
+                let gateway = m.failure_evidence().await.0.into_iter().find_map(|r| {
+                    let nbd = r.channel.as_deref().is_some_and(|c| c.starts_with("nbd:"));
+                    (nbd && r.ending != crate::outcome::Ending::Completed)
+                        .then_some(r.reason)
+                        .flatten()
+                });
+                let why = match gateway {
+                    Some(g) => format!("{g} (QEMU: {why})"),
+                    None => why,
+                };
+                Err(Cause::Storage(StorageError::Mirror { node, why }))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// At `pre-switchover`: the disks' copies completed, then the
+    /// switch-over goes on; if they cannot be, the migration is cancelled
+    /// (the source VM resumes on the source with its disks).
+    async fn complete_disks(&mut self, rep: &mut Reporter) {
+        let done = storage::complete(&mut self.src, &self.disks).await;
+        let cont = match &done {
+            Ok(()) => {
+                rep.step(&format!(
+                    "pre-switchover: the guest is stopped; the disk cop{} completed their final synchronisation; switching over",
+                    if self.disks.len() == 1 { "y" } else { "ies" }
+                ));
+                self.src
+                    .execute(
+                        "migrate-continue",
+                        Some(serde_json::json!({"state": "pre-switchover"})),
+                    )
+                    .await
+                    .map(drop)
+            }
+            Err(_) => Ok(()),
+        };
+        self.storage_done = Some(match (done, cont) {
+            (Ok(()), Ok(())) => Ok(()),
+            (Err(e), _) => Err(chain(&e)),
+            (Ok(()), Err(e)) => Err(format!("migrate-continue: {}", chain(&e))),
+        });
+        if let Some(Err(_)) = &self.storage_done {
+            let _ = self.src.migrate_cancel().await;
         }
     }
 
@@ -405,6 +493,19 @@ impl Migration<'_> {
             }
         }
         let uuid = Some(self.src.query_uuid().await.map_err(q)?).filter(|u| !u.is_nil());
+        if self.args.copies_storage() {
+            let (disks, unnamed) = storage::source_disks(&mut self.src, &self.args.disk)
+                .await
+                .map_err(|e| Stop::Cause(e.into()))?;
+            if !unnamed.is_empty() {
+                rep.note(&format!(
+                    "not copied: the writable disk{} of {} (QEMU named the node itself; give it node-name= to copy it, or --disk to say which disks)",
+                    if unnamed.len() == 1 { "" } else { "s" },
+                    unnamed.join(", ")
+                ));
+            }
+            self.disks = disks;
+        }
         // Checked before the target is asked for anything: a source QEMU
         // that lacks a capability fails here, in words.
         let caps = std::collections::BTreeMap::from([
@@ -413,6 +514,8 @@ impl Migration<'_> {
             (MULTIFD.to_string(), self.args.multifd > 0),
             (POSTCOPY_RAM.to_string(), self.args.postcopy),
             (POSTCOPY_PREEMPT.to_string(), self.args.postcopy_preempt),
+            // --copy-storage completes the disks' copies there.
+            (PAUSE_BEFORE_SWITCHOVER.to_string(), !self.disks.is_empty()),
         ]);
         let offered = self.src.offered_capabilities().await.map_err(q)?;
         capabilities::check(&caps, &offered)
@@ -457,9 +560,20 @@ impl Migration<'_> {
                     .peer_cred()
                     .map_err(|e| Stop::Cause(Cause::SourceCred(e)))?;
                 Side::Managed(Box::new(
-                    Managed::prepare(self.args, api, forward, uuid, &dn, &qemu, rep)
-                        .await
-                        .map_err(|e| Stop::Cause(e.into()))?,
+                    Managed::prepare(
+                        self.args,
+                        api,
+                        forward,
+                        Vm {
+                            uuid,
+                            disks: &self.disks,
+                        },
+                        &dn,
+                        &qemu,
+                        rep,
+                    )
+                    .await
+                    .map_err(|e| Stop::Cause(e.into()))?,
                 ))
             }
         });
@@ -591,6 +705,8 @@ impl Migration<'_> {
         info: Option<&MigrationInfo>,
     ) -> Failure {
         rep.finish_progress();
+        // The source keeps its disks; the daemon stops the target's exports.
+        storage::abandon(&mut self.src, &self.disks).await;
         let source_qemu = info.and_then(|i| i.error_desc.clone());
         let status = info.and_then(|i| i.status.clone());
         let (records, view, target_qemu) = match &mut self.side {
@@ -678,6 +794,7 @@ impl Migration<'_> {
             Ok(_) => "the source QEMU cancelled it".to_string(),
             Err(e) => format!("migrate_cancel failed ({})", chain(&e)),
         };
+        storage::abandon(&mut self.src, &self.disks).await;
         // Wait for QEMU to get out of the migration before saying where the VM is.
         let deadline = Instant::now() + CANCEL_WAIT;
         let mut last = None;

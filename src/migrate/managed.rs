@@ -18,7 +18,9 @@ use uuid::Uuid;
 use super::args::{host_of, MigrateArgs, TargetForward};
 use super::progress::Reporter;
 use crate::control::client::{api_addr, ApiAddr, ApiClient, ApiError};
-use crate::control::types::{Allow, Forward, IncomingRequest, MigrationView, Phase, QmpForward};
+use crate::control::types::{
+    Allow, DiskRequest, Forward, IncomingRequest, MigrationView, Phase, QmpForward,
+};
 use crate::creds::tls;
 use crate::gate::source::{self, LocalListener, LocalPeer, SourceConfig};
 use crate::net::private_dir::{PrivateDir, PrivateDirError};
@@ -67,6 +69,8 @@ pub struct Managed {
     gateway: tokio::task::JoinHandle<()>,
     /// The source QEMU's socket, in `_local_dir`.
     socket: PathBuf,
+    /// Its NBD clients' socket (--copy-storage), in `_local_dir`.
+    pub nbd_socket: Option<PathBuf>,
     /// Removed (with the socket) when the migration ends.
     _local_dir: PrivateDir,
     admitted: bool,
@@ -134,25 +138,40 @@ struct LocalSide {
     api: ApiClient,
     tls: Arc<rustls::ClientConfig>,
     listener: LocalListener,
+    /// The source QEMU's NBD clients' socket, for --copy-storage.
+    nbd: Option<(LocalListener, PathBuf)>,
     local_dir: PrivateDir,
     socket: PathBuf,
 }
 
 impl LocalSide {
-    fn new(args: &MigrateArgs, target: &str, qemu: &UCred) -> Result<LocalSide, ManagedError> {
+    fn new(
+        args: &MigrateArgs,
+        target: &str,
+        qemu: &UCred,
+        nbd: bool,
+    ) -> Result<LocalSide, ManagedError> {
         let addr = api_addr(target, args.api_x509_dir.as_deref())?;
         let api = ApiClient::new(addr)?;
         let tls = tls::client_config(&args.x509_dir, &[tls::ALPN_MIGGATE])
             .map_err(ManagedError::SourceTls)?;
-        let (listener, local_dir) = local_hop(qemu, &args.source_qmp)?;
-        let socket = match &listener {
+        let (mut hops, local_dir) = local_hop(qemu, &args.source_qmp, nbd)?;
+        let path = |l: &LocalListener| match l {
             LocalListener::Unix { path, .. } => path.clone(),
             LocalListener::Tcp(_) => unreachable!("the local hop is a unix socket"),
         };
+        let nbd = (hops.len() == 2).then(|| {
+            let l = hops.pop().expect("two hops");
+            let p = path(&l);
+            (l, p)
+        });
+        let listener = hops.pop().expect("the migration's hop");
+        let socket = path(&listener);
         Ok(LocalSide {
             api,
             tls,
             listener,
+            nbd,
             local_dir,
             socket,
         })
@@ -161,8 +180,13 @@ impl LocalSide {
 
 /// The local hop: a fresh directory (0700) that only miggate and the
 /// source QEMU can enter, and in it a socket (0600) owned by the QEMU's
-/// user, which the source gateway serves to the QEMU's pid alone.
-fn local_hop(qemu: &UCred, qmp: &Path) -> Result<(LocalListener, PrivateDir), ManagedError> {
+/// user, which the source gateway serves to the QEMU's pid alone; with
+/// `nbd`, a second one for its NBD clients (--copy-storage).
+fn local_hop(
+    qemu: &UCred,
+    qmp: &Path,
+    nbd: bool,
+) -> Result<(Vec<LocalListener>, PrivateDir), ManagedError> {
     let pid = qemu.pid().ok_or(ManagedError::NoPid)?;
     let uid = qemu.uid();
     // $XDG_RUNTIME_DIR when it is the QEMU's user's own (the same user as
@@ -197,18 +221,34 @@ fn local_hop(qemu: &UCred, qmp: &Path) -> Result<(LocalListener, PrivateDir), Ma
         })?;
         Some(uid)
     };
-    let path = dir.path().join("source.sock");
-    let bound =
-        unix_bind::bind(&path, Access { mode: 0o600, owner }).map_err(ManagedError::Listen)?;
-    let listener = LocalListener::Unix {
-        listener: bound.listener,
-        path,
-        only: Some(LocalPeer {
-            pid,
-            known_as: format!("the QEMU of QMP socket {}", qmp.display()),
-        }),
+    let names: &[&str] = if nbd {
+        &["source.sock", "nbd.sock"]
+    } else {
+        &["source.sock"]
     };
-    Ok((listener, dir))
+    let mut hops = Vec::new();
+    for name in names {
+        let path = dir.path().join(name);
+        let bound =
+            unix_bind::bind(&path, Access { mode: 0o600, owner }).map_err(ManagedError::Listen)?;
+        hops.push(LocalListener::Unix {
+            listener: bound.listener,
+            path,
+            only: Some(LocalPeer {
+                pid,
+                known_as: format!("the QEMU of QMP socket {}", qmp.display()),
+            }),
+        });
+    }
+    Ok((hops, dir))
+}
+
+/// What is migrated: the VM's UUID (if it has one) and the disks copied
+/// with it (block node names, the same on both QEMUs).
+#[derive(Debug, Clone, Copy)]
+pub struct Vm<'a> {
+    pub uuid: Option<Uuid>,
+    pub disks: &'a [String],
 }
 
 impl Managed {
@@ -219,19 +259,21 @@ impl Managed {
         args: &MigrateArgs,
         target: &str,
         forward: TargetForward<'_>,
-        uuid: Option<Uuid>,
+        vm: Vm<'_>,
         dn: &str,
         qemu: &UCred,
         rep: &mut Reporter,
     ) -> Result<Managed, ManagedError> {
+        let Vm { uuid, disks } = vm;
         // Everything that can fail locally fails before the daemon is asked.
         let LocalSide {
             api,
             tls,
             listener,
+            nbd,
             local_dir,
             socket,
-        } = LocalSide::new(args, target, qemu)?;
+        } = LocalSide::new(args, target, qemu, !disks.is_empty())?;
         // Said before the daemon is asked: from here the kernel queues the
         // QEMU's connection even while the registration is under way.
         rep.step(&format!(
@@ -264,7 +306,14 @@ impl Managed {
             channels,
             expires_in: args.expires_in,
             listeners: None,
-            disks: Vec::new(),
+            // The target's nodes of the same names, exported under them.
+            disks: disks
+                .iter()
+                .map(|d| DiskRequest {
+                    node: Some(d.clone()),
+                    export: None,
+                })
+                .collect(),
             nbd_forward: None,
         };
         let resp = api
@@ -311,8 +360,20 @@ impl Managed {
             sink: Some(records.clone()),
             resume: None,
         };
+        let cfg = Arc::new(cfg);
+        let nbd_socket = nbd.as_ref().map(|(_, p)| p.clone());
         let gateway = tokio::spawn(async move {
-            if let Err(e) = source::serve(listener, cfg).await {
+            let nbd = async {
+                match nbd {
+                    Some((l, _)) => source::serve_nbd(l, cfg.clone(), None).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let r = tokio::select! {
+                r = source::serve_with(listener, cfg.clone(), None) => r,
+                r = nbd => r,
+            };
+            if let Err(e) = r {
                 tracing::error!(error = %e, "source gateway stopped");
             }
         });
@@ -327,6 +388,7 @@ impl Managed {
             records,
             gateway,
             socket,
+            nbd_socket,
             _local_dir: local_dir,
             admitted: false,
             last_poll: None,
@@ -352,7 +414,8 @@ impl Managed {
             listener,
             local_dir,
             socket,
-        } = LocalSide::new(args, target, qemu)?;
+            ..
+        } = LocalSide::new(args, target, qemu, false)?;
         let resp = api
             .recover(id)
             .await
@@ -403,6 +466,7 @@ impl Managed {
             records,
             gateway,
             socket,
+            nbd_socket: None,
             _local_dir: local_dir,
             admitted: false,
             last_poll: None,

@@ -34,6 +34,7 @@
 //! ahead, bound to the target by its one-shot ticket and the peer's DN
 //! only, and the command says so.
 
+pub mod storage;
 pub mod args;
 pub mod cause;
 pub mod error;

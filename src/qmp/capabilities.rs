@@ -11,6 +11,7 @@ use std::fmt;
 pub const POSTCOPY_RAM: &str = "postcopy-ram";
 pub const POSTCOPY_PREEMPT: &str = "postcopy-preempt";
 pub const MULTIFD: &str = "multifd";
+pub const PAUSE_BEFORE_SWITCHOVER: &str = "pause-before-switchover";
 
 /// The first QEMU that migrates with multifd and postcopy-ram together.
 /// 10.0 refuses the pair ("Postcopy is not yet compatible with multifd");

@@ -157,8 +157,8 @@ pub async fn mirrors(qmp: &mut Qmp, nodes: &[String]) -> Result<Vec<MirrorState>
 /// the target's disk must be whole); otherwise every job is abandoned at
 /// once. The source keeps its own disk either way (no pivot). Best
 /// effort, for every node; the first error, if any.
-pub async fn end_mirrors(qmp: &mut Qmp, nodes: &[String], in_sync: bool) -> Option<QmpError> {
-    let mut first = None;
+pub async fn end_mirrors(qmp: &mut Qmp, nodes: &[String], in_sync: bool) -> Option<String> {
+    let mut first: Option<String> = None;
     for node in nodes {
         let job = job_id(node);
         // Errors here mostly mean the job already ended.
@@ -174,12 +174,24 @@ pub async fn end_mirrors(qmp: &mut Qmp, nodes: &[String], in_sync: bool) -> Opti
     for _ in 0..600 {
         let states = match mirrors(qmp, nodes).await {
             Ok(s) => s,
-            Err(e) => return Some(e),
+            Err(e) => return Some(e.to_string()),
         };
         if states
             .iter()
             .all(|s| matches!(s.status.as_deref(), None | Some("concluded")))
         {
+            // A final synchronisation that failed concludes with an error.
+            if let Some(s) = states
+                .iter()
+                .find(|s| s.error.is_some())
+                .filter(|_| in_sync)
+            {
+                first = Some(format!(
+                    "{}: {}",
+                    s.node,
+                    s.error.clone().unwrap_or_default()
+                ));
+            }
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -193,7 +205,7 @@ pub async fn end_mirrors(qmp: &mut Qmp, nodes: &[String], in_sync: bool) -> Opti
             .await
         {
             if !e.to_string().contains("not found") && !e.to_string().contains("Failed to find") {
-                first.get_or_insert(e);
+                first.get_or_insert(e.to_string());
             }
         }
     }
