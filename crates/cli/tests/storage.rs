@@ -9,13 +9,44 @@ use std::path::{Path, PathBuf};
 use common::gateway::Gateway;
 use common::qemu::{Guest, Qemu, QemuOpts};
 use common::scenario::{
-    migrate_and_expect_completed, pki, pki_dir, source_gateway, target_gateway, SOURCE_DN,
+    migrate_and_expect_completed, pki, pki_dir, source_gateway, target_gateway, Versions,
+    EVENT_TIMEOUT, SOURCE_DN,
 };
 use common::storage::{self, NODE};
 use tempfile::TempDir;
 
 const DISK_MIB: usize = 256;
 const RAM_MIB: u32 = 64;
+
+/// How a [`Lab`] is built.
+struct Setup<'a> {
+    disk_mib: usize,
+    /// What the target gateway forwards (`--nbd-export`).
+    exports: &'a [&'a str],
+    /// NBD channels go to this socket instead of the target QEMU's NBD
+    /// server (to see whether anything reached it).
+    sentinel: Option<&'a Path>,
+    versions: Versions,
+    guest: Guest,
+    /// The source gateway's PKI directory; `None`: the lab's, whose
+    /// client DN the target gateway allows.
+    source_x509: Option<&'a Path>,
+    source_args: &'a [&'a str],
+}
+
+impl Setup<'_> {
+    fn new(disk_mib: usize) -> Setup<'static> {
+        Setup {
+            disk_mib,
+            exports: &[NODE],
+            sentinel: None,
+            versions: Versions::Q72,
+            guest: Guest::PausedRandomRam { seed: 12 },
+            source_x509: None,
+            source_args: &[],
+        }
+    }
+}
 
 /// Two QEMUs with a disk each (the source's random, the target's empty),
 /// the target's NBD server started, and a gateway pair between them:
@@ -30,39 +61,48 @@ struct Lab {
     dst_img: PathBuf,
     sgw: Gateway,
     tgw: Gateway,
-    port: u16,
 }
 
 impl Lab {
-    /// `sentinel`: NBD channels go to this socket instead of the target
-    /// QEMU's NBD server (to see whether anything reached it).
-    async fn new(disk_mib: usize, exports: &[&str], sentinel: Option<&Path>) -> Lab {
+    async fn new(setup: Setup<'_>) -> Lab {
         let pki = pki();
         let dir = tempfile::Builder::new()
             .prefix("miggate-storage-")
             .tempdir()
             .unwrap();
-        let src_img = storage::random_disk(dir.path(), "src.img", disk_mib, 0x5107);
-        let dst_img = storage::empty_disk(dir.path(), "dst.img", disk_mib);
-        let opts = QemuOpts::new(Guest::PausedRandomRam { seed: 12 }, RAM_MIB);
-        let (mut src, mut dst) = Qemu::pair(
-            storage::with_disk(opts.clone(), &src_img),
-            storage::with_disk(opts.as_incoming(), &dst_img),
-        )
-        .await
-        .unwrap();
+        let mib = setup.disk_mib;
+        let src_img = storage::random_disk(dir.path(), "src.img", mib, 0x5107);
+        let dst_img = storage::empty_disk(dir.path(), "dst.img", mib);
+        let opts = QemuOpts::new(setup.guest, RAM_MIB);
+        let mut dst_opts = opts.as_incoming();
+        if setup.guest == Guest::RunningCounter {
+            // libvirt's way: the target stays paused after the RAM
+            // migration, until the disks are in sync and released.
+            dst_opts.extra_args.push("-S".into());
+        }
+        let (mut src_opts, mut dst_opts) = (
+            storage::with_disk(opts, &src_img),
+            storage::with_disk(dst_opts, &dst_img),
+        );
+        setup.versions.apply(&mut src_opts, &mut dst_opts);
+        let (mut src, mut dst) = Qemu::pair(src_opts, dst_opts).await.unwrap();
         src.set_unlimited_bandwidth().await.unwrap();
         let port = dst.migrate_incoming_any_port().await.unwrap();
         let nbd = dir.path().join("target-nbd.sock");
         storage::serve_disk(&mut dst, &nbd).await;
-        let forward_nbd = format!("unix:{}", sentinel.unwrap_or(&nbd).display());
+        let forward_nbd = format!("unix:{}", setup.sentinel.unwrap_or(&nbd).display());
         let mut args = vec!["--authz-identity", SOURCE_DN, "--forward-nbd", &forward_nbd];
-        for e in exports {
+        for e in setup.exports {
             args.extend(["--nbd-export", e]);
         }
         let tgw = target_gateway(&pki_dir(&pki), port, &args).await;
         let listen_nbd = format!("unix:{}", Self::nbd_path(dir.path()).display());
-        let sgw = source_gateway(&pki_dir(&pki), &tgw.addr, &["--listen-nbd", &listen_nbd]).await;
+        let mut args = vec!["--listen-nbd", &listen_nbd];
+        args.extend(setup.source_args);
+        let x509 = setup
+            .source_x509
+            .map_or_else(|| pki_dir(&pki), Path::to_path_buf);
+        let sgw = source_gateway(&x509, &tgw.addr, &args).await;
         Lab {
             _pki: pki,
             dir,
@@ -72,7 +112,6 @@ impl Lab {
             dst_img,
             sgw,
             tgw,
-            port,
         }
     }
 
@@ -88,23 +127,55 @@ impl Lab {
         format!("tcp:{}", self.sgw.addr)
     }
 
-    /// The records of both gateways for NBD channels.
+    /// The records of a gateway for NBD channels.
     fn nbd_records(gw: &Gateway) -> Vec<serde_json::Value> {
         gw.outcomes()
             .into_iter()
             .filter(|r| r["channel"].as_str().is_some_and(|c| c.starts_with("nbd:")))
             .collect()
     }
+
+    /// Both images, after both QEMUs flushed them: equal.
+    async fn assert_images_equal(&mut self) -> String {
+        storage::flush(&mut self.src).await;
+        storage::flush(&mut self.dst).await;
+        let (src_hash, dst_hash) = (
+            storage::image_sha256(&self.src_img),
+            storage::image_sha256(&self.dst_img),
+        );
+        assert_eq!(dst_hash, src_hash, "the target's disk is not the source's");
+        src_hash
+    }
+
+    /// Each gateway's one NBD record (after the main channel's and the
+    /// NBD channel's outcomes): completed, with at least the disk's bytes.
+    async fn assert_nbd_completed(&mut self, disk_mib: usize) {
+        for gw in [&mut self.sgw, &mut self.tgw] {
+            let _ = common::scenario::outcomes(gw, 2).await;
+            let nbd = Lab::nbd_records(gw);
+            assert_eq!(nbd.len(), 1, "{}", gw.log_text());
+            assert_eq!(nbd[0]["channel"], "nbd:disk0");
+            assert_eq!(nbd[0]["outcome"], "completed", "{}", gw.log_text());
+            assert!(
+                nbd[0]["bytes_sent"].as_u64().unwrap() > (disk_mib as u64) << 20,
+                "{}",
+                nbd[0]
+            );
+        }
+    }
 }
 
-/// The whole of libvirt's sequence through the gateways: NBD server and
-/// export on the target, mirror until ready, writes while the RAM
-/// migrates, RAM migration, mirror cancelled (in sync) at the end. The
-/// target's image is the source's, byte for byte, writes included; the
-/// RAM arrived; the NBD channel's records say completed on both sides.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn disk_and_ram_arrive_intact_through_the_gateways() {
-    let mut lab = Lab::new(DISK_MIB, &[NODE], None).await;
+/// libvirt's sequence through the gateways on `versions`: NBD server and
+/// export on the target, mirror until ready, writes after that, RAM
+/// migration, mirror cancelled (in sync) at the end. The target's image
+/// is the source's, byte for byte, writes included; the RAM arrived; the
+/// NBD channel's records say completed on both sides.
+async fn disk_and_ram_arrive_intact(versions: Versions, disk_mib: usize) {
+    let mut lab = Lab::new(Setup {
+        versions,
+        ..Setup::new(disk_mib)
+    })
+    .await;
     let before = storage::image_sha256(&lab.src_img);
     let nbd = lab.source_nbd();
     storage::start_mirror(&mut lab.src, &nbd, NODE)
@@ -114,40 +185,38 @@ async fn disk_and_ram_arrive_intact_through_the_gateways() {
     // Written after the bulk copy: only the mirror's dirty tracking can
     // bring these to the target.
     storage::write_through_device(&mut lab.src, 0x5a, 1 << 20, 1 << 20).await;
-    storage::write_through_device(&mut lab.src, 0xa5, (DISK_MIB as u64 - 1) << 20, 4096).await;
+    let last = (disk_mib as u64 - 1) << 20;
+    storage::write_through_device(&mut lab.src, 0xa5, last, 4096).await;
     let uri = lab.ram_uri();
     let ram = lab.src.ram_sha256().await.unwrap();
     migrate_and_expect_completed(&mut lab.src, &mut lab.dst, &uri).await;
     // Paused after the migration (its disk inactive): the cancel
     // completes the mirror in sync.
     storage::finish(&mut lab.src, &mut lab.dst).await;
-    storage::flush(&mut lab.src).await;
-    storage::flush(&mut lab.dst).await;
-
-    let (src_hash, dst_hash) = (
-        storage::image_sha256(&lab.src_img),
-        storage::image_sha256(&lab.dst_img),
-    );
-    assert_ne!(src_hash, before, "the writes changed the source disk");
-    assert_eq!(dst_hash, src_hash, "the target's disk is not the source's");
+    let hash = lab.assert_images_equal().await;
+    assert_ne!(hash, before, "the writes changed the source disk");
     assert_eq!(lab.dst.ram_sha256().await.unwrap(), ram, "RAM");
-
-    for gw in [&mut lab.sgw, &mut lab.tgw] {
-        // Main channel and NBD channel.
-        let _ = common::scenario::outcomes(gw, 2).await;
-        let nbd = Lab::nbd_records(gw);
-        assert_eq!(nbd.len(), 1, "{}", gw.log_text());
-        assert_eq!(nbd[0]["channel"], "nbd:disk0");
-        assert_eq!(nbd[0]["outcome"], "completed", "{}", gw.log_text());
-        assert!(
-            nbd[0]["bytes_sent"].as_u64().unwrap() > (DISK_MIB as u64) << 20,
-            "{}",
-            nbd[0]
-        );
-    }
-    let _ = lab.port;
+    lab.assert_nbd_completed(disk_mib).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_and_ram_arrive_intact_through_the_gateways() {
+    disk_and_ram_arrive_intact(Versions::Q72, DISK_MIB).await;
+}
+
+/// QEMU 10.0's NBD client asks for NBD_OPT_EXTENDED_HEADERS first: the
+/// source gateway declines it, and the client falls back to structured
+/// replies, which the 10.0 server gets replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_and_ram_arrive_intact_qemu_10() {
+    disk_and_ram_arrive_intact(Versions::Q10, 64).await;
+}
+
+/// A 7.2 NBD client into a 10.0 NBD server (machine pc-i440fx-7.2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_and_ram_arrive_intact_qemu_72_to_10() {
+    disk_and_ram_arrive_intact(Versions::Q72ToQ10, 64).await;
+}
 /// A unix listener standing in for the target QEMU's NBD server: it
 /// says whether anything connected.
 struct Sentinel(std::os::unix::net::UnixListener, PathBuf);
@@ -175,7 +244,12 @@ impl Sentinel {
 async fn an_export_not_forwarded_is_refused_before_the_nbd_server() {
     let spare = tempfile::tempdir().unwrap();
     let sentinel = Sentinel::new(spare.path());
-    let mut lab = Lab::new(16, &["other-disk"], Some(&sentinel.1)).await;
+    let mut lab = Lab::new(Setup {
+        exports: &["other-disk"],
+        sentinel: Some(&sentinel.1),
+        ..Setup::new(16)
+    })
+    .await;
     let src_before = storage::image_sha256(&lab.src_img);
     let nbd = lab.source_nbd();
     let err = storage::start_mirror(&mut lab.src, &nbd, NODE)
@@ -183,21 +257,13 @@ async fn an_export_not_forwarded_is_refused_before_the_nbd_server() {
         .unwrap_err();
     println!("QEMU says: {err}");
     assert!(err.contains("Denied by server"), "{err}");
-    let rec = lab
-        .tgw
-        .wait_outcome(common::scenario::EVENT_TIMEOUT)
-        .await
-        .unwrap();
+    let rec = lab.tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(rec["outcome"], "refused", "{rec}");
     assert!(
         rec["reason"].as_str().unwrap().contains("--nbd-export"),
         "{rec}"
     );
-    let rec = lab
-        .sgw
-        .wait_outcome(common::scenario::EVENT_TIMEOUT)
-        .await
-        .unwrap();
+    let rec = lab.sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
     assert_eq!(rec["outcome"], "refused", "{rec}");
     assert!(storage::job(&mut lab.src).await.is_none());
     assert_eq!(lab.src.query_status().await.unwrap(), "prelaunch");

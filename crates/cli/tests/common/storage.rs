@@ -132,8 +132,37 @@ pub async fn finish(src: &mut Qemu, dst: &mut Qemu) {
     ok(src, "block-job-cancel", json!({ "device": JOB })).await;
     wait_gone(src).await;
     ok(src, "blockdev-del", json!({ "node-name": NBD_NODE })).await;
-    ok(dst, "block-export-del", json!({ "id": NODE })).await;
+    release_export(dst).await;
     ok(dst, "nbd-server-stop", json!({})).await;
+}
+
+/// Removes the target's export once its NBD client is gone. The client's
+/// close crosses both gateways after `blockdev-del` returned, so the
+/// server may still count the connection for a moment ("export 'disk0'
+/// still in use"; libvirt only ever calls `nbd-server-stop`, which drops
+/// clients): the default ("safe") removal is retried until it succeeds.
+pub async fn release_export(dst: &mut Qemu) {
+    let deadline = Instant::now() + super::scenario::EVENT_TIMEOUT;
+    loop {
+        match dst.cmd("block-export-del", json!({ "id": NODE })).await {
+            Ok(_) => break,
+            Err(e) if e.to_string().contains("still in use") && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("block-export-del: {e}"),
+        }
+    }
+    // Removal is asynchronous (BLOCK_EXPORT_DELETED): wait until gone.
+    while !exports(dst).await.is_empty() {
+        assert!(Instant::now() < deadline, "export never deleted");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The target's exports (`query-block-exports`).
+pub async fn exports(dst: &mut Qemu) -> Vec<Value> {
+    let v = ok(dst, "query-block-exports", json!({})).await;
+    v.as_array().cloned().unwrap_or_default()
 }
 
 /// A write through the disk's device, as the guest's would go (through
