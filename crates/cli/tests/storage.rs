@@ -6,7 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::gateway::Gateway;
+use common::gateway::{pki_issue, Gateway};
 use common::qemu::{Guest, Qemu, QemuOpts};
 use common::scenario::{
     migrate_and_expect_completed, pki, pki_dir, source_gateway, target_gateway, Versions,
@@ -28,10 +28,12 @@ struct Setup<'a> {
     sentinel: Option<&'a Path>,
     versions: Versions,
     guest: Guest,
-    /// The source gateway's PKI directory; `None`: the lab's, whose
-    /// client DN the target gateway allows.
-    source_x509: Option<&'a Path>,
-    source_args: &'a [&'a str],
+    /// The source gateway's client certificate carries this DN, which the
+    /// target gateway does not allow; `None`: [`SOURCE_DN`], which it does.
+    foreign_dn: Option<&'a str>,
+    /// The source gateway listens on unix sockets only, for the source
+    /// QEMU's pid (`--source-pid`).
+    only_source_qemu: bool,
 }
 
 impl Setup<'_> {
@@ -42,8 +44,8 @@ impl Setup<'_> {
             sentinel: None,
             versions: Versions::Q72,
             guest: Guest::PausedRandomRam { seed: 12 },
-            source_x509: None,
-            source_args: &[],
+            foreign_dn: None,
+            only_source_qemu: false,
         }
     }
 }
@@ -97,12 +99,33 @@ impl Lab {
         }
         let tgw = target_gateway(&pki_dir(&pki), port, &args).await;
         let listen_nbd = format!("unix:{}", Self::nbd_path(dir.path()).display());
-        let mut args = vec!["--listen-nbd", &listen_nbd];
-        args.extend(setup.source_args);
-        let x509 = setup
-            .source_x509
-            .map_or_else(|| pki_dir(&pki), Path::to_path_buf);
-        let sgw = source_gateway(&x509, &tgw.addr, &args).await;
+        let x509 = match setup.foreign_dn {
+            Some(dn) => pki_issue(&pki_dir(&pki), &dir.path().join("foreign"), dn),
+            None => pki_dir(&pki),
+        };
+        let sgw = if setup.only_source_qemu {
+            let listen = format!("unix:{}", dir.path().join("source.sock").display());
+            let pid = src.pid().unwrap().to_string();
+            let x509 = x509.to_str().unwrap();
+            common::gateway::miggate()
+                .gateway(&[
+                    "source",
+                    "--listen",
+                    &listen,
+                    "--connect",
+                    &tgw.addr,
+                    "--x509-dir",
+                    x509,
+                    "--listen-nbd",
+                    &listen_nbd,
+                    "--source-pid",
+                    &pid,
+                ])
+                .await
+                .unwrap()
+        } else {
+            source_gateway(&x509, &tgw.addr, &["--listen-nbd", &listen_nbd]).await
+        };
         Lab {
             _pki: pki,
             dir,
@@ -124,7 +147,11 @@ impl Lab {
     }
 
     fn ram_uri(&self) -> String {
-        format!("tcp:{}", self.sgw.addr)
+        if self.sgw.addr.starts_with("unix:") {
+            self.sgw.addr.clone()
+        } else {
+            format!("tcp:{}", self.sgw.addr)
+        }
     }
 
     /// The records of a gateway for NBD channels.
@@ -150,6 +177,7 @@ impl Lab {
     /// Each gateway's one NBD record (after the main channel's and the
     /// NBD channel's outcomes): completed, with at least the disk's bytes.
     async fn assert_nbd_completed(&mut self, disk_mib: usize) {
+        let mut sent = Vec::new();
         for gw in [&mut self.sgw, &mut self.tgw] {
             let _ = common::scenario::outcomes(gw, 2).await;
             let nbd = Lab::nbd_records(gw);
@@ -161,7 +189,11 @@ impl Lab {
                 "{}",
                 nbd[0]
             );
+            sent.push(nbd[0]["bytes_sent"].clone());
         }
+        // The target counts the opening it replayed to the NBD server as
+        // the source counted it.
+        assert_eq!(sent[0], sent[1], "bytes_sent, source and target");
     }
 }
 
@@ -270,4 +302,154 @@ async fn an_export_not_forwarded_is_refused_before_the_nbd_server() {
     sentinel.assert_untouched();
     storage::flush(&mut lab.src).await;
     assert_eq!(storage::image_sha256(&lab.src_img), src_before);
+}
+
+/// A source gateway whose certificate's DN the target does not allow:
+/// its NBD channel is refused by the target gateway before the NBD
+/// server (nothing connects to it), QEMU's `blockdev-add` fails, the
+/// source disk is unchanged, and the target's record names the DN.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_dn_is_refused_before_the_nbd_server() {
+    const FOREIGN: &str = "O=miggate tests,CN=intruder.test";
+    let spare = tempfile::tempdir().unwrap();
+    let sentinel = Sentinel::new(spare.path());
+    let mut lab = Lab::new(Setup {
+        sentinel: Some(&sentinel.1),
+        foreign_dn: Some(FOREIGN),
+        ..Setup::new(16)
+    })
+    .await;
+    let src_before = storage::image_sha256(&lab.src_img);
+    let nbd = lab.source_nbd();
+    let err = storage::start_mirror(&mut lab.src, &nbd, NODE)
+        .await
+        .unwrap_err();
+    println!("QEMU says: {err}");
+    // The gateway's reason goes back as the NBD error's message, which
+    // QEMU keeps as a hint: QMP does not show it.
+    assert!(err.contains("Denied by server"), "{err}");
+    let rec = lab.tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+    assert_eq!(rec["outcome"], "refused", "{rec}");
+    assert_eq!(rec["peer.dn"], FOREIGN, "{rec}");
+    assert!(rec["reason"].as_str().unwrap().contains(FOREIGN), "{rec}");
+    let rec = lab.sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+    assert_eq!(rec["outcome"], "refused", "{rec}");
+    assert_eq!(rec["channel"], "nbd:disk0", "{rec}");
+    assert!(storage::job(&mut lab.src).await.is_none());
+    assert_eq!(lab.src.query_status().await.unwrap(), "prelaunch");
+    sentinel.assert_untouched();
+    storage::flush(&mut lab.src).await;
+    assert_eq!(storage::image_sha256(&lab.src_img), src_before);
+}
+
+/// A hostile NBD client on the source gateway's NBD socket: it names the
+/// allowed export (admitted: the real NBD server answers its INFO), then
+/// asks to GO to another one. The target gateway cuts the channel with
+/// the reason; the GO never reached the NBD server (the bytes forwarded
+/// stop before it, and no reply to it came back).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_export_after_the_admitted_one_cuts_the_channel() {
+    use storage::raw;
+    let mut lab = Lab::new(Setup::new(16)).await;
+    let mut c = tokio::net::UnixStream::connect(lab.source_nbd())
+        .await
+        .unwrap();
+    assert_eq!(raw::greeting(&mut c).await, 3, "FIXED_NEWSTYLE|NO_ZEROES");
+    let opening = [
+        3u32.to_be_bytes().to_vec(),
+        raw::naming(raw::OPT_INFO, NODE),
+    ]
+    .concat();
+    raw::send(&mut c, &opening).await;
+    // The real server's answer: at least one NBD_REP_INFO, then ACK.
+    let mut infos = 0;
+    loop {
+        let (opt, reply, _) = raw::reply(&mut c).await.unwrap();
+        assert_eq!(opt, raw::OPT_INFO);
+        if reply == raw::REP_ACK {
+            break;
+        }
+        assert_eq!(reply, 3, "NBD_REP_INFO");
+        infos += 1;
+    }
+    assert!(infos >= 1, "the server described the export");
+    raw::send(&mut c, &raw::naming(raw::OPT_GO, "other-disk")).await;
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(EVENT_TIMEOUT, async {
+        use tokio::io::AsyncReadExt;
+        c.read_to_end(&mut rest).await
+    })
+    .await
+    .expect("the channel was not cut");
+    // Cut: end of stream (or a reset), and no reply to the GO.
+    assert!(rest.is_empty(), "a reply came back: {rest:02x?} ({read:?})");
+
+    let rec = lab.tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+    println!("target gateway: {rec}");
+    assert_eq!(rec["channel"], "nbd:disk0", "{rec}");
+    assert_eq!(rec["outcome"], "failed", "{rec}");
+    let reason = rec["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("\"other-disk\"") && reason.contains("\"disk0\" was admitted"),
+        "{rec}"
+    );
+    // Forwarded to the NBD server: the opening, nothing of the GO.
+    assert_eq!(rec["bytes_sent"], opening.len(), "{rec}");
+    let rec = lab.sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+    println!("source gateway: {rec}");
+    assert_eq!(rec["channel"], "nbd:disk0", "{rec}");
+    // The export is still served, to nobody.
+    storage::stop_serving(&mut lab.dst).await;
+}
+
+/// The source gateway's local-peer rule holds on `--listen-nbd`: with
+/// `--source-pid` of the source QEMU, a connection from this test
+/// process is closed before a byte is sent (no greeting, no channel to
+/// the target), while the QEMU's own mirror goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_source_qemu_may_use_the_nbd_socket() {
+    let mut lab = Lab::new(Setup {
+        only_source_qemu: true,
+        ..Setup::new(16)
+    })
+    .await;
+    let mut c = tokio::net::UnixStream::connect(lab.source_nbd())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let _ = tokio::time::timeout(EVENT_TIMEOUT, async {
+        use tokio::io::AsyncReadExt;
+        c.read_to_end(&mut got).await
+    })
+    .await
+    .expect("the connection was not closed");
+    assert!(got.is_empty(), "the gateway sent {got:02x?}");
+    let rec = lab.sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+    assert_eq!(rec["outcome"], "refused", "{rec}");
+    let me = std::process::id();
+    assert!(
+        rec["reason"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("local peer pid {me} ")),
+        "{rec}"
+    );
+
+    let nbd = lab.source_nbd();
+    storage::start_mirror(&mut lab.src, &nbd, NODE)
+        .await
+        .unwrap();
+    storage::wait_ready(&mut lab.src).await;
+    storage::finish(&mut lab.src, &mut lab.dst).await;
+    lab.assert_images_equal().await;
+    // The refused connection never reached the target gateway: its only
+    // NBD record is the QEMU's.
+    let rec = lab.tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+    assert_eq!(rec["outcome"], "completed", "{rec}");
+    assert_eq!(
+        Lab::nbd_records(&lab.tgw).len(),
+        1,
+        "{}",
+        lab.tgw.log_text()
+    );
 }

@@ -74,6 +74,17 @@ pub async fn serve_disk(dst: &mut Qemu, socket: &Path) {
 /// Returns QEMU's error if either is refused (a refused NBD channel fails
 /// the `blockdev-add`, with the server's message).
 pub async fn start_mirror(src: &mut Qemu, socket: &Path, export: &str) -> Result<(), String> {
+    start_mirror_at(src, socket, export, None).await
+}
+
+/// [`start_mirror`] copying at most `speed` bytes per second (`None`: as
+/// fast as it can), e.g. to still be copying when something happens.
+pub async fn start_mirror_at(
+    src: &mut Qemu,
+    socket: &Path,
+    export: &str,
+    speed: Option<u64>,
+) -> Result<(), String> {
     let node = json!({
         "driver": "nbd", "node-name": NBD_NODE, "export": export,
         "server": {"type": "unix", "path": socket},
@@ -81,7 +92,10 @@ pub async fn start_mirror(src: &mut Qemu, socket: &Path, export: &str) -> Result
     src.cmd("blockdev-add", node)
         .await
         .map_err(|e| e.to_string())?;
-    let mirror = json!({"job-id": JOB, "device": NODE, "target": NBD_NODE, "sync": "full"});
+    let mut mirror = json!({"job-id": JOB, "device": NODE, "target": NBD_NODE, "sync": "full"});
+    if let Some(speed) = speed {
+        mirror["speed"] = json!(speed);
+    }
     src.cmd("blockdev-mirror", mirror)
         .await
         .map_err(|e| e.to_string())?;
@@ -129,9 +143,21 @@ pub async fn wait_gone(src: &mut Qemu) -> Option<Value> {
 /// node removed (its connection closes), the target's export and server
 /// stopped.
 pub async fn finish(src: &mut Qemu, dst: &mut Qemu) {
+    release_source(src).await;
+    stop_serving(dst).await;
+}
+
+/// The source's half of [`finish`]: the job cancelled (in sync if it was
+/// ready), then its NBD node removed, which closes the NBD connection.
+pub async fn release_source(src: &mut Qemu) {
     ok(src, "block-job-cancel", json!({ "device": JOB })).await;
     wait_gone(src).await;
     ok(src, "blockdev-del", json!({ "node-name": NBD_NODE })).await;
+}
+
+/// The target's half of [`finish`]: export removed (once no client uses
+/// it), NBD server stopped.
+pub async fn stop_serving(dst: &mut Qemu) {
     release_export(dst).await;
     ok(dst, "nbd-server-stop", json!({})).await;
 }
@@ -186,4 +212,69 @@ pub async fn flush(q: &mut Qemu) {
 /// SHA-256 of an image file.
 pub fn image_sha256(path: &Path) -> String {
     miggate_lab::qemu::sha256_hex(&std::fs::read(path).unwrap())
+}
+
+/// `len` bytes of an image file at `offset`.
+pub fn image_bytes(path: &Path, offset: u64, len: usize) -> Vec<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).unwrap();
+    f.seek(SeekFrom::Start(offset)).unwrap();
+    let mut buf = vec![0u8; len];
+    f.read_exact(&mut buf).unwrap();
+    buf
+}
+
+/// A hand-written NBD client (fixed newstyle, as in the protocol's
+/// proto.md), to send what QEMU's client never would.
+pub mod raw {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::UnixStream;
+
+    pub const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
+    pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+    pub const REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+    pub const OPT_INFO: u32 = 6;
+    pub const OPT_GO: u32 = 7;
+    pub const REP_ACK: u32 = 1;
+
+    /// An option frame.
+    pub fn option(opt: u32, data: &[u8]) -> Vec<u8> {
+        let mut out = IHAVEOPT.to_be_bytes().to_vec();
+        out.extend_from_slice(&opt.to_be_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        out.extend_from_slice(data);
+        out
+    }
+
+    /// `INFO` or `GO` for `export`, asking for no particular information.
+    pub fn naming(opt: u32, export: &str) -> Vec<u8> {
+        let mut d = (export.len() as u32).to_be_bytes().to_vec();
+        d.extend_from_slice(export.as_bytes());
+        d.extend_from_slice(&0u16.to_be_bytes());
+        option(opt, &d)
+    }
+
+    /// Reads the server's greeting; returns its handshake flags.
+    pub async fn greeting(s: &mut UnixStream) -> u16 {
+        let mut g = [0u8; 18];
+        s.read_exact(&mut g).await.unwrap();
+        assert_eq!(g[..8], NBDMAGIC.to_be_bytes(), "not an NBD greeting");
+        assert_eq!(g[8..16], IHAVEOPT.to_be_bytes(), "not a newstyle greeting");
+        u16::from_be_bytes([g[16], g[17]])
+    }
+
+    /// One option reply: (option, reply type, data).
+    pub async fn reply(s: &mut UnixStream) -> std::io::Result<(u32, u32, Vec<u8>)> {
+        let mut h = [0u8; 20];
+        s.read_exact(&mut h).await?;
+        assert_eq!(h[..8], REPLY_MAGIC.to_be_bytes(), "not an option reply");
+        let word = |i: usize| u32::from_be_bytes(h[i..i + 4].try_into().unwrap());
+        let mut data = vec![0u8; word(16) as usize];
+        s.read_exact(&mut data).await?;
+        Ok((word(8), word(12), data))
+    }
+
+    pub async fn send(s: &mut UnixStream, bytes: &[u8]) {
+        s.write_all(bytes).await.unwrap();
+    }
 }
