@@ -7,7 +7,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::gateway::{pki_issue, Gateway};
-use common::qemu::{Guest, Qemu, QemuOpts};
+use common::qemu::{Guest, Qemu, QemuExt, QemuOpts};
 use common::scenario::{
     migrate_and_expect_completed, pki, pki_dir, source_gateway, target_gateway, Versions,
     EVENT_TIMEOUT, SOURCE_DN,
@@ -452,4 +452,146 @@ async fn only_the_source_qemu_may_use_the_nbd_socket() {
         "{}",
         lab.tgw.log_text()
     );
+}
+
+/// A running guest whose disk is written while its RAM migrates: writes
+/// through the disk's device, one after another, from the mirror being
+/// ready until the migration pauses before switch-over
+/// (`pause-before-switchover`, as libvirt uses it: the VM stopped, its
+/// disks still active). There the mirror is cancelled in sync and its
+/// node removed, then the migration continues. The target's image is
+/// the source's (the last write checked by itself), the RAM is the
+/// source's, and the target runs once resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_written_during_the_migration_arrives_consistent() {
+    const MIB: usize = 32;
+    const CHUNK: u64 = 64 << 10;
+    let mut lab = Lab::new(Setup {
+        guest: Guest::RunningCounter,
+        ..Setup::new(MIB)
+    })
+    .await;
+    lab.src.assert_running_and_counting().await;
+    let nbd = lab.source_nbd();
+    storage::start_mirror(&mut lab.src, &nbd, NODE)
+        .await
+        .unwrap();
+    storage::wait_ready(&mut lab.src).await;
+    lab.src
+        .set_capabilities(&[("pause-before-switchover", true)])
+        .await
+        .unwrap();
+    // Slow enough for the writes to overlap the RAM migration.
+    lab.src
+        .set_parameters(serde_json::json!({ "max-bandwidth": 4u64 << 20 }))
+        .await
+        .unwrap();
+    lab.src.forget_old_events().await.unwrap();
+    let uri = lab.ram_uri();
+    lab.src.migrate(&uri).await.unwrap();
+    let mut writes: Vec<(u64, u8)> = Vec::new();
+    let deadline = std::time::Instant::now() + common::scenario::MIGRATION_TIMEOUT;
+    loop {
+        let info = lab.src.query_migrate().await.unwrap();
+        match info.status.as_deref() {
+            Some("setup" | "active") => {}
+            Some("pre-switchover") => break,
+            other => panic!("migration {other:?}: {}", info.raw),
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", info.raw);
+        let n = writes.len() as u64;
+        // Distinct offsets and patterns, the last wins where they wrap.
+        let offset = (1 << 20) + (n * CHUNK) % ((MIB as u64 - 2) << 20);
+        let pattern = (n % 255) as u8 + 1;
+        storage::write_through_device(&mut lab.src, pattern, offset, CHUNK).await;
+        writes.push((offset, pattern));
+    }
+    println!("{} writes during the migration", writes.len());
+    assert!(!writes.is_empty(), "no write during the migration");
+    assert_eq!(lab.src.query_status().await.unwrap(), "finish-migrate");
+    // libvirt's order at pre-switchover: the mirror ends in sync first.
+    storage::release_source(&mut lab.src).await;
+    lab.src
+        .cmd(
+            "migrate-continue",
+            serde_json::json!({ "state": "pre-switchover" }),
+        )
+        .await
+        .unwrap();
+    let s = lab.src.wait_migration_end(EVENT_TIMEOUT).await.unwrap();
+    let d = lab.dst.wait_migration_end(EVENT_TIMEOUT).await.unwrap();
+    assert_eq!(s.status.as_deref(), Some("completed"), "{:?}", s.raw);
+    assert_eq!(d.status.as_deref(), Some("completed"), "{:?}", d.raw);
+    storage::stop_serving(&mut lab.dst).await;
+
+    // Both stopped now: the same RAM.
+    let ram = storage::ram_hash(&mut lab.src).await;
+    assert_eq!(storage::ram_hash(&mut lab.dst).await, ram, "RAM");
+    lab.assert_images_equal().await;
+    let (offset, pattern) = *writes.last().unwrap();
+    let late = storage::image_bytes(&lab.dst_img, offset, CHUNK as usize);
+    assert!(
+        late.iter().all(|b| *b == pattern),
+        "the last write ({pattern:#x} at {offset}) is not on the target"
+    );
+    lab.dst.cmd("cont", serde_json::json!({})).await.unwrap();
+    lab.dst.assert_running_and_counting().await;
+    lab.assert_nbd_completed(MIB).await;
+}
+
+/// The copy cancelled before it is ready (`block-job-cancel` while the
+/// mirror, slowed by its `speed`, is still copying): the job ends
+/// cancelled, and once its NBD node is removed both gateways' NBD records
+/// end; the source VM keeps running, its disk unchanged, and no client
+/// is left on the target's NBD server (its export comes off without
+/// force).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_cancelled_midway_ends_cleanly_on_both_sides() {
+    const MIB: usize = 64;
+    let mut lab = Lab::new(Setup {
+        guest: Guest::RunningCounter,
+        ..Setup::new(MIB)
+    })
+    .await;
+    let before = storage::image_sha256(&lab.src_img);
+    let nbd = lab.source_nbd();
+    storage::start_mirror_at(&mut lab.src, &nbd, NODE, Some(4 << 20))
+        .await
+        .unwrap();
+    // Some of the disk crossed the gateways, not all.
+    let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+    let job = loop {
+        let j = storage::job(&mut lab.src).await.expect("mirror job gone");
+        if j["offset"].as_u64().unwrap_or(0) > 0 {
+            break j;
+        }
+        assert!(std::time::Instant::now() < deadline, "no progress: {j}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
+    assert_eq!(job["ready"], false, "{job}");
+    lab.src.forget_old_events().await.unwrap();
+    storage::release_source(&mut lab.src).await;
+    let cancelled = lab
+        .src
+        .qmp
+        .queued_events()
+        .any(|e| e.name == "BLOCK_JOB_CANCELLED" && e.data["device"] == "mirror-disk0");
+    assert!(cancelled, "the job did not end cancelled");
+
+    let mut ends = Vec::new();
+    for gw in [&mut lab.sgw, &mut lab.tgw] {
+        let rec = gw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+        println!("{rec}");
+        assert_eq!(rec["channel"], "nbd:disk0", "{rec}");
+        let sent = rec["bytes_sent"].as_u64().unwrap();
+        assert!(sent > 0 && sent < (MIB as u64) << 20, "{rec}");
+        ends.push(rec["outcome"].as_str().unwrap().to_owned());
+    }
+    // QEMU's client disconnects as at the end of a copy (NBD_CMD_DISC,
+    // then close): nothing tells a cancelled copy from a finished one.
+    assert_eq!(ends, ["completed", "completed"]);
+    storage::stop_serving(&mut lab.dst).await;
+    lab.src.assert_running_and_counting().await;
+    storage::flush(&mut lab.src).await;
+    assert_eq!(storage::image_sha256(&lab.src_img), before, "source disk");
 }

@@ -278,3 +278,13 @@ pub mod raw {
         s.write_all(bytes).await.unwrap();
     }
 }
+
+/// SHA-256 of a running guest's RAM dump without the legacy window
+/// 0xA0000..0x100000, where two bytes of SeaBIOS's shadow read
+/// differently on a target that never ran, in a direct QEMU-to-QEMU
+/// migration too (see `faults::ram_hash`); every other byte must match.
+pub async fn ram_hash(q: &mut Qemu) -> String {
+    let mut ram = q.ram_dump().await.unwrap();
+    ram[0xA_0000..0x10_0000].fill(0);
+    super::qemu::sha256_hex(&ram)
+}
