@@ -199,9 +199,10 @@ impl Lab {
 
 /// libvirt's sequence through the gateways on `versions`: NBD server and
 /// export on the target, mirror until ready, writes after that, RAM
-/// migration, mirror cancelled (in sync) at the end. The target's image
-/// is the source's, byte for byte, writes included; the RAM arrived; the
-/// NBD channel's records say completed on both sides.
+/// migration up to pre-switchover, mirror cancelled (in sync) there,
+/// switch-over. The target's image is the source's, byte for byte,
+/// writes included; the RAM arrived; the NBD channel's records say
+/// completed on both sides.
 async fn disk_and_ram_arrive_intact(versions: Versions, disk_mib: usize) {
     let mut lab = Lab::new(Setup {
         versions,
@@ -221,10 +222,9 @@ async fn disk_and_ram_arrive_intact(versions: Versions, disk_mib: usize) {
     storage::write_through_device(&mut lab.src, 0xa5, last, 4096).await;
     let uri = lab.ram_uri();
     let ram = lab.src.ram_sha256().await.unwrap();
-    migrate_and_expect_completed(&mut lab.src, &mut lab.dst, &uri).await;
-    // Paused after the migration (its disk inactive): the cancel
-    // completes the mirror in sync.
-    storage::finish(&mut lab.src, &mut lab.dst).await;
+    storage::migrate_until_switchover(&mut lab.src, &uri).await;
+    storage::switch_over(&mut lab.src, &mut lab.dst).await;
+    storage::stop_serving(&mut lab.dst).await;
     let hash = lab.assert_images_equal().await;
     assert_ne!(hash, before, "the writes changed the source disk");
     assert_eq!(lab.dst.ram_sha256().await.unwrap(), ram, "RAM");
@@ -477,13 +477,13 @@ async fn a_disk_written_during_the_migration_arrives_consistent() {
         .await
         .unwrap();
     storage::wait_ready(&mut lab.src).await;
-    lab.src
-        .set_capabilities(&[("pause-before-switchover", true)])
-        .await
-        .unwrap();
     // Slow enough for the writes to overlap the RAM migration.
     lab.src
         .set_parameters(serde_json::json!({ "max-bandwidth": 4u64 << 20 }))
+        .await
+        .unwrap();
+    lab.src
+        .set_capabilities(&[("pause-before-switchover", true)])
         .await
         .unwrap();
     lab.src.forget_old_events().await.unwrap();
@@ -510,18 +510,7 @@ async fn a_disk_written_during_the_migration_arrives_consistent() {
     assert!(!writes.is_empty(), "no write during the migration");
     assert_eq!(lab.src.query_status().await.unwrap(), "finish-migrate");
     // libvirt's order at pre-switchover: the mirror ends in sync first.
-    storage::release_source(&mut lab.src).await;
-    lab.src
-        .cmd(
-            "migrate-continue",
-            serde_json::json!({ "state": "pre-switchover" }),
-        )
-        .await
-        .unwrap();
-    let s = lab.src.wait_migration_end(EVENT_TIMEOUT).await.unwrap();
-    let d = lab.dst.wait_migration_end(EVENT_TIMEOUT).await.unwrap();
-    assert_eq!(s.status.as_deref(), Some("completed"), "{:?}", s.raw);
-    assert_eq!(d.status.as_deref(), Some("completed"), "{:?}", d.raw);
+    storage::switch_over(&mut lab.src, &mut lab.dst).await;
     storage::stop_serving(&mut lab.dst).await;
 
     // Both stopped now: the same RAM.
@@ -594,4 +583,44 @@ async fn a_copy_cancelled_midway_ends_cleanly_on_both_sides() {
     lab.src.assert_running_and_counting().await;
     storage::flush(&mut lab.src).await;
     assert_eq!(storage::image_sha256(&lab.src_img), before, "source disk");
+}
+
+/// Why the copy ends before switch-over: a ready mirror that still has
+/// data to copy when the migration completes (here: paused, with a write
+/// after it) aborts the source QEMU once it copies again, 7.2 and 10.0
+/// alike, and the target's disk lacks that write. `migrate
+/// --copy-storage` and libvirt end the mirror at `pre-switchover`. If a
+/// QEMU stops aborting here, this test says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_left_dirty_past_switch_over_aborts_the_source_qemu() {
+    for versions in [Versions::Q72, Versions::Q10] {
+        let mut lab = Lab::new(Setup {
+            versions,
+            ..Setup::new(16)
+        })
+        .await;
+        let nbd = lab.source_nbd();
+        storage::start_mirror(&mut lab.src, &nbd, NODE)
+            .await
+            .unwrap();
+        storage::wait_ready(&mut lab.src).await;
+        let job = serde_json::json!({ "device": "mirror-disk0" });
+        lab.src.cmd("block-job-pause", job.clone()).await.unwrap();
+        storage::write_through_device(&mut lab.src, 0x5a, 1 << 20, 1 << 20).await;
+        let uri = lab.ram_uri();
+        migrate_and_expect_completed(&mut lab.src, &mut lab.dst, &uri).await;
+        lab.src.cmd("block-job-resume", job).await.unwrap();
+        let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+        while storage::try_job(&mut lab.src).await.is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{versions:?}: the source QEMU survived a mirror past switch-over"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let stderr = lab.src.stderr_text();
+        assert!(stderr.contains("BDRV_O_INACTIVE"), "{versions:?}: {stderr}");
+        let late = storage::image_bytes(&lab.dst_img, 1 << 20, 1 << 20);
+        assert!(late.iter().any(|b| *b != 0x5a), "{versions:?}");
+    }
 }

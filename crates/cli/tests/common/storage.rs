@@ -111,6 +111,17 @@ pub async fn job(src: &mut Qemu) -> Option<Value> {
         .cloned()
 }
 
+/// `query-block-jobs`, or QEMU's error (e.g. it is gone).
+pub async fn try_job(src: &mut Qemu) -> Result<Option<Value>, String> {
+    let jobs = src
+        .cmd("query-block-jobs", json!({}))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(jobs
+        .as_array()
+        .and_then(|a| a.iter().find(|j| j["device"] == JOB).cloned()))
+}
+
 /// Waits until the mirror has copied the disk and follows its writes.
 pub async fn wait_ready(src: &mut Qemu) {
     let deadline = Instant::now() + JOB_TIMEOUT;
@@ -138,13 +149,70 @@ pub async fn wait_gone(src: &mut Qemu) -> Option<Value> {
     last
 }
 
-/// libvirt's end of a copy: the ready mirror is cancelled (it finishes
+/// The end of a copy that never reached switch-over (or whose mirror
+/// has nothing left to copy): the ready mirror is cancelled (it finishes
 /// in sync, without pivoting: the source keeps its own disk), the NBD
 /// node removed (its connection closes), the target's export and server
 /// stopped.
 pub async fn finish(src: &mut Qemu, dst: &mut Qemu) {
     release_source(src).await;
     stop_serving(dst).await;
+}
+
+/// Migrates `src`'s RAM to `uri` up to `pre-switchover`
+/// (`pause-before-switchover`, as libvirt runs a storage migration): the
+/// VM is stopped there, its disks still active, so the mirror can end in
+/// sync ([`switch_over`]). Past switch-over the source's disks are
+/// inactive, and a mirror with data left to copy aborts the source QEMU
+/// (7.2 and 10.0 alike: `bdrv_co_write_req_prepare: Assertion
+/// '!(bs->open_flags & BDRV_O_INACTIVE)' failed`).
+pub async fn migrate_until_switchover(src: &mut Qemu, uri: &str) {
+    src.set_capabilities(&[("pause-before-switchover", true)])
+        .await
+        .unwrap();
+    src.forget_old_events().await.unwrap();
+    src.migrate(uri).await.unwrap();
+    wait_switchover(src).await;
+}
+
+/// Waits until the migration pauses before switch-over.
+pub async fn wait_switchover(src: &mut Qemu) {
+    let deadline = Instant::now() + super::scenario::MIGRATION_TIMEOUT;
+    loop {
+        let info = src.query_migrate().await.unwrap();
+        match info.status.as_deref() {
+            Some("pre-switchover") => return,
+            Some("setup" | "active") => {}
+            other => panic!("migration {other:?} before switch-over: {}", info.raw),
+        }
+        assert!(Instant::now() < deadline, "{}", info.raw);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// At `pre-switchover`: the mirror ends in sync and its node goes
+/// ([`release_source`]), then the migration completes on both sides.
+pub async fn switch_over(src: &mut Qemu, dst: &mut Qemu) {
+    release_source(src).await;
+    ok(
+        src,
+        "migrate-continue",
+        json!({ "state": "pre-switchover" }),
+    )
+    .await;
+    for (q, side) in [(src, "source"), (dst, "target")] {
+        let end = q
+            .wait_migration_end(super::scenario::MIGRATION_TIMEOUT)
+            .await
+            .unwrap();
+        assert_eq!(
+            end.status.as_deref(),
+            Some("completed"),
+            "{side}: {:?}\n{}",
+            end.raw,
+            q.stderr_text()
+        );
+    }
 }
 
 /// The source's half of [`finish`]: the job cancelled (in sync if it was
