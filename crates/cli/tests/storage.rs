@@ -269,39 +269,51 @@ impl Sentinel {
     }
 }
 
-/// An export the target gateway does not forward: the source QEMU's
-/// `blockdev-add` fails with the gateway's reason, nothing connected to
-/// the NBD server, the source disk is unchanged.
+/// An export the target gateway does not forward, asked for by QEMU 7.2
+/// and by 10.0: the source QEMU's `blockdev-add` fails ("Denied by
+/// server for option 7 (go)": the gateway's reason travels as the NBD
+/// error's message, which QEMU keeps as a hint that QMP does not show),
+/// nothing connected to the NBD server, the source disk is unchanged,
+/// the reason is in both gateways' records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_not_forwarded_is_refused_before_the_nbd_server() {
-    let spare = tempfile::tempdir().unwrap();
-    let sentinel = Sentinel::new(spare.path());
-    let mut lab = Lab::new(Setup {
-        exports: &["other-disk"],
-        sentinel: Some(&sentinel.1),
-        ..Setup::new(16)
-    })
-    .await;
-    let src_before = storage::image_sha256(&lab.src_img);
-    let nbd = lab.source_nbd();
-    let err = storage::start_mirror(&mut lab.src, &nbd, NODE)
-        .await
-        .unwrap_err();
-    println!("QEMU says: {err}");
-    assert!(err.contains("Denied by server"), "{err}");
-    let rec = lab.tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
-    assert_eq!(rec["outcome"], "refused", "{rec}");
-    assert!(
-        rec["reason"].as_str().unwrap().contains("--nbd-export"),
-        "{rec}"
-    );
-    let rec = lab.sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
-    assert_eq!(rec["outcome"], "refused", "{rec}");
-    assert!(storage::job(&mut lab.src).await.is_none());
-    assert_eq!(lab.src.query_status().await.unwrap(), "prelaunch");
-    sentinel.assert_untouched();
-    storage::flush(&mut lab.src).await;
-    assert_eq!(storage::image_sha256(&lab.src_img), src_before);
+    for versions in [Versions::Q72, Versions::Q10] {
+        let spare = tempfile::tempdir().unwrap();
+        let sentinel = Sentinel::new(spare.path());
+        let mut lab = Lab::new(Setup {
+            exports: &["other-disk"],
+            sentinel: Some(&sentinel.1),
+            versions,
+            ..Setup::new(16)
+        })
+        .await;
+        let src_before = storage::image_sha256(&lab.src_img);
+        let nbd = lab.source_nbd();
+        let err = storage::start_mirror(&mut lab.src, &nbd, NODE)
+            .await
+            .unwrap_err();
+        println!("{versions:?}: QEMU says: {err}");
+        assert!(err.contains("Denied by server for option 7 (go)"), "{err}");
+        let rec = lab.tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+        assert_eq!(rec["outcome"], "refused", "{rec}");
+        assert!(
+            rec["reason"].as_str().unwrap().contains("--nbd-export"),
+            "{rec}"
+        );
+        // The source is told which export, not what the target forwards.
+        let rec = lab.sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+        assert_eq!(rec["outcome"], "refused", "{rec}");
+        assert_eq!(
+            rec["reason"],
+            "target refused: NBD export \"disk0\" is not registered for this migration",
+            "{rec}"
+        );
+        assert!(storage::job(&mut lab.src).await.is_none());
+        assert_eq!(lab.src.query_status().await.unwrap(), "prelaunch");
+        sentinel.assert_untouched();
+        storage::flush(&mut lab.src).await;
+        assert_eq!(storage::image_sha256(&lab.src_img), src_before);
+    }
 }
 
 /// A source gateway whose certificate's DN the target does not allow:
