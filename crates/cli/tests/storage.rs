@@ -189,6 +189,10 @@ impl Lab {
                 "{}",
                 nbd[0]
             );
+            println!(
+                "NBD channel: {} bytes in {} ms ({})",
+                nbd[0]["bytes_sent"], nbd[0]["duration_ms"], nbd[0]["role"]
+            );
             sent.push(nbd[0]["bytes_sent"].clone());
         }
         // The target counts the opening it replayed to the NBD server as
@@ -211,10 +215,15 @@ async fn disk_and_ram_arrive_intact(versions: Versions, disk_mib: usize) {
     .await;
     let before = storage::image_sha256(&lab.src_img);
     let nbd = lab.source_nbd();
+    let t0 = std::time::Instant::now();
     storage::start_mirror(&mut lab.src, &nbd, NODE)
         .await
         .unwrap();
     storage::wait_ready(&mut lab.src).await;
+    println!(
+        "{versions:?}: {disk_mib} MiB mirrored (ready) in {:?}",
+        t0.elapsed()
+    );
     // Written after the bulk copy: only the mirror's dirty tracking can
     // bring these to the target.
     storage::write_through_device(&mut lab.src, 0x5a, 1 << 20, 1 << 20).await;
