@@ -485,10 +485,20 @@ async fn only_the_source_qemu_may_use_the_nbd_socket() {
 /// source's, and the target runs once resumed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disk_written_during_the_migration_arrives_consistent() {
+    disk_written_during_the_migration(Versions::Q72).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disk_written_during_the_migration_arrives_consistent_qemu_10() {
+    disk_written_during_the_migration(Versions::Q10).await;
+}
+
+async fn disk_written_during_the_migration(versions: Versions) {
     const MIB: usize = 32;
     const CHUNK: u64 = 64 << 10;
     let mut lab = Lab::new(Setup {
         guest: Guest::RunningCounter,
+        versions,
         ..Setup::new(MIB)
     })
     .await;
@@ -527,7 +537,7 @@ async fn a_disk_written_during_the_migration_arrives_consistent() {
         storage::write_through_device(&mut lab.src, pattern, offset, CHUNK).await;
         writes.push((offset, pattern));
     }
-    println!("{} writes during the migration", writes.len());
+    println!("{versions:?}: {} writes during the migration", writes.len());
     assert!(!writes.is_empty(), "no write during the migration");
     assert_eq!(lab.src.query_status().await.unwrap(), "finish-migrate");
     // libvirt's order at pre-switchover: the mirror ends in sync first.
