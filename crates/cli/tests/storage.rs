@@ -34,6 +34,9 @@ struct Setup<'a> {
     /// The source gateway listens on unix sockets only, for the source
     /// QEMU's pid (`--source-pid`).
     only_source_qemu: bool,
+    /// The target gateway authorizes by this ACL file
+    /// (`--authz-list-file`) instead of `--authz-identity` [`SOURCE_DN`].
+    acl: Option<&'a Path>,
 }
 
 impl Setup<'_> {
@@ -46,6 +49,7 @@ impl Setup<'_> {
             guest: Guest::PausedRandomRam { seed: 12 },
             foreign_dn: None,
             only_source_qemu: false,
+            acl: None,
         }
     }
 }
@@ -93,7 +97,11 @@ impl Lab {
         let nbd = dir.path().join("target-nbd.sock");
         storage::serve_disk(&mut dst, &nbd).await;
         let forward_nbd = format!("unix:{}", setup.sentinel.unwrap_or(&nbd).display());
-        let mut args = vec!["--authz-identity", SOURCE_DN, "--forward-nbd", &forward_nbd];
+        let authz = match setup.acl {
+            Some(acl) => ["--authz-list-file", acl.to_str().unwrap()],
+            None => ["--authz-identity", SOURCE_DN],
+        };
+        let mut args = vec![authz[0], authz[1], "--forward-nbd", &forward_nbd];
         for e in setup.exports {
             args.extend(["--nbd-export", e]);
         }
@@ -654,4 +662,83 @@ async fn a_mirror_left_dirty_past_switch_over_aborts_the_source_qemu() {
         let late = storage::image_bytes(&lab.dst_img, 1 << 20, 1 << 20);
         assert!(late.iter().any(|b| *b != 0x5a), "{versions:?}");
     }
+}
+
+/// The ACL file: `policy` for the lab's source DN.
+fn acl(policy: &str) -> String {
+    serde_json::json!({
+        "rules": [{ "match": SOURCE_DN, "policy": policy }],
+        "policy": "deny"
+    })
+    .to_string()
+}
+
+/// An ACL change that no longer allows the source, in the middle of a
+/// copy: the target gateway cuts the live NBD channel (revoked, with the
+/// reason), the source QEMU's mirror job fails, its VM keeps running and
+/// its disk is unchanged, and no client is left on the NBD server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_acl_change_cuts_a_copy_midway() {
+    const MIB: usize = 64;
+    let spare = tempfile::tempdir().unwrap();
+    let acl_path = spare.path().join("acl.json");
+    std::fs::write(&acl_path, acl("allow")).unwrap();
+    let mut lab = Lab::new(Setup {
+        guest: Guest::RunningCounter,
+        acl: Some(&acl_path),
+        ..Setup::new(MIB)
+    })
+    .await;
+    let before = storage::image_sha256(&lab.src_img);
+    let nbd = lab.source_nbd();
+    storage::start_mirror_at(&mut lab.src, &nbd, NODE, Some(4 << 20))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + EVENT_TIMEOUT;
+    while storage::job(&mut lab.src).await.expect("mirror job gone")["offset"]
+        .as_u64()
+        .unwrap_or(0)
+        == 0
+    {
+        assert!(std::time::Instant::now() < deadline, "no progress");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // Replaced the way editors do: a sibling renamed over it.
+    let tmp = acl_path.with_extension("tmp");
+    std::fs::write(&tmp, acl("deny")).unwrap();
+    std::fs::rename(&tmp, &acl_path).unwrap();
+
+    let rec = lab.tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+    println!("target gateway: {rec}");
+    assert_eq!(rec["channel"], "nbd:disk0", "{rec}");
+    assert_eq!(rec["outcome"], "failed", "{rec}");
+    let reason = rec["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with(&format!("revoked: peer {SOURCE_DN} not allowed by ACL")),
+        "{rec}"
+    );
+    let last = storage::wait_gone(&mut lab.src).await;
+    println!("mirror job before it ended: {last:?}");
+    let failed = lab
+        .src
+        .qmp
+        .queued_events()
+        .find(|e| e.name == "BLOCK_JOB_COMPLETED" && e.data["device"] == "mirror-disk0");
+    let failed = failed.expect("no BLOCK_JOB_COMPLETED");
+    println!("QEMU: {}", failed.data);
+    assert!(failed.data["error"].is_string(), "{}", failed.data);
+    lab.src
+        .cmd(
+            "blockdev-del",
+            serde_json::json!({ "node-name": "nbd-disk0" }),
+        )
+        .await
+        .unwrap();
+    let rec = lab.sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+    println!("source gateway: {rec}");
+    assert_eq!(rec["channel"], "nbd:disk0", "{rec}");
+    storage::stop_serving(&mut lab.dst).await;
+    lab.src.assert_running_and_counting().await;
+    storage::flush(&mut lab.src).await;
+    assert_eq!(storage::image_sha256(&lab.src_img), before, "source disk");
 }

@@ -95,6 +95,9 @@ pub async fn start_mirror_at(
     let mut mirror = json!({"job-id": JOB, "device": NODE, "target": NBD_NODE, "sync": "full"});
     if let Some(speed) = speed {
         mirror["speed"] = json!(speed);
+        // In small bursts: the whole 16 MiB buffer at once, then a pause
+        // of 16 MiB at `speed`, would leave the job asleep for seconds.
+        mirror["buf-size"] = json!(1 << 20);
     }
     src.cmd("blockdev-mirror", mirror)
         .await
