@@ -289,9 +289,9 @@ impl Sentinel {
 /// An export the target gateway does not forward, asked for by QEMU 7.2
 /// and by 10.0: the source QEMU's `blockdev-add` fails ("Denied by
 /// server for option 7 (go)": the gateway's reason travels as the NBD
-/// error's message, which QEMU keeps as a hint that QMP does not show),
-/// nothing connected to the NBD server, the source disk is unchanged,
-/// the reason is in both gateways' records.
+/// error's message, which QEMU keeps as a hint that QMP drops and HMP
+/// shows), nothing connected to the NBD server, the source disk is
+/// unchanged, the reason is in both gateways' records.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_export_not_forwarded_is_refused_before_the_nbd_server() {
     for versions in [Versions::Q72, Versions::Q10] {
@@ -327,6 +327,18 @@ async fn an_export_not_forwarded_is_refused_before_the_nbd_server() {
         );
         assert!(storage::job(&mut lab.src).await.is_none());
         assert_eq!(lab.src.query_status().await.unwrap(), "prelaunch");
+        // The same refusal through HMP, which prints the hint.
+        let hmp = storage::hmp_open_nbd(&mut lab.src, &nbd, NODE).await;
+        assert!(
+            hmp.contains(
+                "server reported: miggate: target refused: NBD export \"disk0\" is not registered"
+            ),
+            "{hmp}"
+        );
+        for gw in [&mut lab.tgw, &mut lab.sgw] {
+            let rec = gw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+            assert_eq!(rec["outcome"], "refused", "{rec}");
+        }
         sentinel.assert_untouched();
         storage::flush(&mut lab.src).await;
         assert_eq!(storage::image_sha256(&lab.src_img), src_before);
@@ -366,6 +378,14 @@ async fn a_foreign_dn_is_refused_before_the_nbd_server() {
     assert_eq!(rec["channel"], "nbd:disk0", "{rec}");
     assert!(storage::job(&mut lab.src).await.is_none());
     assert_eq!(lab.src.query_status().await.unwrap(), "prelaunch");
+    // What QEMU got as the reason: which check failed, nothing more.
+    let hmp = storage::hmp_open_nbd(&mut lab.src, &nbd, NODE).await;
+    assert!(
+        hmp.contains("server reported: miggate: target refused: certificate DN not authorized"),
+        "{hmp}"
+    );
+    let rec = lab.tgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
+    assert_eq!(rec["outcome"], "refused", "{rec}");
     sentinel.assert_untouched();
     storage::flush(&mut lab.src).await;
     assert_eq!(storage::image_sha256(&lab.src_img), src_before);

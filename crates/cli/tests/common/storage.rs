@@ -105,6 +105,18 @@ pub async fn start_mirror_at(
     Ok(())
 }
 
+/// Opens export `export` on `socket` with HMP `drive_add` and returns
+/// what HMP printed: unlike QMP, it shows an error's hints, where QEMU
+/// puts the message of an NBD server's error reply ("server reported:").
+pub async fn hmp_open_nbd(q: &mut Qemu, socket: &Path, export: &str) -> String {
+    let line = format!(
+        "drive_add 0 if=none,id=hmp-probe,file=nbd+unix:///{export}?socket={}",
+        socket.display()
+    );
+    let out = ok(q, "human-monitor-command", json!({ "command-line": line })).await;
+    out.as_str().unwrap_or_default().to_owned()
+}
+
 /// The mirror job as `query-block-jobs` shows it (`None`: gone).
 pub async fn job(src: &mut Qemu) -> Option<Value> {
     let jobs = ok(src, "query-block-jobs", json!({})).await;
