@@ -663,6 +663,12 @@ async fn handle(
         };
         match opened {
             Ok(used) => {
+                // Written to the NBD server by `open_server`: counted as
+                // the source gateway counts them, and as a main channel's
+                // prefix is.
+                out.counters
+                    .forward
+                    .fetch_add(used as u64, std::sync::atomic::Ordering::Relaxed);
                 prefix.drain(..used);
                 nbd_export = Some(export.clone());
             }
