@@ -340,9 +340,10 @@ impl Refusal {
             Refusal::TargetUnreachable { .. } => "the target is not ready for this migration".into(),
             Refusal::Ticket(t) => t.public().into(),
             // The export is the peer's own word; the others are not told.
-            Refusal::Nbd(NbdRefusal::NotRegistered { export, .. }) => {
-                format!("NBD export {export:?} is not registered for this migration")
-            }
+            Refusal::Nbd(NbdRefusal::NotRegistered { export, migration }) => match migration {
+                Some(_) => format!("NBD export {export:?} is not registered for this migration"),
+                None => format!("NBD export {export:?} is not one this gateway forwards"),
+            },
             Refusal::Nbd(NbdRefusal::Busy { export, .. }) => {
                 format!("NBD export {export:?} is already in use")
             }
