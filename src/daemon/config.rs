@@ -25,6 +25,7 @@
 //! # forward = "tcp:127.0.0.1:4444"
 //! # authz_identity = "..."  | authz_list_file = "..." (no_refresh) | allow_any_verified_peer = true
 //! # expect_uuid = "..."
+//! # forward_nbd = "unix:/run/vm-nbd.sock"  # with nbd_export = ["disk0"]: storage migration
 //! stall_timeout = 30
 //! # keep_live_on_acl_change = true  # ACL/CRL changes spare live channels
 //! ```
@@ -194,6 +195,12 @@ pub struct TargetSection {
     pub allow_any_verified_peer: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect_uuid: Option<Uuid>,
+    /// The static route's NBD channels (storage migration): the target
+    /// QEMU's NBD server, and the exports they may ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_nbd: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nbd_export: Vec<String>,
     #[serde(default = "default_stall")]
     pub stall_timeout: u64,
     #[serde(default = "default_handshake")]
@@ -388,6 +395,45 @@ impl Config {
                 t.allow_any_verified_peer,
             )
             .map_err(|why| field_err(at("authz_*"), why))?;
+            let nbd = match (&t.forward_nbd, t.nbd_export.is_empty()) {
+                (None, true) => None,
+                (Some(f), false) => {
+                    let forward: Endpoint =
+                        f.parse().map_err(|why| field_err(at("forward_nbd"), why))?;
+                    if let Some(bad) = t
+                        .nbd_export
+                        .iter()
+                        .find(|e| !crate::qmp::storage::export_name_ok(e))
+                    {
+                        return Err(field_err(
+                            at("nbd_export"),
+                            format!("{bad:?}: 1 to 255 printable ASCII characters without spaces"),
+                        ));
+                    }
+                    Some(crate::admit::decide::NbdRoute {
+                        forward,
+                        exports: t.nbd_export.clone(),
+                    })
+                }
+                (Some(_), true) => {
+                    return Err(field_err(
+                        at("forward_nbd"),
+                        "needs nbd_export: the exports NBD channels may ask for".into(),
+                    ))
+                }
+                (None, false) => {
+                    return Err(field_err(
+                        at("nbd_export"),
+                        "needs forward_nbd: where the target QEMU's NBD server listens".into(),
+                    ))
+                }
+            };
+            if nbd.is_some() && t.forward.is_none() {
+                return Err(field_err(
+                    at("forward_nbd"),
+                    "applies to the static route: give forward and an authz_* key too (a registration carries its own disks)".into(),
+                ));
+            }
             let (route, route_desc) = match (&t.forward, choice) {
                 (None, None) => {
                     if t.expect_uuid.is_some() {
@@ -430,7 +476,7 @@ impl Config {
                             expect: Expectation {
                                 uuid: t.expect_uuid,
                             },
-                            nbd: None,
+                            nbd,
                         }),
                         desc,
                     )
@@ -634,6 +680,39 @@ mod tests {
     fn build(t: &str) -> Result<Built, ConfigError> {
         Config::parse(Path::new("/etc/miggate/daemon.toml"), t)?
             .build(Path::new("/etc/miggate/daemon.toml"))
+    }
+
+    /// The static route's NBD keys come as a pair, on a static route,
+    /// with export names the gateways can show.
+    #[test]
+    fn nbd_keys_of_the_static_route() {
+        let p = pki();
+        let route = "forward = \"tcp:127.0.0.1:4444\"\nallow_any_verified_peer = true\n";
+        let ok = format!("{route}forward_nbd = \"unix:/run/n.sock\"\nnbd_export = [\"disk0\"]\n");
+        let b = build(&text(p.path(), &ok)).unwrap();
+        let nbd = b.targets[0].route.as_ref().unwrap().nbd.clone().unwrap();
+        assert_eq!(nbd.exports, ["disk0"]);
+        for (extra, field) in [
+            (
+                format!("{route}forward_nbd = \"unix:/run/n.sock\"\n"),
+                "forward_nbd",
+            ),
+            (format!("{route}nbd_export = [\"disk0\"]\n"), "nbd_export"),
+            (
+                format!("{route}forward_nbd = \"unix:/n\"\nnbd_export = [\"a b\"]\n"),
+                "nbd_export",
+            ),
+            (
+                "forward_nbd = \"unix:/n\"\nnbd_export = [\"d\"]\n".to_string(),
+                "forward_nbd",
+            ),
+        ] {
+            let e = build(&text(p.path(), &extra))
+                .err()
+                .expect(&extra)
+                .to_string();
+            assert!(e.contains(field), "{extra}: {e}");
+        }
     }
 
     #[test]

@@ -351,8 +351,8 @@ impl Migration<'_> {
         let cont = match &done {
             Ok(()) => {
                 rep.step(&format!(
-                    "pre-switchover: the guest is stopped; the disk cop{} completed their final synchronisation; switching over",
-                    if self.disks.len() == 1 { "y" } else { "ies" }
+                    "pre-switchover: the guest is stopped; {} final synchronisation; switching over",
+                    if self.disks.len() == 1 { "the disk copy completed its" } else { "the disk copies completed their" }
                 ));
                 self.src
                     .execute(

@@ -65,10 +65,12 @@ pub async fn source_disks(
         };
         match i["node-name"].as_str() {
             Some(n) if storage::node_name_ok(n) => writable.push(n.to_owned()),
+            // The drive's name (-drive id=), else its device's path.
             _ => unnamed.push(
-                d["qdev"]
+                d["device"]
                     .as_str()
-                    .or(d["device"].as_str())
+                    .filter(|n| !n.is_empty())
+                    .or(d["qdev"].as_str())
                     .unwrap_or("?")
                     .to_owned(),
             ),

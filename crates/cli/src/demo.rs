@@ -33,6 +33,37 @@ pub struct DemoArgs {
     /// The QEMU of both sides: the system's, or 10.0 from scripts/setup.sh.
     #[arg(long, value_enum, default_value = "system")]
     pub qemu: miggate_bench::QemuArg,
+    /// Storage migration too: the guest gets a disk of random bytes on
+    /// the source (an empty one on the target), which `miggate migrate
+    /// --copy-storage` copies through the gateway's NBD channels.
+    #[arg(long)]
+    pub copy_storage: bool,
+}
+
+/// The demo disk's size (--copy-storage).
+const DEMO_DISK_MIB: usize = 128;
+/// Its block node name on both QEMUs, and its device's id.
+const DEMO_DISK_NODE: &str = "disk0";
+
+/// `opts` with a virtio disk backed by the raw image `image`.
+fn with_disk(mut opts: QemuOpts, image: &Path) -> QemuOpts {
+    opts.extra_args.extend([
+        "-blockdev".into(),
+        format!("driver=file,filename={},node-name=file0", image.display()),
+        "-blockdev".into(),
+        format!("driver=raw,file=file0,node-name={DEMO_DISK_NODE}"),
+        "-device".into(),
+        format!("virtio-blk-pci,drive={DEMO_DISK_NODE},id=vd0"),
+    ]);
+    opts
+}
+
+/// SHA-256 of an image once its QEMU has flushed it.
+async fn disk_sha256(q: &mut Qemu, image: &Path) -> Result<String, DemoError> {
+    let flush = serde_json::json!({"command-line": "qemu-io -d vd0/virtio-backend flush"});
+    q.cmd("human-monitor-command", flush).await?;
+    let bytes = std::fs::read(image).map_err(io(format!("reading {}", image.display())))?;
+    Ok(lab::sha256_hex(&bytes))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -111,7 +142,24 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     let mut opts = QemuOpts::new(Guest::RunningCounter, DEMO_RAM_MIB);
     opts.uuid = Some(vm_uuid);
     opts.qemu = args.qemu.into();
-    let (mut src, mut dst, src_qmp, dst_qmp) = Qemu::pair_with_qmp(&opts, &dir).await?;
+    let disks = if args.copy_storage {
+        let (s, d) = (dir.join("source-disk.img"), dir.join("target-disk.img"));
+        let random = lab::guest::random_ram(0xd15c, DEMO_DISK_MIB << 20);
+        std::fs::write(&s, random).map_err(io(format!("writing {}", s.display())))?;
+        let f = std::fs::File::create(&d).map_err(io(format!("creating {}", d.display())))?;
+        f.set_len((DEMO_DISK_MIB as u64) << 20)
+            .map_err(io(format!("sizing {}", d.display())))?;
+        Some((s, d))
+    } else {
+        None
+    };
+    let (src_qmp, dst_qmp) = (dir.join("source.qmp"), dir.join("target.qmp"));
+    let (src_opts, dst_opts) = match &disks {
+        Some((s, d)) => (with_disk(opts.clone(), s), with_disk(opts.as_incoming(), d)),
+        None => (opts.clone(), opts.as_incoming()),
+    };
+    let (mut src, mut dst) =
+        Qemu::pair(src_opts.with_qmp(&src_qmp), dst_opts.with_qmp(&dst_qmp)).await?;
     let accel = lab::accel()?;
     // The version QEMU itself announces, not the one asked for.
     let version = src.qmp.qemu_version().map_or_else(
@@ -123,6 +171,11 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
         src.pid().unwrap_or(0),
         dst.pid().unwrap_or(0),
     ));
+    if disks.is_some() {
+        rep.step(&format!(
+            "      each has a {DEMO_DISK_MIB} MiB virtio disk, node {DEMO_DISK_NODE}: random bytes on the source, zeroes on the target (no shared storage)"
+        ));
+    }
     src.wait_running_and_counting(GUEST_START).await?;
     rep.step(&format!(
         "      the guest runs on the source: its counter is at {}",
@@ -140,16 +193,18 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
 
     // 4. Exactly what `miggate migrate` does.
     rep.step(&format!(
-        "[4/5] miggate migrate --source-qmp unix:{} --target unix:{} --target-qmp unix:{} --x509-dir {}",
+        "[4/5] miggate migrate --source-qmp unix:{} --target unix:{} --target-qmp unix:{} --x509-dir {}{}",
         src_qmp.display(),
         dir.join("api.sock").display(),
         dst_qmp.display(),
-        pki_dir.display()
+        pki_dir.display(),
+        if disks.is_some() { " --copy-storage" } else { "" }
     ));
     let mut margs = MigrateArgs::new(src_qmp, pki_dir.clone());
     margs.target = Some(format!("unix:{}", dir.join("api.sock").display()));
     margs.target_qmp = Some(dst_qmp);
     margs.multifd = args.multifd;
+    margs.copy_storage = disks.is_some();
     match execute(&margs, &mut rep).await {
         Ok(summary) => rep.result(&serde_json::Value::Null, &summary.human()),
         Err(f) => {
@@ -171,6 +226,21 @@ pub async fn run(args: DemoArgs) -> Result<(), DemoError> {
     rep.step(&format!(
         "[5/5] the guest runs on the destination: the source stopped ({src_state}) with the counter at {stopped_at}, the destination has counted on to {now}"
     ));
+    if let Some((s, d)) = &disks {
+        let (a, b) = (
+            disk_sha256(&mut src, s).await?,
+            disk_sha256(&mut dst, d).await?,
+        );
+        if a != b {
+            return Err(DemoError::Migration(format!(
+                "the target's disk differs from the source's (SHA-256 {b} against {a})"
+            )));
+        }
+        rep.step(&format!(
+            "      and its disk arrived whole: both images hash to SHA-256 {}...",
+            &a[..16]
+        ));
+    }
     drop(daemon);
     drop((src, dst));
     if args.keep {
