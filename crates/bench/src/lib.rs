@@ -21,6 +21,7 @@ mod peers;
 mod pin;
 mod relay_only;
 mod spread;
+mod switchover;
 mod sys;
 
 use std::collections::BTreeMap;
@@ -168,10 +169,15 @@ pub struct BenchArgs {
     /// show QEMU's downtime, total time and passes.
     #[arg(long)]
     pub running: bool,
-    /// Only the running guest's migrations (downtime table): no paused
-    /// guest, relay-only, handshakes or memory.
+    /// Only the running guest's migrations (downtime table) and the
+    /// switch-over exchange: no paused guest, relay-only, handshakes or memory.
     #[arg(long)]
     pub downtime: bool,
+    /// Switch-over exchanges (a burst of the running guest's last pass and
+    /// device state, a short answer back) per path and round, timed without
+    /// QEMU through each layer; with `--running` or `--downtime`; 0 skips.
+    #[arg(long, default_value_t = 40)]
+    pub switchover: usize,
     /// Source side (source QEMU, source gateway or stunnel/socat client) on
     /// SOURCE CPUs, target side on TARGET CPUs, like two hosts; the tables
     /// show CPU-s per GiB per side. Without a value: the CPUs this process
@@ -360,6 +366,19 @@ pub async fn run(mut args: BenchArgs) -> Result<()> {
             .await;
             println!("{table}");
         }
+    }
+    if args.running && args.switchover > 0 {
+        let t = switchover::table(
+            args.rounds as usize,
+            args.switchover,
+            &inst,
+            &pki,
+            work.path(),
+            args.local,
+            CLIENT_DN,
+        )
+        .await;
+        println!("{t}");
     }
     if args.relay_mib > 0 {
         println!("{}", relay_table(&args, &inst, &pki, work.path()).await);
