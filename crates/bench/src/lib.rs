@@ -316,6 +316,9 @@ pub async fn run(mut args: BenchArgs) -> Result<()> {
     }
 
     if let Some(n) = args.evacuate {
+        if pin.is_some() || args.downtime {
+            anyhow::bail!("--evacuate measures its own way: without --pin or --downtime");
+        }
         if let Some(why) = absent {
             anyhow::bail!("--evacuate: {why}");
         }
