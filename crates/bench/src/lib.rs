@@ -18,7 +18,10 @@ mod handshake;
 mod local;
 mod migration;
 mod peers;
+mod pin;
 mod relay_only;
+mod spread;
+mod switchover;
 mod sys;
 
 use std::collections::BTreeMap;
@@ -162,9 +165,25 @@ pub struct BenchArgs {
     /// Transports to migrate through, comma-separated (default: all).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub transports: Vec<Transport>,
-    /// Also migrate a running guest that keeps dirtying its memory.
+    /// Also migrate a running guest that keeps dirtying its memory, and
+    /// show QEMU's downtime, total time and passes.
     #[arg(long)]
     pub running: bool,
+    /// Only the running guest's migrations (downtime table) and the
+    /// switch-over exchange: no paused guest, relay-only, handshakes or memory.
+    #[arg(long)]
+    pub downtime: bool,
+    /// Switch-over exchanges (a burst of the running guest's last pass and
+    /// device state, a short answer back) per path and round, timed without
+    /// QEMU through each layer; with `--running` or `--downtime`; 0 skips.
+    #[arg(long, default_value_t = 40)]
+    pub switchover: usize,
+    /// Source side (source QEMU, source gateway or stunnel/socat client) on
+    /// SOURCE CPUs, target side on TARGET CPUs, like two hosts; the tables
+    /// show CPU-s per GiB per side. Without a value: the CPUs this process
+    /// may use, split in two halves (0/1 on two CPUs).
+    #[arg(long, value_name = "SOURCE/TARGET", num_args = 0..=1, default_missing_value = pin::HALVES)]
+    pub pin: Option<String>,
     /// No QEMU migrations (relay-only, handshakes and memory only).
     #[arg(long)]
     pub no_migration: bool,
@@ -261,6 +280,15 @@ fn missing(t: Transport, inst: &peers::Installed, qemu_absent: Option<&str>) -> 
 /// stderr).
 pub async fn run(mut args: BenchArgs) -> Result<()> {
     args.apply_quick();
+    let pin = match &args.pin {
+        Some(p) => Some(pin::PinSpec::parse(p, &pin::available()?).map_err(anyhow::Error::msg)?),
+        None => None,
+    };
+    if args.downtime {
+        args.running = true;
+        args.relay_mib = 0;
+        args.handshakes = 0;
+    }
     let inst = peers::Installed::probe()?;
     let work = tempfile::Builder::new()
         .prefix("miggate-bench-")
@@ -283,8 +311,14 @@ pub async fn run(mut args: BenchArgs) -> Result<()> {
     let qemu_cmd = qemu.command().ok();
     let absent = qemu_cmd.is_none().then(|| qemu_absent(qemu));
     println!("{}", machine(qemu, qemu_cmd.as_ref(), accel));
+    if let Some(p) = &pin {
+        println!("Pinned (--pin): {p}; this bench process (QMP polling) is not pinned.\n");
+    }
 
     if let Some(n) = args.evacuate {
+        if pin.is_some() || args.downtime {
+            anyhow::bail!("--evacuate measures its own way: without --pin or --downtime");
+        }
         if let Some(why) = absent {
             anyhow::bail!("--evacuate: {why}");
         }
@@ -304,13 +338,19 @@ pub async fn run(mut args: BenchArgs) -> Result<()> {
 
     if !args.no_migration {
         let transports: Vec<Transport> = if args.transports.is_empty() {
-            ALL.to_vec()
+            // The flood is a paused-guest comparison; --downtime leaves it out.
+            ALL.into_iter()
+                .filter(|&t| !(args.downtime && t == Transport::MiggateFlood))
+                .collect()
         } else {
             ALL.into_iter()
                 .filter(|t| args.transports.contains(t))
                 .collect()
         };
-        let mut workloads = vec![Workload::Paused];
+        let mut workloads = vec![];
+        if !args.downtime {
+            workloads.push(Workload::Paused);
+        }
         if args.running {
             workloads.push(Workload::Running);
         }
@@ -324,10 +364,24 @@ pub async fn run(mut args: BenchArgs) -> Result<()> {
                 &pki,
                 work.path(),
                 accel,
+                pin.as_ref(),
             )
             .await;
             println!("{table}");
         }
+    }
+    if args.running && args.switchover > 0 {
+        let t = switchover::table(
+            args.rounds as usize,
+            args.switchover,
+            &inst,
+            &pki,
+            work.path(),
+            args.local,
+            CLIENT_DN,
+        )
+        .await;
+        println!("{t}");
     }
     if args.relay_mib > 0 {
         println!("{}", relay_table(&args, &inst, &pki, work.path()).await);
@@ -408,6 +462,7 @@ async fn migrations(
     pki: &std::path::Path,
     workdir: &std::path::Path,
     accel: Option<Accel>,
+    pin: Option<&pin::PinSpec>,
 ) -> String {
     let setup = migration::Setup {
         installed: inst,
@@ -421,6 +476,7 @@ async fn migrations(
         ram_cache: args.cache_dir.as_deref(),
         local: args.local,
         flood: args.flood,
+        pin,
     };
     let runnable: Vec<Transport> = transports
         .iter()
@@ -444,8 +500,15 @@ async fn migrations(
             match migration::migrate_once(t, w, &setup).await {
                 Ok(s) => {
                     eprintln!(
-                        "{label}: {t}: {:.3} s, layer {:.2} CPU-s, QEMU {:.2} CPU-s",
-                        s.seconds, s.layer_cpu, s.qemu_cpu
+                        "{label}: {t}: {:.3} s, layer {:.2} CPU-s, QEMU {:.2} CPU-s, \
+                         source side {:.2} / target side {:.2} CPU-s, downtime {} ms, {} passes",
+                        s.seconds,
+                        s.layer_cpu,
+                        s.qemu_cpu,
+                        s.source_host_cpu,
+                        s.target_host_cpu,
+                        s.switch.downtime_ms,
+                        s.switch.passes
                     );
                     if round >= warmup {
                         samples.entry(t).or_default().push(s);
@@ -461,13 +524,17 @@ async fn migrations(
 
     let what = match w {
         Workload::Paused => format!("paused guest, {} MiB of random RAM", args.ram_mib),
-        Workload::Running => format!("running guest dirtying memory, {} MiB RAM", args.ram_mib),
+        Workload::Running => format!(
+            "running guest dirtying {} KiB continuously (KVM or TCG as in the header), {} MiB RAM",
+            (lab::guest::DIRTY_END - lab::guest::DIRTY_START) / 1024,
+            args.ram_mib
+        ),
     };
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Migration: {what}; median of {} interleaved round(s){}; multifd: {} channels; \
-         local hops of stunnel, socat, miggate: {}",
+        "Migration: {what}; median (min-max) of {} interleaved round(s){}; multifd: {} channels; \
+         local hops of stunnel, socat, miggate: {}{}",
         args.rounds,
         if warmup > 0 {
             " after a warm-up round"
@@ -475,59 +542,18 @@ async fn migrations(
             ""
         },
         args.channels,
-        args.local.describe()
+        args.local.describe(),
+        pin.map_or(String::new(), |p| format!("; pinned: {p}"))
     );
-    let _ = writeln!(
-        out,
-        "{:<18} {:>9} {:>8} {:>8} {:>16} {:>15}",
-        "transport", "median s", "MiB/s", "x plain", "layer CPU-s/GiB", "QEMU CPU-s/GiB"
-    );
-    let med = |t: Transport, f: fn(&migration::Sample) -> f64| {
-        samples
-            .get(&t)
-            .and_then(|v| sys::median(&v.iter().map(f).collect::<Vec<_>>()))
+    let table = Table {
+        transports,
+        samples: &samples,
+        missing: &|t: Transport| missing(t, inst, qemu_absent).or_else(|| errors.get(&t).cloned()),
     };
-    let per_gib = |s: &migration::Sample, cpu: f64| cpu / (s.bytes.max(1) as f64 / GIB);
-    let plain = med(Transport::Plain, |s| s.seconds);
-    for &t in transports {
-        if let Some(why) = missing(t, inst, qemu_absent).or_else(|| errors.get(&t).cloned()) {
-            let _ = writeln!(out, "{:<18} {why}", t.name());
-            continue;
-        }
-        let Some(secs) = med(t, |s| s.seconds) else {
-            let _ = writeln!(out, "{:<18} no measured round", t.name());
-            continue;
-        };
-        let v = &samples[&t];
-        let layer = if !t.layered() {
-            "-".to_string()
-        } else {
-            let c = sys::median(
-                &v.iter()
-                    .map(|s| per_gib(s, s.layer_cpu))
-                    .collect::<Vec<_>>(),
-            );
-            format!("{:.2}", c.unwrap_or(f64::NAN))
-        };
-        let q = sys::median(&v.iter().map(|s| per_gib(s, s.qemu_cpu)).collect::<Vec<_>>());
-        let ratio = plain.map_or("-".to_string(), |p| format!("{:.2}", p / secs));
-        let _ = writeln!(
-            out,
-            "{:<18} {:>9.3} {:>8.0} {:>8} {:>16} {:>15.2}",
-            t.name(),
-            secs,
-            f64::from(args.ram_mib) / secs,
-            ratio,
-            layer,
-            q.unwrap_or(f64::NAN)
-        );
+    match w {
+        Workload::Paused => table.throughput(&mut out, args.ram_mib),
+        Workload::Running => table.downtime(&mut out),
     }
-    let _ = writeln!(
-        out,
-        "x plain: plain's median time / this one's (higher is faster). layer CPU: user+system \
-         time of the security layer's processes (both sides) per GiB sent; QEMU's native TLS \
-         runs inside QEMU (see its column)."
-    );
     if let (Some(calm), Some(flood)) = (
         samples.get(&Transport::Miggate),
         samples.get(&Transport::MiggateFlood),
@@ -535,6 +561,164 @@ async fn migrations(
         let _ = writeln!(out, "{}", flood_line(calm, flood));
     }
     out
+}
+
+/// Measured rows (transport, spread, whether it overlaps the next row's),
+/// then the transports without figures and why.
+type Ranked = (
+    Vec<(Transport, spread::Spread, bool)>,
+    Vec<(Transport, String)>,
+);
+
+/// The rows of one migration table: every transport asked for, those
+/// measured ranked by median, then those without figures and why.
+struct Table<'a> {
+    transports: &'a [Transport],
+    samples: &'a BTreeMap<Transport, Vec<migration::Sample>>,
+    missing: &'a dyn Fn(Transport) -> Option<String>,
+}
+
+impl Table<'_> {
+    /// Measured transports with the spread of `f`, ranked by its median,
+    /// each with the overlap mark; then the rest with why.
+    fn ranked(&self, f: impl Fn(&migration::Sample) -> f64) -> Ranked {
+        let mut measured = Vec::new();
+        let mut rest = Vec::new();
+        for &t in self.transports {
+            if let Some(why) = (self.missing)(t) {
+                rest.push((t, why));
+                continue;
+            }
+            match self
+                .samples
+                .get(&t)
+                .and_then(|v| spread::Spread::of(&v.iter().map(&f).collect::<Vec<_>>()))
+            {
+                Some(sp) => measured.push((t, sp)),
+                None => rest.push((t, "no measured round".into())),
+            }
+        }
+        let spreads: Vec<spread::Spread> = measured.iter().map(|m| m.1).collect();
+        let rows = spread::ranked(&spreads)
+            .into_iter()
+            .map(|(i, mark)| (measured[i].0, measured[i].1, mark))
+            .collect();
+        (rows, rest)
+    }
+
+    fn median_of(&self, t: Transport, f: impl Fn(&migration::Sample) -> f64) -> Option<f64> {
+        self.samples
+            .get(&t)
+            .and_then(|v| sys::median(&v.iter().map(f).collect::<Vec<_>>()))
+    }
+
+    /// Paused guest: time with its spread, throughput, and CPU per GiB of
+    /// the layer, of both QEMUs, and of each side (host).
+    fn throughput(&self, out: &mut String, ram_mib: u32) {
+        let per_gib = |s: &migration::Sample, cpu: f64| cpu / (s.bytes.max(1) as f64 / GIB);
+        let plain = self.median_of(Transport::Plain, |s| s.seconds);
+        let _ = writeln!(
+            out,
+            "{:<18} {:>23} {:1} {:>6} {:>7} {:>7} {:>7} {:>7} {:>15}",
+            "transport",
+            "s: median (min-max)",
+            "",
+            "MiB/s",
+            "x plain",
+            "layer",
+            "QEMUs",
+            "source",
+            "target"
+        );
+        let (rows, rest) = self.ranked(|s| s.seconds);
+        for (t, sp, mark) in rows {
+            let cpu = |f: fn(&migration::Sample) -> f64| {
+                self.median_of(t, |s| per_gib(s, f(s))).unwrap_or(f64::NAN)
+            };
+            let layer = if t.layered() {
+                format!("{:.2}", cpu(|s| s.layer_cpu))
+            } else {
+                "-".into()
+            };
+            let _ = writeln!(
+                out,
+                "{:<18} {:>23} {:1} {:>6.0} {:>7} {:>7} {:>7.2} {:>7.2} {:>15.2}",
+                t.name(),
+                sp.show(3),
+                if mark { spread::OVERLAP } else { "" },
+                f64::from(ram_mib) / sp.median,
+                plain.map_or("-".to_string(), |p| format!("{:.2}", p / sp.median)),
+                layer,
+                cpu(|s| s.qemu_cpu),
+                cpu(|s| s.source_host_cpu),
+                cpu(|s| s.target_host_cpu),
+            );
+        }
+        for (t, why) in rest {
+            let _ = writeln!(out, "{:<18} {why}", t.name());
+        }
+        let _ = writeln!(
+            out,
+            "Rows ranked by median time; {}: this row's min-max overlaps the next row's (their \
+             order may flip between runs). x plain: plain's median time / this one's. CPU-s per \
+             GiB sent (user+system from /proc, medians): layer = the security layer's processes, \
+             both sides; QEMUs = both QEMUs (native TLS runs inside them); source = source QEMU \
+             + source side of the layer (one hypervisor's cost), target = the same on the target.",
+            spread::OVERLAP
+        );
+    }
+
+    /// Running guest: QEMU's downtime, total time and passes, with their
+    /// spreads, ranked by median downtime.
+    fn downtime(&self, out: &mut String) {
+        let _ = writeln!(
+            out,
+            "{:<18} {:>22} {:1} {:>24} {:>15}",
+            "transport", "downtime ms", "", "total ms", "passes"
+        );
+        let (rows, rest) = self.ranked(|s| s.switch.downtime_ms as f64);
+        for (t, sp, mark) in rows {
+            let of = |f: fn(&migration::Sample) -> f64| {
+                spread::Spread::of(&self.samples[&t].iter().map(f).collect::<Vec<_>>())
+                    .map_or("-".into(), |s| s.show(0))
+            };
+            let _ = writeln!(
+                out,
+                "{:<18} {:>22} {:1} {:>24} {:>15}",
+                t.name(),
+                sp.show(1),
+                if mark { spread::OVERLAP } else { "" },
+                of(|s| s.switch.total_ms as f64),
+                of(|s| s.switch.passes as f64),
+            );
+        }
+        for (t, why) in rest {
+            let _ = writeln!(out, "{:<18} {why}", t.name());
+        }
+        let _ = writeln!(
+            out,
+            "median (min-max) over the rounds, ranked by median downtime; {}: this row's downtime \
+             min-max overlaps the next row's. From the source's query-migrate once completed: \
+             downtime = guest stopped until the target's answer on the return path; passes = \
+             ram.dirty-sync-count.",
+            spread::OVERLAP
+        );
+        let med = |t| self.median_of(t, |s| s.switch.downtime_ms as f64);
+        if let (Some(m), Some(p)) = (med(Transport::Miggate), med(Transport::Plain)) {
+            let tls = med(Transport::QemuTls);
+            let _ = writeln!(
+                out,
+                "targets: miggate's median downtime {m:.1} ms is {:+.1} ms from plain's {p:.1} ms \
+                 (target: within 5 ms: {}){}",
+                m - p,
+                if m - p <= 5.0 { "met" } else { "NOT met" },
+                tls.map_or(String::new(), |q| format!(
+                    "; qemu-tls {q:.1} ms (target: below it: {})",
+                    if m < q { "met" } else { "NOT met" }
+                ))
+            );
+        }
+    }
 }
 
 /// The flood's cost: median and spread of the same migration with and

@@ -180,3 +180,61 @@ fn bench_evacuate_lands_every_vm_in_its_own_target() {
         assert!(cols.len() >= 6, "{name}: {cell:?}\n{out}");
     }
 }
+
+/// `--pin --running`, smallest case (64 MiB, one round, plain, QEMU's
+/// TLS and miggate): each side's CPU per GiB is a figure (the bench itself
+/// fails a round whose processes ran outside their CPUs), the running
+/// guest's downtime comes from QEMU, the targets line compares miggate with
+/// plain and QEMU's TLS, and the switch-over exchange has a row per path.
+#[test]
+fn pinned_bench_shows_each_side_and_the_downtime() {
+    common::qemu::qemu_binary().unwrap();
+    let run = Command::new(BIN)
+        .args([
+            "bench",
+            "--pin",
+            "--running",
+            "--ram-mib",
+            "64",
+            "--rounds",
+            "1",
+            "--no-warmup",
+            "--transports",
+            "plain,qemu-tls,miggate",
+            "--relay-mib",
+            "0",
+            "--handshakes",
+            "0",
+            "--switchover",
+            "5",
+        ])
+        .output()
+        .expect("run miggate bench --pin --running");
+    let out = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "miggate bench --pin --running failed:\n{out}\n{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(out.contains("Pinned (--pin): source side on CPU "), "{out}");
+    for t in ["plain", "qemu-tls", "miggate"] {
+        let cell = row(&out, "Migration: paused guest", t);
+        // Last two columns: CPU-s per GiB of the source side and the target side.
+        let cols: Vec<&str> = cell.split_whitespace().collect();
+        for side in &cols[cols.len() - 2..] {
+            assert!(
+                side.parse::<f64>().is_ok_and(|v| v > 0.0),
+                "{t}: {cell:?} has no CPU figure per side\n{out}"
+            );
+        }
+        let downtime = row(&out, "Migration: running guest", t);
+        assert_figure(downtime, t, &out);
+    }
+    assert!(
+        out.contains("targets: miggate's median downtime") && out.contains("qemu-tls"),
+        "{out}"
+    );
+    for p in ["direct (TCP)", "miggate"] {
+        assert_figure(row(&out, "Switch-over exchange", p), p, &out);
+    }
+}
