@@ -327,8 +327,6 @@ struct Channel<'a, P, C> {
     seal_done: bool,
     tls_ended: bool,
     open_done: bool,
-    /// A write to the plain side failed while opening records.
-    plain_write_err: Option<io::Error>,
     rekey: Option<Rekey>,
     since_rekey: u64,
     last_rekey: Option<std::time::Instant>,
@@ -353,10 +351,10 @@ fn rekey_due(rekey: Option<Rekey>, since: u64, last: Option<std::time::Instant>)
 
 impl<P: Plain, C: Unbuffered> Channel<'_, P, C> {
     /// Runs rustls over the received bytes until it has nothing more to
-    /// say: opened records go to the plain side (straight from where rustls
-    /// opened them while the plain socket takes them), handshake messages
-    /// (key updates) into `tx`; then seals `want`. Errors are TLS errors;
-    /// a failed write to the plain side is kept in `plain_write_err`.
+    /// say: opened records are gathered in `out` (one write for all the
+    /// records of one read: writing each 16 KiB record as rustls lends it
+    /// out cost more CPU, measured), handshake messages (key updates) go
+    /// into `tx`; then seals `want`. Errors are TLS errors.
     fn drive(&mut self, mut want: Want) -> io::Result<()> {
         loop {
             let t = &mut self.tls;
@@ -366,23 +364,13 @@ impl<P: Plain, C: Unbuffered> Channel<'_, P, C> {
             match status.state.map_err(tls_error)? {
                 ConnectionState::ReadTraffic(mut r) => {
                     while let Some(rec) = r.next_record() {
-                        let mut data = rec.map_err(tls_error)?.payload;
+                        let data = rec.map_err(tls_error)?.payload;
                         // The plain side is gone: what it would have got is dropped.
-                        if self.plain_write_err.is_some() {
+                        if self.open_done {
                             continue;
                         }
                         self.open_count
                             .fetch_add(data.len() as u64, Ordering::Relaxed);
-                        if self.out_start == self.out_end {
-                            match self.plain.try_write(data) {
-                                Ok(n) => data = &data[n..],
-                                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                                Err(e) => {
-                                    self.plain_write_err = Some(e);
-                                    continue;
-                                }
-                            }
-                        }
                         if !data.is_empty() {
                             if self.out_start == self.out_end {
                                 (self.out_start, self.out_end) = (0, 0);
@@ -495,7 +483,6 @@ pub async fn relay<P: Plain, C: Unbuffered>(
         seal_done: false,
         tls_ended: false,
         open_done: false,
-        plain_write_err: None,
         rekey: rekey.map(|r| Rekey {
             every: r.every.max(1),
             ..r
@@ -515,12 +502,6 @@ pub async fn relay<P: Plain, C: Unbuffered>(
     // Data that came with the handshake's last flight.
     ch.drive(Want::Nothing).map_err(tls_failed)?;
     loop {
-        // The plain side refused opened data: see `judge`.
-        if let Some(e) = ch.plain_write_err.take() {
-            judge(!seal_fwd, Step::Write, e, ch.seal_done, open_name)?;
-            (ch.tls_ended, ch.open_done) = (true, true);
-            (ch.out_start, ch.out_end) = (0, 0);
-        }
         // The opening direction ends once the peer ended and the plain
         // side took everything.
         if ch.tls_ended && !ch.open_done && ch.out_start == ch.out_end {
