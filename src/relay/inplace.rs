@@ -1,24 +1,26 @@
 //! Experiment (issue 13, item 4): the relay on rustls' unbuffered API, each
 //! TLS record sealed and opened in the relay's own buffers instead of
-//! passing through tokio-rustls' buffers. The gateways do not use it;
-//! `miggate bench --relay-variants` runs it side by side with
-//! [`super::relay`] (README, "Records sealed in place").
+//! passing through tokio-rustls' buffers. Verdict: not kept. Side by side
+//! with [`super::relay`] (`miggate bench --relay-variants`) it did not save
+//! the 10 % of CPU per GiB that would have justified it (README, "Records
+//! sealed in place"), so the gateways do not use it; it stays for the
+//! bench, with its tests.
 //!
-//! What rustls 0.23 does with these buffers (read in its sources,
-//! `conn/unbuffered.rs`, `common_state.rs`): `WriteTraffic::encrypt` copies
-//! each record's plaintext into a fresh allocation, seals it there and
-//! copies the sealed record into the caller's buffer; a record is opened in
-//! place in the caller's buffer, and then copied into an allocation that
+//! Why, read in rustls 0.23's sources (`conn/unbuffered.rs`,
+//! `common_state.rs`): `WriteTraffic::encrypt` copies each record's
+//! plaintext into a fresh allocation, seals it there and copies the sealed
+//! record into the caller's buffer; a record is opened in place in the
+//! caller's buffer, and then copied into an allocation that
 //! `ReadTraffic::next_record` lends out ("to support in-place decryption in
-//! the future"). So the copies the experiment set out to remove are still
-//! there, inside rustls: one fewer on the opening side (no copy out of
-//! rustls' plaintext queue into a read buffer), one more on the sealing side.
+//! the future"). The copies the experiment set out to remove are still
+//! there, inside rustls; what changes is one 256 KiB socket read for many
+//! records instead of one read per record.
 //!
 //! What the relay keeps of [`super::relay`]: TLS 1.3 key updates after
 //! every `rekey` plaintext bytes sent (spaced like [`super::rekey`]), the
 //! peer's key updates followed, close_notify sent when the plain side ends
 //! and required of a strict peer ([`Close`]), half-close (each direction
-//! ends on its own), the [`super::ending`] rules, the stall timeout, and the
+//! ends on its own), the `ending` rules, the stall timeout, and the
 //! flush rule by construction: every record is written to the socket as
 //! soon as it is sealed, nothing is held back for a later flush.
 
@@ -43,7 +45,7 @@ use tokio::time::Instant;
 
 use super::{ending, Activity, Close, Counters, EndRule, RelayError, TlsEnd, Truncated};
 
-/// Plaintext read per turn, as [`super::BUF`].
+/// Plaintext read per turn, as `BUF`.
 const BUF: usize = super::BUF;
 /// The largest TLS record (16 KiB of plaintext plus header, content type
 /// and the largest AEAD tag rustls uses, with room to spare).
@@ -284,7 +286,7 @@ pub struct Rekey {
     pub min_gap: Duration,
 }
 
-/// One direction's step that failed (see [`super::PumpError`]).
+/// One direction's step that failed (see `PumpError`).
 enum Step {
     Read,
     Write,
