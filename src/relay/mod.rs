@@ -13,6 +13,7 @@
 //! version and the channel ([`native`]). How a TLS peer's stream did end
 //! is recorded on every channel ([`TlsEnd`]).
 
+pub mod inplace;
 pub mod native;
 pub mod rekey;
 

@@ -226,6 +226,17 @@ pub struct BenchArgs {
     /// pairs and through one daemon with N tickets (each after one alone).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     pub evacuate: Option<u16>,
+    /// Instead of the other measurements: today's relay and the in-place
+    /// experiment (rustls' unbuffered API) side by side, `--relay-mib` per
+    /// round, with `--relay-channels` if given.
+    #[arg(long)]
+    pub relay_variants: bool,
+    /// Instead of the other measurements: K parallel channels through one
+    /// gateway pair for each K listed (e.g. 1,2,4,8), `--relay-mib` in
+    /// total per round.
+    #[arg(long, value_name = "K,...", value_delimiter = ',')]
+    #[arg(value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub relay_channels: Vec<u32>,
     /// Guest RAM of `--evacuate`, MiB.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(16..=1024))]
     pub evacuate_ram_mib: u32,
@@ -333,6 +344,22 @@ pub async fn run(mut args: BenchArgs) -> Result<()> {
             ram_cache: args.cache_dir.as_deref(),
         };
         println!("{}", evacuate::run(usize::from(n), &setup).await);
+        return Ok(());
+    }
+
+    if args.relay_variants || !args.relay_channels.is_empty() {
+        if args.relay_variants {
+            println!(
+                "{}",
+                relay_only::variants_table(&args, &inst, &pki, work.path()).await
+            );
+        }
+        if !args.relay_channels.is_empty() {
+            println!(
+                "{}",
+                relay_only::channels_table(&args, &inst, &pki, work.path()).await
+            );
+        }
         return Ok(());
     }
 
