@@ -294,7 +294,10 @@ impl Migration<'_> {
         };
         rep.finish_progress();
         match info.status.as_deref() {
-            Some("completed") => Ok(self.summary(rep, &info, started.elapsed(), uuid, dn).await),
+            Some("completed") => {
+                let info = self.final_figures(info).await;
+                Ok(self.summary(rep, &info, started.elapsed(), uuid, dn).await)
+            }
             _ => {
                 let known = self
                     .postcopy
@@ -372,6 +375,23 @@ impl Migration<'_> {
         if let Some(Err(_)) = &self.storage_done {
             let _ = self.src.migrate_cancel().await;
         }
+    }
+
+    /// QEMU 7.2 reports `completed` before it has filled in `total-time`
+    /// and `downtime` (both 0 when read at once): asks again, briefly.
+    async fn final_figures(&mut self, info: MigrationInfo) -> MigrationInfo {
+        let mut info = info;
+        for _ in 0..20 {
+            if info.total_time.is_some_and(|t| t > 0) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+            match self.src.query_migrate().await {
+                Ok(i) if i.status.as_deref() == Some("completed") => info = i,
+                _ => break,
+            }
+        }
+        info
     }
 
     /// Precopy has not converged after `--postcopy-after-passes` passes
