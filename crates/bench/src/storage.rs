@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{anyhow, bail, Context, Result};
-use serde_json::json;
+use serde_json::{json, Value};
 use uuid::Uuid;
 
 use super::peers::{Installed, TLS_HOSTNAME};
@@ -359,25 +359,94 @@ async fn miggate_pair(
     Ok((sgw, tgw, entry, source_nbd))
 }
 
-/// One migration of a fresh guest pair with its disk through `t`.
-pub async fn migrate_once(t: Transport, s: &Setup<'_>) -> Result<Sample> {
-    let dir = tempfile::Builder::new()
-        .prefix("storage-")
-        .tempdir_in(s.workdir)
-        .context("temp dir for the run")?;
-    let target_image = dir.path().join("target-disk.img");
-    std::fs::File::create(&target_image)
-        .and_then(|f| f.set_len(s.disk_bytes))
-        .with_context(|| format!("creating {}", target_image.display()))?;
+/// How the NBD and RAM streams of one run get from the source QEMU to
+/// the target QEMU.
+struct Route {
+    /// The target's `nbd-server-start` address (flat `SocketAddress`).
+    serve: Value,
+    /// The server of the source's `nbd` node.
+    connect: Value,
+    /// Where the source migrates its RAM.
+    ram_out: String,
+    /// The gateway pair in between (miggate).
+    pair: Option<(Gateway, Gateway)>,
+}
 
-    let uuid = Uuid::new_v4();
-    let mut sopts = QemuOpts::new(Guest::PausedRandomRam { seed: RAM_SEED }, RAM_MIB);
-    sopts.uuid = Some(uuid);
-    sopts.accel = s.accel;
-    sopts.qemu = s.qemu;
-    sopts.ram_cache = s.ram_cache.map(Path::to_path_buf);
-    let mut dopts = with_disk(sopts.as_incoming(), &target_image);
-    let mut sopts = with_disk(sopts, &s.image);
+impl Route {
+    /// Every gateway's log, for a failure report.
+    fn logs(&self) -> String {
+        self.pair.as_ref().map_or_else(String::new, |(sg, tg)| {
+            format!(
+                "\n--- source gateway ---\n{}\n--- target gateway ---\n{}",
+                sg.log_text(),
+                tg.log_text()
+            )
+        })
+    }
+}
+
+fn unix(path: &Path) -> Value {
+    json!({"type": "unix", "path": path})
+}
+
+/// The target's incoming RAM and, for miggate, the gateway pair.
+async fn route(
+    t: Transport,
+    s: &Setup<'_>,
+    uuid: Uuid,
+    dir: &Path,
+    dst: &mut Qemu,
+) -> Result<Route> {
+    let target_nbd = dir.join("target-nbd.sock");
+    Ok(match t {
+        Transport::QemuTls => {
+            let port = sys::free_port()?.to_string();
+            let nbd = json!({"type": "inet", "host": "127.0.0.1", "port": port});
+            let ram = dst.migrate_incoming_any_port().await?;
+            Route {
+                serve: nbd.clone(),
+                connect: nbd,
+                ram_out: format!("tcp:127.0.0.1:{ram}"),
+                pair: None,
+            }
+        }
+        Transport::Miggate => {
+            let ram_in = format!("unix:{}", dir.join("qemu-incoming.sock").display());
+            dst.migrate_incoming(&ram_in).await?;
+            let (sgw, tgw, entry, source_nbd) =
+                miggate_pair(s, uuid, dir, &ram_in, &target_nbd).await?;
+            Route {
+                serve: unix(&target_nbd),
+                connect: unix(&source_nbd),
+                ram_out: entry,
+                pair: Some((sgw, tgw)),
+            }
+        }
+        _ => Route {
+            serve: unix(&target_nbd),
+            connect: unix(&target_nbd),
+            ram_out: format!("tcp:127.0.0.1:{}", dst.migrate_incoming_any_port().await?),
+            pair: None,
+        },
+    })
+}
+
+/// Both QEMUs: the source with `s.image`, the target with `target_image`
+/// waiting for an incoming migration; QEMU's TLS objects and migration
+/// parameters for `qemu-tls`.
+async fn qemu_pair(
+    t: Transport,
+    s: &Setup<'_>,
+    uuid: Uuid,
+    target_image: &Path,
+) -> Result<(Qemu, Qemu)> {
+    let mut opts = QemuOpts::new(Guest::PausedRandomRam { seed: RAM_SEED }, RAM_MIB);
+    opts.uuid = Some(uuid);
+    opts.accel = s.accel;
+    opts.qemu = s.qemu;
+    opts.ram_cache = s.ram_cache.map(Path::to_path_buf);
+    let mut dopts = with_disk(opts.as_incoming(), target_image);
+    let mut sopts = with_disk(opts, &s.image);
     let native = t == Transport::QemuTls;
     if native {
         let tls = |endpoint, authz: Option<&str>| NativeTls {
@@ -389,8 +458,7 @@ pub async fn migrate_once(t: Transport, s: &Setup<'_>) -> Result<Sample> {
         sopts.tls = Some(tls(TlsEndpoint::Client, None));
         dopts.tls = Some(tls(TlsEndpoint::Server, Some(CLIENT_DN)));
     }
-    let (src, dst) = Qemu::pair(sopts, dopts).await?;
-    let (mut src, mut dst) = (src, dst);
+    let (mut src, mut dst) = Qemu::pair(sopts, dopts).await?;
     let caps = [("return-path", true), ("validate-uuid", true)];
     for q in [&mut src, &mut dst] {
         q.set_capabilities(&caps).await?;
@@ -400,29 +468,26 @@ pub async fn migrate_once(t: Transport, s: &Setup<'_>) -> Result<Sample> {
         src.set_native_tls_parameters(Some(TLS_HOSTNAME)).await?;
         dst.set_native_tls_parameters(None).await?;
     }
+    Ok((src, dst))
+}
 
-    // The target: RAM incoming, NBD server and the writable export.
-    let target_nbd = dir.path().join("target-nbd.sock");
-    let nbd_port = sys::free_port()?;
-    let (nbd_addr, ram_in) = if native {
-        let port = dst.migrate_incoming_any_port().await?;
-        let addr =
-            json!({"type": "inet", "data": {"host": "127.0.0.1", "port": nbd_port.to_string()}});
-        (addr, format!("tcp:127.0.0.1:{port}"))
-    } else {
-        let ram_in = if t == Transport::Miggate {
-            let uri = format!("unix:{}", dir.path().join("qemu-incoming.sock").display());
-            dst.migrate_incoming(&uri).await?;
-            uri
-        } else {
-            format!("tcp:127.0.0.1:{}", dst.migrate_incoming_any_port().await?)
-        };
-        (
-            json!({"type": "unix", "data": {"path": target_nbd}}),
-            ram_in,
-        )
-    };
-    let mut server = json!({ "addr": nbd_addr });
+/// One migration of a fresh guest pair with its disk through `t`.
+pub async fn migrate_once(t: Transport, s: &Setup<'_>) -> Result<Sample> {
+    let dir = tempfile::Builder::new()
+        .prefix("storage-")
+        .tempdir_in(s.workdir)
+        .context("temp dir for the run")?;
+    let target_image = dir.path().join("target-disk.img");
+    std::fs::File::create(&target_image)
+        .and_then(|f| f.set_len(s.disk_bytes))
+        .with_context(|| format!("creating {}", target_image.display()))?;
+    let uuid = Uuid::new_v4();
+    let (mut src, mut dst) = qemu_pair(t, s, uuid, &target_image).await?;
+    let mut route = route(t, s, uuid, dir.path(), &mut dst).await?;
+
+    // libvirt's order. Target: the NBD server and a writable export.
+    let native = t == Transport::QemuTls;
+    let mut server = json!({ "addr": legacy(&route.serve) });
     if native {
         server["tls-creds"] = json!(miggate_lab::qemu::TLS_CREDS_ID);
         server["tls-authz"] = json!(miggate_lab::qemu::TLS_AUTHZ_ID);
@@ -431,57 +496,32 @@ pub async fn migrate_once(t: Transport, s: &Setup<'_>) -> Result<Sample> {
     let export =
         json!({"type": "nbd", "id": NODE, "node-name": NODE, "name": NODE, "writable": true});
     dst.cmd("block-export-add", export).await?;
-
-    // The source's NBD node: its server is the target QEMU's, or the source gateway's.
-    let mut pair = None;
-    let (nbd_server, ram_out) = match t {
-        Transport::Miggate => {
-            let (sgw, tgw, entry, source_nbd) =
-                miggate_pair(s, uuid, dir.path(), &ram_in, &target_nbd).await?;
-            pair = Some((sgw, tgw));
-            (json!({"type": "unix", "path": source_nbd}), entry)
-        }
-        Transport::QemuTls => (
-            json!({"type": "inet", "host": "127.0.0.1", "port": nbd_port.to_string()}),
-            ram_in,
-        ),
-        _ => (json!({"type": "unix", "path": target_nbd}), ram_in),
-    };
+    // Source: an `nbd` node, a full mirror into it until ready.
     let mut nbd_node = json!({
-        "driver": "nbd", "node-name": NBD_NODE, "export": NODE, "server": nbd_server,
+        "driver": "nbd", "node-name": NBD_NODE, "export": NODE, "server": route.connect,
     });
     if native {
         nbd_node["tls-creds"] = json!(miggate_lab::qemu::TLS_CREDS_ID);
         nbd_node["tls-hostname"] = json!(TLS_HOSTNAME);
     }
-
-    let gw_pid = |i: usize| pair.as_ref().and_then(|(s, t)| [s, t][i].pid());
+    let gw_pid = |i: usize| route.pair.as_ref().and_then(|(s, t)| [s, t][i].pid());
     let pids = [src.pid(), dst.pid(), gw_pid(0), gw_pid(1)];
     let cpu_now = || pids.map(|p| p.and_then(sys::cpu_seconds).unwrap_or(0.0));
-    let logs = |pair: &Option<(Gateway, Gateway)>| {
-        pair.as_ref().map_or_else(String::new, |(sg, tg)| {
-            format!(
-                "\n--- source gateway ---\n{}\n--- target gateway ---\n{}",
-                sg.log_text(),
-                tg.log_text()
-            )
-        })
-    };
-
     src.forget_old_events().await?;
     let cpu0 = cpu_now();
     let start = SystemTime::now();
     src.cmd("blockdev-add", nbd_node)
         .await
-        .with_context(|| logs(&pair))?;
+        .with_context(|| route.logs())?;
     let mirror = json!({"job-id": JOB, "device": NODE, "target": NBD_NODE, "sync": "full"});
     src.cmd("blockdev-mirror", mirror).await?;
     let ready = job_event(&mut src, "BLOCK_JOB_READY")
         .await
-        .with_context(|| logs(&pair))?;
-
+        .with_context(|| route.logs())?;
+    // The RAM migration, then the ready mirror cancelled: it completes in
+    // sync (the target's disk whole, the source keeps its own).
     src.forget_old_events().await?;
-    src.migrate(&ram_out).await?;
+    src.migrate(&route.ram_out).await?;
     let s_info = src.wait_migration_end(PHASE_TIMEOUT).await?;
     let d_info = dst.wait_migration_end(PHASE_TIMEOUT).await?;
     for (side, info) in [("source", &s_info), ("target", &d_info)] {
@@ -490,41 +530,75 @@ pub async fn migrate_once(t: Transport, s: &Setup<'_>) -> Result<Sample> {
                 "{t} migration: {side} ended {:?}: {}{}",
                 info.status,
                 info.error_desc.as_deref().unwrap_or("-"),
-                logs(&pair)
+                route.logs()
             );
         }
     }
-    // The ready mirror, cancelled, completes in sync (libvirt's end).
     src.cmd("block-job-cancel", json!({ "device": JOB }))
         .await?;
     let done = job_event(&mut src, "BLOCK_JOB_COMPLETED")
         .await
-        .with_context(|| logs(&pair))?;
+        .with_context(|| route.logs())?;
     let cpu1 = cpu_now();
 
     src.cmd("blockdev-del", json!({ "node-name": NBD_NODE }))
         .await?;
-    dst.cmd("block-export-del", json!({ "id": NODE })).await?;
+    if let Some((sgw, tgw)) = &mut route.pair {
+        nbd_went_through(sgw, tgw, s.disk_bytes).await?;
+    }
+    // "hard": the server may not have seen its client leave yet (a safe
+    // delete then fails "still in use"); every write was acknowledged
+    // before the job completed, so nothing is lost.
+    dst.cmd("block-export-del", json!({ "id": NODE, "mode": "hard" }))
+        .await?;
     dst.cmd("nbd-server-stop", json!({})).await?;
-    if let Some((sgw, tgw)) = &mut pair {
-        // The disk went through the gateways, all of it.
-        for (side, gw) in [("source", sgw), ("target", tgw)] {
-            let rec = gw
-                .wait_event(
-                    |v| {
-                        v["target"] == "miggate::outcome"
-                            && v["channel"].as_str().is_some_and(|c| c.starts_with("nbd:"))
-                    },
-                    RECORD_TIMEOUT,
-                )
-                .await
-                .with_context(|| format!("the {side} gateway's NBD channel record"))?;
-            let sent = rec["bytes_sent"].as_u64().unwrap_or(0);
-            if rec["outcome"] != "completed" || sent < s.disk_bytes {
-                bail!("the {side} gateway's NBD channel: {rec}");
-            }
+    check_disk(&mut dst, &target_image, &s.image_sha256).await?;
+
+    let secs = |t: SystemTime| t.duration_since(start).unwrap_or_default().as_secs_f64();
+    let ram = s_info.ram.as_ref().map_or(0, |r| r.transferred);
+    Ok(Sample {
+        copy_s: secs(ready),
+        total_s: secs(done),
+        bytes: s.disk_bytes + ram,
+        cpu: std::array::from_fn(|i| (cpu1[i] - cpu0[i]).max(0.0)),
+    })
+}
+
+/// `nbd-server-start` spells its address the legacy way
+/// (`{"type", "data": {...}}`), `blockdev-add` the flat way.
+fn legacy(flat: &Value) -> Value {
+    let mut data = flat.clone();
+    let kind = data
+        .as_object_mut()
+        .and_then(|o| o.remove("type"))
+        .unwrap_or_default();
+    json!({ "type": kind, "data": data })
+}
+
+/// Both gateways recorded the NBD channel completed with at least the
+/// disk through it: the disk went through miggate, all of it.
+async fn nbd_went_through(sgw: &mut Gateway, tgw: &mut Gateway, disk_bytes: u64) -> Result<()> {
+    for (side, gw) in [("source", sgw), ("target", tgw)] {
+        let rec = gw
+            .wait_event(
+                |v| {
+                    v["target"] == "miggate::outcome"
+                        && v["channel"].as_str().is_some_and(|c| c.starts_with("nbd:"))
+                },
+                RECORD_TIMEOUT,
+            )
+            .await
+            .with_context(|| format!("the {side} gateway's NBD channel record"))?;
+        let sent = rec["bytes_sent"].as_u64().unwrap_or(0);
+        if rec["outcome"] != "completed" || sent < disk_bytes {
+            bail!("the {side} gateway's NBD channel: {rec}");
         }
     }
+    Ok(())
+}
+
+/// The target's disk, flushed, hashes to the source's.
+async fn check_disk(dst: &mut Qemu, image: &Path, want: &str) -> Result<()> {
     let flush = format!("qemu-io -d {DEVICE}/virtio-backend \"flush\"");
     let out = dst
         .cmd("human-monitor-command", json!({ "command-line": flush }))
@@ -532,21 +606,9 @@ pub async fn migrate_once(t: Transport, s: &Setup<'_>) -> Result<Sample> {
     if out.as_str().is_some_and(|o| o.contains("rror")) {
         bail!("flushing the target's disk: {out}");
     }
-    let got = file_sha256(&target_image).await?;
-    if got != s.image_sha256 {
-        bail!(
-            "the target's disk differs from the source's: SHA-256 {got}, expected {}",
-            s.image_sha256
-        );
+    let got = file_sha256(image).await?;
+    if got != want {
+        bail!("the target's disk differs from the source's: SHA-256 {got}, expected {want}");
     }
-
-    let secs = |t: SystemTime| t.duration_since(start).unwrap_or_default().as_secs_f64();
-    let ram = s_info.ram.as_ref().map_or(0, |r| r.transferred);
-    let cpu = std::array::from_fn(|i| (cpu1[i] - cpu0[i]).max(0.0));
-    Ok(Sample {
-        copy_s: secs(ready),
-        total_s: secs(done),
-        bytes: s.disk_bytes + ram,
-        cpu,
-    })
+    Ok(())
 }
