@@ -487,15 +487,7 @@ pub async fn migrate_once(t: Transport, s: &Setup<'_>) -> Result<Sample> {
 
     // libvirt's order. Target: the NBD server and a writable export.
     let native = t == Transport::QemuTls;
-    let mut server = json!({ "addr": legacy(&route.serve) });
-    if native {
-        server["tls-creds"] = json!(miggate_lab::qemu::TLS_CREDS_ID);
-        server["tls-authz"] = json!(miggate_lab::qemu::TLS_AUTHZ_ID);
-    }
-    dst.cmd("nbd-server-start", server).await?;
-    let export =
-        json!({"type": "nbd", "id": NODE, "node-name": NODE, "name": NODE, "writable": true});
-    dst.cmd("block-export-add", export).await?;
+    serve_nbd(&mut dst, &mut route, native).await?;
     // Source: an `nbd` node, a full mirror into it until ready.
     let mut nbd_node = json!({
         "driver": "nbd", "node-name": NBD_NODE, "export": NODE, "server": route.connect,
@@ -562,6 +554,39 @@ pub async fn migrate_once(t: Transport, s: &Setup<'_>) -> Result<Sample> {
         bytes: s.disk_bytes + ram,
         cpu: std::array::from_fn(|i| (cpu1[i] - cpu0[i]).max(0.0)),
     })
+}
+
+/// Tries at one TCP port for the NBD server: one found free may be taken
+/// by the time QEMU binds it on a shared machine.
+const PORT_TRIES: usize = 5;
+
+/// The target's NBD server at `route.serve`, with QEMU's TLS (and the
+/// client's DN as `tls-authz`) if `native`, and the writable export.
+async fn serve_nbd(dst: &mut Qemu, route: &mut Route, native: bool) -> Result<()> {
+    for attempt in 1.. {
+        let mut server = json!({ "addr": legacy(&route.serve) });
+        if native {
+            server["tls-creds"] = json!(miggate_lab::qemu::TLS_CREDS_ID);
+            server["tls-authz"] = json!(miggate_lab::qemu::TLS_AUTHZ_ID);
+        }
+        match dst.cmd("nbd-server-start", server).await {
+            Ok(_) => break,
+            Err(e)
+                if route.serve["type"] == "inet"
+                    && attempt < PORT_TRIES
+                    && e.to_string().contains("Address already in use") =>
+            {
+                let port = json!(sys::free_port()?.to_string());
+                route.serve["port"] = port.clone();
+                route.connect["port"] = port;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let export =
+        json!({"type": "nbd", "id": NODE, "node-name": NODE, "name": NODE, "writable": true});
+    dst.cmd("block-export-add", export).await?;
+    Ok(())
 }
 
 /// `nbd-server-start` spells its address the legacy way
