@@ -21,6 +21,7 @@ mod peers;
 mod pin;
 mod relay_only;
 mod spread;
+mod storage;
 mod switchover;
 mod sys;
 
@@ -237,6 +238,14 @@ pub struct BenchArgs {
     #[arg(long, value_name = "K,...", value_delimiter = ',')]
     #[arg(value_parser = clap::value_parser!(u32).range(1..=64))]
     pub relay_channels: Vec<u32>,
+    /// Storage migration instead of the other measurements: a paused
+    /// guest (128 MiB RAM) migrates with a raw disk of `--disk-mib` random
+    /// bytes in libvirt's order (plain, QEMU's native TLS for both, miggate).
+    #[arg(long)]
+    pub copy_storage: bool,
+    /// Disk of `--copy-storage`, MiB.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..=16384))]
+    pub disk_mib: u32,
     /// Guest RAM of `--evacuate`, MiB.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(16..=1024))]
     pub evacuate_ram_mib: u32,
@@ -360,6 +369,29 @@ pub async fn run(mut args: BenchArgs) -> Result<()> {
                 relay_only::channels_table(&args, &inst, &pki, work.path()).await
             );
         }
+        return Ok(());
+    }
+
+    if args.copy_storage {
+        if let Some(why) = absent {
+            anyhow::bail!("--copy-storage: {why}");
+        }
+        let transports = storage::chosen(&args)?;
+        let image = storage::source_image(work.path(), args.disk_mib, args.cache_dir.as_deref())?;
+        let setup = storage::Setup {
+            installed: &inst,
+            pki: &pki,
+            workdir: work.path(),
+            accel,
+            qemu,
+            ram_cache: args.cache_dir.as_deref(),
+            image_sha256: lab::file_sha256(&image).await?,
+            image,
+            disk_bytes: u64::from(args.disk_mib) << 20,
+        };
+        let (table, ok) = storage::run(&args, &transports, &setup).await;
+        println!("{table}");
+        anyhow::ensure!(ok, "--copy-storage: a transport failed (see its row)");
         return Ok(());
     }
 

@@ -271,7 +271,10 @@ impl Held {
         // Mid-stream: what the source QEMU counted as sent (> MID_STREAM)
         // may still partly sit in the sockets' buffers between it and the
         // target gateway when the cut comes (seen: 2,022,261 bytes).
-        assert!(rec["bytes_sent"].as_u64().unwrap() > MID_STREAM / 2, "{rec}");
+        assert!(
+            rec["bytes_sent"].as_u64().unwrap() > MID_STREAM / 2,
+            "{rec}"
+        );
         // The other gateway saw its channel fail too, not complete.
         let srec = self.sgw.wait_outcome(EVENT_TIMEOUT).await.unwrap();
         assert_eq!(srec["outcome"], "failed", "{srec}");
