@@ -294,6 +294,18 @@ impl Migration<'_> {
         };
         rep.finish_progress();
         match info.status.as_deref() {
+            // pause-before-switchover makes every copy pass there; a
+            // QEMU that skipped it would leave the mirrors writing through
+            // a handed-over image: stop them, and say the disks are not whole.
+            Some("completed") if !self.disks.is_empty() && self.storage_done.is_none() => {
+                storage::abandon(&mut self.src, &self.disks).await;
+                let why = "the RAM migration completed without stopping at pre-switchover, so the disk copies could not be completed: the target's disks are not whole; do not run the guest there".to_string();
+                let known = Cause::Storage(StorageError::Mirror {
+                    node: self.disks.join(", "),
+                    why,
+                });
+                Err(self.failed(rep, Some(known), Some(&info)).await)
+            }
             Some("completed") => {
                 let info = self.final_figures(info).await;
                 Ok(self.summary(rep, &info, started.elapsed(), uuid, dn).await)
