@@ -213,6 +213,31 @@ pub async fn serve_with(
         ) => Joinable::with_paused(peer.pid, token.clone()),
         _ => Joinable::default(),
     };
+    accept_each(&listener, cfg.sink.clone(), move |local, mut out| {
+        let (cfg, mains, joinable) = (cfg.clone(), mains.clone(), joinable.clone());
+        let revocation = revocation.clone();
+        async move {
+            let rev = revocation.as_deref();
+            let r = handle(local, &cfg, rev, &mains, &joinable, &mut out).await;
+            finish(out, r);
+        }
+    })
+    .await
+}
+
+/// Accepts forever; a connection from a process that may not feed this
+/// gateway is recorded as refused before one byte is read (no ticket, no
+/// target); every other one runs `handle` in a task of its own, with its
+/// outcome record.
+async fn accept_each<F, Fut>(
+    listener: &LocalListener,
+    sink: Option<Arc<dyn Sink>>,
+    handle: F,
+) -> std::io::Result<()>
+where
+    F: Fn(Plain, Outcome) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     loop {
         let accepted = match listener.accept().await {
             Ok(x) => x,
@@ -224,25 +249,24 @@ pub async fn serve_with(
         };
         let (local, addr) = match accepted {
             Ok(x) => x,
-            // Refused before one byte was read: no ticket, no target.
             Err(reason) => {
                 let mut out = Outcome::new("source", None);
-                out.sink = cfg.sink.clone();
+                out.sink = sink.clone();
                 out.finish(Ending::Refused, Some(&reason));
                 continue;
             }
         };
-        let (cfg, mains, joinable) = (cfg.clone(), mains.clone(), joinable.clone());
-        let revocation = revocation.clone();
-        tokio::spawn(async move {
-            let mut out = Outcome::new("source", addr);
-            out.sink = cfg.sink.clone();
-            let rev = revocation.as_deref();
-            match handle(local, &cfg, rev, &mains, &joinable, &mut out).await {
-                Ok(()) => out.finish(Ending::Completed, None),
-                Err((ending, reason)) => out.finish(ending, Some(&reason)),
-            }
-        });
+        let mut out = Outcome::new("source", addr);
+        out.sink = sink.clone();
+        tokio::spawn(handle(local, out));
+    }
+}
+
+/// A connection's record, from how its handler ended.
+fn finish(out: Outcome, result: Result<(), (Ending, String)>) {
+    match result {
+        Ok(()) => out.finish(Ending::Completed, None),
+        Err((ending, reason)) => out.finish(ending, Some(&reason)),
     }
 }
 
@@ -254,34 +278,14 @@ pub async fn serve_nbd(
     cfg: Arc<SourceConfig>,
     revocation: Option<Arc<SourceRevocation>>,
 ) -> std::io::Result<()> {
-    loop {
-        let accepted = match listener.accept().await {
-            Ok(x) => x,
-            Err(e) => {
-                tracing::error!(error = %e, "accept failed (NBD)");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
-            }
-        };
-        let (local, addr) = match accepted {
-            Ok(x) => x,
-            Err(reason) => {
-                let mut out = Outcome::new("source", None);
-                out.sink = cfg.sink.clone();
-                out.finish(Ending::Refused, Some(&reason));
-                continue;
-            }
-        };
+    accept_each(&listener, cfg.sink.clone(), move |local, mut out| {
         let (cfg, revocation) = (cfg.clone(), revocation.clone());
-        tokio::spawn(async move {
-            let mut out = Outcome::new("source", addr);
-            out.sink = cfg.sink.clone();
-            match handle_nbd(local, &cfg, revocation.as_deref(), &mut out).await {
-                Ok(()) => out.finish(Ending::Completed, None),
-                Err((ending, reason)) => out.finish(ending, Some(&reason)),
-            }
-        });
-    }
+        async move {
+            let r = handle_nbd(local, &cfg, revocation.as_deref(), &mut out).await;
+            finish(out, r);
+        }
+    })
+    .await
 }
 
 /// One NBD connection: greet the client as its server would, up to the
